@@ -1,0 +1,44 @@
+"""Shared helpers for benchmark scripts: machine description and result sections.
+
+Each benchmark script writes one Markdown section to ``bench/results/<NN>_<name>.md``; ``bench/report.py``
+concatenates the sections (sorted by file name) into ``docs/benchmarks.md``. A section must say the exact command
+that produced its figures and the machine it ran on (use :func:`machine_line`).
+"""
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def machine_line() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        mem = "RAM unknown"
+    cpu = platform.processor() or platform.machine()
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem}, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+
+
+def command_line() -> str:
+    """The command that is running now, as a user would type it from the repository root."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_section(name: str, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(markdown.rstrip() + "\n")
+    os.replace(tmp, path)
+    return path

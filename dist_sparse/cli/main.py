@@ -1,0 +1,35 @@
+"""`dist-sparse` command line: one sub-command per module, imported only when used (start-up stays fast)."""
+
+import importlib
+import sys
+
+# sub-command -> module with `main(argv) -> int`
+COMMANDS = {
+    "train": ("dist_sparse.cli.train", "train a model sparse under DeepSpeed"),
+    "sparsify": ("dist_sparse.cli.sparsify", "one-shot sparsify a Hugging Face checkpoint"),
+    "eval": ("dist_sparse.cli.evaluate", "perplexity and sparsity of a checkpoint"),
+    "plan": ("dist_sparse.cli.plan", "predict per-rank memory for a model, world size, ZeRO stage and density"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dist-sparse COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dist-sparse: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
