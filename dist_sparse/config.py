@@ -1,0 +1,354 @@
+"""One validated config with sections ``model``, ``data``, ``train``, ``deepspeed``, ``sparsity`` (+ ``attention``).
+
+Every section is a dataclass that checks its own values; an error is a :class:`ConfigError` naming the dotted key
+path (``sparsity.sparsity``), raised while loading, before any process group starts. Files are YAML or JSON;
+duplicate keys are errors (JSON and YAML would silently keep the last one). ``--set a.b=value`` overrides any key
+(the value is parsed as YAML: ``0.9`` is a float, ``true`` a bool, ``rigl`` a string).
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dist_sparse.errors import ConfigError
+
+METHOD_NAMES = ("none", "static", "magnitude", "set", "rigl")  # kept in sync with dist_sparse.methods (tested)
+DISTRIBUTIONS = ("uniform", "erk", "global")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# generic checking of a dict against a dataclass
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return True
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is an acceptable float; a bool or a string is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls, raw, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{path}.{name}", f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}.{name}", f"must be a finite number, got {value!r}")
+        kwargs[name] = float(value) if tp is float else value
+    obj = cls(**kwargs)
+    obj.check(path)
+    return obj
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(key, msg)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-2- or Llama-style causal LM built from these sizes, or a Hugging Face checkpoint (``pretrained``)."""
+
+    type: str = "gpt2"  # gpt2 | llama (for models built from scratch)
+    pretrained: str | None = None  # local HF checkpoint directory (weights + config); never downloads
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # context length (n_positions)
+    dropout: float = 0.0
+    intermediate_size: int | None = None  # llama MLP width (default 4 * n_embd)
+    n_kv_head: int | None = None  # llama grouped-query heads
+    extra: dict = field(default_factory=dict)  # further HF config fields
+
+    def check(self, p: str) -> None:
+        _require(self.type in ("gpt2", "llama"), f"{p}.type", f"must be 'gpt2' or 'llama', got {self.type!r}")
+        for k in ("n_layer", "n_head", "n_embd", "block_size"):
+            _require(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _require(self.n_embd % self.n_head == 0, f"{p}.n_embd", f"must be divisible by n_head ({self.n_head})")
+        _require(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
+        if self.pretrained is not None:
+            _require(Path(self.pretrained).is_dir(), f"{p}.pretrained",
+                     f"checkpoint directory not found: {self.pretrained}")
+
+
+@dataclass
+class DataConfig:
+    """Character- or byte-level text. ``path: null`` uses the embedded corpus (the Python standard library source)."""
+
+    path: str | None = None
+    tokenizer: str = "char"  # char | byte
+    val_fraction: float = 0.1
+    max_chars: int | None = None  # cap on corpus size (the embedded corpus is large)
+
+    def check(self, p: str) -> None:
+        _require(self.tokenizer in ("char", "byte"), f"{p}.tokenizer", f"must be 'char' or 'byte', got "
+                                                                       f"{self.tokenizer!r}")
+        _require(0.0 < self.val_fraction < 1.0, f"{p}.val_fraction", "must be in (0, 1)")
+        if self.path is not None:
+            _require(Path(self.path).is_file(), f"{p}.path", f"data file not found: {self.path}")
+        if self.max_chars is not None:
+            _require(self.max_chars >= 1000, f"{p}.max_chars", "must be >= 1000")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    log_interval: int = 10  # JSONL/TensorBoard every N steps
+    eval_interval: int = 100
+    eval_batches: int = 20
+    save_interval: int = 0  # 0: only at the end
+    tensorboard: bool = True
+    progress: bool = True
+    dist_timeout_s: float = 600.0
+    max_skipped_steps: int = 5
+    save_final_model: bool = True
+    threads: int | None = None  # torch intra-op threads per rank (default: cores / local ranks)
+
+    def check(self, p: str) -> None:
+        _require(self.steps >= 1, f"{p}.steps", "must be >= 1")
+        for k in ("log_interval", "eval_interval", "eval_batches"):
+            _require(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _require(self.save_interval >= 0, f"{p}.save_interval", "must be >= 0")
+        _require(self.dist_timeout_s > 0, f"{p}.dist_timeout_s", "must be > 0")
+        _require(self.max_skipped_steps >= 1, f"{p}.max_skipped_steps", "must be >= 1")
+        _require(self.threads is None or self.threads >= 1, f"{p}.threads", "must be >= 1")
+
+
+@dataclass
+class SparsityConfig:
+    method: str = "none"  # none | static | magnitude | set | rigl
+    sparsity: float = 0.9  # target fraction of zeros over the sparsified parameters
+    distribution: str = "erk"  # uniform | erk | global
+    erk_power_scale: float = 1.0
+    params: list[str] | None = None  # glob patterns of parameter names; None = attention and MLP weight matrices
+    exclude: list[str] = field(default_factory=list)
+    update_interval: int = 100  # Delta-T: steps between mask updates
+    start_step: int = 0
+    end_step: int | None = None  # last update step (exclusive); default 0.75 * train.steps (RigL's T_end)
+    drop_fraction: float = 0.3  # alpha: fraction of active weights dropped/regrown (SET, RigL)
+    drop_fraction_schedule: str | None = None  # cosine | constant; default: cosine for rigl, constant for set
+    init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
+    seed: int | None = None  # mask randomness; default: train.seed
+
+    def check(self, p: str) -> None:
+        _require(self.method in METHOD_NAMES, f"{p}.method",
+                 f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        _require(0.0 <= self.sparsity < 1.0, f"{p}.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
+        _require(self.distribution in DISTRIBUTIONS, f"{p}.distribution",
+                 f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+        _require(self.erk_power_scale > 0, f"{p}.erk_power_scale", "must be > 0")
+        _require(self.update_interval >= 1, f"{p}.update_interval", "must be >= 1")
+        _require(self.start_step >= 0, f"{p}.start_step", "must be >= 0")
+        if self.end_step is not None:
+            _require(self.end_step > self.start_step, f"{p}.end_step", "must be > start_step")
+        _require(0.0 <= self.drop_fraction <= 1.0, f"{p}.drop_fraction", "must be in [0, 1]")
+        if self.drop_fraction_schedule is not None:
+            _require(self.drop_fraction_schedule in ("cosine", "constant"), f"{p}.drop_fraction_schedule",
+                     "must be 'cosine' or 'constant'")
+        if self.init_masks is not None:
+            _require(Path(self.init_masks).exists(), f"{p}.init_masks", f"mask file not found: {self.init_masks}")
+
+
+def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:
+    if not isinstance(ds, dict):
+        raise ConfigError(p, f"must be a mapping (a DeepSpeed config), got {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{p}.zero_optimization", "must be a mapping")
+    stage = zero.get("stage", 0)
+    if not (isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage <= 3):
+        raise ConfigError(f"{p}.zero_optimization.stage", f"must be an integer 0..3, got {stage!r}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in ds:
+            v = ds[key]
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ConfigError(f"{p}.{key}", f"must be a positive integer, got {v!r}")
+    for flag in ("fp16", "bf16"):
+        if flag in ds and not isinstance(ds[flag], dict):
+            raise ConfigError(f"{p}.{flag}", "must be a mapping like {enabled: true}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict = field(default_factory=dict)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    attention: typing.Any = None  # dist_sparse.attention.config.AttentionConfig
+
+    def to_dict(self) -> dict:
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity")}
+        out["deepspeed"] = copy.deepcopy(self.deepspeed)
+        if self.attention is not None:
+            out["attention"] = self.attention.to_dict()
+        return out
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention")
+
+
+def _attention_from_dict(raw):
+    from dist_sparse.attention.config import AttentionConfig
+
+    return AttentionConfig.from_dict(raw or {}, "attention")
+
+
+def from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", "the config must be a mapping of sections")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
+    ds = copy.deepcopy(raw.get("deepspeed") or {})
+    _check_deepspeed(ds)
+    return Config(
+        model=_build(ModelConfig, raw.get("model"), "model"),
+        data=_build(DataConfig, raw.get("data"), "data"),
+        train=_build(TrainConfig, raw.get("train"), "train"),
+        deepspeed=ds,
+        sparsity=_build(SparsityConfig, raw.get("sparsity"), "sparsity"),
+        attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files and overrides
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(str(key), f"duplicate key at line {key_node.start_mark.line + 1}")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _json_no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(k, "duplicate key in JSON")
+        out[k] = v
+    return out
+
+
+def read_file(path) -> dict:
+    """Read a YAML or JSON config file into a dict (duplicate keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<config>", f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_no_duplicates)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.message} in {path}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError("<config>", f"cannot parse {path}: {exc}") from exc
+    return data or {}
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply ``key.path=value`` strings to a raw config dict (returns a new dict)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key.path=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(key, "empty component in key path")
+        if parts[0] not in SECTIONS:
+            raise ConfigError(key, f"unknown section {parts[0]!r} (known: {', '.join(SECTIONS)})")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(key, f"cannot parse value {text!r}: {exc}") from exc
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a mapping; cannot set a key inside it")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load(path=None, overrides=()) -> Config:
+    raw = read_file(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def split_deepspeed_json(config) -> tuple:
+    """For ``dist_sparse.initialize``: a DeepSpeed config (path or dict) carrying a ``sparsity`` block.
+
+    Returns ``(deepspeed_dict_without_our_blocks, SparsityConfig)``.
+    """
+    if isinstance(config, (str, Path)):
+        raw = read_file(config)
+    elif isinstance(config, dict):
+        raw = copy.deepcopy(config)
+    else:
+        raise ConfigError("<config>", f"expected a path or a dict, got {type(config).__name__}")
+    sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
+    _check_deepspeed(raw, "<deepspeed>")
+    return raw, sparsity

@@ -1,0 +1,106 @@
+"""Every collective dist_sparse uses, in one place, so each is testable on gloo with 2 ranks on a CPU.
+
+All functions work without an initialised process group (a single process): they then return their input.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def backend_for_device() -> str:
+    """NCCL when a GPU is there (and DS_ACCELERATOR does not force the CPU), gloo otherwise."""
+    if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available():
+        return "gloo"
+    return "nccl"
+
+
+def discover_mpi_env() -> bool:
+    """Under mpirun (no RANK/WORLD_SIZE set), read rank and size from MPI via mpi4py and export the torch env vars.
+
+    Returns True when it set the variables. MASTER_ADDR defaults to the hostname of rank 0, broadcast over MPI.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    mpi_markers = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+    if not any(m in os.environ for m in mpi_markers):
+        return False
+    import socket
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    master = comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
+    os.environ["RANK"] = str(comm.Get_rank())
+    os.environ["WORLD_SIZE"] = str(comm.Get_size())
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0"))
+    os.environ["LOCAL_RANK"] = str(local)
+    os.environ.setdefault("MASTER_ADDR", master)
+    os.environ.setdefault("MASTER_PORT", "29500")
+    return True
+
+
+def timeout(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(seconds))
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    if world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    if world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def all_gather_equal(t: torch.Tensor, group=None) -> list:
+    """All-gather tensors of identical shape; returns a list indexed by rank."""
+    n = world_size(group)
+    if n == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def all_gather_varlen(t: torch.Tensor, group=None) -> list:
+    """All-gather 1-D tensors whose lengths differ across ranks (padded to the longest, then trimmed)."""
+    n = world_size(group)
+    if n == 1:
+        return [t]
+    length = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    lengths = [int(x) for x in all_gather_equal(length, group)]
+    longest = max(lengths)
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t.reshape(-1)
+    return [x[:m] for x, m in zip(all_gather_equal(padded, group), lengths)]
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    if world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group=None) -> None:
+    if world_size(group) > 1:
+        dist.barrier(group=group)

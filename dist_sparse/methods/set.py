@@ -1,0 +1,37 @@
+"""``set``: Sparse Evolutionary Training (Mocanu et al., 2018, Nature Communications).
+
+Starts from a random sparse mask. Every ``update_interval`` steps (until ``end_step``) each layer drops the
+fraction ``drop_fraction(t)`` of its active weights with the smallest magnitude and regrows as many connections at
+random among the inactive positions; the layer's number of active weights is preserved. Regrown weights start at 0
+with fresh optimizer state. As in the RigL reference implementation, the update step replaces the optimizer step.
+"""
+
+import torch
+
+from dist_sparse.methods.base import SparseMethod
+
+
+class SET(SparseMethod):
+    name = "set"
+    replaces_optimizer_step = True
+
+    def __init__(self, *args, fraction=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fraction = fraction  # schedules.ConstantFraction / CosineFraction
+
+    def drop_scores(self, s) -> torch.Tensor:
+        return s.weight.abs()
+
+    def grow_scores(self, s, step: int) -> torch.Tensor:
+        return self.random_scores(s, stream=step)
+
+    def update(self, step, slices, select):
+        frac = self.fraction(step)
+        active = self.global_counts(slices, [int(s.mask.sum()) for s in slices])
+        n_drop = {g: int(round(frac * a)) for g, a in active.items()}
+        keep = {g: active[g] - n_drop[g] for g in active}
+        drop_scores = [self.drop_scores(s) for s in slices]
+        kept = select(self.pieces(slices, drop_scores, [s.mask for s in slices]), keep)
+        grow_scores = [self.grow_scores(s, step) for s in slices]
+        grown = select(self.pieces(slices, grow_scores, [~k for k in kept]), n_drop)
+        return [k | g for k, g in zip(kept, grown)]
