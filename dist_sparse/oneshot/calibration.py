@@ -61,7 +61,8 @@ def load_text(path, key: str = "--calib", text_column: str | None = None) -> str
         ds = ds[split]
     column = text_column
     if column is None:
-        strings = [name for name, feat in ds.features.items() if getattr(feat, "dtype", None) in ("string", "large_string")]
+        strings = [name for name, feat in ds.features.items()
+                   if getattr(feat, "dtype", None) in ("string", "large_string")]
         if not strings:
             raise ConfigError(key, f"{path}: dataset has no text column (columns: {list(ds.features)})")
         column = "text" if "text" in strings else strings[0]

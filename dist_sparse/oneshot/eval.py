@@ -4,7 +4,8 @@ The text is tokenized once and cut into windows of ``seqlen`` tokens starting ev
 ``stride = seqlen``: the non-overlapping windows of the SparseGPT/Wanda WikiText-2 evaluation; a trailing piece
 shorter than a window is dropped). The first window scores all its ``seqlen - 1`` next-token predictions; a later
 window scores only the predictions of its last ``stride`` tokens (the Hugging Face sliding-window recipe), so no
-token is scored twice; with ``stride = seqlen`` the first token of each window has no context and is not scored. Perplexity = ``exp(mean NLL)``.
+token is scored twice; with ``stride = seqlen`` the first token of each window has no context and is not scored.
+Perplexity = ``exp(mean NLL)``.
 """
 
 import math
@@ -69,3 +70,32 @@ def weight_sparsity(model: nn.Module) -> dict:
     all_total = sum(p.numel() for p in model.parameters())
     return {"sparsity": zeros / max(total, 1), "sparsity_all_params": all_zeros / max(all_total, 1),
             "block_linear_params": total}
+
+
+def evaluate_checkpoint(model_dir, data, seqlen: int = 512, stride: int | None = None, batch_size: int = 4,
+                        max_tokens: int | None = None, text_column: str | None = None, device=None) -> dict:
+    """What ``dist-sparse eval`` prints: ``perplexity`` (None for models that are not causal LMs), ``sparsity``
+    (zero fraction of the block Linear/Conv1D weights) and the window bookkeeping."""
+    from dist_sparse.oneshot.calibration import load_text, tokenize_text
+    from dist_sparse.oneshot.pipeline import load_model, load_tokenizer, max_positions
+
+    for key, value in (("--seqlen", seqlen), ("--batch-size", batch_size), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(key, f"must be at least 1, got {value}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(model_dir, device)
+    out = {"model": str(model_dir)}
+    out.update(weight_sparsity(model))
+    if not is_causal_lm(model):
+        out.update(perplexity=None, note=f"{type(model).__name__} is not a causal LM; perplexity not defined")
+        return out
+    limit = max_positions(model.config)
+    if limit is not None and seqlen > limit:
+        raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {limit} positions")
+    tok = load_tokenizer(model_dir, model.get_input_embeddings().num_embeddings)
+    ids = tokenize_text(tok, load_text(data, "--data", text_column))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    out.update(perplexity(model, ids, seqlen, stride, batch_size, device))
+    out.update(seqlen=seqlen, stride=stride or seqlen)
+    return out

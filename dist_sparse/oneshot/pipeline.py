@@ -223,9 +223,8 @@ def run_rank(opts: SparsifyOptions, nm, samples, ctx: DistContext, local_rank: i
         "layer_sparsity": result.layer_sparsity,
         "calibration_seconds": result.seconds["total"],
         "seconds": result.seconds,
-        "load_seconds_rank0": None,
+        "load_seconds": time.perf_counter() - t0 - result.seconds["total"],
     }
-    report["load_seconds_rank0"] = time.perf_counter() - t0 - result.seconds["total"]
     if ctx.rank == 0:
         tok = load_tokenizer(opts.model_dir)
         save_pruned_checkpoint(model, tok, result.masks, opts.out, source_dir=opts.model_dir, report=report, nm=nm,
