@@ -38,6 +38,7 @@ __all__ = [
     "HAS_TRITON",
     "effective_layout",
     "expand_layout_to_tokens",
+    "masked_attention",
     "reference_block_sparse_attention",
     "triton_block_sparse_attention",
     "triton_interpreting",
@@ -73,6 +74,27 @@ def expand_layout_to_tokens(layout: torch.Tensor, block_size: int, seq_len: int)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Dense attention where ``allowed`` (bool, broadcastable to the scores) says which keys each query may see.
+
+    Computes in fp32; grouped-query k/v are repeated. Rows with no allowed key give zeros: a softmax over an all
+    -inf row is NaN, while subtracting a finite max and dividing by a clamped sum yields the zeros the kernels produce.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(weights, vf).to(q.dtype)
+
+
 def reference_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,25 +107,12 @@ def reference_block_sparse_attention(
 ) -> torch.Tensor:
     """Dense masked attention with the same semantics as the kernels; rows with no allowed key give zeros."""
     seq = q.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    allowed = expand_layout_to_tokens(layout, block_size, seq).unsqueeze(0)  # (1, H|1, L, L)
+    allowed = expand_layout_to_tokens(layout.to(q.device), block_size, seq).unsqueeze(0)  # (1, H|1, L, L)
     if causal:
         allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
         allowed = allowed & attn_mask.to(torch.bool)
-    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    # A softmax over an all -inf row is NaN; subtracting a finite max and renormalising by a clamped sum gives the
-    # zeros the kernels produce for such rows.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(weights, vf).to(q.dtype)
+    return masked_attention(q, k, v, allowed, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
