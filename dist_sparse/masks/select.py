@@ -119,3 +119,22 @@ def topk_reference(scores: torch.Tensor, eligible: torch.Tensor | None, k: int) 
     sel = torch.zeros(keys.numel(), dtype=torch.bool)
     sel[order[:k]] = True
     return sel
+
+
+def topk_select_local(pieces: list, ks: dict) -> list:
+    """Reference for :func:`topk_select` in one process: pieces of each group are concatenated in (order, start)
+    order and selected with :func:`topk_reference` (a stable sort), then split back. No collectives."""
+    out = [None] * len(pieces)
+    for g, k in ks.items():
+        idx = sorted((i for i, p in enumerate(pieces) if p.group == g),
+                     key=lambda i: (pieces[i].order, pieces[i].start))
+        scores = torch.cat([pieces[i].scores.reshape(-1).float() for i in idx])
+        elig = torch.cat([(pieces[i].eligible if pieces[i].eligible is not None
+                           else torch.ones(pieces[i].scores.numel(), dtype=torch.bool)).reshape(-1) for i in idx])
+        sel = topk_reference(scores, elig, int(k))
+        pos = 0
+        for i in idx:
+            n = pieces[i].scores.numel()
+            out[i] = sel[pos: pos + n]
+            pos += n
+    return out

@@ -1,0 +1,90 @@
+"""`dist-sparse train CONFIG [--set key=value ...] [--nproc N] [--launcher torchrun|deepspeed]`.
+
+The config is loaded and validated here, before any rank starts, so a bad key fails fast with its key path.
+With ``--nproc N`` this command starts N local ranks itself (torchrun by default, or the deepspeed launcher) and
+each rank runs this same command under the launcher; under an existing launcher (RANK/WORLD_SIZE set, or mpirun
+with mpi4py discovery) it trains directly.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from dist_sparse import config as config_mod
+from dist_sparse.errors import DistSparseError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-sparse train", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="YAML or JSON config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sparsity.method=rigl (repeatable)")
+    p.add_argument("--nproc", type=int, default=None, help="start N local ranks")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                   help="launcher used with --nproc (default: torchrun)")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _under_launcher() -> bool:
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "OMPI_COMM_WORLD_SIZE" in os.environ \
+        or "PMI_SIZE" in os.environ
+
+
+def launch_command(args, n: int) -> list:
+    inner = [args.config] + [f"--set={o}" for o in args.overrides]
+    port = str(_free_port())
+    if args.launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
+                "--module", "dist_sparse.cli.train", *inner]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
+            "-m", "dist_sparse.cli.train", *inner]
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+    except DistSparseError as exc:
+        print(f"dist-sparse train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.nproc is not None and args.nproc < 1:
+        print("dist-sparse train: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.nproc is not None and not _under_launcher():
+        env = dict(os.environ)
+        env.setdefault("DS_ACCELERATOR", "cpu" if _no_cuda() else "cuda")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        return subprocess.call(launch_command(args, args.nproc), env=env)
+
+    from dist_sparse.trainer import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("final_val_loss", "achieved_sparsity", "median_step_seconds", "tokens_per_second", "peak_rss_mb")
+        print(json.dumps({k: summary[k] for k in keys}))
+        print(f"summary: {os.path.join(cfg.train.output_dir, 'summary.json')}  "
+              f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}  "
+              f"model: {os.path.join(cfg.train.output_dir, 'final')}")
+    return 0
+
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Character- or byte-level text data, deterministic per (seed, step, rank, micro-batch).
+
+The embedded default corpus is the Python standard library's own source files: every Python install has them, so
+`make demo` needs no download and no data file. Batches are drawn from a generator seeded by the step index, so a
+resumed run sees exactly the batches an uninterrupted run would, with no data-loader state to save.
+"""
+
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_sparse.errors import ConfigError
+
+DEFAULT_MAX_CHARS = 3_000_000
+
+
+def embedded_corpus(max_chars: int = DEFAULT_MAX_CHARS) -> str:
+    """Concatenated ``*.py`` files of the running interpreter's standard library (sorted, deterministic)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if not parts:
+        raise FileNotFoundError(f"no Python source files found under {stdlib} for the embedded corpus")
+    return "".join(parts)[:max_chars]
+
+
+@dataclass
+class Tokenizer:
+    kind: str  # char | byte
+    chars: list  # vocabulary for char-level
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.kind == "byte" else len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        if self.kind == "byte":
+            return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
+        index = {c: i for i, c in enumerate(self.chars)}
+        try:
+            return torch.tensor([index[c] for c in text], dtype=torch.int64)
+        except KeyError as exc:
+            raise ValueError(f"character {exc.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        if self.kind == "byte":
+            return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def save(self, directory) -> None:
+        """Write ``dist_sparse_tokenizer.json`` and, where the `tokenizers` library is there, a HF tokenizer."""
+        directory = Path(directory)
+        (directory / "dist_sparse_tokenizer.json").write_text(json.dumps({"kind": self.kind, "chars": self.chars}))
+        try:
+            self.to_hf().save_pretrained(directory)
+        except ImportError:
+            pass
+
+    def to_hf(self):
+        """A ``PreTrainedTokenizerFast`` with the same ids (one token per character or byte)."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        if self.kind == "byte":
+            raise ImportError("byte-level data keeps only dist_sparse_tokenizer.json")
+        vocab = {c: i for i, c in enumerate(self.chars)}
+        tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+class TextData:
+    def __init__(self, data_cfg, block_size: int, seed: int):
+        if data_cfg.path is None:
+            text = embedded_corpus(data_cfg.max_chars or DEFAULT_MAX_CHARS)
+            self.source = f"embedded: Python {sysconfig.get_python_version()} standard library sources"
+        else:
+            path = Path(data_cfg.path)
+            if not path.is_file():
+                raise ConfigError("data.path", f"data file not found: {path}")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if data_cfg.max_chars:
+                text = text[: data_cfg.max_chars]
+            self.source = str(path)
+        self.tokenizer = Tokenizer(data_cfg.tokenizer, sorted(set(text)) if data_cfg.tokenizer == "char" else [])
+        ids = self.tokenizer.encode(text)
+        n_val = int(len(ids) * data_cfg.val_fraction)
+        self.train_ids, self.val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+        if min(len(self.train_ids), len(self.val_ids)) <= block_size + 1:
+            raise ConfigError("data.path", f"the text is too short for block_size {block_size}")
+        self.block_size = block_size
+        self.seed = seed
+
+    def batch(self, split: str, step: int, rank: int, micro: int, batch_size: int) -> torch.Tensor:
+        """A (batch_size, block_size) tensor of token ids, a pure function of its arguments."""
+        ids = self.train_ids if split == "train" else self.val_ids
+        # an explicit mix, not hash(): Python salts str hashes per process
+        key = ((((self.seed * 1_000_003 + (split == "val")) * 1_000_033 + step) * 10_007 + rank) * 1_009 + micro)
+        g = torch.Generator().manual_seed(key % (2**63 - 1))
+        starts = torch.randint(0, len(ids) - self.block_size, (batch_size,), generator=g)
+        return torch.stack([ids[s: s + self.block_size] for s in starts.tolist()])

@@ -1,0 +1,350 @@
+"""The only module that imports deepspeed: initialisation, access to each rank's partition, the step hooks.
+
+How each ZeRO stage lays out what a rank holds of a parameter (and so which part of the mask it stores):
+
+- stage 0: nothing is partitioned. The model parameter is also the master weight (fp32), or DeepSpeed's
+  fp16/bf16 wrapper keeps a full fp32 copy. Masks are replicated; each rank *scores* an even slice for mask updates
+  and the new bits are exchanged (:class:`ReplicatedView`).
+- stages 1 and 2: each rank owns a contiguous fragment of the flattened fp32 master copy of some parameters,
+  described by ``param._hp_mapping`` (``deepspeed/utils/tensor_fragment.py``): ``lp_fragment_address`` is the
+  range of the parameter, ``hp_fragment`` a view of the master weights, ``get_lp_grad_fragment`` the reduced
+  gradient of that range (between backward and step), ``get_optim_state_fragment`` the Adam moments
+  (:class:`FragmentView`).
+- stage 3: each rank owns ``param.ds_tensor``, the range ``[rank * n, (rank + 1) * n)`` of the flattened
+  parameter (the last rank's shard is padded), with fp32 master, gradient and moments reached through
+  ``param._z3_optimizer`` (:class:`Stage3View`).
+
+The hooks: :class:`SparseEngine.step` runs ``Sparsifier.before_step`` at the gradient-accumulation boundary (after
+DeepSpeed reduced the gradients into partitions, before it computes the norm for clipping), and the inner torch
+optimizer's ``step`` is wrapped so that ``Sparsifier.after_optimizer_step`` masks the fp32 master weights before
+DeepSpeed copies them into the model (and, for update steps that replace the optimizer step, the step is skipped).
+"""
+
+import math
+import os
+
+import torch
+
+from dist_sparse import distributed as D
+from dist_sparse.config import SparsityConfig, split_deepspeed_json
+from dist_sparse.errors import ConfigError
+from dist_sparse.sparsifier import Sparsifier
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+def _import_deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Start the process group the way DeepSpeed does (env vars, or MPI discovery), gloo on CPU, NCCL on GPU."""
+    deepspeed = _import_deepspeed()
+    if D.is_initialized():
+        return
+    D.discover_mpi_env()
+    if "RANK" not in os.environ:  # a single process without a launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend=D.backend_for_device(), auto_mpi_discovery=False,
+                               timeout=D.timeout(timeout_s))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# views: one per sparsified parameter, the only place that knows where DeepSpeed keeps things
+
+
+class _View:
+    model_needs_full_mask = False
+    replicated = False  # True: every rank holds the whole tensor (and the whole mask)
+
+    def __init__(self, name, param):
+        self.name = name
+        self.param = param
+        self.shape = tuple(getattr(param, "ds_shape", param.shape))
+        self.numel = math.prod(self.shape)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.name}, mask=[{self.mask_start}, +{self.mask_len}), "
+                f"score=[{self.score_start}, +{self.score_len}))")
+
+
+class ReplicatedView(_View):
+    """ZeRO stage 0: full tensors on every rank."""
+
+    replicated = True
+
+    def __init__(self, name, param, master, inner_optimizer, rank, world):
+        super().__init__(name, param)
+        self.master_param = master
+        self.inner = inner_optimizer
+        self.mask_start, self.mask_len = 0, self.numel
+        chunk = math.ceil(self.numel / world)
+        self.score_start = min(self.numel, rank * chunk)
+        self.score_len = max(0, min(self.numel, (rank + 1) * chunk) - self.score_start)
+
+    def master(self):
+        return self.master_param.data.view(-1)
+
+    def grad(self):
+        g = self.param.grad
+        return None if g is None else g.view(-1)
+
+    def mul_grad_(self, mask):
+        self.param.grad.view(-1).masked_fill_(~mask.to(self.param.grad.device), 0)
+
+    def mul_master_(self, mask):
+        self.master().masked_fill_(~mask, 0)
+
+    def zero_state_(self, positions):
+        for key, value in self.inner.state.get(self.master_param, {}).items():
+            if key in _STATE_KEYS and torch.is_tensor(value) and value.numel() == self.numel:
+                value.view(-1).masked_fill_(positions, 0)
+
+    def zero_model_(self, mask, full_mask=None):
+        if self.param is not self.master_param:
+            self.param.data.view(-1).masked_fill_(~mask.to(self.param.device), 0)
+
+
+class FragmentView(_View):
+    """ZeRO stages 1/2 (and DeepSpeed's bf16 optimizer): this rank's fragment of the fp32 master partition."""
+
+    model_needs_full_mask = True
+
+    def __init__(self, name, param):
+        super().__init__(name, param)
+        self.hm = getattr(param, "_hp_mapping", None)
+        if self.hm is None:  # this rank owns nothing of this parameter
+            self.mask_start, self.mask_len = 0, 0
+            self._empty = torch.zeros(0, dtype=torch.float32, device=param.device)
+        else:
+            self.mask_start = self.hm.lp_fragment_address.start
+            self.mask_len = self.hm.lp_fragment_address.numel
+        self.score_start, self.score_len = self.mask_start, self.mask_len
+
+    def master(self):
+        return self._empty if self.hm is None else self.hm.hp_fragment.view(-1)
+
+    def grad(self):
+        if self.hm is None:
+            return self._empty
+        try:
+            g = self.hm.get_lp_grad_fragment(self.param._index_in_param_group)
+        except ValueError:  # outside the backward..step window
+            return None
+        g = g.view(-1)
+        if g.numel() == self.numel and self.mask_len != self.numel:  # bf16 optimizer keeps the full buffer
+            g = g.narrow(0, self.mask_start, self.mask_len)
+        return g
+
+    def mul_grad_(self, mask):
+        g = self.grad()
+        if g is not None:
+            g.masked_fill_(~mask.to(g.device), 0)
+
+    def mul_master_(self, mask):
+        if self.hm is not None:
+            self.master().masked_fill_(~mask, 0)
+
+    def zero_state_(self, positions):
+        if self.hm is None or not self.hm.optim_fragment:
+            return
+        for key in self.hm.get_optim_state_keys():
+            if key in _STATE_KEYS:
+                self.hm.get_optim_state_fragment(key).view(-1).masked_fill_(positions, 0)
+
+    def zero_model_(self, mask, full_mask=None):
+        self.param.data.view(-1).masked_fill_(~full_mask.reshape(-1).to(self.param.device), 0)
+
+
+class Stage3View(_View):
+    """ZeRO stage 3: this rank's shard ``param.ds_tensor``; master/grad/moments through ``param._z3_optimizer``."""
+
+    def __init__(self, name, param, rank):
+        super().__init__(name, param)
+        self.opt = param._z3_optimizer
+        per_rank = param.ds_tensor.ds_numel
+        self.mask_start = min(self.numel, rank * per_rank)
+        self.mask_len = max(0, min(per_rank, self.numel - self.mask_start))
+        self.score_start, self.score_len = self.mask_start, self.mask_len
+
+    def master(self):
+        return self.opt.get_local_fp32_param(self.param).view(-1)[: self.mask_len]
+
+    def grad(self):
+        try:
+            g = self.opt.get_local_fp32_grad_for_param(self.param)
+        except (KeyError, AttributeError, IndexError):
+            return None
+        return None if g is None else g.view(-1)[: self.mask_len]
+
+    def mul_grad_(self, mask):
+        g = self.opt.get_local_fp32_grad_for_param(self.param).view(-1)
+        g[: self.mask_len].masked_fill_(~mask.to(g.device), 0)
+        self.opt.set_local_grad_for_param(g, self.param)
+
+    def mul_master_(self, mask):
+        w = self.opt.get_local_fp32_param(self.param).view(-1)
+        w[: self.mask_len].masked_fill_(~mask.to(w.device), 0)
+        self.opt.set_local_hp_param(w, self.param)
+
+    def zero_state_(self, positions):
+        for key in _STATE_KEYS:
+            try:
+                s = self.opt.get_local_fp32_param(self.param, optim_state_key=key).view(-1)
+            except KeyError:
+                continue
+            s[: self.mask_len].masked_fill_(positions.to(s.device), 0)
+            self.opt.set_local_hp_param(s, self.param, optim_state_key=key)
+
+    def zero_model_(self, mask, full_mask=None):
+        self.param.ds_tensor.data.view(-1)[: self.mask_len].masked_fill_(~mask.to(self.param.ds_tensor.device), 0)
+
+
+def inner_optimizer(engine):
+    """The torch optimizer that updates the fp32 master weights (DeepSpeed wrappers keep it in ``.optimizer``)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _stage0_master(engine, param):
+    """The fp32 master of ``param`` at stage 0: the param itself, or the fp16/bf16 wrapper's fp32 copy."""
+    opt = engine.optimizer
+    low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if low is not None and high is not None:
+        for lg, hg in zip(low, high):
+            for lp, hp in zip(lg, hg if isinstance(hg, (list, tuple)) else []):
+                if lp is param:
+                    return hp
+        raise NotImplementedError(
+            f"{type(opt).__name__} at ZeRO stage 0 keeps flattened fp32 groups; use ZeRO stage >= 1 with fp16/bf16")
+    return param
+
+
+def build_views(engine, names: list) -> list:
+    params = dict(engine.module.named_parameters())
+    stage = engine.zero_optimization_stage()
+    rank, world = D.rank(), D.world_size()
+    views = []
+    for name in names:
+        p = params[name]
+        if stage == 3 or hasattr(p, "ds_id"):
+            views.append(Stage3View(name, p, D.rank(getattr(p, "ds_process_group", None))))
+        elif hasattr(p, "_hp_mapping"):
+            views.append(FragmentView(name, p))
+        else:
+            views.append(ReplicatedView(name, p, _stage0_master(engine, p), inner_optimizer(engine), rank, world))
+    return views
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine wrapper and initialize()
+
+
+class SparseEngine:
+    """A DeepSpeed engine whose ``step()`` keeps the weights sparse. Everything else is the engine's own."""
+
+    def __init__(self, engine, sparsifier: Sparsifier, sparsity: SparsityConfig):
+        self.__dict__["engine"] = engine
+        self.__dict__["sparsifier"] = sparsifier
+        self.__dict__["sparsity"] = sparsity
+        _wrap_inner_step(engine, sparsifier)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.engine, name, value)
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        if self.engine.is_gradient_accumulation_boundary():
+            self.sparsifier.before_step(self.engine.global_steps)
+        return self.engine.step(*args, **kwargs)
+
+
+def _wrap_inner_step(engine, sparsifier: Sparsifier) -> None:
+    opt = inner_optimizer(engine)
+    original = opt.step
+
+    def step(*args, **kwargs):
+        if sparsifier.skip_optimizer_step:
+            return None
+        out = original(*args, **kwargs)
+        sparsifier.after_optimizer_step()
+        return out
+
+    opt.step = step
+
+
+def build_method(sparsity: SparsityConfig, shapes: dict, total_steps: int | None, seed: int, group=None):
+    """The method object for ``sparsity.method`` (``None`` for the dense baseline ``none``)."""
+    from dist_sparse.distributions import layer_densities
+    from dist_sparse.methods import METHODS
+    from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
+
+    if sparsity.method == "none":
+        return None
+    end = sparsity.end_step
+    if end is None:
+        if total_steps is None:
+            raise ConfigError("sparsity.end_step", "required when the number of training steps is not known")
+        end = max(sparsity.start_step + 1, int(0.75 * total_steps))
+    times = UpdateTimes(sparsity.update_interval, sparsity.start_step, end)
+    densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
+    cls = METHODS[sparsity.method]
+    kwargs = {}
+    if sparsity.method in ("set", "rigl"):
+        kind = sparsity.drop_fraction_schedule or ("cosine" if sparsity.method == "rigl" else "constant")
+        kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
+    return cls(densities, sparsity.distribution == "global", times, seed, group=group, **kwargs)
+
+
+def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None) -> SparseEngine:
+    """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now)."""
+    from dist_sparse.integration.hf import sparsifiable_parameters
+
+    names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
+    views = build_views(engine, names)
+    method = build_method(sparsity, {v.name: v.shape for v in views}, total_steps,
+                          sparsity.seed if sparsity.seed is not None else seed)
+    sparsifier = Sparsifier(method, views)
+    if init_masks is None and sparsity.init_masks is not None:
+        from dist_sparse.masks.io import load_masks
+
+        init_masks = load_masks(sparsity.init_masks)
+    if method is not None or init_masks is not None:
+        sparsifier.initialize(init_masks)
+    return SparseEngine(engine, sparsifier, sparsity)
+
+
+def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,
+               total_steps=None, seed=0, **kwargs):
+    """Like ``deepspeed.initialize``, for a DeepSpeed config (path or dict) that also carries a ``sparsity`` block.
+
+    The ``sparsity`` block is validated and stripped before DeepSpeed sees the config. Returns
+    ``(engine, optimizer, training_dataloader, lr_scheduler)`` where ``engine`` is a :class:`SparseEngine`: use it
+    exactly like a DeepSpeed engine (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
+    """
+    ds_config, sparsity = split_deepspeed_json(config)
+    deepspeed = _import_deepspeed()
+    init_distributed()
+    engine, opt, loader, sched = deepspeed.initialize(
+        model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
+        optimizer=optimizer, lr_scheduler=lr_scheduler, training_data=training_data, config=ds_config, **kwargs)
+    return attach(engine, model, sparsity, total_steps=total_steps, seed=seed), opt, loader, sched
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """The full model state dict on rank 0 (``None`` elsewhere); at stage 3 the shards are gathered."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return sd if D.rank() == 0 else None
+    return engine.module.state_dict() if D.rank() == 0 else None

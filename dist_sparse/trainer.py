@@ -1,0 +1,202 @@
+"""The training loop, top to bottom: data -> engine forward/backward/step -> sparsifier -> metrics -> checkpoint.
+
+Run on every rank (``dist-sparse train`` starts the ranks). All mask logic happens inside ``engine.step()`` (see
+:class:`dist_sparse.integration.deepspeed.SparseEngine`); this file only drives the loop and reports.
+"""
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dist_sparse import distributed as D
+from dist_sparse.config import Config
+from dist_sparse.data import TextData
+from dist_sparse.integration import deepspeed as ds_integration
+from dist_sparse.integration import hf
+from dist_sparse.masks.io import save_masks
+from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
+
+log = logging.getLogger("dist_sparse")
+
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}}
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The user's DeepSpeed config with the defaults a run needs filled in (the user's values always win)."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", 8)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    ds.setdefault("zero_optimization", {"stage": 0})
+    if D.backend_for_device() == "gloo":
+        # DeepSpeed's fused Adam needs CUDA; on CPU use torch's implementation of the same optimizer
+        ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    return ds
+
+
+def param_groups(model) -> list:
+    """Weight decay on matrices (and embeddings), none on biases and norms (the usual GPT recipe)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_threads(cfg: Config) -> None:
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+@torch.no_grad()
+def evaluate(engine, data: TextData, batches: int, micro_batch: int) -> float:
+    """Mean validation loss over a fixed, world-size independent set of batches (split across ranks)."""
+    engine.eval()
+    rank, world = D.rank(), D.world_size()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(math.ceil(batches / world)):
+        j = i * world + rank
+        x = data.batch("val", j % batches, 0, 0, micro_batch).to(engine.device)
+        loss = engine(input_ids=x, labels=x).loss  # every rank runs the forward: ZeRO-3 gathers collectively
+        if j < batches:
+            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+    D.all_reduce_sum(total)
+    engine.train()
+    return float(total[0] / total[1])
+
+
+def train(cfg: Config) -> dict:
+    """Train on every rank; returns the summary (also written to ``<output_dir>/summary.json`` by rank 0)."""
+    set_threads(cfg)
+    ds_integration.init_distributed(cfg.train.dist_timeout_s)
+    rank, world = D.rank(), D.world_size()
+    is_main = rank == 0
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[dist_sparse] %(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    out_dir = Path(cfg.train.output_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", cfg.to_dict())
+
+    # same seed on every rank: identical initial weights everywhere (ZeRO partitions them afterwards)
+    torch.manual_seed(cfg.train.seed)
+    data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed)
+    model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
+    ds_config = deepspeed_config(cfg)
+    deepspeed = ds_integration._import_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
+    engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed)
+    sparsifier = engine.sparsifier
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    tokens_per_step = world * micro * accum * cfg.model.block_size
+
+    densities = sparsifier.layer_density() if sparsifier.views else {}
+    dense_flops = hf.training_flops_per_token(model, {}, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd)
+    if is_main:
+        n_params = hf.count_parameters(model)
+        log.info("model %s: %.2fM parameters, %d sparsified tensors (%.2fM weights), method=%s sparsity=%.2f "
+                 "distribution=%s, ZeRO-%d, %d ranks, data: %s", cfg.model.type, n_params / 1e6,
+                 len(sparsifier.views), sparsifier.sparsified_numel() / 1e6, cfg.sparsity.method,
+                 cfg.sparsity.sparsity, cfg.sparsity.distribution, engine.zero_optimization_stage(), world,
+                 data.source)
+
+    metrics = MetricsLogger(out_dir, cfg.train.tensorboard, enabled=is_main)
+    progress = None
+    if is_main and cfg.train.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.steps, desc=f"train {cfg.sparsity.method}", unit="step", dynamic_ncols=True)
+
+    timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
+    for step in range(cfg.train.steps):
+        t0 = time.perf_counter()
+        is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
+        loss_sum = 0.0
+        for m in range(accum):
+            x = data.batch("train", step, rank, m, micro).to(engine.device)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss)
+        timer.add(time.perf_counter() - t0)
+        last_loss = loss_sum / accum
+
+        # estimated training FLOPs of this step relative to dense (a RigL update step computes a dense gradient)
+        step_flops = hf.training_flops_per_token(model, densities, cfg.model.block_size, cfg.model.n_layer,
+                                                 cfg.model.n_embd)
+        if is_update and sparsifier.method.needs_dense_grad:
+            step_flops += 2.0 * sum(v.numel * (1.0 - densities[v.name]) for v in sparsifier.views)
+        flops_sum += step_flops
+        if is_update:
+            densities = sparsifier.layer_density()
+
+        done = step + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.3f}")
+        if done % cfg.train.eval_interval == 0 and done != cfg.train.steps:
+            val_loss = evaluate(engine, data, cfg.train.eval_batches, micro)
+            metrics.log(done, {"val_loss": val_loss})
+        if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+            record = {"loss": last_loss, "lr": engine.get_lr()[0], "step_seconds": timer.times[-1],
+                      "tokens_per_second": tokens_per_step / timer.times[-1],
+                      "flops_relative_to_dense": flops_sum / (done * dense_flops),
+                      "peak_rss_mb": peak_rss_mb()}
+            if sparsifier.views:
+                record["sparsity"] = 1.0 - sum(densities[v.name] * v.numel for v in sparsifier.views) / max(
+                    1, sparsifier.sparsified_numel())
+                record["layer_density"] = densities
+            if sparsifier.last_update is not None:
+                record["mask_update"] = sparsifier.last_update
+            metrics.log(done, record)
+
+    if progress is not None:
+        progress.close()
+    val_loss = evaluate(engine, data, cfg.train.eval_batches, micro)
+    summary = {
+        "final_val_loss": val_loss,
+        "final_train_loss": last_loss,
+        "steps": cfg.train.steps,
+        "world_size": world,
+        "zero_stage": engine.zero_optimization_stage(),
+        "method": cfg.sparsity.method,
+        "distribution": cfg.sparsity.distribution,
+        "target_sparsity": cfg.sparsity.sparsity if cfg.sparsity.method != "none" else 0.0,
+        "achieved_sparsity": sparsifier.achieved_sparsity() if sparsifier.views else 0.0,
+        "layer_density": sparsifier.layer_density() if sparsifier.views else {},
+        "median_step_seconds": timer.median(),
+        "tokens_per_second": tokens_per_step / timer.median(),
+        "peak_rss_mb": max_over_ranks(peak_rss_mb()),
+        "flops_relative_to_dense": flops_sum / (cfg.train.steps * dense_flops),
+        "mask_updates": sparsifier.updates_done,
+        "sparsified_parameters": sparsifier.sparsified_numel(),
+        "total_parameters": hf.count_parameters(model),
+        "data": data.source,
+    }
+    metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
+    metrics.close()
+    if cfg.train.save_final_model:
+        save_final(engine, model, sparsifier, data, out_dir / "final")
+    if is_main:
+        write_json_atomic(out_dir / "summary.json", summary)
+    D.barrier()
+    return summary
+
+
+def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
+    """Rank 0 writes a Hugging Face checkpoint (safetensors), the tokenizer and the masks; atomically."""
+    masks = sparsifier.full_masks()  # collective
+    state = ds_integration.gathered_state_dict(engine)  # collective at ZeRO-3
+    if D.rank() != 0:
+        return
+    writers = [data.tokenizer.save]  # tokenizer files next to the weights: from_pretrained finds both
+    if masks:
+        writers.append(lambda d: save_masks(d, masks))
+    hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
