@@ -21,7 +21,7 @@ import torch
 
 from dist_sparse import distributed as D
 from dist_sparse.masks.packing import pack_bits, unpack_bits
-from dist_sparse.masks.select import topk_select
+from dist_sparse.masks.select import DistributedSelector
 from dist_sparse.methods.base import LayerSlice
 
 
@@ -32,6 +32,7 @@ class Sparsifier:
         self.group = group
         self.order = {v.name: i for i, v in enumerate(self.views)}
         self.packed = {v.name: pack_bits(torch.ones(v.mask_len, dtype=torch.bool)) for v in self.views}
+        self.selector = DistributedSelector(group)
         self.skip_optimizer_step = False
         self.last_update: dict | None = None  # churn etc. of the latest mask update
         self.updates_done = 0
@@ -46,9 +47,6 @@ class Sparsifier:
 
     def mask_bytes(self) -> int:
         return sum(p.numel() for p in self.packed.values())
-
-    def _select(self, pieces, ks):
-        return topk_select(pieces, ks, self.group)
 
     def _slices(self, with_weight: bool, with_grad: bool) -> list:
         out = []
@@ -88,7 +86,7 @@ class Sparsifier:
                     raise ValueError(f"init mask for {v.name!r} has {full.numel()} elements, parameter has {v.numel}")
                 self.set_mask(v.name, full[v.mask_start: v.mask_start + v.mask_len])
         elif self.method is not None:
-            self._store_scored(self.method.initial_masks(self._slices(False, False), self._select))
+            self._store_scored(self.method.initial_masks(self._slices(False, False), self.selector))
         for v in self.views:
             m = self.mask(v.name).to(v.master().device)
             v.mul_master_(m)
@@ -114,7 +112,7 @@ class Sparsifier:
     def _update(self, step: int) -> None:
         old = {v.name: self.mask(v.name) for v in self.views}
         slices = self._slices(True, self.method.needs_dense_grad)
-        self._store_scored(self.method.update(step, slices, self._select))
+        self._store_scored(self.method.update(step, slices, self.selector))
         grown = torch.zeros(len(self.views), dtype=torch.int64)
         pruned = torch.zeros(len(self.views), dtype=torch.int64)
         for i, v in enumerate(self.views):

@@ -294,7 +294,8 @@ def test_cli_errors(tiny, tmp_path, capsys):
     base = [tiny["gpt2"], "--method", "wanda", "--sparsity", "0.5", "--calib", tiny["calib"], "--seqlen", 32]
     rc, _, err = run_cli(sparsify_cli, [tmp_path / "missing", *base[1:], "--out", tmp_path / "a"], capsys)
     assert rc == 2 and "missing: no such directory" in err
-    rc, _, err = run_cli(sparsify_cli, [*base[:-4], "--calib", tmp_path / "nope.txt", "--out", tmp_path / "a"], capsys)
+    rc, _, err = run_cli(sparsify_cli, [*base[:5], "--calib", tmp_path / "nope.txt", "--seqlen", 32, "--out",
+                                        tmp_path / "a"], capsys)
     assert rc == 2 and "--calib" in err and "nope.txt" in err
     rc, _, err = run_cli(sparsify_cli, [*base, "--out", tiny["gpt2"]], capsys)
     assert rc == 2 and "--out" in err

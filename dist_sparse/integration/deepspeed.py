@@ -27,7 +27,7 @@ import torch
 
 from dist_sparse import distributed as D
 from dist_sparse.config import SparsityConfig, split_deepspeed_json
-from dist_sparse.errors import ConfigError
+from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -282,29 +282,6 @@ def _wrap_inner_step(engine, sparsifier: Sparsifier) -> None:
         return out
 
     opt.step = step
-
-
-def build_method(sparsity: SparsityConfig, shapes: dict, total_steps: int | None, seed: int, group=None):
-    """The method object for ``sparsity.method`` (``None`` for the dense baseline ``none``)."""
-    from dist_sparse.distributions import layer_densities
-    from dist_sparse.methods import METHODS
-    from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
-
-    if sparsity.method == "none":
-        return None
-    end = sparsity.end_step
-    if end is None:
-        if total_steps is None:
-            raise ConfigError("sparsity.end_step", "required when the number of training steps is not known")
-        end = max(sparsity.start_step + 1, int(0.75 * total_steps))
-    times = UpdateTimes(sparsity.update_interval, sparsity.start_step, end)
-    densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
-    cls = METHODS[sparsity.method]
-    kwargs = {}
-    if sparsity.method in ("set", "rigl"):
-        kind = sparsity.drop_fraction_schedule or ("cosine" if sparsity.method == "rigl" else "constant")
-        kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
-    return cls(densities, sparsity.distribution == "global", times, seed, group=group, **kwargs)
 
 
 def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None) -> SparseEngine:

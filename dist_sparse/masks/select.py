@@ -138,3 +138,26 @@ def topk_select_local(pieces: list, ks: dict) -> list:
             out[i] = sel[pos: pos + n]
             pos += n
     return out
+
+
+class DistributedSelector:
+    """What methods use to decide: exact top-k and integer sums over all ranks of ``group``."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def topk(self, pieces: list, ks: dict) -> list:
+        return topk_select(pieces, ks, self.group)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return D.all_reduce_sum(t, self.group)
+
+
+class LocalSelector:
+    """The single-process reference: full tensors in one process, selection by stable sort, no collectives."""
+
+    def topk(self, pieces: list, ks: dict) -> list:
+        return topk_select_local(pieces, ks)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t

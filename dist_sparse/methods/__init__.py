@@ -1,10 +1,13 @@
 """Sparse training methods, registered by name. ``none`` is the dense baseline (no method object)."""
 
+from dist_sparse.distributions import layer_densities
+from dist_sparse.errors import ConfigError
 from dist_sparse.methods.base import LayerSlice, SparseMethod
 from dist_sparse.methods.magnitude import Magnitude
 from dist_sparse.methods.rigl import RigL
 from dist_sparse.methods.set import SET
 from dist_sparse.methods.static import Static
+from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
 
 METHODS = {cls.name: cls for cls in (Static, Magnitude, SET, RigL)}
 METHOD_NAMES = ("none", *METHODS)
@@ -20,4 +23,27 @@ def register(cls) -> type:
     return cls
 
 
-__all__ = ["LayerSlice", "SparseMethod", "METHODS", "METHOD_NAMES", "register", "Static", "Magnitude", "SET", "RigL"]
+def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int):
+    """The method object for a ``SparsityConfig`` (``None`` for the dense baseline ``none``).
+
+    ``shapes``: name -> shape of the sparsified parameters; ``total_steps`` sets the default end of mask updates
+    (RigL's T_end = 0.75 of training)."""
+    if sparsity.method == "none":
+        return None
+    end = sparsity.end_step
+    if end is None:
+        if total_steps is None:
+            raise ConfigError("sparsity.end_step", "required when the number of training steps is not known")
+        end = max(sparsity.start_step + 1, int(0.75 * total_steps))
+    times = UpdateTimes(sparsity.update_interval, sparsity.start_step, end)
+    densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
+    cls = METHODS[sparsity.method]
+    kwargs = {}
+    if sparsity.method in ("set", "rigl"):
+        kind = sparsity.drop_fraction_schedule or ("cosine" if sparsity.method == "rigl" else "constant")
+        kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
+    return cls(densities, sparsity.distribution == "global", times, seed, **kwargs)
+
+
+__all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "METHOD_NAMES", "register", "Static", "Magnitude",
+           "SET", "RigL"]

@@ -1,9 +1,10 @@
 """The method interface: a method decides masks; it never touches DeepSpeed, optimizers or ranks directly.
 
 A method sees :class:`LayerSlice` objects: this rank's slice of each sparsified parameter (keyed by name, with its
-offset in the flattened tensor), and a ``select`` function that performs an exact top-k over the slices of all
-ranks (see :mod:`dist_sparse.masks.select`). Because every decision goes through ``select``, a method's masks are
-identical whether the tensors live in one process or are sharded over many ranks.
+offset in the flattened tensor), and a *selector* (see :mod:`dist_sparse.masks.select`) whose ``topk`` performs an
+exact top-k over the slices of all ranks and whose ``sum`` adds integers over ranks. Because every decision goes
+through the selector, a method's masks are identical whether the tensors live in one process (``LocalSelector``)
+or are sharded over many ranks (``DistributedSelector``).
 
 Subclasses override one hook each (as in jaxpruner): ``drop_scores`` (which active weights to remove),
 ``grow_scores`` (which inactive weights to add), or the schedule objects they are given.
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_sparse import distributed as D
 from dist_sparse.distributions import keep_counts
 from dist_sparse.masks import random as counter_random
 from dist_sparse.masks.select import Piece
@@ -40,30 +40,27 @@ class SparseMethod:
     needs_dense_grad = False  # True: update steps need the gradient of pruned positions too
     dense_start = False  # True: start from a dense network (gradual pruning)
 
-    def __init__(self, densities: dict, global_selection: bool, times, seed: int, group=None):
+    def __init__(self, densities: dict, global_selection: bool, times, seed: int):
         self.densities = densities
         self.global_selection = global_selection
         self.times = times  # schedules.UpdateTimes
         self.seed = seed
-        self.group = group
 
     # -- helpers shared by all methods -------------------------------------------------------------------------
     def group_of(self, s: LayerSlice) -> int:
         return 0 if self.global_selection else s.order
 
-    def global_counts(self, slices: list, values: list) -> dict:
-        """Sum, over all ranks, of per-slice integer ``values``, per selection group."""
-        groups = sorted({self.group_of(s) for s in slices} | set(self._all_groups(slices)))
+    def global_counts(self, slices: list, values: list, select) -> dict:
+        """Sum, over all ranks, of per-slice integer ``values``, per selection group.
+
+        Every rank holds a (possibly empty) slice of every parameter, so the groups agree across ranks."""
+        groups = sorted({self.group_of(s) for s in slices})
         index = {g: i for i, g in enumerate(groups)}
         t = torch.zeros(len(groups), dtype=torch.int64)
         for s, v in zip(slices, values):
             t[index[self.group_of(s)]] += int(v)
-        D.all_reduce_sum(t, self.group)
+        t = select.sum(t)
         return {g: int(t[index[g]]) for g in groups}
-
-    def _all_groups(self, slices: list) -> list:
-        # every rank holds a (possibly empty) slice of every parameter, so the groups agree across ranks
-        return [self.group_of(s) for s in slices]
 
     def target_keep(self, slices: list, densities: dict) -> dict:
         """Number of weights to keep per group, from per-layer densities."""
@@ -87,7 +84,7 @@ class SparseMethod:
         if self.dense_start:
             return [torch.ones_like(s.mask) for s in slices]
         scores = [self.random_scores(s, stream=0) for s in slices]
-        return select(self.pieces(slices, scores, [None] * len(slices)), self.target_keep(slices, self.densities))
+        return select.topk(self.pieces(slices, scores, [None] * len(slices)), self.target_keep(slices, self.densities))
 
     def is_update_step(self, step: int) -> bool:
         return self.updates_masks and self.times.is_update(step)

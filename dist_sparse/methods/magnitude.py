@@ -32,7 +32,7 @@ class Magnitude(SparseMethod):
         r = self.ramp(step)
         densities = {name: 1.0 - (1.0 - d) * r for name, d in self.densities.items()}
         keep = self.target_keep(slices, densities)
-        active = self.global_counts(slices, [int(s.mask.sum()) for s in slices])
+        active = self.global_counts(slices, [int(s.mask.sum()) for s in slices], select)
         keep = {g: min(k, active[g]) for g, k in keep.items()}  # never regrow
         scores = [self.drop_scores(s) for s in slices]
-        return select(self.pieces(slices, scores, [s.mask for s in slices]), keep)
+        return select.topk(self.pieces(slices, scores, [s.mask for s in slices]), keep)

@@ -27,11 +27,11 @@ class SET(SparseMethod):
 
     def update(self, step, slices, select):
         frac = self.fraction(step)
-        active = self.global_counts(slices, [int(s.mask.sum()) for s in slices])
+        active = self.global_counts(slices, [int(s.mask.sum()) for s in slices], select)
         n_drop = {g: int(round(frac * a)) for g, a in active.items()}
         keep = {g: active[g] - n_drop[g] for g in active}
         drop_scores = [self.drop_scores(s) for s in slices]
-        kept = select(self.pieces(slices, drop_scores, [s.mask for s in slices]), keep)
+        kept = select.topk(self.pieces(slices, drop_scores, [s.mask for s in slices]), keep)
         grow_scores = [self.grow_scores(s, step) for s in slices]
-        grown = select(self.pieces(slices, grow_scores, [~k for k in kept]), n_drop)
+        grown = select.topk(self.pieces(slices, grow_scores, [~k for k in kept]), n_drop)
         return [k | g for k, g in zip(kept, grown)]
