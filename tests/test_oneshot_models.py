@@ -309,7 +309,7 @@ def test_cli_errors(tiny, tmp_path, capsys):
     notok = tmp_path / "no_tok"
     GPT2LMHeadModel(GPT2Config(vocab_size=70, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(notok)
     rc, _, err = run_cli(sparsify_cli, [notok, *base[1:], "--out", tmp_path / "c"], capsys)
-    assert rc == 2 and "tokenizer" in err
+    assert rc == 2 and "no tokenizer in the checkpoint" in err
     # unsupported architecture
     resnet = tmp_path / "resnet"
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(resnet)

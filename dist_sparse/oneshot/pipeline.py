@@ -134,17 +134,23 @@ def load_model(model_dir, device="cpu"):
     return model.to(device).eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(model_dir, embedding_rows: int | None = None):
     """The checkpoint's tokenizer; CheckpointError if absent or larger than the embedding matrix."""
     from transformers import AutoTokenizer
 
+    # transformers 5 silently builds an empty tokenizer for a directory without tokenizer files
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(model_dir, f"no tokenizer in the checkpoint (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as exc:
         raise CheckpointError(model_dir, f"no usable tokenizer in the checkpoint ({type(exc).__name__}: {exc})") \
             from None
-    if tok is None or isinstance(tok, bool):
-        raise CheckpointError(model_dir, "no tokenizer in the checkpoint")
+    if tok is None or isinstance(tok, bool) or len(tok) == 0:
+        raise CheckpointError(model_dir, "no usable tokenizer in the checkpoint")
     if embedding_rows is not None and len(tok) > embedding_rows:
         raise CheckpointError(model_dir, f"tokenizer mismatch: the tokenizer has {len(tok)} tokens but the model's "
                                          f"embedding has {embedding_rows} rows")
