@@ -43,7 +43,9 @@ def sparsifiable_parameters(model: nn.Module, patterns=None, exclude=()) -> list
             if not _is_projection(module):
                 continue
             in_block = any(part.isdigit() for part in mod_name.split("."))
-            if in_block and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+            weight = getattr(module, "weight", None)
+            # ZeRO-3 replaces partitioned tensors by empty ones; ds_shape keeps the real shape
+            if in_block and weight is not None and len(getattr(weight, "ds_shape", weight.shape)) == 2:
                 names.append(f"{mod_name}.weight" if mod_name else "weight")
         names = sorted(names)
     names = [n for n in names if not any(fnmatch.fnmatchcase(n, e) for e in exclude)]
