@@ -335,3 +335,37 @@ def test_dataset_directory_as_calibration(tiny, tmp_path):
     assert load_text(tmp_path / "ds") == text[:7000] + "\n\n" + text[7000:]
     with pytest.raises(ConfigError, match="no column 'body'"):
         load_text(tmp_path / "ds", text_column="body")
+
+
+@pytest.mark.slow
+def test_under_torchrun_launcher_equals_one_rank(tiny, tmp_path, capsys):
+    """With RANK/WORLD_SIZE set by a launcher the processes themselves are the ranks (no spawning)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [tiny["llama"], "--method", "sparsegpt", "--pattern", "2:4", "--calib", tiny["calib"], "--samples", 6,
+            "--seqlen", 32, "--no-progress"]
+    rc, _, err = run_cli(sparsify_cli, [*args, "--out", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "dist_sparse.cli.main", "sparsify", *map(str, args), "--out",
+                           str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "sparsify_report.json").read_text())
+    assert report["world_size"] == 2 and report["samples_per_rank"] == [3, 3]
+    w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" /
+                                                                                  "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -230,6 +230,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor | None, settings: PruneS
     result = PruneResult()
     t0 = time.perf_counter()
     use_data = method != "magnitude"
+    if use_data and samples is None:
+        raise ConfigError("--calib", f"--method {method} needs calibration samples")
     inputs = []
     if use_data:
         use_cache = getattr(model.config, "use_cache", None)

@@ -46,7 +46,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, stride: int | N
     for b in range(0, len(starts), batch_size):
         chunk = starts[b:b + batch_size]
         batch = torch.stack([ids[s:s + seqlen] for s in chunk]).to(device)
-        logits = model(input_ids=batch).logits.float()
+        logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                           reduction="none").reshape(len(chunk), seqlen - 1)
         for row, s in enumerate(chunk):
