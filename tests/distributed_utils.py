@@ -35,8 +35,9 @@ def run_spawned(fn, world: int, *args) -> None:
 def run_torchrun(script: str, nproc: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``tests/workers/<script>`` under torchrun with ``nproc`` CPU ranks; raises with the output on failure."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "tests" / "workers" / script), *map(str, args)]
+    # --standalone: torchrun binds a free port itself (no race with other processes picking ports)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "workers" / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"

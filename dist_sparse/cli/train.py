@@ -41,11 +41,11 @@ def _under_launcher() -> bool:
 
 def launch_command(args, n: int) -> list:
     inner = [args.config] + [f"--set={o}" for o in args.overrides]
-    port = str(_free_port())
     if args.launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
-                "--module", "dist_sparse.cli.train", *inner]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port",
+                str(_free_port()), "--module", "dist_sparse.cli.train", *inner]
+    # --standalone: a single-node rendezvous on a port torchrun picks itself
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
             "-m", "dist_sparse.cli.train", *inner]
 
 
