@@ -29,7 +29,7 @@ __all__ = ["cpu_block_sparse_attention"]
 
 # Score elements (floats) per group of chunks: ~32 MiB of fp32 bounds peak memory at long sequences while keeping
 # the batched matmuls large enough to run at full speed.
-_GROUP_ELEMS = 8 * 2**20
+_GROUP_ELEMS = 2**19
 # Cost of one chunk beyond its R blocks, in block units (gather, merge bookkeeping, small-matmul overhead).
 _CHUNK_OVERHEAD = 1.0
 
@@ -50,9 +50,14 @@ class _Plan:
     n_rows: int
 
     one_to_one: bool = False  # exactly one chunk per output row: per-chunk results are already per-row results
+    single: torch.Tensor | None = None  # chunks that are alone on their row
+    split: torch.Tensor | None = None  # chunks of rows split over several chunks
 
     def __post_init__(self):
         self.one_to_one = bool((self.lengths == 1).all())
+        alone = self.lengths[self.out_rows] == 1
+        self.single = alone.nonzero().flatten()
+        self.split = (~alone).nonzero().flatten()
 
 
 def _chunk_width(counts: torch.Tensor) -> int:
@@ -155,17 +160,25 @@ def _groups(n_chunks: int, per_chunk: int):
 
 
 def _per_row(values: torch.Tensor, plan: _Plan, reduce: str = "sum") -> torch.Tensor:
-    """Reduce per-chunk values onto output rows (rows with no chunk get 0, or -inf for "max")."""
+    """Reduce per-chunk values onto output rows (rows with no chunk get 0, or -inf for "max").
+
+    Most rows own a single chunk and are copied into place; only chunks of split rows go through a (slower)
+    scatter-reduction, which is why the plan keeps the two sets apart.
+    """
     if plan.one_to_one:
         return values  # one chunk per row, in row order
-    if not bool((plan.lengths > 1).any()):
-        fill = float("-inf") if reduce == "max" else 0.0
-        out = values.new_full((plan.n_rows, *values.shape[1:]), fill)
-        return out.index_copy_(0, plan.out_rows, values)
-    # out_rows is sorted, so chunks of one row are contiguous: a segment reduction, no scatter needed.
-    flat = values.reshape(values.shape[0], -1)
-    red = torch.segment_reduce(flat, reduce, lengths=plan.lengths, unsafe=True)
-    return red.view(plan.n_rows, *values.shape[1:])
+    fill = float("-inf") if reduce == "max" else 0.0
+    out = values.new_full((plan.n_rows, *values.shape[1:]), fill)
+    out.index_copy_(0, plan.out_rows[plan.single], values.index_select(0, plan.single))
+    if plan.split.numel():
+        rows = plan.out_rows[plan.split]
+        part = values.index_select(0, plan.split)
+        if reduce == "sum":
+            out.index_add_(0, rows, part)
+        else:
+            flat = part.reshape(part.shape[0], -1)
+            out.view(plan.n_rows, -1).scatter_reduce_(0, rows[:, None].expand_as(flat), flat, "amax")
+    return out
 
 
 class _BlockSparseCPU(torch.autograd.Function):
@@ -193,7 +206,7 @@ class _BlockSparseCPU(torch.autograd.Function):
             m_all[g] = m
             torch.bmm(s, vb.index_select(0, kv_idx).view(-1, width * block, dim), out=o_all[g])
 
-        if rows.one_to_one or not bool((rows.lengths > 1).any()):
+        if not rows.split.numel():
             row_max, row_l, row_o = _per_row(m_all, rows), _per_row(l_all, rows), _per_row(o_all, rows)
         else:
             # Rows spread over chunks: rescale every chunk to its row's max and add (log-sum-exp merge). Chunks whose

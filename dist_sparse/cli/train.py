@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="start N local ranks")
     p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
                    help="launcher used with --nproc (default: torchrun)")
+    # the deepspeed launcher passes --local_rank to each rank (the env var LOCAL_RANK says the same)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
