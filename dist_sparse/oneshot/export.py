@@ -87,8 +87,12 @@ def compress_state_dict(state_dict: dict, masks: dict, transposed: set, two_four
 
 def save_compressed(model, masks: dict, out_dir: Path, nm: tuple[int, int] | None) -> Path:
     """Write ``out_dir/compressed`` (config.json + model.safetensors) for the pruned ``model``."""
-    import compressed_tensors
-    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+    try:
+        import compressed_tensors
+        from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+    except ImportError:
+        raise ConfigError("--no-compressed", "the compressed export needs the compressed-tensors package "
+                                             "(pip install 'dist_sparse[export]'), or pass --no-compressed") from None
 
     target = Path(out_dir) / COMPRESSED_DIR
     target.mkdir(parents=True, exist_ok=True)

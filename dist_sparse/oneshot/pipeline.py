@@ -5,6 +5,7 @@ under an existing launcher (``torchrun``, ``deepspeed``: ``RANK``/``WORLD_SIZE``
 the ranks. Rank 0 writes ``OUT_DIR``; the others only compute.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -168,6 +169,9 @@ def max_positions(config) -> int | None:
 def prepare(opts: SparsifyOptions):
     """All checks that can fail on user input, before any rank starts; returns ``(nm, samples or None)``."""
     nm = check_options(opts)
+    if opts.compressed and importlib.util.find_spec("compressed_tensors") is None:
+        raise ConfigError("--no-compressed", "the compressed export needs the compressed-tensors package "
+                                             "(pip install 'dist_sparse[export]'), or pass --no-compressed")
     model_dir = check_model_dir(opts.model_dir)
     prepare_out_dir(opts.out, model_dir, opts.overwrite)
     meta = meta_model(model_dir)
