@@ -77,13 +77,25 @@ def test_cpu_merges_rows_split_over_chunks():
     # log-sum-exp merge must reproduce the reference, also with a dense mask that blanks some chunks completely.
     nb, bs = 8, 8
     layout = (local_layout(nb, 0) | torch.zeros(1, nb, nb, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True))
-    plan = _build_plan(effective_layout(layout, False), 1, 2, 1, 1)
+    plan = _build_plan(effective_layout(layout, False), 1, 2, 2)
     assert bool((plan.lengths > 1).any()), "the test layout must exercise multi-chunk rows"
     q, k, v = _inputs(batch=1, heads=2, kv_heads=2, seq=nb * bs)
     mask = torch.ones(1, 1, nb * bs, nb * bs, dtype=torch.bool)
     mask[..., 3 * bs:4 * bs, : 5 * bs] = False  # row block 3 keeps only its last keys
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, False)
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, False, attn_mask=mask)
+
+
+def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
+    # One chunk per group: the per-group masking (padding slots, causal diagonal, padded keys, dense mask) must line
+    # up with the right chunks at every group boundary.
+    import dist_sparse.attention.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_GROUP_ELEMS", 1)
+    q, k, v = _inputs(seq=57)
+    mask = torch.rand(2, 4, 57, 57, generator=torch.Generator().manual_seed(3)) < 0.9
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True)
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True, mask)
 
 
 def test_cpu_dense_mask_with_gqa_and_causal():

@@ -8,10 +8,10 @@ the log-sum-exp rule (flash-decoding's split-K). ``R`` is picked per layout to b
 per-chunk overhead.
 
 The backward pass is a custom ``autograd.Function`` that recomputes probabilities from the saved log-sum-exp (as
-FlashAttention does) instead of letting autograd keep every gathered block alive. It runs twice over the blocks, like
-the Triton kernels: once by query-block rows (dQ) and once by key-block columns with the transposed layout (dK, dV).
-Each pass then produces one ``(block, D)`` result per chunk, which is cheap to merge, where a single pass would have to
-scatter-add one result per (chunk, slot) into dK/dV; measured, that scatter cost more than all the matmuls together.
+FlashAttention does) instead of letting autograd keep every gathered block alive. It walks the same chunks: dQ is one
+result per chunk (merged like the forward), dK and dV are one result per (chunk, slot) added into their key block with
+``index_add_``. Done group by group, while the group is in cache, that scatter costs a tenth of a matmul; done once over
+all chunks it cost more than all the matmuls together (measured), hence the groups.
 
 Work is split into groups of chunks so the temporary score tensors stay near ``_GROUP_ELEMS`` floats whatever the
 sequence length.
@@ -27,8 +27,9 @@ from kernels.block_sparse_attn import effective_layout
 
 __all__ = ["cpu_block_sparse_attention"]
 
-# Score elements (floats) per group of chunks: ~32 MiB of fp32 bounds peak memory at long sequences while keeping
-# the batched matmuls large enough to run at full speed.
+# Score elements (floats) per group of chunks: 2 MiB of fp32 scores, plus the gathered blocks, stay in a core's L2/L3
+# while the group's matmuls, exp and scatters run over them. Measured at seq 4096: 4x larger groups cost ~20%, 16x
+# larger ones about 2x; much smaller ones start paying per-op overhead.
 _GROUP_ELEMS = 2**19
 # Cost of one chunk beyond its R blocks, in block units (gather, merge bookkeeping, small-matmul overhead).
 _CHUNK_OVERHEAD = 1.0
@@ -70,9 +71,9 @@ def _chunk_width(counts: torch.Tensor) -> int:
     return int(widths[int(torch.argmin(chunks * (widths + _CHUNK_OVERHEAD)))].item())
 
 
-def _build_plan(eff: torch.Tensor, batch: int, heads: int, own_group: int, slot_group: int) -> _Plan:
-    """Chunks for ``eff`` (Hl, nb, nb) read as rows -> slots. Blocks of tensors with ``heads // g`` heads are
-    indexed ``(b * (heads // g) + h // g) * nb + block`` with g = ``own_group`` / ``slot_group`` (GQA sharing)."""
+def _build_plan(eff: torch.Tensor, batch: int, heads: int, kv_heads: int) -> _Plan:
+    """Chunks for ``eff`` (Hl, nb, nb): own blocks are query blocks ``(b * heads + h) * nb + i``, slots are key/value
+    blocks ``(b * kv_heads + h // group) * nb + j`` (grouped-query heads share k/v)."""
     nb = eff.shape[-1]
     eff = eff.expand(heads, nb, nb)
     counts = eff.sum(-1).reshape(-1)  # per (h, own) row
@@ -93,11 +94,9 @@ def _build_plan(eff: torch.Tensor, batch: int, heads: int, own_group: int, slot_
     chunk_head, own_pos = chunk_row // nb, chunk_row % nb
 
     b = torch.arange(batch)[:, None]
-    own_heads, slot_heads = heads // own_group, heads // slot_group
-    own_blocks = ((b * own_heads + chunk_head // own_group) * nb + own_pos).reshape(-1)
-    slot_base = (b * slot_heads + chunk_head // slot_group) * nb  # (B, n)
+    slot_base = (b * kv_heads + chunk_head // (heads // kv_heads)) * nb  # (B, n)
     return _Plan(
-        own_blocks=own_blocks,
+        own_blocks=(b * heads * nb + chunk_row[None, :]).reshape(-1),
         own_pos=own_pos.repeat(batch),
         slot_blocks=(slot_base[:, :, None] + slot_pos[None]).reshape(-1, width),
         slot_pos=slot_pos.repeat(batch, 1),
@@ -110,46 +109,66 @@ def _build_plan(eff: torch.Tensor, batch: int, heads: int, own_group: int, slot_
     )
 
 
-def _chunk_masks(plan: _Plan, transposed: bool, block: int, nb: int, heads: int, causal: bool, seq_len: int,
-                 attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean "masked out" tensor shaped like the pass's scores: (n, block, R*block), rows = own-block tokens.
+class _Masker:
+    """Sets masked scores of one pass to -inf, group by group, touching only the tiles that need it.
 
-    Built as (n, R, query token, key token) with broadcasting, then laid out for a row pass (queries own) or a column
-    pass (keys own). None when every computed score counts.
+    Scores of a chunk are laid out (query token, slot * block + key token). Three sources of masking:
+
+    * padding slots: a row's blocks fill its chunks in order, so they are the trailing slots of a chunk;
+    * diagonal tiles under causal attention (key after query) and tiles of the last, partial block (padded keys):
+      precomputed (block, block) tiles, scattered onto the few (chunk, slot) pairs concerned;
+    * the dense ``attn_mask``: gathered per group, only when one is given.
+
+    A full-size boolean mask would cost a quarter of the scores' memory traffic on every pass; most chunks need none
+    of it.
     """
-    n, width = plan.slot_pos.shape
-    q_pos = plan.slot_pos if transposed else plan.own_pos[:, None].expand(n, width)
-    k_pos = plan.own_pos[:, None].expand(n, width) if transposed else plan.slot_pos
-    parts = []
-    if not bool(plan.slot_valid.all()):
-        parts.append((~plan.slot_valid)[:, :, None, None])
-    if causal:
-        # Only diagonal blocks hold keys after some of their queries (blocks above are not in the plan).
-        diag = (q_pos == k_pos) & plan.slot_valid
-        if bool(diag.any()):
-            later = torch.ones(block, block, dtype=torch.bool).triu(1)  # [query tok, key tok]: key after query
-            parts.append(diag[:, :, None, None] & later)
-    if seq_len < nb * block:
-        parts.append((k_pos[:, :, None] * block + torch.arange(block) >= seq_len)[:, :, None, :])
-    if attn_mask is not None:
-        parts.append(~_gather_mask_tiles(plan, attn_mask, q_pos, k_pos, block, nb, heads))
-    if not parts:
-        return None
-    masked = parts[0]
-    for p in parts[1:]:
-        masked = masked | p
-    masked = masked.expand(n, width, block, block)
-    masked = masked.permute(0, 3, 1, 2) if transposed else masked.permute(0, 2, 1, 3)
-    return masked.reshape(n, block, width * block)
+
+    def __init__(self, plan: _Plan, block: int, nb: int, heads: int, causal: bool, seq_len: int,
+                 attn_mask: torch.Tensor | None):
+        n, width = plan.slot_pos.shape
+        self.q_pos, self.k_pos = plan.own_pos[:, None].expand(n, width), plan.slot_pos
+        self.plan, self.block, self.nb, self.heads = plan, block, nb, heads
+        self.attn_mask = attn_mask
+        self.n_valid = plan.slot_valid.sum(1)
+        self.partial = bool((self.n_valid < width).any())
+
+        diag = (self.q_pos == self.k_pos) & plan.slot_valid if causal else torch.zeros_like(plan.slot_valid)
+        tail = (self.k_pos == nb - 1) & plan.slot_valid if seq_len < nb * block else torch.zeros_like(diag)
+        self.pair_chunk, self.pair_slot = (diag | tail).nonzero(as_tuple=True)  # sorted by chunk
+        tok = torch.arange(block)
+        later = tok[None, :] > tok[:, None]  # [query tok, key tok]: key after query
+        padded = (tok + (nb - 1) * block >= seq_len)[None, :].expand(block, block)  # [query tok, key tok]
+        d, t = diag[self.pair_chunk, self.pair_slot], tail[self.pair_chunk, self.pair_slot]
+        tiles = (d[:, None, None] & later) | (t[:, None, None] & padded)  # [pair, query tok, key tok]
+        self.pair_tiles = tiles
+        self.active = self.partial or self.pair_chunk.numel() > 0 or attn_mask is not None
+
+    def __call__(self, s: torch.Tensor, g: slice) -> None:
+        n_g, block = s.shape[0], self.block
+        width = self.plan.width
+        if self.partial:
+            n_valid = self.n_valid[g]
+            for v in torch.unique(n_valid[n_valid < width]).tolist():
+                s[(n_valid == v).nonzero().flatten(), :, v * block:] = float("-inf")
+        lo, hi = torch.searchsorted(self.pair_chunk, torch.tensor([g.start, g.stop])).tolist()
+        if hi > lo:
+            c, sl = self.pair_chunk[lo:hi] - g.start, self.pair_slot[lo:hi]
+            s4 = s.view(n_g, block, width, block)
+            s4[c, :, sl, :] = s4[c, :, sl, :].masked_fill_(self.pair_tiles[lo:hi], float("-inf"))
+        if self.attn_mask is not None:
+            tiles = _gather_mask_tiles(self.plan, g, self.attn_mask, self.q_pos[g], self.k_pos[g], block, self.nb,
+                                       self.heads)  # (n_g, R, query tok, key tok)
+            s.masked_fill_(~tiles.permute(0, 2, 1, 3).reshape(n_g, block, width * block), float("-inf"))
 
 
-def _gather_mask_tiles(plan: _Plan, attn_mask: torch.Tensor, q_pos, k_pos, block: int, nb: int,
+def _gather_mask_tiles(plan: _Plan, g: slice, attn_mask: torch.Tensor, q_pos, k_pos, block: int, nb: int,
                        heads: int) -> torch.Tensor:
-    """The (query, key) tiles of a dense (B|1, H|1, L_pad, L_pad) mask under each chunk slot: (n, R, block, block)."""
+    """The (query, key) tiles of a dense (B|1, H|1, L_pad, L_pad) mask under each slot of chunks ``g``."""
     mb, mh = attn_mask.shape[:2]
     tiles = attn_mask.reshape(mb, mh, nb, block, nb, block).permute(0, 1, 2, 4, 3, 5)  # (mb, mh, i, j, r, c)
-    b_idx = (plan.batch_head // heads) if mb > 1 else torch.zeros_like(plan.batch_head)
-    h_idx = (plan.batch_head % heads) if mh > 1 else torch.zeros_like(plan.batch_head)
+    bh = plan.batch_head[g]
+    b_idx = (bh // heads) if mb > 1 else torch.zeros_like(bh)
+    h_idx = (bh % heads) if mh > 1 else torch.zeros_like(bh)
     return tiles[b_idx[:, None], h_idx[:, None], q_pos, k_pos]
 
 
@@ -183,7 +202,7 @@ def _per_row(values: torch.Tensor, plan: _Plan, reduce: str = "sum") -> torch.Te
 
 class _BlockSparseCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rows: _Plan, cols: _Plan, masks, block: int, scale: float):
+    def forward(ctx, q, k, v, rows: _Plan, row_mask, block: int, scale: float):
         batch, heads, seq_pad, dim = q.shape
         qb = (q * scale).reshape(-1, block, dim)  # pre-scaled: saves a pass over the scores
         kb = k.reshape(-1, block, dim)
@@ -192,13 +211,12 @@ class _BlockSparseCPU(torch.autograd.Function):
         m_all = torch.empty(n, block)
         l_all = torch.empty(n, block)
         o_all = torch.empty(n, block, dim)
-        row_mask = masks[0]
         for g in _groups(n, block * width * block):
             kv_idx = rows.slot_blocks[g].reshape(-1)
             s = torch.bmm(qb.index_select(0, rows.own_blocks[g]),
                           kb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
             if row_mask is not None:
-                s.masked_fill_(row_mask[g], float("-inf"))
+                row_mask(s, g)
             m = s.amax(-1)
             m.masked_fill_(m == float("-inf"), 0.0)  # all-masked chunk rows: exp(-inf - 0) = 0, not NaN
             s.sub_(m[..., None]).exp_()
@@ -223,59 +241,42 @@ class _BlockSparseCPU(torch.autograd.Function):
         lse = (row_max + torch.log(row_l.masked_fill(empty, 1.0))).masked_fill_(empty, float("inf"))
         out = out.view(batch, heads, seq_pad, dim)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plans, ctx.masks, ctx.block, ctx.scale = (rows, cols), masks, block, scale
+        ctx.plan, ctx.row_mask, ctx.block, ctx.scale = rows, row_mask, block, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        (rows, cols), (row_mask, col_mask), block, scale = ctx.plans, ctx.masks, ctx.block, ctx.scale
-        batch, heads, seq_pad, dim = q.shape
-        kv_heads = k.shape[1]
+        rows, row_mask, block, scale = ctx.plan, ctx.row_mask, ctx.block, ctx.scale
+        dim = q.shape[-1]
         qb = (q * scale).reshape(-1, block, dim)
         kb = k.reshape(-1, block, dim)
         vb = v.reshape(-1, block, dim)
         dob = dout.contiguous().reshape(-1, block, dim)
         delta = (dout * out).sum(-1).reshape(-1, block)  # rowsum(dO * O), the softmax-backward correction
-
-        # dQ by query-block rows: dS = P * (dO V^T - delta), dQ = scale * dS K.
+        dkb = torch.zeros_like(kb)
+        dvb = torch.zeros_like(vb)
         n, width = rows.slot_blocks.shape
         dq_all = torch.empty(n, block, dim)
         for g in _groups(n, block * width * block):
             own = rows.own_blocks[g]
             kv_idx = rows.slot_blocks[g].reshape(-1)
+            qg = qb.index_select(0, own)
+            dog = dob.index_select(0, own)
             kg = kb.index_select(0, kv_idx).view(-1, width * block, dim)
-            p = torch.bmm(qb.index_select(0, own), kg.transpose(1, 2))
+            p = torch.bmm(qg, kg.transpose(1, 2))
             if row_mask is not None:
-                p.masked_fill_(row_mask[g], float("-inf"))
+                row_mask(p, g)
             p.sub_(lse.index_select(0, own)[..., None]).exp_()
-            ds = torch.bmm(dob.index_select(0, own), vb.index_select(0, kv_idx).view(-1, width * block, dim)
-                           .transpose(1, 2))
-            ds.sub_(delta.index_select(0, own)[..., None]).mul_(p)
+            # Padding slots point at a real block but carry p = dS = 0: they add zeros there.
+            dvb.index_add_(0, kv_idx, torch.bmm(p.transpose(1, 2), dog).view(-1, block, dim))
+            ds = torch.bmm(dog, vb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
+            ds.sub_(delta.index_select(0, own)[..., None]).mul_(p)  # dS = P * (dO V^T - delta)
             torch.bmm(ds, kg, out=dq_all[g])
+            # qg is pre-scaled, so this is already scale * dS^T Q.
+            dkb.index_add_(0, kv_idx, torch.bmm(ds.transpose(1, 2), qg).view(-1, block, dim))
         dq = _per_row(dq_all, rows).view_as(q) * scale
-
-        # dK, dV by key-block columns (transposed layout), one result per query head, summed over GQA groups.
-        n, width = cols.slot_blocks.shape
-        dk_all = torch.empty(n, block, dim)
-        dv_all = torch.empty(n, block, dim)
-        for g in _groups(n, block * width * block):
-            own = cols.own_blocks[g]
-            q_idx = cols.slot_blocks[g].reshape(-1)
-            qg = qb.index_select(0, q_idx).view(-1, width * block, dim)
-            dog = dob.index_select(0, q_idx).view(-1, width * block, dim)
-            pt = torch.bmm(kb.index_select(0, own), qg.transpose(1, 2))
-            if col_mask is not None:
-                pt.masked_fill_(col_mask[g], float("-inf"))
-            pt.sub_(lse.index_select(0, q_idx).view(-1, 1, width * block)).exp_()
-            torch.bmm(pt, dog, out=dv_all[g])
-            dst = torch.bmm(vb.index_select(0, own), dog.transpose(1, 2))
-            dst.sub_(delta.index_select(0, q_idx).view(-1, 1, width * block)).mul_(pt)
-            torch.bmm(dst, qg, out=dk_all[g])  # qg is pre-scaled, so this is already scale * dS^T Q
-        group = heads // kv_heads
-        dk = _per_row(dk_all, cols).view(batch, kv_heads, group, seq_pad, dim).sum(2)
-        dv = _per_row(dv_all, cols).view(batch, kv_heads, group, seq_pad, dim).sum(2)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dkb.view_as(k), dvb.view_as(v), None, None, None, None
 
 
 def cpu_block_sparse_attention(
@@ -307,12 +308,7 @@ def cpu_block_sparse_attention(
             attn_mask = torch.nn.functional.pad(attn_mask, (0, seq_pad - seq, 0, seq_pad - seq))
     q, k, v = (t.float().contiguous() for t in (q, k, v))
     eff = effective_layout(layout.cpu(), causal)
-    group = heads // kv_heads
-    rows = _build_plan(eff, batch, heads, own_group=1, slot_group=group)
-    masks = [_chunk_masks(rows, False, block_size, nb, heads, causal, seq, attn_mask), None]
-    cols = None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        cols = _build_plan(eff.transpose(-1, -2), batch, heads, own_group=group, slot_group=1)
-        masks[1] = _chunk_masks(cols, True, block_size, nb, heads, causal, seq, attn_mask)
-    out = _BlockSparseCPU.apply(q, k, v, rows, cols, tuple(masks), block_size, scale)
+    rows = _build_plan(eff, batch, heads, kv_heads)
+    mask = _Masker(rows, block_size, nb, heads, causal, seq, attn_mask)
+    out = _BlockSparseCPU.apply(q, k, v, rows, mask if mask.active else None, block_size, scale)
     return out[:, :, :seq].to(dtype)
