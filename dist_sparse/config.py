@@ -139,6 +139,7 @@ class TrainConfig:
     log_interval: int = 10  # JSONL/TensorBoard every N steps
     eval_interval: int = 100
     eval_batches: int = 20
+    save_interval: int = 0  # checkpoint every N steps (0: only at the end); see docs/reliability.md
     tensorboard: bool = True
     progress: bool = True
     dist_timeout_s: float = 600.0
@@ -150,6 +151,7 @@ class TrainConfig:
         _require(self.steps >= 1, f"{p}.steps", "must be >= 1")
         for k in ("log_interval", "eval_interval", "eval_batches"):
             _require(getattr(self, k) >= 1, f"{p}.{k}", "must be >= 1")
+        _require(self.save_interval >= 0, f"{p}.save_interval", "must be >= 0")
         _require(self.dist_timeout_s > 0, f"{p}.dist_timeout_s", "must be > 0")
         _require(self.max_skipped_steps >= 1, f"{p}.max_skipped_steps", "must be >= 1")
         _require(self.threads is None or self.threads >= 1, f"{p}.threads", "must be >= 1")

@@ -104,3 +104,12 @@ def broadcast_object(obj, src: int = 0, group=None):
 def barrier(group=None) -> None:
     if world_size(group) > 1:
         dist.barrier(group=group)
+
+
+def all_gather_object(obj, group=None) -> list:
+    n = world_size(group)
+    if n == 1:
+        return [obj]
+    out = [None] * n
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -181,5 +181,9 @@ class Sparsifier:
     def state_dict(self) -> dict:
         return {"updates_done": self.updates_done, "last_update": self.last_update}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.updates_done = int(state["updates_done"])
+        self.last_update = state["last_update"]
+
     def sparsified_numel(self) -> int:
         return sum(v.numel for v in self.views)

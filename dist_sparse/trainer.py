@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
+from dist_sparse import checkpoint
 from dist_sparse import distributed as D
 from dist_sparse.config import Config
 from dist_sparse.data import TextData
+from dist_sparse.errors import CheckpointError, DistSparseError
+from dist_sparse.faults import Faults
 from dist_sparse.integration import deepspeed as ds_integration
 from dist_sparse.integration import hf
 from dist_sparse.masks.io import save_masks
@@ -72,15 +75,51 @@ def evaluate(engine, data: TextData, batches: int, micro_batch: int) -> float:
     return float(total[0] / total[1])
 
 
-def train(cfg: Config) -> dict:
-    """Train on every rank; returns the summary (also written to ``<output_dir>/summary.json`` by rank 0)."""
+class PeerTimeoutError(DistSparseError, RuntimeError):
+    """A collective did not complete within ``train.dist_timeout_s``: a peer hung or died."""
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    """Train on every rank; returns the summary (also written to ``<output_dir>/summary.json`` by rank 0).
+
+    ``resume``: a checkpoint directory or ``auto`` (the newest committed one under ``<output_dir>/checkpoints``).
+    """
     set_threads(cfg)
     ds_integration.init_distributed(cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, resume)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "imed out" in text or "Timeout" in text or "timeout" in text:
+            raise PeerTimeoutError(f"a collective did not finish within train.dist_timeout_s="
+                                   f"{cfg.train.dist_timeout_s:g}s: a peer rank hung or died ({text[:300]})") from exc
+        raise
+
+
+def _resume_target(cfg: Config, resume: str | None, ckpt_root: Path):
+    """Which checkpoint to start from. A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest
+    committed checkpoint when one exists; an explicit target that is missing or uncommitted is an error."""
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        found = checkpoint.committed_checkpoints(ckpt_root)
+        if found:
+            log.info("restart %s: resuming from the newest committed checkpoint %s",
+                     os.environ["TORCHELASTIC_RESTART_COUNT"], found[-1])
+            return found[-1]
+        log.info("restart %s: no committed checkpoint yet under %s, starting from step 0",
+                 os.environ["TORCHELASTIC_RESTART_COUNT"], ckpt_root)
+        return None
+    return checkpoint.resolve(resume, ckpt_root) if resume is not None else None
+
+
+def _train(cfg: Config, resume: str | None) -> dict:
     rank, world = D.rank(), D.world_size()
     is_main = rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[dist_sparse] %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     out_dir = Path(cfg.train.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume_path = _resume_target(cfg, resume, ckpt_root)  # before any work: a bad target fails fast
+    faults = Faults.from_env(rank)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
@@ -92,8 +131,14 @@ def train(cfg: Config) -> dict:
     ds_config = deepspeed_config(cfg)
     deepspeed = ds_integration._import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
-    engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed)
+    engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
+                                   max_skipped_steps=cfg.train.max_skipped_steps)
     sparsifier = engine.sparsifier
+    start_step = 0
+    if resume_path is not None:
+        start_step = restore(engine, resume_path)
+        if is_main:
+            log.info("resumed from %s at step %d", resume_path, start_step)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     tokens_per_step = world * micro * accum * cfg.model.block_size
 
@@ -114,17 +159,26 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=cfg.train.steps, desc=f"train {cfg.sparsity.method}", unit="step", dynamic_ncols=True)
 
+    if progress is not None:
+        progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
-    for step in range(cfg.train.steps):
+    for step in range(start_step, cfg.train.steps):
+        faults.maybe("kill", step)
+        faults.maybe("hang", step)
         t0 = time.perf_counter()
         is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
         loss_sum = 0.0
         for m in range(accum):
             x = data.batch("train", step, rank, m, micro).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
+            if faults.active("nan", step):
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss)
+        if engine.last_step_skipped:
+            log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)", step,
+                        engine.consecutive_skips)
         timer.add(time.perf_counter() - t0)
         last_loss = loss_sum / accum
 
@@ -138,6 +192,8 @@ def train(cfg: Config) -> dict:
             densities = sparsifier.layer_density()
 
         done = step + 1
+        if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            save_checkpoint(engine, ckpt_root, done, cfg, faults)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.3f}")
@@ -147,7 +203,7 @@ def train(cfg: Config) -> dict:
         if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
             record = {"loss": last_loss, "lr": engine.get_lr()[0], "step_seconds": timer.times[-1],
                       "tokens_per_second": tokens_per_step / timer.times[-1],
-                      "flops_relative_to_dense": flops_sum / (done * dense_flops),
+                      "flops_relative_to_dense": flops_sum / ((done - start_step) * dense_flops),
                       "peak_rss_mb": peak_rss_mb()}
             if sparsifier.views:
                 record["sparsity"] = 1.0 - sum(densities[v.name] * v.numel for v in sparsifier.views) / max(
@@ -174,7 +230,9 @@ def train(cfg: Config) -> dict:
         "median_step_seconds": timer.median(),
         "tokens_per_second": tokens_per_step / timer.median(),
         "peak_rss_mb": max_over_ranks(peak_rss_mb()),
-        "flops_relative_to_dense": flops_sum / (cfg.train.steps * dense_flops),
+        "flops_relative_to_dense": flops_sum / (max(1, cfg.train.steps - start_step) * dense_flops),
+        "skipped_steps": engine.skipped_nonfinite,
+        "resumed_from": str(resume_path) if resume_path is not None else None,
         "mask_updates": sparsifier.updates_done,
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
@@ -182,6 +240,7 @@ def train(cfg: Config) -> dict:
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
+    save_checkpoint(engine, ckpt_root, cfg.train.steps, cfg, faults)
     if cfg.train.save_final_model:
         save_final(engine, model, sparsifier, data, out_dir / "final")
     if is_main:
@@ -200,3 +259,53 @@ def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
     if masks:
         writers.append(lambda d: save_masks(d, masks))
     hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
+
+
+def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> Path:
+    """Every rank writes its shard; rank 0 the model, trainer state, manifest and commit marker (see checkpoint)."""
+    state_keys = ds_integration.ensure_optimizer_state(engine)
+    model_state = None
+    if engine.zero_optimization_stage() < 3 and D.rank() == 0:
+        model_state = engine.module.state_dict()
+    scheduler = getattr(engine, "lr_scheduler", None)
+    trainer_state = {
+        "world_size": D.world_size(),
+        "zero_stage": engine.zero_optimization_stage(),
+        "optimizer_step": ds_integration.optimizer_step_count(engine),
+        "engine": ds_integration.engine_counters(engine),
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "sparsifier": engine.sparsifier.state_dict(),
+        "consecutive_skips": engine.consecutive_skips,
+        "skipped_nonfinite": engine.skipped_nonfinite,
+        "config": cfg.to_dict(),
+    }
+    return checkpoint.save(root, step, engine.param_views, engine.sparsifier, state_keys, model_state,
+                           trainer_state, fault=faults)
+
+
+def restore(engine, path: Path) -> int:
+    """Load a committed checkpoint into a freshly initialised engine; returns the step to continue from."""
+    state_keys = ds_integration.ensure_optimizer_state(engine)
+    state = checkpoint.load(path, engine.param_views, engine.sparsifier, state_keys)
+    if engine.zero_optimization_stage() < 3:
+        missing, unexpected = engine.module.load_state_dict(checkpoint.load_model_state(path), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(path / checkpoint.MODEL_FILE, f"model weights do not match the model: missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}")
+    else:
+        ds_integration.refresh_partitioned_model(engine.param_views)
+    if state["world_size"] != D.world_size():
+        log.warning("checkpoint written by %d ranks, resuming on %d: masks, master weights and Adam moments are "
+                    "resharded by range (exact); per-rank RNG states are not carried over", state["world_size"],
+                    D.world_size())
+    else:
+        checkpoint.restore_rng(state)
+    ds_integration.set_optimizer_step_count(engine, state["optimizer_step"])
+    ds_integration.set_engine_counters(engine, state["engine"])
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and state.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(state["lr_scheduler"])
+    engine.sparsifier.load_state_dict(state["sparsifier"])
+    engine.consecutive_skips = state.get("consecutive_skips", 0)
+    engine.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+    return int(state["step"])

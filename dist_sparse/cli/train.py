@@ -23,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set sparsity.method=rigl (repeatable)")
     p.add_argument("--nproc", type=int, default=None, help="start N local ranks")
+    p.add_argument("--resume", default=None, metavar="DIR|auto",
+                   help="continue from a committed checkpoint directory, or the newest one under "
+                        "<train.output_dir>/checkpoints (auto); a missing or uncommitted target is an error")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc (torchrun): restart all ranks this many times after a failure; a restart "
+                        "resumes from the newest committed checkpoint")
     p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
                    help="launcher used with --nproc (default: torchrun)")
     # the deepspeed launcher passes --local_rank to each rank (the env var LOCAL_RANK says the same)
@@ -43,12 +49,14 @@ def _under_launcher() -> bool:
 
 def launch_command(args, n: int) -> list:
     inner = [args.config] + [f"--set={o}" for o in args.overrides]
+    if args.resume is not None:
+        inner += ["--resume", args.resume]
     if args.launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port",
                 str(_free_port()), "--module", "dist_sparse.cli.train", *inner]
     # --standalone: a single-node rendezvous on a port torchrun picks itself
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-            "-m", "dist_sparse.cli.train", *inner]
+            "--max-restarts", str(args.max_restarts), "-m", "dist_sparse.cli.train", *inner]
 
 
 def main(argv=None) -> int:
@@ -69,7 +77,11 @@ def main(argv=None) -> int:
 
     from dist_sparse.trainer import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except DistSparseError as exc:
+        print(f"dist-sparse train: error on rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("final_val_loss", "achieved_sparsity", "median_step_seconds", "tokens_per_second", "peak_rss_mb")
         print(json.dumps({k: summary[k] for k in keys}))

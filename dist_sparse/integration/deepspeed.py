@@ -108,14 +108,22 @@ class ReplicatedView(_View):
         if self.param is not self.master_param:
             self.param.data.view(-1).masked_fill_(~mask.to(self.param.device), 0)
 
+    def state(self, key):
+        value = self.inner.state.get(self.master_param, {}).get(key)
+        return value.view(-1) if torch.is_tensor(value) and value.numel() == self.numel else None
+
+    def model(self):
+        return self.param.data.view(-1)
+
 
 class FragmentView(_View):
     """ZeRO stages 1/2 (and DeepSpeed's bf16 optimizer): this rank's fragment of the fp32 master partition."""
 
     model_needs_full_mask = True
 
-    def __init__(self, name, param):
+    def __init__(self, name, param, inner_optimizer):
         super().__init__(name, param)
+        self.inner = inner_optimizer
         self.hm = getattr(param, "_hp_mapping", None)
         if self.hm is None:  # this rank owns nothing of this parameter
             self.mask_start, self.mask_len = 0, 0
@@ -158,6 +166,18 @@ class FragmentView(_View):
 
     def zero_model_(self, mask, full_mask=None):
         self.param.data.view(-1).masked_fill_(~full_mask.reshape(-1).to(self.param.device), 0)
+
+    def state(self, key):
+        if self.hm is None:
+            return self._empty
+        flat = self.hm.hp_fragment._base  # the flat fp32 partition the optimizer steps (hp_fragment narrows it)
+        value = self.inner.state.get(flat, {}).get(key) if flat is not None else None
+        if not torch.is_tensor(value) or value.shape != flat.shape:
+            return None
+        return value.narrow(0, self.hm.hp_fragment_address.start, self.mask_len)
+
+    def model(self):
+        return self.param.data.view(-1)
 
 
 class Stage3View(_View):
@@ -203,6 +223,15 @@ class Stage3View(_View):
     def zero_model_(self, mask, full_mask=None):
         self.param.ds_tensor.data.view(-1)[: self.mask_len].masked_fill_(~mask.to(self.param.ds_tensor.device), 0)
 
+    def state(self, key):
+        try:
+            return self.opt.get_local_fp32_param(self.param, optim_state_key=key).view(-1)[: self.mask_len]
+        except KeyError:
+            return None
+
+    def model(self):
+        return None  # partitioned: the shard is refreshed from the master weights (see load_model_weights)
+
 
 def inner_optimizer(engine):
     """The torch optimizer that updates the fp32 master weights (DeepSpeed wrappers keep it in ``.optimizer``)."""
@@ -236,37 +265,152 @@ def build_views(engine, names: list) -> list:
         if stage == 3 or hasattr(p, "ds_id"):
             views.append(Stage3View(name, p, D.rank(getattr(p, "ds_process_group", None))))
         elif hasattr(p, "_hp_mapping"):
-            views.append(FragmentView(name, p))
+            views.append(FragmentView(name, p, inner_optimizer(engine)))
         else:
             views.append(ReplicatedView(name, p, _stage0_master(engine, p), inner_optimizer(engine), rank, world))
     return views
+
+
+def trainable_names(engine) -> list:
+    return sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
+
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def ensure_optimizer_state(engine) -> list:
+    """Create Adam's state (zero moments, step 0) where the optimizer has not created it yet, so a checkpoint can
+    be loaded into a fresh engine. Returns the state keys. Only Adam-family optimizers are supported."""
+    opt = inner_optimizer(engine)
+    name = type(opt).__name__
+    if "adam" not in name.lower():
+        raise NotImplementedError(f"checkpoint/resume supports Adam-family optimizers, not {name}")
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for key in _ADAM_KEYS:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return list(_ADAM_KEYS)
+
+
+def optimizer_step_count(engine) -> float:
+    opt = inner_optimizer(engine)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if step is not None:
+                return float(step)
+        if "step" in group:
+            return float(group["step"])
+    return 0.0
+
+
+def set_optimizer_step_count(engine, value: float) -> None:
+    opt = inner_optimizer(engine)
+    for group in opt.param_groups:
+        if "step" in group:
+            group["step"] = type(group["step"])(value)
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state is not None and "step" in state:
+                if torch.is_tensor(state["step"]):
+                    state["step"].fill_(value)
+                else:
+                    state["step"] = type(state["step"])(value)
+
+
+def refresh_partitioned_model(views) -> None:
+    """ZeRO-3: write each rank's model shard from its fp32 master shard (other stages load the model directly)."""
+    for v in views:
+        if isinstance(v, Stage3View):
+            shard = v.param.ds_tensor.data.view(-1)[: v.mask_len]
+            shard.copy_(v.master().to(shard.dtype))
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def engine_counters(engine) -> dict:
+    return {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS if hasattr(engine, k)}
+
+
+def set_engine_counters(engine, counters: dict) -> None:
+    for k, v in counters.items():
+        setattr(engine, k, int(v))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the engine wrapper and initialize()
 
 
-class SparseEngine:
-    """A DeepSpeed engine whose ``step()`` keeps the weights sparse. Everything else is the engine's own."""
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient on some rank."""
 
-    def __init__(self, engine, sparsifier: Sparsifier, sparsity: SparsityConfig):
-        self.__dict__["engine"] = engine
-        self.__dict__["sparsifier"] = sparsifier
-        self.__dict__["sparsity"] = sparsity
+
+class SparseEngine:
+    """A DeepSpeed engine whose ``step()`` keeps the weights sparse and skips non-finite steps on all ranks.
+
+    Everything else is the engine's own. ``param_views`` are views of every trainable parameter (checkpointing
+    and the finiteness check use them); ``sparsifier.views`` those of the sparsified ones.
+    """
+
+    def __init__(self, engine, sparsifier: Sparsifier, sparsity: SparsityConfig, max_skipped_steps: int = 5):
+        sparse = {v.name: v for v in sparsifier.views}
+        others = build_views(engine, [n for n in trainable_names(engine) if n not in sparse])
+        self.__dict__.update(engine=engine, sparsifier=sparsifier, sparsity=sparsity,
+                             param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
+                             max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
+                             _loss_finite=True, last_step_skipped=False)
         _wrap_inner_step(engine, sparsifier)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def __setattr__(self, name, value):
-        setattr(self.engine, name, value)
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.engine, name, value)
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def backward(self, loss, *args, **kwargs):
+        self.__dict__["_loss_finite"] &= bool(torch.isfinite(loss.detach()).all())
+        return self.engine.backward(loss, *args, **kwargs)
+
+    def _grads_finite(self) -> bool:
+        for v in self.param_views:
+            g = v.grad()
+            if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
+                return False
+        return True
+
     def step(self, *args, **kwargs):
-        if self.engine.is_gradient_accumulation_boundary():
-            self.sparsifier.before_step(self.engine.global_steps)
+        if not self.engine.is_gradient_accumulation_boundary():
+            return self.engine.step(*args, **kwargs)
+        # every rank learns whether any rank saw a non-finite loss or gradient, so all skip the same steps
+        bad = torch.tensor([0 if (self._loss_finite and self._grads_finite()) else 1], dtype=torch.int64)
+        D.all_reduce_max(bad)
+        self.__dict__["_loss_finite"] = True
+        self.__dict__["last_step_skipped"] = bool(bad[0])
+        if bad[0]:
+            self.__dict__["consecutive_skips"] += 1
+            self.__dict__["skipped_nonfinite"] += 1
+            if self.consecutive_skips >= self.max_skipped_steps:
+                raise NonFiniteError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient on some rank "
+                    f"(train.max_skipped_steps={self.max_skipped_steps}); aborting")
+            for v in self.param_views:  # the step still runs (DeepSpeed's own bookkeeping) but changes nothing
+                g = v.grad()
+                if g is not None:
+                    g.zero_()
+            self.sparsifier.skip_optimizer_step = True
+            return self.engine.step(*args, **kwargs)
+        self.__dict__["consecutive_skips"] = 0
+        self.sparsifier.before_step(self.engine.global_steps)
         return self.engine.step(*args, **kwargs)
 
 
@@ -284,7 +428,8 @@ def _wrap_inner_step(engine, sparsifier: Sparsifier) -> None:
     opt.step = step
 
 
-def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None) -> SparseEngine:
+def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
+           max_skipped_steps: int = 5) -> SparseEngine:
     """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now)."""
     from dist_sparse.integration.hf import sparsifiable_parameters
 
@@ -299,7 +444,7 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         init_masks = load_masks(sparsity.init_masks)
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
-    return SparseEngine(engine, sparsifier, sparsity)
+    return SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
 
 
 def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,

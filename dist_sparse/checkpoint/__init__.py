@@ -1,0 +1,322 @@
+"""Checkpoints: per-rank safetensors keyed by (parameter name, flat range), a manifest with checksums, a commit marker.
+
+Layout of ``<output_dir>/checkpoints/step_00000100/``:
+
+- ``rank_00000.safetensors`` ... one per rank: for every trainable parameter, the range this rank holds
+  (``[start, start + length)`` of the flattened tensor) of the fp32 master weights, the Adam moments and, for
+  sparsified parameters, the mask bits; the ranges are in the file's metadata. Because every piece is addressed by
+  global range, a checkpoint written by N ranks loads on M ranks by intersecting ranges (resharding is exact).
+- ``model.safetensors``: the model's own (low-precision) weights, written by rank 0.
+- ``trainer.json``: step, world size, ZeRO stage, optimizer step count, engine counters, lr scheduler state,
+  sparsifier state, every rank's RNG state (as lists of bytes), the config.
+- ``manifest.json``: size and SHA-256 of every file above, written by rank 0 after a barrier.
+- ``COMMITTED``: written last; ``checkpoints/latest`` names the newest committed checkpoint and is replaced
+  (atomically) only after the marker exists. A checkpoint without the marker is never resumed from.
+
+Everything is safetensors or JSON: nothing here is unpickled. DeepSpeed's own checkpoint files are pickles loaded
+with ``weights_only=False``, which is why dist_sparse does not use them. :func:`safe_torch_load` is the one way
+dist_sparse reads a torch file (``weights_only=True``).
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dist_sparse import distributed as D
+from dist_sparse.errors import CheckpointError
+from dist_sparse.masks.packing import unpack_bits
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+MODEL_FILE = "model.safetensors"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+def step_dir(root, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_torch_load(path):
+    """Load a torch file with ``weights_only=True``: tensors and plain containers only; a pickle that would run
+    code (or build arbitrary objects) is refused with a CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError: all mean "not a plain tensor file"
+        raise CheckpointError(path, f"refused to load (not a plain tensor file; weights_only=True): {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def _rng_state() -> list:
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states += list(torch.cuda.get_rng_state_all())
+    return [s.tolist() for s in states]
+
+
+def save(root, step: int, views: list, sparsifier, state_keys: list, model_state: dict | None,
+         trainer_state: dict, fault=None) -> Path:
+    """Write a checkpoint for ``step`` on every rank (a collective). Returns its directory."""
+    rank = D.rank()
+    root = Path(root)
+    out = step_dir(root, step)
+    if rank == 0:
+        if out.exists():  # an earlier, uncommitted attempt at the same step
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    D.barrier()
+
+    tensors, ranges = {}, {}
+    masked = set(sparsifier.order) if sparsifier is not None else set()
+    for v in views:
+        ranges[v.name] = [v.mask_start, v.mask_len, list(v.shape)]
+        tensors[f"{v.name}::master"] = v.master().detach().float().cpu().clone()
+        for key in state_keys:
+            value = v.state(key)
+            if value is None:
+                raise CheckpointError(out, f"optimizer state {key!r} of {v.name} is not available")
+            tensors[f"{v.name}::{key}"] = value.detach().float().cpu().clone()
+        if v.name in masked:
+            tensors[f"{v.name}::mask"] = sparsifier.packed[v.name].clone()
+    _atomic_save_file(tensors, out / rank_file(rank), {"ranges": json.dumps(ranges), "rank": str(rank)})
+
+    rng = D.all_gather_object(_rng_state())
+    if rank == 0:
+        if model_state is not None:
+            # clone: tied weights share storage, which safetensors refuses to write twice
+            _atomic_save_file({k: v.detach().cpu().clone() for k, v in model_state.items()}, out / MODEL_FILE,
+                              {"format": "dist_sparse.model.v1"})
+        _atomic_write_text(out / TRAINER_STATE, json.dumps({**trainer_state, "step": step, "rng": rng}))
+    D.barrier()  # every rank's shard is on disk
+    if fault is not None:
+        fault.maybe("save_before_commit", step)
+    if rank == 0:
+        files = sorted(p.name for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
+        manifest = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files}
+        _atomic_write_text(out / MANIFEST, json.dumps({"step": step, "world_size": D.world_size(),
+                                                       "files": manifest}, indent=1))
+        _atomic_write_text(out / COMMIT_MARKER, f"{step}\n")
+        _atomic_write_text(root / LATEST, out.name + "\n")
+    D.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding and verifying
+
+
+def is_committed(path: Path) -> bool:
+    return (path / COMMIT_MARKER).is_file() and (path / MANIFEST).is_file()
+
+
+def committed_checkpoints(root) -> list:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_committed(p)]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(resume: str, root) -> Path:
+    """``auto``: the newest committed checkpoint under ``root``; otherwise the given directory, which must be a
+    committed checkpoint. Missing or uncommitted targets are errors, never a silent fresh start."""
+    if resume == "auto":
+        found = committed_checkpoints(root)
+        if not found:
+            raise CheckpointError(root, "--resume auto: no committed checkpoint found")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(path, "resume target does not exist")
+    if path.name == LATEST or (path / LATEST).is_file():  # a checkpoints root was given
+        return resolve("auto", path if path.is_dir() else path.parent)
+    if not is_committed(path):
+        raise CheckpointError(path, f"checkpoint is not committed (no {COMMIT_MARKER}): it was never finished")
+    return path
+
+
+def verify(path: Path, names: list) -> None:
+    """Check size and SHA-256 of ``names`` against the manifest, on every rank; any rank's failure makes every
+    rank raise (one all-reduce, so a corrupt file never leaves a peer waiting in a later collective)."""
+    problem = None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+        for name in names:
+            f = path / name
+            if name not in manifest:
+                problem = f"{f}: not listed in the manifest"
+            elif not f.is_file():
+                problem = f"{f}: missing"
+            elif f.stat().st_size != manifest[name]["bytes"]:
+                problem = f"{f}: size {f.stat().st_size} != {manifest[name]['bytes']} in the manifest (truncated?)"
+            elif sha256(f) != manifest[name]["sha256"]:
+                problem = f"{f}: checksum mismatch (corrupt)"
+            if problem:
+                break
+    except (OSError, ValueError, KeyError) as exc:
+        problem = f"{path / MANIFEST}: unreadable manifest: {exc}"
+    flag = torch.tensor([1 if problem else 0], dtype=torch.int64)
+    D.all_reduce_max(flag)
+    if problem:
+        raise CheckpointError(problem.split(":")[0], problem.split(": ", 1)[1])
+    if int(flag[0]):
+        raise CheckpointError(path, "another rank found a missing, truncated or corrupt checkpoint file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path / TRAINER_STATE, f"unreadable: {exc}") from exc
+
+
+def _read_pieces(path: Path, world: int, wanted: set) -> dict:
+    """name -> list of (start, length, {kind: tensor}) from every rank file (what a resharding load needs)."""
+    pieces: dict = {}
+    for r in range(world):
+        f = path / rank_file(r)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                ranges = json.loads(sf.metadata()["ranges"])
+                for name, (start, length, _shape) in ranges.items():
+                    if name not in wanted or length == 0:
+                        continue
+                    kinds = {k.split("::", 1)[1]: sf.get_tensor(k) for k in sf.keys() if k.startswith(name + "::")}
+                    pieces.setdefault(name, []).append((start, length, kinds))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f, f"cannot read checkpoint shard: {exc}") from exc
+    return pieces
+
+
+def _assemble(pieces: list, kind: str, start: int, length: int, dtype) -> torch.Tensor | None:
+    """The range [start, start + length) of one tensor kind, cut from the saved pieces that overlap it."""
+    out = torch.zeros(length, dtype=dtype)
+    covered = 0
+    for p_start, p_len, kinds in pieces:
+        if kind not in kinds:
+            return None
+        lo, hi = max(start, p_start), min(start + length, p_start + p_len)
+        if lo >= hi:
+            continue
+        src = kinds[kind]
+        if kind == "mask":
+            src = unpack_bits(src, p_len)
+        out[lo - start: hi - start] = src[lo - p_start: hi - p_start].to(dtype)
+        covered += hi - lo
+    if covered != length:
+        raise CheckpointError("<checkpoint>", f"saved pieces cover {covered} of {length} elements")
+    return out
+
+
+def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
+    """Fill this rank's master weights, optimizer moments and masks from the checkpoint (any saved world size).
+
+    Returns the trainer state. Files are verified against the manifest first (on every rank)."""
+    trainer = read_trainer_state(path)
+    saved_world = int(trainer["world_size"])  # pieces are assembled by global range, whatever this world size
+    names = [rank_file(r) for r in range(saved_world)] + [TRAINER_STATE]
+    if (path / MODEL_FILE).exists():
+        names.append(MODEL_FILE)
+    verify(path, names)
+    pieces = _read_pieces(path, saved_world, {v.name for v in views})
+    masked = set(sparsifier.order) if sparsifier is not None else set()
+    with torch.no_grad():
+        for v in views:
+            if v.name not in pieces and v.mask_len:
+                raise CheckpointError(path, f"parameter {v.name} is not in the checkpoint")
+            if v.mask_len == 0:
+                continue
+            p = pieces[v.name]
+            master = v.master()
+            master.copy_(_assemble(p, "master", v.mask_start, v.mask_len, torch.float32).to(master.dtype))
+            for key in state_keys:
+                target = v.state(key)
+                value = _assemble(p, key, v.mask_start, v.mask_len, torch.float32)
+                if target is None or value is None:
+                    raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
+                target.copy_(value.to(target.dtype))
+                if hasattr(v, "opt"):  # ZeRO-3: write through the optimizer's own setter as well
+                    v.opt.set_local_hp_param(_pad_to_shard(v, target), v.param, optim_state_key=key)
+            if hasattr(v, "opt"):
+                v.opt.set_local_hp_param(_pad_to_shard(v, master), v.param)
+            if v.name in masked:
+                mask = _assemble(p, "mask", v.mask_start, v.mask_len, torch.bool)
+                if mask is None:
+                    raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
+                sparsifier.set_mask(v.name, mask)
+    # masks of ranks that hold nothing of a parameter: an empty mask
+    if sparsifier is not None:
+        for v in sparsifier.views:
+            if v.mask_len == 0:
+                sparsifier.set_mask(v.name, torch.zeros(0, dtype=torch.bool))
+    return trainer
+
+
+def _pad_to_shard(v, values: torch.Tensor) -> torch.Tensor:
+    shard = v.param.ds_tensor.numel()
+    out = torch.zeros(shard, dtype=values.dtype, device=values.device)
+    out[: v.mask_len] = values.reshape(-1)[: v.mask_len]
+    return out
+
+
+def load_model_state(path: Path) -> dict:
+    f = path / MODEL_FILE
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            return {k: sf.get_tensor(k) for k in sf.keys()}
+    except Exception as exc:
+        raise CheckpointError(f, f"cannot read model weights: {exc}") from exc
+
+
+def restore_rng(trainer_state: dict) -> None:
+    states = trainer_state.get("rng") or []
+    rank = D.rank()
+    if rank < len(states) and states[rank]:
+        mine = states[rank]
+        torch.set_rng_state(torch.tensor(mine[0], dtype=torch.uint8))
+        if torch.cuda.is_available() and len(mine) > 1:
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in mine[1:]])
