@@ -160,6 +160,9 @@ def test_dispatch_choice_and_override(monkeypatch):
     assert resolve_implementation(torch.device("cpu")) == "cpu"
     if bsa.HAS_TRITON:
         assert resolve_implementation(torch.device("cuda")) == "triton"
+    assert resolve_implementation(torch.device("meta")) == "reference"
+    with pytest.raises(ValueError, match="CPU tensors"):
+        resolve_implementation(torch.device("meta"), "cpu")
     monkeypatch.setenv("DIST_SPARSE_ATTENTION_IMPL", "reference")
     assert resolve_implementation(torch.device("cpu")) == "reference"
     assert resolve_implementation(torch.device("cpu"), "cpu") == "cpu"

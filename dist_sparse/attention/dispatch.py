@@ -1,9 +1,10 @@
 """``block_sparse_attention``: input checks and the choice of implementation.
 
 Implementations: ``"triton"`` (GPU kernels in ``kernels/block_sparse_attn.py``), ``"cpu"`` (vectorised PyTorch,
-``dist_sparse/attention/cpu.py``) and ``"reference"`` (dense scores + mask; for tests). ``"auto"`` (the default) picks
-Triton for CUDA tensors when Triton is installed, the CPU path otherwise. The ``implementation`` argument wins over the
-``DIST_SPARSE_ATTENTION_IMPL`` environment variable, which wins over ``"auto"``.
+``dist_sparse/attention/cpu.py``) and ``"reference"`` (dense scores + mask; for tests). ``"auto"`` (the default)
+picks Triton for CUDA tensors when Triton is installed, the CPU path for CPU tensors and the reference elsewhere. The
+``implementation`` argument wins over the ``DIST_SPARSE_ATTENTION_IMPL`` environment variable, which wins over
+``"auto"``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ def resolve_implementation(device: torch.device, implementation: str | None = No
         source = "implementation" if implementation else ENV_VAR
         raise ValueError(f"{source} must be one of {', '.join(IMPLEMENTATIONS)}, got {choice!r}")
     if choice == "auto":
-        return "triton" if device.type == "cuda" and _kernels.HAS_TRITON else "cpu"
+        if device.type == "cuda" and _kernels.HAS_TRITON:
+            return "triton"
+        # Other accelerators (MPS, XPU, CUDA without Triton) get the dense reference: correct, not fast.
+        return "cpu" if device.type == "cpu" else "reference"
+    if choice == "cpu" and device.type != "cpu":
+        raise ValueError(f"implementation 'cpu' needs CPU tensors, got {device.type} tensors")
     return choice
 
 
