@@ -91,11 +91,18 @@ def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
     # up with the right chunks at every group boundary.
     import dist_sparse.attention.cpu as cpu
 
+    # Two threads: groups are spread over two workers with separate dK/dV accumulators.
     monkeypatch.setattr(cpu, "_GROUP_ELEMS", 1)
-    q, k, v = _inputs(seq=57)
-    mask = torch.rand(2, 4, 57, 57, generator=torch.Generator().manual_seed(3)) < 0.9
-    _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True)
-    _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True, mask)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = _inputs(seq=57)
+        mask = torch.rand(2, 4, 57, 57, generator=torch.Generator().manual_seed(3)) < 0.9
+        _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True)
+        _check_against_reference(cpu_block_sparse_attention, q, k, v, _random_layout(4, 4, seed=9), 16, True, mask)
+        assert torch.get_num_threads() == 2, "the caller's thread count must be restored"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cpu_dense_mask_with_gqa_and_causal():

@@ -19,6 +19,7 @@ sequence length.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +173,38 @@ def _gather_mask_tiles(plan: _Plan, g: slice, attn_mask: torch.Tensor, q_pos, k_
     return tiles[b_idx[:, None], h_idx[:, None], q_pos, k_pos]
 
 
-def _groups(n_chunks: int, per_chunk: int):
+def _groups(n_chunks: int, per_chunk: int) -> list[slice]:
     step = max(1, _GROUP_ELEMS // max(per_chunk, 1))
-    for start in range(0, n_chunks, step):
-        yield slice(start, min(start + step, n_chunks))
+    return [slice(start, min(start + step, n_chunks)) for start in range(0, n_chunks, step)]
+
+
+def _run_groups(groups: list[slice], body) -> None:
+    """Call ``body(group, worker)`` for every group, spreading groups over ``torch.get_num_threads()`` workers.
+
+    Each group is ~15 small ops. Run one after another with intra-op threading, every op is a parallel region whose
+    barrier waits for all threads; on a shared machine one descheduled thread stalls every op (measured: 2 threads
+    were 6x slower than 1 while other jobs ran). Instead each worker runs whole groups single-threaded, and workers
+    only meet once at the end. Torch ops release the GIL, so Python threads run them in parallel.
+    """
+    workers = min(torch.get_num_threads(), len(groups))
+    if workers <= 1:
+        for g in groups:
+            body(g, 0)
+        return
+    threads = torch.get_num_threads()
+    grad_mode = torch.is_grad_enabled()  # thread-local: new threads would start with autograd recording
+
+    def work(w: int) -> None:
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad_mode):
+            for g in groups[w::workers]:
+                body(g, w)
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(workers)))
+    finally:
+        torch.set_num_threads(threads)  # some backends keep one global thread count: give the caller its own back
 
 
 def _per_row(values: torch.Tensor, plan: _Plan, reduce: str = "sum") -> torch.Tensor:
@@ -211,7 +240,7 @@ class _BlockSparseCPU(torch.autograd.Function):
         m_all = torch.empty(n, block)
         l_all = torch.empty(n, block)
         o_all = torch.empty(n, block, dim)
-        for g in _groups(n, block * width * block):
+        def group_forward(g: slice, _worker: int) -> None:
             kv_idx = rows.slot_blocks[g].reshape(-1)
             s = torch.bmm(qb.index_select(0, rows.own_blocks[g]),
                           kb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
@@ -223,6 +252,8 @@ class _BlockSparseCPU(torch.autograd.Function):
             torch.sum(s, -1, out=l_all[g])
             m_all[g] = m
             torch.bmm(s, vb.index_select(0, kv_idx).view(-1, width * block, dim), out=o_all[g])
+
+        _run_groups(_groups(n, block * width * block), group_forward)
 
         if not rows.split.numel():
             row_max, row_l, row_o = _per_row(m_all, rows), _per_row(l_all, rows), _per_row(o_all, rows)
@@ -254,11 +285,15 @@ class _BlockSparseCPU(torch.autograd.Function):
         vb = v.reshape(-1, block, dim)
         dob = dout.contiguous().reshape(-1, block, dim)
         delta = (dout * out).sum(-1).reshape(-1, block)  # rowsum(dO * O), the softmax-backward correction
-        dkb = torch.zeros_like(kb)
-        dvb = torch.zeros_like(vb)
         n, width = rows.slot_blocks.shape
+        groups = _groups(n, block * width * block)
+        # One dK/dV accumulator per worker: index_add_ from two threads into one tensor would race.
+        n_acc = max(1, min(torch.get_num_threads(), len(groups)))
+        dkb = [torch.zeros_like(kb) for _ in range(n_acc)]
+        dvb = [torch.zeros_like(vb) for _ in range(n_acc)]
         dq_all = torch.empty(n, block, dim)
-        for g in _groups(n, block * width * block):
+
+        def group_backward(g: slice, worker: int) -> None:
             own = rows.own_blocks[g]
             kv_idx = rows.slot_blocks[g].reshape(-1)
             qg = qb.index_select(0, own)
@@ -269,14 +304,16 @@ class _BlockSparseCPU(torch.autograd.Function):
                 row_mask(p, g)
             p.sub_(lse.index_select(0, own)[..., None]).exp_()
             # Padding slots point at a real block but carry p = dS = 0: they add zeros there.
-            dvb.index_add_(0, kv_idx, torch.bmm(p.transpose(1, 2), dog).view(-1, block, dim))
+            dvb[worker].index_add_(0, kv_idx, torch.bmm(p.transpose(1, 2), dog).view(-1, block, dim))
             ds = torch.bmm(dog, vb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
             ds.sub_(delta.index_select(0, own)[..., None]).mul_(p)  # dS = P * (dO V^T - delta)
             torch.bmm(ds, kg, out=dq_all[g])
             # qg is pre-scaled, so this is already scale * dS^T Q.
-            dkb.index_add_(0, kv_idx, torch.bmm(ds.transpose(1, 2), qg).view(-1, block, dim))
+            dkb[worker].index_add_(0, kv_idx, torch.bmm(ds.transpose(1, 2), qg).view(-1, block, dim))
+
+        _run_groups(groups, group_backward)
         dq = _per_row(dq_all, rows).view_as(q) * scale
-        return dq, dkb.view_as(k), dvb.view_as(v), None, None, None, None
+        return dq, sum(dkb).view_as(k), sum(dvb).view_as(v), None, None, None, None
 
 
 def cpu_block_sparse_attention(
