@@ -123,15 +123,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL: tl.constexpr,
-                      HAS_MASK: tl.constexpr):
+                      HAS_MASK: tl.constexpr, KEY_MAJOR: tl.constexpr):
         # Token-level validity inside an active block: padding keys past seq_len, the causal triangle (only bites on
-        # diagonal blocks; the layout already excludes blocks above it) and the optional dense user mask.
-        allowed = offs_n[None, :] < seq_len
-        if CAUSAL:
-            allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_MASK:
-            mvals = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn)
-            allowed = allowed & (mvals != 0)
+        # diagonal blocks; the layout already excludes blocks above it) and the optional dense user mask. KEY_MAJOR
+        # builds the (key, query) tile directly, for the dK/dV kernel, instead of transposing a boolean tile.
+        if KEY_MAJOR:
+            rows = offs_n[:, None]
+            cols = offs_m[None, :]
+            allowed = rows < seq_len
+            if CAUSAL:
+                allowed = allowed & (cols >= rows)
+            if HAS_MASK:
+                mvals = tl.load(mask_base + cols * stride_mm + rows * stride_mn)
+                allowed = allowed & (mvals != 0)
+        else:
+            allowed = offs_n[None, :] < seq_len
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_MASK:
+                mvals = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn)
+                allowed = allowed & (mvals != 0)
         return allowed
 
     @triton.jit
@@ -178,7 +189,8 @@ if HAS_TRITON:
                 else:
                     qk = tl.dot(q, kt)
                 qk = qk * qk_scale  # qk_scale folds in log2(e): exp2 below is the natural-base softmax
-                allowed = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK)
+                allowed = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK,
+                                        False)
                 qk = tl.where(allowed, qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 # A row with nothing allowed yet keeps max -inf; using 0 there keeps exp2 from producing NaN.
@@ -246,9 +258,10 @@ if HAS_TRITON:
                     qkt = tl.dot(k, qt, input_precision="ieee")
                 else:
                     qkt = tl.dot(k, qt)
-                allowed = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK)
+                allowed_t = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK,
+                                          True)
                 pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
-                pt = tl.where(tl.trans(allowed), pt, 0.0)
+                pt = tl.where(allowed_t, pt, 0.0)
                 if IEEE:
                     dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
                     dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
@@ -311,7 +324,8 @@ if HAS_TRITON:
                 else:
                     qk = tl.dot(q, kt)
                     dp = tl.dot(do, vt)
-                allowed = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK)
+                allowed = _tile_allowed(offs_m, offs_n, seq_len, mask_base, stride_mm, stride_mn, CAUSAL, HAS_MASK,
+                                        False)
                 p = tl.math.exp2(qk * qk_scale - lse[:, None])
                 p = tl.where(allowed, p, 0.0)
                 ds = p * (dp - delta[:, None])
