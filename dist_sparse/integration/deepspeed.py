@@ -49,8 +49,18 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if "RANK" not in os.environ:  # a single process without a launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend=D.backend_for_device(), auto_mpi_discovery=False,
-                               timeout=D.timeout(timeout_s))
+    # The rendezvous store outlives a torchrun restart; without a per-attempt key prefix a restarted rank reads
+    # the dead attempt's addresses and gloo's connect fails ("Connection refused").
+    import torch.distributed as dist
+
+    backend = D.backend_for_device()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    store, rank, world = next(dist.rendezvous("env://", timeout=D.timeout(timeout_s)))
+    store = dist.PrefixStore(f"dist_sparse/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                            timeout=D.timeout(timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=D.timeout(timeout_s))
 
 
 # ----------------------------------------------------------------------------------------------------------------
