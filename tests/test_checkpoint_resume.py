@@ -4,6 +4,7 @@ corrupt and unsafe files refused, resharding across world sizes (docs/reliabilit
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,23 @@ def train(out, *overrides, nproc=2, resume=None, fault=None, max_restarts=None, 
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     if fault:
         env["DIST_SPARSE_FAULT"] = fault
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = run_group(cmd, env, timeout)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def run_group(cmd, env, timeout) -> subprocess.CompletedProcess:
+    """Run in a new session and kill the whole process group on timeout (no orphaned ranks survive a test)."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-2000:]}\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def losses(out) -> dict:

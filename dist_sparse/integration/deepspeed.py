@@ -27,6 +27,7 @@ import torch
 
 from dist_sparse import distributed as D
 from dist_sparse.config import SparsityConfig, split_deepspeed_json
+from dist_sparse.errors import DistSparseError
 from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
 
@@ -56,6 +57,13 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     backend = D.backend_for_device()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # DeepSpeed creates its data-parallel groups with new_group() and no timeout, which falls back to torch's
+    # module default (30 min): set that default too, so a hung peer fails every collective within timeout_s.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = D.timeout(timeout_s)
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = D.timeout(timeout_s)
     store, rank, world = next(dist.rendezvous("env://", timeout=D.timeout(timeout_s)))
     store = dist.PrefixStore(f"dist_sparse/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
@@ -355,7 +363,7 @@ def set_engine_counters(engine, counters: dict) -> None:
 # the engine wrapper and initialize()
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DistSparseError, RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient on some rank."""
 
 

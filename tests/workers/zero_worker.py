@@ -14,6 +14,7 @@ import sys
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_grad
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
@@ -61,9 +62,15 @@ def run(stage: int, method: str) -> dict:
 
     original_update = sp._update
 
+    params = dict(engine.module.named_parameters())
+
     def checked_update(step):
         weights = {v.name: sp.gather(v.name, v.master().float().clone()) for v in sp.views}
         grads = {v.name: sp.gather(v.name, v.grad().float().clone()) for v in sp.views}
+        # the gradient a rank scores is its range of the true reduced gradient (DeepSpeed's own full-grad API)
+        report.setdefault("grad_matches_deepspeed", []).append(all(
+            torch.equal(grads[v.name].reshape(-1), safe_get_full_grad(params[v.name]).float().reshape(-1))
+            for v in sp.views))
         old = sp.full_masks()
         original_update(step)
         new = sp.full_masks()
