@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from dist_sparse import distributed as D
 from dist_sparse.errors import CheckpointError
-from dist_sparse.masks.packing import unpack_bits
+from dist_sparse.masks.packing import pack_bits, unpack_bits
 
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
@@ -107,15 +107,18 @@ def save(root, step: int, views: list, sparsifier, state_keys: list, model_state
     tensors, ranges = {}, {}
     masked = set(sparsifier.order) if sparsifier is not None else set()
     for v in views:
-        ranges[v.name] = [v.mask_start, v.mask_len, list(v.shape)]
-        tensors[f"{v.name}::master"] = v.master().detach().float().cpu().clone()
+        # replicated (ZeRO-0) tensors: each rank saves only its 1/N slice, so the checkpoint is sharded anyway
+        start, length = (v.score_start, v.score_len) if v.replicated else (v.mask_start, v.mask_len)
+        cut = slice(start - v.mask_start, start - v.mask_start + length)
+        ranges[v.name] = [start, length, list(v.shape)]
+        tensors[f"{v.name}::master"] = v.master()[cut].detach().float().cpu().clone()
         for key in state_keys:
             value = v.state(key)
             if value is None:
                 raise CheckpointError(out, f"optimizer state {key!r} of {v.name} is not available")
-            tensors[f"{v.name}::{key}"] = value.detach().float().cpu().clone()
+            tensors[f"{v.name}::{key}"] = value[cut].detach().float().cpu().clone()
         if v.name in masked:
-            tensors[f"{v.name}::mask"] = sparsifier.packed[v.name].clone()
+            tensors[f"{v.name}::mask"] = pack_bits(sparsifier.mask(v.name)[cut].cpu())
     _atomic_save_file(tensors, out / rank_file(rank), {"ranges": json.dumps(ranges), "rank": str(rank)})
 
     rng = D.all_gather_object(_rng_state())
@@ -235,7 +238,7 @@ def _read_pieces(path: Path, world: int, wanted: set) -> dict:
 def _assemble(pieces: list, kind: str, start: int, length: int, dtype) -> torch.Tensor | None:
     """The range [start, start + length) of one tensor kind, cut from the saved pieces that overlap it."""
     out = torch.zeros(length, dtype=dtype)
-    covered = 0
+    covered = torch.zeros(length, dtype=torch.bool)
     for p_start, p_len, kinds in pieces:
         if kind not in kinds:
             return None
@@ -246,9 +249,9 @@ def _assemble(pieces: list, kind: str, start: int, length: int, dtype) -> torch.
         if kind == "mask":
             src = unpack_bits(src, p_len)
         out[lo - start: hi - start] = src[lo - p_start: hi - p_start].to(dtype)
-        covered += hi - lo
-    if covered != length:
-        raise CheckpointError("<checkpoint>", f"saved pieces cover {covered} of {length} elements")
+        covered[lo - start: hi - start] = True
+    if not bool(covered.all()):
+        raise CheckpointError("<checkpoint>", f"saved pieces cover {int(covered.sum())} of {length} elements")
     return out
 
 

@@ -296,6 +296,15 @@ def trainable_names(engine) -> list:
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _optimizer_params(engine) -> list:
+    """The tensors the inner optimizer steps. ZeRO-3 empties ``param_groups`` between steps and keeps its fp32
+    sub-group partitions in ``fp32_partitioned_groups_flat``."""
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        return list(flats)
+    return [p for group in inner_optimizer(engine).param_groups for p in group["params"]]
+
+
 def ensure_optimizer_state(engine) -> list:
     """Create Adam's state (zero moments, step 0) where the optimizer has not created it yet, so a checkpoint can
     be loaded into a fresh engine. Returns the state keys. Only Adam-family optimizers are supported."""
@@ -303,23 +312,22 @@ def ensure_optimizer_state(engine) -> list:
     name = type(opt).__name__
     if "adam" not in name.lower():
         raise NotImplementedError(f"checkpoint/resume supports Adam-family optimizers, not {name}")
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                for key in _ADAM_KEYS:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for p in _optimizer_params(engine):
+        state = opt.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in _ADAM_KEYS:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return list(_ADAM_KEYS)
 
 
 def optimizer_step_count(engine) -> float:
     opt = inner_optimizer(engine)
+    for p in _optimizer_params(engine):
+        step = opt.state.get(p, {}).get("step")
+        if step is not None:
+            return float(step)
     for group in opt.param_groups:
-        for p in group["params"]:
-            step = opt.state.get(p, {}).get("step")
-            if step is not None:
-                return float(step)
         if "step" in group:
             return float(group["step"])
     return 0.0
@@ -330,13 +338,13 @@ def set_optimizer_step_count(engine, value: float) -> None:
     for group in opt.param_groups:
         if "step" in group:
             group["step"] = type(group["step"])(value)
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if state is not None and "step" in state:
-                if torch.is_tensor(state["step"]):
-                    state["step"].fill_(value)
-                else:
-                    state["step"] = type(state["step"])(value)
+    for p in _optimizer_params(engine):
+        state = opt.state.get(p)
+        if state is not None and "step" in state:
+            if torch.is_tensor(state["step"]):
+                state["step"].fill_(value)
+            else:
+                state["step"] = type(state["step"])(value)
 
 
 def refresh_partitioned_model(views) -> None:
