@@ -175,7 +175,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
                 loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         if engine.last_step_skipped:
             log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)", step,
                         engine.consecutive_skips)
