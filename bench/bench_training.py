@@ -26,7 +26,7 @@ WORK = ROOT / "bench" / "work" / "training"
 COMMON = ["model.n_layer=4", "model.n_head=4", "model.block_size=128", "data.tokenizer=char",
           "deepspeed.train_micro_batch_size_per_gpu=8", "deepspeed.zero_optimization.stage=2",
           "deepspeed.optimizer.params.lr=0.001", "deepspeed.optimizer.params.weight_decay=0.01",
-          "deepspeed.optimizer.params.betas=[0.9,0.999]", "train.seed=0", "train.eval_batches=50",
+          "deepspeed.optimizer.params.betas=[0.9,0.95]", "train.seed=0", "train.eval_batches=50",
           "train.progress=false", "train.save_final_model=false", "sparsity.sparsity=0.9",
           "sparsity.distribution=erk", "sparsity.update_interval=100", "sparsity.drop_fraction=0.3"]
 
@@ -114,7 +114,7 @@ def main() -> None:
         f"Machine: {machine_line()}.",
         "",
         f"Setting: `{SHAKESPEARE.name}`, char-level GPT-2 (4 layers, width 128, context 128), batch 8 per rank, "
-        f"AdamW lr 1e-3 (betas 0.9/0.999, weight decay 0.01, constant lr), 2 ranks, ZeRO-2, {args.steps} steps, "
+        f"AdamW lr 1e-3 (betas 0.9/0.95, weight decay 0.01, constant lr), 2 ranks, ZeRO-2, {args.steps} steps, "
         "90% sparsity over the attention and MLP projections with ERK; RigL/SET: update every 100 steps until "
         "75% of training, drop fraction 0.3 (RigL cosine-decayed); magnitude: cubic schedule from step 200 to 75%. "
         f"Validation loss on the last 10% of the text (50 batches of 8 x 128 characters). Nonzero block weights: "
