@@ -14,6 +14,7 @@ Run from the repository root, serialised with other benchmarks:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -95,7 +96,8 @@ def cpu_section(args) -> str:
         "",
         f"Command: `{command_line()}` (run under `flock /tmp/dist_sparse_bench.lock`)",
         "",
-        f"Machine: {machine_line()}; torch threads: {torch.get_num_threads()}",
+        f"Machine: {machine_line()}; torch threads: {torch.get_num_threads()}; load average (1 min) when the CPU "
+        f"section finished: {os.getloadavg()[0]:.1f} (other jobs share this machine; wall-clock ratios move with it)",
         "",
         f"### CPU: batch 1, {heads} heads, seq {seq}, head_dim {dim}, block {bs}, fp32",
         "",
