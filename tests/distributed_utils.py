@@ -1,6 +1,7 @@
 """Run a function on N gloo ranks (CPU) in spawned processes, or a worker script under torchrun."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,4 +43,39 @@ def run_torchrun(script: str, nproc: int, *args, timeout: int = 600) -> subproce
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_group(cmd, env, timeout) -> subprocess.CompletedProcess:
+    """Run in a new session and kill the whole process group on timeout (no orphaned ranks survive a test)."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-2000:]}\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def dist_sparse_train(out, overrides, nproc=None, resume=None, fault=None, max_restarts=None, expect_ok=True,
+                      timeout=600) -> subprocess.CompletedProcess:
+    """`dist-sparse train configs/demo.yaml --set ...` as a user would run it (CPU; no launcher variables leak in)."""
+    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(ROOT / "configs" / "demo.yaml")]
+    for o in (*overrides, f"train.output_dir={out}"):
+        cmd += ["--set", o]
+    if nproc:
+        cmd += ["--nproc", str(nproc)]
+    if resume:
+        cmd += ["--resume", str(resume)]
+    if max_restarts is not None:
+        cmd += ["--max-restarts", str(max_restarts)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DIST_SPARSE_FAULT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    if fault:
+        env["DIST_SPARSE_FAULT"] = fault
+    proc = run_group(cmd, env, timeout)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc

@@ -4,7 +4,6 @@ It views the range [start, start + length) of full tensors, like a ZeRO partitio
 views whole tensors and scores the slice [score_start, score_start + score_len), like ZeRO stage 0.
 """
 
-import torch
 
 
 class TensorView:

@@ -4,9 +4,6 @@ corrupt and unsafe files refused, resharding across world sizes (docs/reliabilit
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,45 +12,16 @@ from safetensors import safe_open
 
 from dist_sparse import checkpoint
 from dist_sparse.errors import CheckpointError
+from tests.distributed_utils import dist_sparse_train
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.eval_interval=100",
         "train.log_interval=1", "train.eval_batches=2", "data.max_chars=100000",
         "deepspeed.train_micro_batch_size_per_gpu=4", "sparsity.method=rigl", "sparsity.update_interval=3",
         "train.progress=false", "train.save_final_model=false", "train.steps=20", "train.tensorboard=false"]
 
 
-def train(out, *overrides, nproc=2, resume=None, fault=None, max_restarts=None, expect_ok=True, timeout=600):
-    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(ROOT / "configs" / "demo.yaml")]
-    for o in (*TINY, f"train.output_dir={out}", *overrides):
-        cmd += ["--set", o]
-    if nproc:
-        cmd += ["--nproc", str(nproc)]
-    if resume:
-        cmd += ["--resume", str(resume)]
-    if max_restarts is not None:
-        cmd += ["--max-restarts", str(max_restarts)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    if fault:
-        env["DIST_SPARSE_FAULT"] = fault
-    proc = run_group(cmd, env, timeout)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def run_group(cmd, env, timeout) -> subprocess.CompletedProcess:
-    """Run in a new session and kill the whole process group on timeout (no orphaned ranks survive a test)."""
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-2000:]}\n{err[-4000:]}") from None
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+def train(out, *overrides, **kwargs):
+    return dist_sparse_train(out, [*TINY, *overrides], nproc=kwargs.pop("nproc", 2), **kwargs)
 
 
 def losses(out) -> dict:

@@ -1,17 +1,13 @@
 """`dist-sparse train` end to end on 2 CPU ranks: the summary.json contract, metrics, the saved HF checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dist_sparse.masks import load_masks
+from tests.distributed_utils import dist_sparse_train
 
-ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"final_val_loss", "steps", "world_size", "zero_stage", "method", "target_sparsity",
                 "achieved_sparsity", "layer_density", "median_step_seconds", "tokens_per_second", "peak_rss_mb"}
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.steps=12",
@@ -19,22 +15,13 @@ TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_siz
         "deepspeed.train_micro_batch_size_per_gpu=4", "sparsity.update_interval=4", "train.progress=false"]
 
 
-def dist_sparse_train(out_dir, *overrides, nproc=None):
-    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(ROOT / "configs" / "demo.yaml")]
-    for o in (*TINY, f"train.output_dir={out_dir}", *overrides):
-        cmd += ["--set", o]
-    if nproc:
-        cmd += ["--nproc", str(nproc)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+def train(out_dir, *overrides, nproc=None):
+    return dist_sparse_train(out_dir, [*TINY, *overrides], nproc=nproc)
 
 
 @pytest.mark.slow
 def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(tmp_path):
-    proc = dist_sparse_train(tmp_path, "sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.distribution=erk",
+    proc = train(tmp_path, "sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.distribution=erk",
                              "deepspeed.zero_optimization.stage=2", nproc=2)
     assert "summary:" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -66,7 +53,7 @@ def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_dense_baseline_single_process_same_code_path(tmp_path):
-    dist_sparse_train(tmp_path, "sparsity.method=none", "deepspeed.zero_optimization.stage=0")
+    train(tmp_path, "sparsity.method=none", "deepspeed.zero_optimization.stage=0")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "none" and summary["world_size"] == 1 and summary["achieved_sparsity"] == 0.0
     assert summary["target_sparsity"] == 0.0 and summary["layer_density"] == {}
@@ -77,10 +64,10 @@ def test_dense_baseline_single_process_same_code_path(tmp_path):
 @pytest.mark.slow
 def test_train_starts_from_a_mask_file_and_keeps_it(tmp_path):
     first = tmp_path / "a"
-    dist_sparse_train(first, "sparsity.method=magnitude", "sparsity.sparsity=0.5", "sparsity.end_step=8")
+    train(first, "sparsity.method=magnitude", "sparsity.sparsity=0.5", "sparsity.end_step=8")
     masks = load_masks(first / "final")
     second = tmp_path / "b"
-    dist_sparse_train(second, "sparsity.method=static", f"sparsity.init_masks={first / 'final'}",
+    train(second, "sparsity.method=static", f"sparsity.init_masks={first / 'final'}",
                       "deepspeed.zero_optimization.stage=1", nproc=2)
     again = load_masks(second / "final")
     assert set(again) == set(masks) and all(torch.equal(again[k], masks[k]) for k in masks)
