@@ -8,7 +8,6 @@ COMMANDS = {
     "train": ("dist_sparse.cli.train", "train a model sparse under DeepSpeed"),
     "sparsify": ("dist_sparse.cli.sparsify", "one-shot sparsify a Hugging Face checkpoint"),
     "eval": ("dist_sparse.cli.evaluate", "perplexity and sparsity of a checkpoint"),
-    "plan": ("dist_sparse.cli.plan", "predict per-rank memory for a model, world size, ZeRO stage and density"),
 }
 
 
