@@ -7,7 +7,7 @@ resumed run sees exactly the batches an uninterrupted run would, with no data-lo
 
 import json
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,55 +35,75 @@ def embedded_corpus(max_chars: int = DEFAULT_MAX_CHARS) -> str:
     return "".join(parts)[:max_chars]
 
 
+def char_tokenizer(text: str):
+    """Character-level ``PreTrainedTokenizerFast`` over the characters of ``text`` (sorted), ``<unk>`` at id 0.
+
+    It round-trips through ``AutoTokenizer.from_pretrained``; the trainer's char-level ids are the same."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    for ch in sorted(set(text)):
+        vocab.setdefault(ch, len(vocab))
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=1 << 30)
+
+
 @dataclass
 class Tokenizer:
-    kind: str  # char | byte
-    chars: list  # vocabulary for char-level
+    """``char``: one id per character (``<unk>`` = 0, then the text's characters sorted); ``byte``: 256 ids;
+    ``hf``: a Hugging Face tokenizer (the one saved with ``model.pretrained``)."""
+
+    kind: str
+    chars: list = field(default_factory=list)
+    hf: object = None
+
+    @classmethod
+    def for_text(cls, kind: str, text: str) -> "Tokenizer":
+        return cls(kind, ["<unk>", *sorted(set(text))] if kind == "char" else [])
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Tokenizer":
+        from transformers import AutoTokenizer
+
+        return cls("hf", hf=AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
 
     @property
     def vocab_size(self) -> int:
+        if self.kind == "hf":
+            return len(self.hf)
         return 256 if self.kind == "byte" else len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:
         if self.kind == "byte":
             return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
+        if self.kind == "hf":
+            return torch.tensor(self.hf(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
         index = {c: i for i, c in enumerate(self.chars)}
-        try:
-            return torch.tensor([index[c] for c in text], dtype=torch.int64)
-        except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in the vocabulary") from None
+        return torch.tensor([index.get(c, 0) for c in text], dtype=torch.int64)
 
     def decode(self, ids) -> str:
         if self.kind == "byte":
             return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        if self.kind == "hf":
+            return self.hf.decode([int(i) for i in ids])
         return "".join(self.chars[int(i)] for i in ids)
 
     def save(self, directory) -> None:
-        """Write ``dist_sparse_tokenizer.json`` and, where the `tokenizers` library is there, a HF tokenizer."""
+        """Write ``dist_sparse_tokenizer.json`` and, except for byte level, a Hugging Face tokenizer."""
         directory = Path(directory)
         (directory / "dist_sparse_tokenizer.json").write_text(json.dumps({"kind": self.kind, "chars": self.chars}))
-        try:
-            self.to_hf().save_pretrained(directory)
-        except ImportError:
-            pass
-
-    def to_hf(self):
-        """A ``PreTrainedTokenizerFast`` with the same ids (one token per character or byte)."""
-        from tokenizers import Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-        from transformers import PreTrainedTokenizerFast
-
-        if self.kind == "byte":
-            raise ImportError("byte-level data keeps only dist_sparse_tokenizer.json")
-        vocab = {c: i for i, c in enumerate(self.chars)}
-        tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        return PreTrainedTokenizerFast(tokenizer_object=tok)
+        if self.kind == "hf":
+            self.hf.save_pretrained(str(directory))
+        elif self.kind == "char":
+            char_tokenizer("".join(self.chars[1:])).save_pretrained(str(directory))
 
 
 class TextData:
-    def __init__(self, data_cfg, block_size: int, seed: int):
+    def __init__(self, data_cfg, block_size: int, seed: int, pretrained_dir=None):
         if data_cfg.path is None:
             text = embedded_corpus(data_cfg.max_chars or DEFAULT_MAX_CHARS)
             self.source = f"embedded: Python {sysconfig.get_python_version()} standard library sources"
@@ -95,7 +115,11 @@ class TextData:
             if data_cfg.max_chars:
                 text = text[: data_cfg.max_chars]
             self.source = str(path)
-        self.tokenizer = Tokenizer(data_cfg.tokenizer, sorted(set(text)) if data_cfg.tokenizer == "char" else [])
+        # fine-tuning a checkpoint: its own tokenizer, so ids mean what the model learned
+        has_tokenizer = pretrained_dir is not None and any(
+            (Path(pretrained_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        self.tokenizer = (Tokenizer.from_pretrained(pretrained_dir) if has_tokenizer
+                          else Tokenizer.for_text(data_cfg.tokenizer, text))
         ids = self.tokenizer.encode(text)
         n_val = int(len(ids) * data_cfg.val_fraction)
         self.train_ids, self.val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val:]

@@ -126,7 +126,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
     # same seed on every rank: identical initial weights everywhere (ZeRO partitions them afterwards)
     torch.manual_seed(cfg.train.seed)
-    data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed)
+    data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained)
     model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
     ds_config = deepspeed_config(cfg)
     deepspeed = ds_integration._import_deepspeed()
@@ -143,7 +143,9 @@ def _train(cfg: Config, resume: str | None) -> dict:
     tokens_per_step = world * micro * accum * cfg.model.block_size
 
     densities = sparsifier.layer_density() if sparsifier.views else {}
-    dense_flops = hf.training_flops_per_token(model, {}, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_embd)
+    # sizes from the model itself (a pretrained checkpoint overrides the model section's sizes)
+    n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
+    dense_flops = hf.training_flops_per_token(model, {}, cfg.model.block_size, n_layer, n_embd)
     if is_main:
         n_params = hf.count_parameters(model)
         log.info("model %s: %.2fM parameters, %d sparsified tensors (%.2fM weights), method=%s sparsity=%.2f "
@@ -183,8 +185,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         last_loss = loss_sum / accum
 
         # estimated training FLOPs of this step relative to dense (a RigL update step computes a dense gradient)
-        step_flops = hf.training_flops_per_token(model, densities, cfg.model.block_size, cfg.model.n_layer,
-                                                 cfg.model.n_embd)
+        step_flops = hf.training_flops_per_token(model, densities, cfg.model.block_size, n_layer, n_embd)
         if is_update and sparsifier.method.needs_dense_grad:
             step_flops += 2.0 * sum(v.numel * (1.0 - densities[v.name]) for v in sparsifier.views)
         flops_sum += step_flops

@@ -9,20 +9,9 @@ from pathlib import Path
 
 import torch
 
+from dist_sparse.data import char_tokenizer
 
-def char_tokenizer(text: str):
-    """Character-level fast tokenizer over the characters of ``text`` (sorted), plus ``<unk>`` at id 0."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(text))
-    vocab = {"<unk>": 0}
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=1 << 30)
+__all__ = ["char_tokenizer", "tiny_gpt2", "tiny_llama", "tiny_bert"]
 
 
 def _save(model, tokenizer, path) -> Path:
