@@ -4,7 +4,6 @@ keeps the pruned weights at exactly 0 (issue 5's hand-off to the sparse trainer)
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,8 +34,9 @@ def test_train_from_sparsify_output_keeps_masked_weights_zero(tmp_path):
     run = tmp_path / "finetune"
     dist_sparse_train(run, [f"model.pretrained={out}", "sparsity.method=static", f"sparsity.init_masks={out}",
                             f"data.path={data}", "model.block_size=32", "train.steps=6", "train.eval_interval=100",
-                            "train.eval_batches=2", "train.progress=false", "deepspeed.train_micro_batch_size_per_gpu=4",
-                            "deepspeed.zero_optimization.stage=2"], nproc=2)
+                            "train.eval_batches=2", "train.progress=false",
+                            "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.zero_optimization.stage=2"],
+                      nproc=2)
     tuned = AutoModelForCausalLM.from_pretrained(run / "final")
     before = AutoModelForCausalLM.from_pretrained(out)
     params, old = dict(tuned.named_parameters()), dict(before.named_parameters())
