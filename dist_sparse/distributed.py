@@ -93,14 +93,6 @@ def all_gather_varlen(t: torch.Tensor, group=None) -> list:
     return [x[:m] for x, m in zip(all_gather_equal(padded, group), lengths)]
 
 
-def broadcast_object(obj, src: int = 0, group=None):
-    if world_size(group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
 def barrier(group=None) -> None:
     if world_size(group) > 1:
         dist.barrier(group=group)

@@ -146,6 +146,13 @@ def _train(cfg: Config, resume: str | None) -> dict:
     # sizes from the model itself (a pretrained checkpoint overrides the model section's sizes)
     n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
     dense_flops = hf.training_flops_per_token(model, {}, cfg.model.block_size, n_layer, n_embd)
+
+    def flops_for(dens: dict) -> tuple:
+        """(FLOPs per token at these densities, extra FLOPs of a dense-gradient step); they change only with masks."""
+        return (hf.training_flops_per_token(model, dens, cfg.model.block_size, n_layer, n_embd),
+                2.0 * sum(v.numel * (1.0 - dens[v.name]) for v in sparsifier.views))
+
+    sparse_flops, dense_grad_extra = flops_for(densities)
     if is_main:
         n_params = hf.count_parameters(model)
         log.info("model %s: %.2fM parameters, %d sparsified tensors (%.2fM weights), method=%s sparsity=%.2f "
@@ -185,12 +192,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
         last_loss = loss_sum / accum
 
         # estimated training FLOPs of this step relative to dense (a RigL update step computes a dense gradient)
-        step_flops = hf.training_flops_per_token(model, densities, cfg.model.block_size, n_layer, n_embd)
-        if is_update and sparsifier.method.needs_dense_grad:
-            step_flops += 2.0 * sum(v.numel * (1.0 - densities[v.name]) for v in sparsifier.views)
-        flops_sum += step_flops
+        flops_sum += sparse_flops + (dense_grad_extra if is_update and sparsifier.method.needs_dense_grad else 0.0)
         if is_update:
             densities = sparsifier.layer_density()
+            sparse_flops, dense_grad_extra = flops_for(densities)
 
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:

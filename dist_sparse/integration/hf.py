@@ -114,15 +114,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tied_parameters(model: nn.Module) -> set:
-    seen, tied = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    return tied
-
-
 def training_flops_per_token(model: nn.Module, densities: dict, seq_len: int, n_layer: int, n_embd: int) -> float:
     """Estimated training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
 
