@@ -34,6 +34,8 @@ class Sparsifier:
         self.packed = {v.name: pack_bits(torch.ones(v.mask_len, dtype=torch.bool)) for v in self.views}
         self.selector = DistributedSelector(group)
         self.skip_optimizer_step = False
+        self.grad_sums: dict = {}  # name -> sum of dense gradients (score range) over the growth window
+        self.grad_sum_steps = 0
         self.last_update: dict | None = None  # churn etc. of the latest mask update
         self.updates_done = 0
 
@@ -55,7 +57,9 @@ class Sparsifier:
             sl = slice(lo, lo + v.score_len)
             w = v.master()[sl].detach().float() if with_weight else None
             g = None
-            if with_grad:
+            if with_grad and v.name in self.grad_sums:
+                g = self.grad_sums[v.name] / self.grad_sum_steps
+            elif with_grad:
                 grad = v.grad()
                 g = grad[sl].detach().float() if grad is not None else None
             m = self.mask(v.name)[sl].to(w.device if w is not None else "cpu")
@@ -96,12 +100,37 @@ class Sparsifier:
     def before_step(self, step: int) -> None:
         """Between backward and the optimizer step; ``step`` = number of optimizer steps completed so far."""
         self.skip_optimizer_step = False
+        if self.method is not None and self.uses_dense_grad(step) and getattr(self.method, "grow_grad_steps", 1) > 1:
+            self._accumulate_grads()
         if self.method is not None and self.method.is_update_step(step):
             self._update(step)
+            self.grad_sums, self.grad_sum_steps = {}, 0
             self.skip_optimizer_step = self.method.replaces_optimizer_step
         for v in self.views:
             if v.grad() is not None:
                 v.mul_grad_(self.mask(v.name))
+
+    def uses_dense_grad(self, step: int) -> bool:
+        """Whether the gradient of *pruned* positions is used at ``step``: on mask-update steps of methods that
+        grow by gradient (RigL), and on the ``grow_grad_steps - 1`` steps before them when the growth score is the
+        mean gradient of a window. On every other step only active coordinates' gradients matter."""
+        if self.method is None or not self.method.needs_dense_grad:
+            return False
+        k = getattr(self.method, "grow_grad_steps", 1)
+        return any(self.method.is_update_step(step + j) for j in range(k))
+
+    def _accumulate_grads(self) -> None:
+        for v in self.views:
+            grad = v.grad()
+            if grad is None:
+                continue
+            lo = v.score_start - v.mask_start
+            g = grad[lo: lo + v.score_len].detach().float()
+            if v.name in self.grad_sums:
+                self.grad_sums[v.name].add_(g)
+            else:
+                self.grad_sums[v.name] = g.clone()
+        self.grad_sum_steps += 1
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -179,11 +208,14 @@ class Sparsifier:
         return {v.name: self.full_mask(v.name) for v in self.views}
 
     def state_dict(self) -> dict:
-        return {"updates_done": self.updates_done, "last_update": self.last_update}
+        # grad_sums themselves are per-rank tensors: the checkpoint saves them beside the masks
+        return {"updates_done": self.updates_done, "last_update": self.last_update,
+                "grad_sum_steps": self.grad_sum_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates_done = int(state["updates_done"])
         self.last_update = state["last_update"]
+        self.grad_sum_steps = int(state.get("grad_sum_steps", 0))
 
     def sparsified_numel(self) -> int:
         return sum(v.numel for v in self.views)

@@ -176,6 +176,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         faults.maybe("hang", step)
         t0 = time.perf_counter()
         is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
+        uses_dense_grad = sparsifier.method is not None and sparsifier.uses_dense_grad(step)
         loss_sum = 0.0
         for m in range(accum):
             x = data.batch("train", step, rank, m, micro).to(engine.device)
@@ -191,8 +192,9 @@ def _train(cfg: Config, resume: str | None) -> dict:
         timer.add(time.perf_counter() - t0)
         last_loss = loss_sum / accum
 
-        # estimated training FLOPs of this step relative to dense (a RigL update step computes a dense gradient)
-        flops_sum += sparse_flops + (dense_grad_extra if is_update and sparsifier.method.needs_dense_grad else 0.0)
+        # estimated training FLOPs of this step relative to dense (a RigL update step, and with grow_grad_steps > 1
+        # the steps of its window, compute a dense gradient)
+        flops_sum += sparse_flops + (dense_grad_extra if uses_dense_grad else 0.0)
         if is_update:
             densities = sparsifier.layer_density()
             sparse_flops, dense_grad_extra = flops_for(densities)

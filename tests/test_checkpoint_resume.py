@@ -156,3 +156,22 @@ def test_resume_on_a_different_world_size_keeps_global_masks(tmp_path, first, se
     after = full_masks(out2 / "checkpoints" / "step_00000012")
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
     assert len(list((out2 / "checkpoints" / "step_00000012").glob("rank_*.safetensors"))) == second
+
+
+@pytest.mark.slow
+def test_resume_inside_an_open_rigl_growth_window(tmp_path):
+    """RigL with grow_grad_steps=4 and updates at steps 6 and 12: the checkpoint at step 10 holds one step of the
+    window that ends at the update of step 12; resuming must restore that gradient sum (not restart the window)."""
+    window = ["sparsity.update_interval=6", "sparsity.grow_grad_steps=4", "deepspeed.zero_optimization.stage=2",
+              "train.save_interval=10"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, *window)
+    ckpt = straight / "checkpoints" / "step_00000010"
+    assert json.loads((ckpt / "trainer.json").read_text())["sparsifier"]["grad_sum_steps"] == 1
+    assert any(k.endswith("::grow_grad_sum") for k in shard_tensors(ckpt))
+    assert train(resumed, *window, fault="kill@10:1", expect_ok=False).returncode != 0
+    train(resumed, *window, resume="auto")
+    a, b = losses(straight), losses(resumed)
+    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]
+    ma, mb = (full_masks(d / "checkpoints" / "step_00000020") for d in (straight, resumed))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

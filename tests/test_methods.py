@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dist_sparse.config import SparsityConfig
+from dist_sparse.config import SparsityConfig, from_dict
+from dist_sparse.errors import ConfigError
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import METHOD_NAMES, METHODS, LayerSlice, RigL, build_method, register
 from dist_sparse.methods.base import SparseMethod
@@ -163,3 +164,39 @@ def test_init_masks_must_cover_every_parameter():
         sp.initialize({"other": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="elements"):
         sp.initialize({"layer.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_rigl_grow_grad_steps_scores_growth_on_the_mean_gradient_of_the_window():
+    """grow_grad_steps=3: growth at step 5 uses the mean dense gradient of steps 3, 4 and 5, and gives the same mask
+    as the paper's single-step RigL handed that mean gradient directly."""
+    grads = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    sp, view, weight, grad, state = make_sparsifier("rigl", grow_grad_steps=3)
+    ref, ref_view, ref_weight, ref_grad, _ = make_sparsifier("rigl")
+    sp.initialize()
+    ref.initialize()
+    for step in (1, 2):  # outside the window: nothing accumulated
+        grad.copy_(torch.randn(8, 16))
+        sp.before_step(step)
+    assert sp.grad_sum_steps == 0
+    for step, g in zip((3, 4), grads[:2]):
+        grad.copy_(g)
+        sp.before_step(step)
+        assert not sp.skip_optimizer_step and sp.grad_sum_steps == step - 2
+    grad.copy_(grads[2])
+    ref_grad.copy_((grads[0] + grads[1] + grads[2]) / 3)
+    sp.before_step(5)
+    ref.before_step(5)
+    assert torch.equal(sp.mask("layer.weight"), ref.mask("layer.weight"))
+    assert sp.grad_sum_steps == 0 and not sp.grad_sums  # the window's buffers are freed after the update
+    single, *_ = make_sparsifier("rigl")
+    single.initialize()
+    single.views[0].g.copy_(grads[2].view(-1))
+    single.before_step(5)
+    assert not torch.equal(single.mask("layer.weight"), sp.mask("layer.weight"))  # the window changed the choice
+
+
+def test_grow_grad_steps_is_validated():
+    with pytest.raises(ConfigError, match="sparsity.grow_grad_steps"):
+        from_dict({"sparsity": {"method": "rigl", "grow_grad_steps": 0}})
+    with pytest.raises(ConfigError, match="sparsity.grow_grad_steps"):
+        from_dict({"sparsity": {"method": "rigl", "update_interval": 10, "grow_grad_steps": 20}})

@@ -119,6 +119,8 @@ def save(root, step: int, views: list, sparsifier, state_keys: list, model_state
             tensors[f"{v.name}::{key}"] = value[cut].detach().float().cpu().clone()
         if v.name in masked:
             tensors[f"{v.name}::mask"] = pack_bits(sparsifier.mask(v.name)[cut].cpu())
+            if v.name in sparsifier.grad_sums:  # RigL's growth window is open: its gradient sum (score range)
+                tensors[f"{v.name}::grow_grad_sum"] = sparsifier.grad_sums[v.name].detach().float().cpu().clone()
     _atomic_save_file(tensors, out / rank_file(rank), {"ranges": json.dumps(ranges), "rank": str(rank)})
 
     rng = D.all_gather_object(_rng_state())
@@ -291,6 +293,16 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
                 if mask is None:
                     raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
                 sparsifier.set_mask(v.name, mask)
+    # an open RigL growth window (grow_grad_steps > 1): its gradient sums, over this rank's score range
+    window_steps = int((trainer.get("sparsifier") or {}).get("grad_sum_steps", 0))
+    if sparsifier is not None:
+        sparsifier.grad_sums = {}
+        for v in sparsifier.views:
+            if window_steps and v.score_len:
+                value = _assemble(pieces.get(v.name, []), "grow_grad_sum", v.score_start, v.score_len, torch.float32)
+                if value is None:
+                    raise CheckpointError(path, f"no growth-gradient sum saved for {v.name} (grad_sum_steps > 0)")
+                sparsifier.grad_sums[v.name] = value.to(v.master().device)
     # masks of ranks that hold nothing of a parameter: an empty mask
     if sparsifier is not None:
         for v in sparsifier.views:

@@ -42,6 +42,8 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int):
     if sparsity.method in ("set", "rigl"):
         kind = sparsity.drop_fraction_schedule or ("cosine" if sparsity.method == "rigl" else "constant")
         kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
+    if sparsity.method == "rigl":
+        kwargs["grow_grad_steps"] = sparsity.grow_grad_steps
     return cls(densities, sparsity.distribution == "global", times, seed, **kwargs)
 
 

@@ -16,6 +16,10 @@ class RigL(SET):
     name = "rigl"
     needs_dense_grad = True
 
+    def __init__(self, *args, grow_grad_steps: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grow_grad_steps = grow_grad_steps  # 1: the paper's gradient of the update step's batch
+
     def grow_scores(self, s, step: int) -> torch.Tensor:
         if s.grad is None:
             raise RuntimeError(f"RigL needs the dense gradient of {s.name} on mask-update steps; none is available")
