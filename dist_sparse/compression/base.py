@@ -46,16 +46,24 @@ class Compressor:
     def select(self, values: torch.Tensor, eligible: torch.Tensor | None, density: float, *, step: int,
                stream: int) -> torch.Tensor:
         """Sorted int64 indices of the coordinates of ``values`` (flat) to send. ``stream`` identifies the tensor
-        and rank for randomized methods."""
-        raise NotImplementedError
+        and rank for randomized methods. Default: the k = ceil(density * eligible) largest :meth:`scores`."""
+        k = keep_count(self._n_eligible(values, eligible), density)
+        if k == 0:
+            return torch.zeros(0, dtype=torch.int64, device=values.device)
+        if k == values.numel():
+            return torch.arange(k, device=values.device)
+        scores = self._masked(self.scores(values, step=step, stream=stream), eligible)
+        # ineligible coordinates score -1 and k <= number eligible, so they are never among the k largest
+        return torch.sort(torch.topk(scores, k, sorted=False).indices).values
+
+    def scores(self, values: torch.Tensor, *, step: int, stream: int) -> torch.Tensor:
+        """Non-negative scores; the default selection sends the largest."""
+        raise NotImplementedError(f"compressor {self.name!r} defines neither scores() nor select()")
 
     @staticmethod
-    def _scores(values: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
-        """|values| with ineligible coordinates at -1 (below every magnitude), so they are never chosen."""
-        scores = values.abs()
-        if eligible is not None:
-            scores = scores.masked_fill(~eligible, -1.0)
-        return scores
+    def _masked(scores: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+        """Ineligible coordinates at -1 (below every non-negative score), so they are never chosen."""
+        return scores if eligible is None else scores.masked_fill(~eligible, -1.0)
 
     @staticmethod
     def _n_eligible(values: torch.Tensor, eligible: torch.Tensor | None) -> int:

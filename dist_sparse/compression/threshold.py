@@ -25,7 +25,7 @@ class Threshold(Compressor):
 
     def threshold(self, values, eligible, density, *, step, stream) -> float | None:
         """The estimated magnitude threshold (None when nothing is eligible)."""
-        scores = self._scores(values, eligible)
+        scores = values.abs()
         candidates = scores if eligible is None else scores[eligible]
         n = candidates.numel()
         if n == 0:
@@ -41,6 +41,6 @@ class Threshold(Compressor):
         tau = self.threshold(values, eligible, density, step=step, stream=stream)
         if tau is None:
             return torch.zeros(0, dtype=torch.int64, device=values.device)
-        scores = self._scores(values, eligible)
+        scores = self._masked(values.abs(), eligible)
         # an all-zero tensor has threshold 0: send nothing rather than every zero
         return torch.nonzero(scores >= tau if tau > 0 else scores > 0).reshape(-1)

@@ -2,7 +2,7 @@
 
 For one ZeRO stage, trains a tiny GPT-2 through ``dist_sparse.initialize`` with and without compression on the same
 data and records, on every rank, what the equivalence tests compare:
-- the partition gradient a rank holds right before the sparsifier/optimizer (``view.grad()``) at every boundary,
+- the partition gradient a rank holds when the optimizer step starts (``view.grad()``) at every boundary,
   the losses and the final fp32 master weights, and the final masks;
 - how many gradient collectives DeepSpeed itself issued during ``backward`` (must be 0 when compressed);
 - for compressed runs with a sparse method: the indices each rank sent, checked against the full masks;
@@ -44,7 +44,7 @@ class CollectiveCounter:
 COUNTER = CollectiveCounter()
 
 
-def run(stage: int, compression: dict | None, method: str, gas: int) -> dict:
+def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -67,7 +67,6 @@ def run(stage: int, compression: dict | None, method: str, gas: int) -> dict:
     original_before = sp.before_step
 
     def recording_before_step(step):
-        report["grads"].append({v.name: v.grad().float().tolist() for v in engine.param_views})
         if comp is not None:
             items = comp.compression.last_sent
             masks = comp._full_masks
@@ -87,18 +86,29 @@ def run(stage: int, compression: dict | None, method: str, gas: int) -> dict:
             report["bytes_match"].append([comp.compression.exchange.last_bytes, expected])
             report["dense_step_sent"].append([update, sorted(items)])
         original_before(step)
+        # what the optimizer step will see (pruned positions zeroed by the sparsifier in both runs)
+        report["grads"].append({v.name: v.grad().float().tolist() for v in engine.param_views})
 
     sp.before_step = recording_before_step
     g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        residual = {k: t.clone() for k, t in comp.state_tensors().items()} if comp is not None else None
         for _ in range(gas):
             x = torch.randint(0, 48, (2, 16), generator=g)
             loss = engine(input_ids=x, labels=x).loss
+            if step == nan_step and rank == 1:  # one rank's gradient becomes non-finite
+                loss = loss * float("nan")
             COUNTER.active = True
             engine.backward(loss)
             COUNTER.active = False
             engine.step()
             report["losses"].append(float(loss))
+        if step == nan_step:
+            after = comp.state_tensors()
+            report["nan_step_skipped"] = engine.last_step_skipped
+            report["residual_untouched"] = set(after) == set(residual) and all(
+                torch.equal(after[k], residual[k]) for k in after)
+            report["residual_nonzero"] = sum(int((t != 0).sum()) for t in after.values())
     report["ds_collectives_in_backward"] = COUNTER.count
     COUNTER.count = 0
     report["master"] = {v.name: v.master().float().tolist() for v in engine.param_views}
@@ -119,6 +129,7 @@ def main():
     runs["rigl_topk1"] = run(stage, {"method": "topk", "density": 1.0}, "rigl", 1)
     runs["rigl_topk"] = run(stage, {"method": "topk", "density": 0.1}, "rigl", 1)
     runs["static_threshold"] = run(stage, {"method": "threshold", "density": 0.1, "min_tensor_size": 40}, "static", 1)
+    runs["nan"] = run(stage, {"method": "randomk", "density": 0.1}, "static", 2, nan_step=3)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, runs)
     if dist.get_rank() == 0:
