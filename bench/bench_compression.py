@@ -16,7 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_training import run  # noqa: E402  (issue 2's runner: its COMMON settings, same command)
-from bench.common import SHAKESPEARE, command_line, machine_line, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHAKESPEARE,
+    command_line,
+    machine_line,
+    skipped_without_shakespeare,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression"
@@ -38,10 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
-    if not SHAKESPEARE.is_file():
-        write_section("30_compression", "## Gradient compression (issue 3)\n\nSkipped: "
-                      f"`{SHAKESPEARE}` is absent on this machine.")
-        print("tinyshakespeare absent: skipped")
+    if skipped_without_shakespeare("30_compression", "Gradient compression with error feedback (issue 3)"):
         return
     WORK.mkdir(parents=True, exist_ok=True)
     results = {}
