@@ -298,6 +298,11 @@ def from_dict(raw: dict) -> Config:
     _check_deepspeed(ds)
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
     check_compression_with_deepspeed(compression, ds)
+    # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state) and DGC needs SGD: refuse
+    # now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
+    _require(not compression.momentum_correction, "compression.momentum_correction",
+             "needs momentum SGD, which dist-sparse train cannot checkpoint yet (Adam-family optimizers only); use "
+             "it through dist_sparse.initialize in your own training loop")
     return Config(
         model=_build(ModelConfig, raw.get("model"), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),

@@ -231,13 +231,21 @@ def test_bad_compression_config_names_its_key(overrides, key):
 
 
 def test_compression_config_defaults_and_overrides():
-    cfg = C.load(None, ["compression.method=randomk", "compression.density=0.02", "compression.warmup_steps=10",
-                        "deepspeed.optimizer={type: SGD, params: {lr: 0.1, momentum: 0.9}}",
-                        "compression.momentum_correction=true"])
+    cfg = C.load(None, ["compression.method=randomk", "compression.density=0.02", "compression.warmup_steps=10"])
     c = cfg.compression
     assert (c.method, c.density, c.error_feedback, c.momentum_correction, c.warmup_steps, c.min_tensor_size) == (
-        "randomk", 0.02, True, True, 10, 0)
+        "randomk", 0.02, True, False, 10, 0)
     assert cfg.to_dict()["compression"]["density"] == 0.02
+    # momentum correction: SGD only; through dist_sparse.initialize (the CLI checkpoints Adam only, refused there)
+    sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}
+    ds, _, comp = C.split_deepspeed_json({**sgd, "compression": {"method": "topk", "momentum_correction": True}})
+    assert comp.momentum_correction and "compression" not in ds and "sparsity" not in ds
+    with pytest.raises(ConfigError, match="dist_sparse.initialize") as err:
+        C.load(None, ["deepspeed.optimizer={type: SGD, params: {lr: 0.1, momentum: 0.9}}",
+                      "compression.method=topk", "compression.momentum_correction=true"])
+    assert err.value.key == "compression.momentum_correction"
+    with pytest.raises(ConfigError, match="momentum SGD") as err:
+        C.split_deepspeed_json({"compression": {"method": "topk", "momentum_correction": True}})
     assert not C.load(None, []).compression.enabled
     assert set(C.CompressionConfig.__dataclass_fields__) == {"method", "density", "error_feedback",
                                                              "momentum_correction", "warmup_steps",

@@ -124,3 +124,13 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path):
     other = tmp_path / "one_rank"
     proc = train(other, *over, "train.steps=12", nproc=None, resume=str(resumed / "checkpoints" / "step_00000010"))
     assert "residuals restart at 0" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dgc_momentum_correction_moves_sgd_momentum_into_the_exchange(report):
+    stage, per_rank = report
+    for rank, runs in enumerate(per_rank):
+        r, where = runs["dgc"], f"ZeRO-{stage} rank {rank} dgc"
+        assert r["dgc"]["momentum"] == 0.9 and set(r["dgc"]["optimizer_momentum"]) == {0.0}, where
+        assert r["dgc"]["momenta"] > 0 and r["sent_pruned"] == 0, where
+        assert all(loss == loss and abs(loss) < 100 for loss in r["losses"]), where

@@ -44,14 +44,16 @@ class CollectiveCounter:
 COUNTER = CollectiveCounter()
 
 
-def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None) -> dict:
+def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
+        optimizer: dict | None = None) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
+        "optimizer": optimizer or {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
@@ -109,6 +111,10 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
             report["residual_untouched"] = set(after) == set(residual) and all(
                 torch.equal(after[k], residual[k]) for k in after)
             report["residual_nonzero"] = sum(int((t != 0).sum()) for t in after.values())
+    if comp is not None and comp.compression.feedback.momentum is not None:
+        report["dgc"] = {"momentum": comp.compression.feedback.momentum,
+                         "optimizer_momentum": [grp["momentum"] for grp in engine.optimizer.param_groups],
+                         "momenta": len(comp.compression.feedback.velocity_momentum)}
     report["ds_collectives_in_backward"] = COUNTER.count
     COUNTER.count = 0
     report["master"] = {v.name: v.master().float().tolist() for v in engine.param_views}
@@ -130,6 +136,8 @@ def main():
     runs["rigl_topk"] = run(stage, {"method": "topk", "density": 0.1}, "rigl", 1)
     runs["static_threshold"] = run(stage, {"method": "threshold", "density": 0.1, "min_tensor_size": 40}, "static", 1)
     runs["nan"] = run(stage, {"method": "randomk", "density": 0.1}, "static", 2, nan_step=3)
+    runs["dgc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True, "warmup_steps": 3},
+                      "rigl", 1, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}})
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, runs)
     if dist.get_rank() == 0:
