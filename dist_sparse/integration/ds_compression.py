@@ -180,11 +180,14 @@ class CompressedReduction:
         self._refresh_masks(sparsifier)
         dense, skip = (), ()
         method = sparsifier.method
-        if method is not None and method.is_update_step(step):
-            sparsified = {v.name for v in sparsifier.views}
-            if method.needs_dense_grad:  # RigL grows by the dense averaged gradient: exchange it uncompressed
-                dense = sparsified
-            if method.replaces_optimizer_step:  # the update replaces the step: no other gradient is applied
+        if method is not None:
+            update = method.is_update_step(step)
+            # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the
+            # steps before it too, when the sparsifier can say so): exchange the sparsified tensors uncompressed
+            uses_dense = getattr(sparsifier, "uses_dense_grad", None)
+            if (uses_dense(step) if uses_dense is not None else update and method.needs_dense_grad):
+                dense = {v.name for v in sparsifier.views}
+            if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
                 skip = [n for n in self.names if n not in dense]
         averaged = self.compression.run(self.local_grads(), self._full_masks, step, dense, skip)
         for n in self.names:
