@@ -7,7 +7,12 @@ lr 1e-3 with torch's default betas 0.9/0.999, 2000 steps), five runs one after a
 steps included); `dense_comm_bytes_per_step` is what DeepSpeed's own reduction hands to torch.distributed for the
 same gradients.
 
-    python bench/bench_compression.py [--steps 2000]
+    python bench/bench_compression.py [--steps 2000] [--baselines DIR]
+
+The two uncompressed rows are the same runs as bench_training.py's `dense` and `rigl (paper)`: when DIR (default
+bench/work/training, where `make bench` has just written them) holds a finished run whose saved config equals,
+key for key, the config this script would run, its summary is reused instead of training it again; the section
+says which rows were reused and from where.
 """
 
 import argparse
@@ -16,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_training import run  # noqa: E402  (issue 2's runner: its COMMON settings, same command)
+from bench.bench_training import COMMON, run  # noqa: E402  (issue 2's runner: its settings, same command)
 from bench.common import (  # noqa: E402
     SHAKESPEARE,
     command_line,
@@ -44,22 +49,64 @@ RUNS = [  # key, label, overrides
 ]
 
 
+BASELINE_RUNS = {"dense": "dense", "rigl": "rigl__paper_"}  # bench_training.py's output folders for these runs
+# keys a baseline's saved config may have beyond ours, with the value that makes it the same run
+BASELINE_EXTRA_OK = {("sparsity", "grow_grad_steps"): 1}
+
+
+def expected_config(overrides: list, steps: int) -> dict:
+    """The config `run()` trains for these overrides (its own --set list, output_dir aside)."""
+    from dist_sparse import config as C
+
+    sets = COMMON + overrides + [f"train.steps={steps}", f"train.eval_interval={steps}",
+                                 f"train.log_interval={max(1, steps // 20)}", f"data.path={SHAKESPEARE}"]
+    raw = C.apply_overrides(C.read_file(ROOT / "configs" / "demo.yaml"), sets)
+    return C.from_dict(raw).to_dict()
+
+
+def reusable(folder: Path, overrides: list, steps: int) -> dict | None:
+    """A finished run in ``folder`` whose config equals ours key for key (output_dir and our compression block,
+    which must be 'none', aside); None otherwise."""
+    if not ((folder / "summary.json").is_file() and (folder / "config.json").is_file()):
+        return None
+    saved, ours = json.loads((folder / "config.json").read_text()), expected_config(overrides, steps)
+    if ours.pop("compression")["method"] != "none" or saved.pop("compression", {"method": "none"})["method"] != "none":
+        return None
+    for cfg in (saved, ours):
+        cfg["train"].pop("output_dir")
+    for (section, key), value in BASELINE_EXTRA_OK.items():
+        if saved.get(section, {}).get(key, value) != value:
+            return None
+        saved.get(section, {}).pop(key, None)
+    return json.loads((folder / "summary.json").read_text()) if saved == ours else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--baselines", type=Path, default=ROOT / "bench" / "work" / "training",
+                        help="bench_training.py's run folders; identical uncompressed runs there are reused")
     args = parser.parse_args()
     if skipped_without_shakespeare("30_compression", "Gradient compression with error feedback (issue 3)"):
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, reused = {}, {}
     for key, label, overrides in RUNS:
-        results[key] = run(label, overrides, args.steps, SHAKESPEARE, WORK / key)
+        folder = args.baselines / BASELINE_RUNS[key] if key in BASELINE_RUNS else None
+        found = reusable(folder, overrides, args.steps) if folder is not None else None
+        if found is not None:
+            results[key], reused[key] = found, folder
+            print(f"{label}: reused {folder} (identical config), val {found['final_val_loss']:.4f}", flush=True)
+        else:
+            results[key] = run(label, overrides, args.steps, SHAKESPEARE, WORK / key)
         (WORK / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive a crash
     rows = []
     for key, label, _ in RUNS:
         s = results[key]
         base = results["rigl" if key.startswith("rigl") else "dense"]
-        comm, dense = s["comm_bytes_per_step"], s["dense_comm_bytes_per_step"]
+        # an uncompressed run moves DeepSpeed's dense bytes (a reused run from before issue 3 lacks the keys)
+        dense = results["topk_ef"]["dense_comm_bytes_per_step"]
+        comm = s.get("comm_bytes_per_step", dense)
         rows.append(f"| {label} | {s['achieved_sparsity']:.3f} | {s['final_val_loss']:.4f} | "
                     f"{s['final_val_loss'] / base['final_val_loss']:.4f} | {comm:,.0f} | {dense:,.0f} | "
                     f"{comm / dense:.4f} (1/{dense / comm:.0f}) | {s.get('mask_sync_bytes_per_step', 0):,.0f} | "
@@ -80,12 +127,16 @@ def main() -> None:
          comb["final_val_loss"] <= 1.03 * rigl["final_val_loss"],
          f"{comb['final_val_loss'] / rigl['final_val_loss']:.4f}x"),
     ]
+    reuse_note = ("Reused (not re-run): " + "; ".join(
+        f"`{k}` = `{f}` (a bench_training.py run whose saved config equals this script's, key for key)"
+        for k, f in reused.items()) + ".") if reused else "Every row was run by this command."
     md = [
         "## Gradient compression with error feedback (issue 3)",
         "",
         f"Command: `{command_line()}` (each row is one `dist-sparse train configs/demo.yaml --nproc 2 --set ...` "
         "run; the overrides are in `bench/bench_compression.py` and `bench/bench_training.py`).",
         f"Machine: {machine_line()}.",
+        reuse_note,
         "",
         f"Setting: `{SHAKESPEARE.name}`, char-level GPT-2 (4 layers, width 128, context 128), batch 8 per rank, "
         f"AdamW lr 1e-3 (betas 0.9/0.999, weight decay 0.01), 2 ranks, ZeRO-2, {args.steps} steps, the same seed "
