@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import SHAKESPEARE, command_line, machine_line, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHAKESPEARE,
+    command_line,
+    machine_line,
+    skipped_without_shakespeare,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "training"
@@ -78,10 +84,7 @@ def main() -> None:
                         help="dense/RigL timing runs, interleaved A-B-A-B so load changes hit both alike")
     parser.add_argument("--timing-steps", type=int, default=300)
     args = parser.parse_args()
-    if not SHAKESPEARE.is_file():
-        write_section("20_training", "## Sparse training methods (issue 2)\n\nSkipped: "
-                      f"`{SHAKESPEARE}` is absent on this machine.")
-        print("tinyshakespeare absent: skipped")
+    if skipped_without_shakespeare("20_training", "Sparse training methods (issue 2)"):
         return
     results = {name: run(name, ov, args.steps, SHAKESPEARE) for name, ov in RUNS}
     # step time: interleaved short runs (the quality runs above are minutes apart, so load drift would bias them)

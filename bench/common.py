@@ -42,3 +42,12 @@ def write_section(name: str, markdown: str) -> Path:
     tmp.write_text(markdown.rstrip() + "\n")
     os.replace(tmp, path)
     return path
+
+
+def skipped_without_shakespeare(name: str, title: str) -> bool:
+    """When tinyshakespeare is absent, write a section saying so and return True (the bench then stops)."""
+    if SHAKESPEARE.is_file():
+        return False
+    write_section(name, f"## {title}\n\nSkipped: `{SHAKESPEARE}` is absent on this machine.")
+    print("tinyshakespeare absent: skipped")
+    return True

@@ -1,4 +1,5 @@
-"""One validated config with sections ``model``, ``data``, ``train``, ``deepspeed``, ``sparsity`` (+ ``attention``).
+"""One validated config with sections ``model``, ``data``, ``train``, ``deepspeed``, ``sparsity`` (+ ``attention``,
+``compression``).
 
 Every section is a dataclass that checks its own values; an error is a :class:`ConfigError` naming the dotted key
 path (``sparsity.sparsity``), raised while loading, before any process group starts. Files are YAML or JSON;
@@ -20,6 +21,7 @@ from dist_sparse.errors import ConfigError
 
 METHOD_NAMES = ("none", "static", "magnitude", "set", "rigl")  # kept in sync with dist_sparse.methods (tested)
 DISTRIBUTIONS = ("uniform", "erk", "global")
+COMPRESSION_METHODS = ("none", "topk", "randomk", "threshold")  # kept in sync with dist_sparse.compression (tested)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,6 +199,50 @@ class SparsityConfig:
             _require(Path(self.init_masks).exists(), f"{p}.init_masks", f"mask file not found: {self.init_masks}")
 
 
+@dataclass
+class CompressionConfig:
+    """Sparse gradient exchange with error feedback (issue 3, docs/compression.md). The key set is a contract."""
+
+    method: str = "none"  # none | topk | randomk | threshold
+    density: float = 0.01  # fraction of the (unpruned) coordinates each rank sends per tensor
+    error_feedback: bool = True  # Stich et al. 2018: what was not sent is added to the next step's gradient
+    momentum_correction: bool = False  # Lin et al. 2018 (DGC): accumulate momentum locally, before selection
+    warmup_steps: int = 0  # DGC warm-up: density ramps exponentially from 1 to `density` over these steps
+    min_tensor_size: int = 0  # tensors with fewer elements are sent dense (0: every tensor is compressed)
+
+    def check(self, p: str) -> None:
+        _require(self.method in COMPRESSION_METHODS, f"{p}.method",
+                 f"unknown method {self.method!r}; choose one of {', '.join(COMPRESSION_METHODS)}")
+        _require(0.0 < self.density <= 1.0, f"{p}.density", f"must be in (0, 1], got {self.density!r}")
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        _require(self.min_tensor_size >= 0, f"{p}.min_tensor_size", "must be >= 0")
+        _require(not self.momentum_correction or self.error_feedback, f"{p}.momentum_correction",
+                 "needs error_feedback: true (DGC corrects momentum on the accumulated, not-yet-sent velocity)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "compression") -> None:
+    """Combinations the compressed exchange cannot serve, refused before any process group starts."""
+    if not c.enabled:
+        return
+    zero = ds.get("zero_optimization", {}) or {}
+    _require(int(zero.get("stage", 0)) < 3, f"{p}.method",
+             "gradient compression supports ZeRO stages 0, 1 and 2, not 3: stage 3 reduce-scatters each gradient "
+             "during backward and frees it, so the full local gradient that error feedback accumulates never "
+             "exists at the step boundary")
+    _require(not zero.get("offload_optimizer"), f"{p}.method",
+             "gradient compression does not support deepspeed.zero_optimization.offload_optimizer (the offloaded "
+             "gradient path bypasses the partition gradients the compressed exchange writes)")
+    if c.momentum_correction:
+        opt = (ds.get("optimizer") or {}).get("type", "AdamW")
+        _require(str(opt).lower() == "sgd", f"{p}.momentum_correction",
+                 f"DGC momentum correction is defined for momentum SGD (it moves the optimizer's momentum into the "
+                 f"exchange); deepspeed.optimizer.type is {opt!r}")
+
+
 def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:
     if not isinstance(ds, dict):
         raise ConfigError(p, f"must be a mapping (a DeepSpeed config), got {type(ds).__name__}")
@@ -224,9 +270,10 @@ class Config:
     deepspeed: dict = field(default_factory=dict)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     attention: typing.Any = None  # dist_sparse.attention.config.AttentionConfig
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # issue 3
 
     def to_dict(self) -> dict:
-        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity")}
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression")}
         out["deepspeed"] = copy.deepcopy(self.deepspeed)
         if self.attention is not None:
             out["attention"] = self.attention.to_dict()
@@ -237,7 +284,7 @@ class Config:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
-SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention")
+SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression")
 
 
 def _attention_from_dict(raw):
@@ -254,6 +301,13 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
+    compression = _build(CompressionConfig, raw.get("compression"), "compression")
+    check_compression_with_deepspeed(compression, ds)
+    # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state) and DGC needs SGD: refuse
+    # now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
+    _require(not compression.momentum_correction, "compression.momentum_correction",
+             "needs momentum SGD, which dist-sparse train cannot checkpoint yet (Adam-family optimizers only); use "
+             "it through dist_sparse.initialize in your own training loop")
     return Config(
         model=_build(ModelConfig, raw.get("model"), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),
@@ -261,6 +315,7 @@ def from_dict(raw: dict) -> Config:
         deepspeed=ds,
         sparsity=_build(SparsityConfig, raw.get("sparsity"), "sparsity"),
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
+        compression=compression,
     )
 
 
@@ -344,9 +399,10 @@ def load(path=None, overrides=()) -> Config:
 
 
 def split_deepspeed_json(config) -> tuple:
-    """For ``dist_sparse.initialize``: a DeepSpeed config (path or dict) carrying a ``sparsity`` block.
+    """For ``dist_sparse.initialize``: a DeepSpeed config (path or dict) carrying a ``sparsity`` block (and
+    optionally a ``compression`` block).
 
-    Returns ``(deepspeed_dict_without_our_blocks, SparsityConfig)``.
+    Returns ``(deepspeed_dict_without_our_blocks, SparsityConfig, CompressionConfig)``.
     """
     if isinstance(config, (str, Path)):
         raw = read_file(config)
@@ -355,5 +411,7 @@ def split_deepspeed_json(config) -> tuple:
     else:
         raise ConfigError("<config>", f"expected a path or a dict, got {type(config).__name__}")
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
+    compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
     _check_deepspeed(raw, "<deepspeed>")
-    return raw, sparsity
+    check_compression_with_deepspeed(compression, raw)
+    return raw, sparsity, compression

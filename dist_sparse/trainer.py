@@ -132,7 +132,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
     deepspeed = ds_integration._import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
     engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
-                                   max_skipped_steps=cfg.train.max_skipped_steps)
+                                   max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
     sparsifier = engine.sparsifier
     start_step = 0
     if resume_path is not None:
@@ -245,6 +245,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
         "data": data.source,
+        **_comm_summary(engine, cfg.train.steps - start_step),
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
@@ -255,6 +256,25 @@ def _train(cfg: Config, resume: str | None) -> dict:
         write_json_atomic(out_dir / "summary.json", summary)
     D.barrier()
     return summary
+
+
+def _comm_summary(engine, steps: int) -> dict:
+    """Gradient bytes per optimizer step and rank (issue 3): measured by the compressed exchange; without
+    compression DeepSpeed's own reduction moves exactly ``dense_comm_bytes_per_step`` (the same formula)."""
+    from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
+
+    comp = engine.compression
+    if comp is None:
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        dense = float(dense_comm_bytes_per_step(engine.engine, params)) if D.world_size() > 1 else 0.0
+        return {"comm_bytes_per_step": dense, "dense_comm_bytes_per_step": dense, "compression": "none"}
+    stats = comp.stats(steps)
+    totals = torch.tensor([stats["comm_bytes_per_step"], stats["mask_sync_bytes_per_step"]], dtype=torch.float64)
+    D.all_reduce_sum(totals)  # mean over ranks (equal for top-k/random-k; threshold pads to the longest anyway)
+    return {"comm_bytes_per_step": float(totals[0]) / D.world_size(),
+            "dense_comm_bytes_per_step": stats["dense_comm_bytes_per_step"],
+            "mask_sync_bytes_per_step": float(totals[1]) / D.world_size(),
+            "compression": comp.compression.cfg.method}
 
 
 def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
@@ -287,8 +307,34 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> 
         "skipped_nonfinite": engine.skipped_nonfinite,
         "config": cfg.to_dict(),
     }
+    extra = None
+    if engine.compression is not None:  # issue 3: this rank's error-feedback residuals
+        extra = {compression_file(D.rank()): (engine.compression.state_tensors(),
+                                              {"world_size": str(D.world_size()), "rank": str(D.rank())})}
     return checkpoint.save(root, step, engine.param_views, engine.sparsifier, state_keys, model_state,
-                           trainer_state, fault=faults)
+                           trainer_state, fault=faults, extra_files=extra)
+
+
+def compression_file(rank: int) -> str:
+    return f"compression_rank_{rank:05d}.safetensors"
+
+
+def _restore_compression(engine, path: Path, saved_world: int) -> None:
+    """Residuals are per-rank sums of what that rank did not send: they cannot be resharded meaningfully. On the
+    same world size each rank reloads its own; otherwise (or when the checkpoint has none) they restart at 0."""
+    comp = engine.compression
+    comp.masks_changed()  # the masks were just loaded: refresh the replicated copy the sender uses
+    name = compression_file(D.rank())
+    has = torch.tensor([1 if (path / name).is_file() else 0], dtype=torch.int64)
+    D.all_reduce_sum(has)
+    if saved_world != D.world_size() or int(has[0]) != D.world_size():
+        log.warning("error-feedback residuals restart at 0: the checkpoint %s (written by %d ranks, resumed on %d)",
+                    "has none" if int(has[0]) == 0 else "cannot be resharded", saved_world, D.world_size())
+        return
+    checkpoint.verify(path, [name])
+    from safetensors.torch import load_file
+
+    comp.load_state_tensors(load_file(str(path / name)))
 
 
 def restore(engine, path: Path) -> int:
@@ -314,6 +360,8 @@ def restore(engine, path: Path) -> int:
     if scheduler is not None and state.get("lr_scheduler") is not None:
         scheduler.load_state_dict(state["lr_scheduler"])
     engine.sparsifier.load_state_dict(state["sparsifier"])
+    if engine.compression is not None:
+        _restore_compression(engine, path, int(state["world_size"]))
     engine.consecutive_skips = state.get("consecutive_skips", 0)
     engine.skipped_nonfinite = state.get("skipped_nonfinite", 0)
     return int(state["step"])

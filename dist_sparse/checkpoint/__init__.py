@@ -7,6 +7,9 @@ Layout of ``<output_dir>/checkpoints/step_00000100/``:
   sparsified parameters, the mask bits; the ranges are in the file's metadata. Because every piece is addressed by
   global range, a checkpoint written by N ranks loads on M ranks by intersecting ranges (resharding is exact).
 - ``model.safetensors``: the model's own (low-precision) weights, written by rank 0.
+- ``compression_rank_00000.safetensors`` ... (only with gradient compression): each rank's error-feedback state,
+  full-size per-rank tensors keyed ``{name}::residual`` / ``{name}::momentum`` (not ranges: see
+  docs/compression.md); passed in as ``extra_files``.
 - ``trainer.json``: step, world size, ZeRO stage, optimizer step count, engine counters, lr scheduler state,
   sparsifier state, every rank's RNG state (as lists of bytes), the config.
 - ``manifest.json``: size and SHA-256 of every file above, written by rank 0 after a barrier.
@@ -93,8 +96,11 @@ def _rng_state() -> list:
 
 
 def save(root, step: int, views: list, sparsifier, state_keys: list, model_state: dict | None,
-         trainer_state: dict, fault=None) -> Path:
-    """Write a checkpoint for ``step`` on every rank (a collective). Returns its directory."""
+         trainer_state: dict, fault=None, extra_files: dict | None = None) -> Path:
+    """Write a checkpoint for ``step`` on every rank (a collective). Returns its directory.
+
+    ``extra_files``: this rank's further safetensors files, ``{file name: (tensors, metadata)}``; they are covered
+    by the manifest and the commit marker like the rest."""
     rank = D.rank()
     root = Path(root)
     out = step_dir(root, step)
@@ -122,6 +128,8 @@ def save(root, step: int, views: list, sparsifier, state_keys: list, model_state
             if v.name in sparsifier.grad_sums:  # RigL's growth window is open: its gradient sum (score range)
                 tensors[f"{v.name}::grow_grad_sum"] = sparsifier.grad_sums[v.name].detach().float().cpu().clone()
     _atomic_save_file(tensors, out / rank_file(rank), {"ranges": json.dumps(ranges), "rank": str(rank)})
+    for name, (extra, metadata) in (extra_files or {}).items():
+        _atomic_save_file(extra, out / name, metadata)
 
     rng = D.all_gather_object(_rng_state())
     if rank == 0:

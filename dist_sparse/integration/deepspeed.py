@@ -26,7 +26,7 @@ import os
 import torch
 
 from dist_sparse import distributed as D
-from dist_sparse.config import SparsityConfig, split_deepspeed_json
+from dist_sparse.config import CompressionConfig, SparsityConfig, split_deepspeed_json
 from dist_sparse.errors import DistSparseError
 from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
@@ -388,7 +388,8 @@ class SparseEngine:
         self.__dict__.update(engine=engine, sparsifier=sparsifier, sparsity=sparsity,
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
-                             _loss_finite=True, last_step_skipped=False)
+                             _loss_finite=True, last_step_skipped=False,
+                             compression=None)  # issue 3: a ds_compression.CompressedReduction, set by attach()
         _wrap_inner_step(engine, sparsifier)
 
     def __getattr__(self, name):
@@ -408,6 +409,8 @@ class SparseEngine:
         return self.engine.backward(loss, *args, **kwargs)
 
     def _grads_finite(self) -> bool:
+        if self.compression is not None:  # compressed: check the full local gradient, before it enters a residual
+            return self.compression.local_finite()
         for v in self.param_views:
             g = v.grad()
             if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
@@ -434,8 +437,12 @@ class SparseEngine:
                 if g is not None:
                     g.zero_()
             self.sparsifier.skip_optimizer_step = True
+            if self.compression is not None:  # residuals stay untouched on a skipped step
+                self.compression.discard()
             return self.engine.step(*args, **kwargs)
         self.__dict__["consecutive_skips"] = 0
+        if self.compression is not None:  # issue 3: the compressed exchange replaces DeepSpeed's reduction
+            self.compression.reduce(self.engine.global_steps, self.sparsifier)
         self.sparsifier.before_step(self.engine.global_steps)
         return self.engine.step(*args, **kwargs)
 
@@ -455,8 +462,9 @@ def _wrap_inner_step(engine, sparsifier: Sparsifier) -> None:
 
 
 def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
-           max_skipped_steps: int = 5) -> SparseEngine:
-    """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now)."""
+           max_skipped_steps: int = 5, compression: CompressionConfig | None = None) -> SparseEngine:
+    """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now), and the compressed
+    gradient exchange when ``compression`` is enabled (docs/compression.md)."""
     from dist_sparse.integration.hf import sparsifiable_parameters
 
     names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
@@ -470,24 +478,32 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         init_masks = load_masks(sparsity.init_masks)
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
-    return SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    if compression is not None and compression.enabled:
+        from dist_sparse.integration.ds_compression import CompressedReduction
+
+        wrapped.__dict__["compression"] = CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
+                                                              compression, seed)
+    return wrapped
 
 
 def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,
                total_steps=None, seed=0, **kwargs):
-    """Like ``deepspeed.initialize``, for a DeepSpeed config (path or dict) that also carries a ``sparsity`` block.
+    """Like ``deepspeed.initialize``, for a DeepSpeed config (path or dict) that also carries a ``sparsity`` block
+    (and optionally a ``compression`` block).
 
-    The ``sparsity`` block is validated and stripped before DeepSpeed sees the config. Returns
+    The ``sparsity`` (and ``compression``) block is validated and stripped before DeepSpeed sees the config. Returns
     ``(engine, optimizer, training_dataloader, lr_scheduler)`` where ``engine`` is a :class:`SparseEngine`: use it
     exactly like a DeepSpeed engine (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
     """
-    ds_config, sparsity = split_deepspeed_json(config)
+    ds_config, sparsity, compression = split_deepspeed_json(config)
     deepspeed = _import_deepspeed()
     init_distributed()
     engine, opt, loader, sched = deepspeed.initialize(
         model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
         optimizer=optimizer, lr_scheduler=lr_scheduler, training_data=training_data, config=ds_config, **kwargs)
-    return attach(engine, model, sparsity, total_steps=total_steps, seed=seed), opt, loader, sched
+    return (attach(engine, model, sparsity, total_steps=total_steps, seed=seed, compression=compression), opt, loader,
+            sched)
 
 
 def gathered_state_dict(engine) -> dict | None:

@@ -1,0 +1,108 @@
+"""Per-rank compression state: error-feedback residuals, DGC momentum correction, the warm-up density schedule.
+
+For each tensor a rank wants to send, :meth:`ErrorFeedback.compress` forms the vector to sparsify, lets the
+compressor select coordinates, and keeps what was not sent:
+
+- plain (``error_feedback: false``): ``acc = g``; unsent coordinates are dropped.
+- error feedback (Stich, Cordonnier & Jaggi 2018, "Sparsified SGD with memory"): ``acc = g + r``; the sent
+  coordinates leave, ``r <- acc - sent``. Exactly: ``scatter(sent) + r_new == g + r_old`` (no rounding: the
+  residual is ``acc`` with the sent positions set to 0).
+- momentum correction (Lin et al. 2018, "Deep Gradient Compression", Sec. 3.2): ``u <- m u + g``,
+  ``v <- v + u`` and ``acc = v``; after sending, both ``u`` and ``v`` are zeroed at the sent positions
+  (*momentum factor masking*), so a stale momentum does not keep pushing a coordinate that was just applied.
+  The optimizer then receives the aggregated velocity and must not apply momentum itself (see
+  :mod:`dist_sparse.integration.ds_compression`).
+
+Mask-aware: ``eligible`` is the set of coordinates the weight mask keeps. Pruned coordinates are zeroed in ``acc``
+before selection, so they are never sent and never enter (or stay in) a residual.
+
+Warm-up (DGC Sec. 3.4): the density ramps exponentially from 1 (dense) to the target over ``warmup_steps``
+optimizer steps: ``density_t = target ** (t / warmup_steps)`` (DGC's 75%, 93.75%, 98.4%, 99.6% sparsity
+schedule is such a geometric ramp).
+"""
+
+import torch
+
+
+class ErrorFeedback:
+    """Residuals (and momenta) of one rank, keyed by tensor name; full flat fp32 tensors on the gradient's device."""
+
+    def __init__(self, compressor, density: float, error_feedback: bool = True, momentum: float | None = None,
+                 warmup_steps: int = 0):
+        self.compressor = compressor
+        self.target_density = float(density)
+        self.error_feedback = bool(error_feedback)
+        self.momentum = momentum  # None: no momentum correction
+        self.warmup_steps = int(warmup_steps)
+        self.residual: dict = {}
+        self.velocity_momentum: dict = {}  # DGC's u (the local momentum), only with momentum correction
+
+    def density(self, step: int) -> float:
+        if self.warmup_steps <= 0 or step >= self.warmup_steps:
+            return self.target_density
+        return self.target_density ** (step / self.warmup_steps)
+
+    def _buffer(self, store: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = store.get(name)
+        if buf is None or buf.shape != like.shape or buf.device != like.device:
+            buf = store[name] = torch.zeros_like(like, dtype=torch.float32)
+        return buf
+
+    @torch.no_grad()
+    def accumulate(self, name: str, grad: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+        """The vector to sparsify for ``name``: gradient (+ residual, or DGC velocity), zero where pruned.
+
+        With error feedback it *is* the residual buffer (updated in place); call :meth:`sent` after selecting."""
+        grad = grad.reshape(-1).float()
+        if not self.error_feedback:
+            acc = grad.clone()
+        elif self.momentum is None:
+            acc = self._buffer(self.residual, name, grad)
+            acc.add_(grad)
+        else:
+            u = self._buffer(self.velocity_momentum, name, grad)
+            u.mul_(self.momentum).add_(grad)
+            acc = self._buffer(self.residual, name, grad)
+            acc.add_(u)
+            if eligible is not None:
+                u.masked_fill_(~eligible, 0)
+        if eligible is not None:
+            acc.masked_fill_(~eligible, 0)  # pruned coordinates are never sent and never kept
+        return acc
+
+    @torch.no_grad()
+    def sent(self, name: str, acc: torch.Tensor, indices: torch.Tensor) -> None:
+        """Remove the sent coordinates from the residual (and DGC momentum): ``r <- acc - sent``."""
+        if not self.error_feedback:
+            return
+        acc.index_fill_(0, indices, 0)
+        if self.momentum is not None:
+            self.velocity_momentum[name].index_fill_(0, indices, 0)
+
+    def compress(self, name: str, grad: torch.Tensor, eligible: torch.Tensor | None, step: int, stream: int,
+                 density: float | None = None) -> tuple:
+        """(indices, values) this rank sends for ``name``; residual state is updated."""
+        acc = self.accumulate(name, grad, eligible)
+        d = self.density(step) if density is None else density
+        idx = self.compressor.select(acc, eligible, d, step=step, stream=stream)
+        values = acc[idx].clone()
+        self.sent(name, acc, idx)
+        return idx, values
+
+    # -- checkpointing: per-rank tensors keyed "{name}::residual" / "{name}::momentum" --------------------------
+    def state_tensors(self) -> dict:
+        out = {f"{n}::residual": t for n, t in self.residual.items()}
+        out.update({f"{n}::momentum": t for n, t in self.velocity_momentum.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict, device=None) -> None:
+        self.residual, self.velocity_momentum = {}, {}
+        for key, t in tensors.items():
+            name, kind = key.rsplit("::", 1)
+            store = self.residual if kind == "residual" else self.velocity_momentum if kind == "momentum" else None
+            if store is None:
+                raise KeyError(f"unknown compression state tensor {key!r}")
+            store[name] = t.to(device=device, dtype=torch.float32).reshape(-1).clone()
+
+    def reset(self) -> None:
+        self.residual, self.velocity_momentum = {}, {}

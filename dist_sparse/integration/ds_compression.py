@@ -1,0 +1,217 @@
+"""Compressed gradient exchange inside DeepSpeed's loop (ZeRO stages 0, 1, 2): where the local gradients come from
+and where the averaged gradients go. Receives the engine; never imports deepspeed.
+
+How DeepSpeed's own reduction is replaced (``docs/compression.md``):
+
+- stage 0: ``engine.enable_backward_allreduce = False``: ``engine.backward`` no longer all-reduces, so at the
+  accumulation boundary ``param.grad`` holds this rank's local gradient (summed over micro-batches).
+- stages 1 and 2: DeepSpeed hands every parameter's gradient to
+  ``optimizer.reduce_independent_p_g_buckets_and_remove_grads(param, i)`` (stage 2: after each micro-batch's
+  backward, from its gradient hooks; stage 1: at the boundary). We replace that bound method on the optimizer
+  instance: it adds the gradient to this rank's local accumulator and puts nothing in DeepSpeed's buckets, so no
+  collective runs; DeepSpeed's epilogue still builds its partition-gradient views (``averaged_gradients``) at the
+  boundary, now holding local values.
+- at the boundary, :meth:`CompressedReduction.reduce` (called by ``SparseEngine.step`` after the finiteness check,
+  before the sparsifier) runs the compressed exchange and writes each parameter's average into exactly the storage
+  DeepSpeed's reduction would have filled: ``param.grad`` at stage 0, the rank's partition fragment
+  (``param._hp_mapping.get_lp_grad_fragment``) at stages 1/2. Gradient clipping, the norm and the optimizer step
+  then proceed unchanged.
+
+The sender must know which coordinates of its *full* local gradient are pruned, while masks are stored sharded:
+a replicated copy of the full masks is gathered (bit-packed, 1 bit per weight) whenever the masks change.
+"""
+
+import logging
+
+import torch
+
+from dist_sparse import distributed as D
+from dist_sparse.compression import GradientCompression
+from dist_sparse.errors import ConfigError
+from dist_sparse.masks.packing import packed_nbytes, unpack_bits
+
+log = logging.getLogger("dist_sparse")
+
+
+def dense_comm_bytes_per_step(engine, params: list) -> int:
+    """What DeepSpeed's uncompressed reduction hands to torch.distributed per rank and optimizer step.
+
+    Every gradient element is all-reduced once per reduction, as ``communication_data_type``: stage 0's
+    ``allreduce_bucket`` and stages 1/2's ``average_tensor`` (reduce-scatter via bucketed all-reduce/reduce) hand
+    the flattened bucket, ``numel`` elements, to the collective. Stage 0 and 1 reduce at the accumulation
+    boundary; stage 2 reduces after every micro-batch's backward (``gradient_accumulation_steps`` times)."""
+    dtype = getattr(engine, "communication_data_type", None) or params[0].dtype
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    reductions = engine.gradient_accumulation_steps() if engine.zero_optimization_stage() == 2 else 1
+    return sum(p.numel() for p in params) * itemsize * reductions
+
+
+def _optimizer_momentum(inner) -> float:
+    """Move SGD momentum into the exchange (DGC momentum correction): return it, set the optimizer's to 0."""
+    groups = inner.param_groups
+    m = groups[0].get("momentum")
+    if m is None or not m > 0 or any(g.get("momentum") != m for g in groups):
+        raise ConfigError("compression.momentum_correction",
+                          f"needs an SGD optimizer with one momentum > 0 in every param group (DGC, Lin et al. "
+                          f"2018); {type(inner).__name__} has momentum {m!r}")
+    if any(g.get("nesterov") for g in groups):
+        raise ConfigError("compression.momentum_correction", "DGC momentum correction does not cover Nesterov SGD")
+    for g in groups:
+        g["momentum"] = 0.0
+    log.info("compression.momentum_correction: SGD momentum %.3g is applied before compression (DGC); the "
+             "optimizer's own momentum is set to 0", m)
+    return float(m)
+
+
+class CompressedReduction:
+    """Owns the per-rank compression state of one engine and replaces its gradient reduction."""
+
+    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0):
+        stage = engine.zero_optimization_stage()
+        if stage >= 3:
+            raise ConfigError("compression.method", "gradient compression supports ZeRO stages 0, 1 and 2, not 3 "
+                                                    "(see docs/compression.md)")
+        dp = getattr(engine, "dp_world_size", D.world_size())
+        if dp != D.world_size():
+            raise ConfigError("compression.method", f"gradient compression needs pure data parallelism (data-"
+                                                    f"parallel size {dp} != world size {D.world_size()})")
+        self.engine = engine
+        self.stage = stage
+        self.views = {v.name: v for v in param_views}
+        self.names = sorted(self.views)
+        params = dict(engine.module.named_parameters())
+        self.params = {n: params[n] for n in self.names}
+        self._name_of = {id(p): n for n, p in self.params.items()}
+        momentum = _optimizer_momentum(inner_optimizer) if cfg.momentum_correction else None
+        self.compression = GradientCompression(cfg, seed, momentum=momentum)
+        self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
+        self.mask_sync_bytes = 0
+        self._full_masks: dict = {}
+        self._mask_token = None
+        self._mask_epoch = 0
+        self._stash: dict = {}
+        self._touched: set = set()
+        if stage == 0:
+            engine.enable_backward_allreduce = False
+        else:
+            opt = engine.optimizer
+            if not hasattr(opt, "reduce_independent_p_g_buckets_and_remove_grads"):
+                raise ConfigError("compression.method", f"cannot take over the gradient reduction of "
+                                                        f"{type(opt).__name__} (not a ZeRO 1/2 optimizer)")
+            self._grad_for_reduction = getattr(opt, "get_gradient_for_reduction", lambda p: p.grad)
+            opt.reduce_independent_p_g_buckets_and_remove_grads = self._take_local_grad
+
+    # -- collecting the local gradient (stages 1/2) ------------------------------------------------------------
+    @torch.no_grad()
+    def _take_local_grad(self, param, i) -> None:
+        """Replaces DeepSpeed's bucketing + reduction: accumulate this rank's gradient, communicate nothing."""
+        name = self._name_of.get(id(param))
+        g = self._grad_for_reduction(param)
+        if name is None or g is None or param.numel() == 0:
+            return
+        flat = g.detach().reshape(-1)
+        buf = self._stash.get(name)
+        if buf is None:
+            buf = self._stash[name] = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        if name in self._touched:
+            buf.add_(flat)
+        else:
+            buf.copy_(flat)
+            self._touched.add(name)
+
+    def local_grads(self) -> dict:
+        """This rank's full local gradient of every trainable parameter (zeros where none was computed)."""
+        out = {}
+        for n in self.names:
+            p = self.params[n]
+            if self.stage == 0:
+                if p.grad is None:  # unused this step; DeepSpeed's all-reduce would also treat it as zeros
+                    p.grad = torch.zeros_like(p)
+                out[n] = p.grad.detach().reshape(-1)
+            elif n in self._touched:
+                out[n] = self._stash[n]
+            else:
+                out[n] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        return out
+
+    def local_finite(self) -> bool:
+        return all(bool(torch.isfinite(g).all()) for g in self.local_grads().values())
+
+    def discard(self) -> None:
+        """A skipped step: forget the local gradients (the residuals stay untouched)."""
+        self._touched.clear()
+
+    # -- masks -------------------------------------------------------------------------------------------------
+    def masks_changed(self) -> None:
+        """Call after masks were replaced outside a mask update (a checkpoint load): refresh the replicated copy."""
+        self._mask_epoch += 1
+
+    def _refresh_masks(self, sparsifier) -> None:
+        token = (sparsifier.updates_done, self._mask_epoch)
+        if token == self._mask_token:
+            return
+        self._mask_token = token
+        views = sparsifier.views
+        if not views:
+            return
+        if all(v.replicated for v in views):  # stage 0: every rank already holds the whole masks
+            self._full_masks = {v.name: sparsifier.mask(v.name) for v in views}
+        else:  # one all-gather of every rank's packed bits (+ its ranges), not one per tensor
+            ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64)
+            packed = torch.cat([sparsifier.packed[v.name] for v in views])
+            all_ranges = D.all_gather_equal(ranges)
+            all_packed = D.all_gather_varlen(packed)
+            self.mask_sync_bytes += ranges.numel() * 8 + 8 + max(p.numel() for p in all_packed)
+            full = {v.name: torch.zeros(v.numel, dtype=torch.bool) for v in views}
+            for r_ranges, r_packed in zip(all_ranges, all_packed):
+                offset = 0
+                for v, (start, length) in zip(views, r_ranges.tolist()):
+                    nbytes = packed_nbytes(length)
+                    full[v.name][start: start + length] = unpack_bits(r_packed[offset: offset + nbytes], length)
+                    offset += nbytes
+            self._full_masks = full
+        for n, m in self._full_masks.items():
+            self._full_masks[n] = m.to(self.params[n].device)
+
+    # -- the boundary ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce(self, step: int, sparsifier) -> None:
+        """Exchange compressed gradients and write the averages where DeepSpeed's reduction would have."""
+        self._refresh_masks(sparsifier)
+        dense, skip = (), ()
+        method = sparsifier.method
+        if method is not None:
+            update = method.is_update_step(step)
+            # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the
+            # steps before it too, when the sparsifier can say so): exchange the sparsified tensors uncompressed
+            uses_dense = getattr(sparsifier, "uses_dense_grad", None)
+            if (uses_dense(step) if uses_dense is not None else update and method.needs_dense_grad):
+                dense = {v.name for v in sparsifier.views}
+            if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
+                skip = [n for n in self.names if n not in dense]
+        averaged = self.compression.run(self.local_grads(), self._full_masks, step, dense, skip)
+        for n in self.names:
+            v = self.views[n]
+            g = v.grad()
+            if g is None or g.numel() == 0:
+                continue
+            if n in averaged:
+                g.copy_(averaged[n][v.mask_start: v.mask_start + g.numel()].to(g.dtype))
+            else:
+                g.zero_()
+        self._touched.clear()
+
+    # -- accounting and checkpoints ----------------------------------------------------------------------------
+    def stats(self, steps: int) -> dict:
+        """Per-rank means over ``steps`` optimizer steps (skipped steps move nothing)."""
+        steps = max(1, steps)
+        return {"comm_bytes_per_step": self.compression.total_bytes / steps,
+                "dense_comm_bytes_per_step": float(self.dense_bytes_per_step),
+                "mask_sync_bytes_per_step": self.mask_sync_bytes / steps}
+
+    def state_tensors(self) -> dict:
+        return {k: t.detach().cpu().contiguous() for k, t in self.compression.feedback.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        device = next(iter(self.params.values())).device
+        self.compression.feedback.load_state_tensors(tensors, device)

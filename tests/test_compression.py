@@ -1,0 +1,255 @@
+"""Gradient compression without DeepSpeed: compressors on hand-checkable tensors, exact error-feedback
+conservation, DGC momentum correction and warm-up, the 2-rank exchange (average, pruned coordinates never sent,
+byte counter == analytic size), config errors. The DeepSpeed side is tests/test_compression_deepspeed.py."""
+
+import math
+
+import pytest
+import torch
+
+from dist_sparse import config as C
+from dist_sparse.compression import COMPRESSORS, ErrorFeedback, GradientCompression, Outgoing, SparseExchange
+from dist_sparse.compression.base import keep_count
+from dist_sparse.compression.exchange import payload_elements
+from dist_sparse.errors import ConfigError
+from tests.distributed_utils import run_spawned
+
+G = torch.tensor([0.5, -3.0, 1.0, 0.0, 2.5, -0.25, 4.0, -1.5])
+
+
+def select(method, values, density, eligible=None, step=0, stream=0):
+    return COMPRESSORS[method](seed=1).select(values, eligible, density, step=step, stream=stream)
+
+
+def test_registry_matches_config_names():
+    assert set(C.COMPRESSION_METHODS) == {"none", *COMPRESSORS}
+
+
+def test_keep_count_is_ceil_and_at_least_one():
+    assert [keep_count(n, 0.25) for n in (0, 1, 3, 4, 5, 8)] == [0, 1, 1, 1, 2, 2]
+    assert keep_count(100, 0.01) == 1 and keep_count(101, 0.01) == 2 and keep_count(7, 1.0) == 7
+
+
+def test_topk_picks_largest_magnitudes():
+    assert select("topk", G, 0.25).tolist() == [1, 6]  # |-3| and |4|
+    assert select("topk", G, 3 / 8).tolist() == [1, 4, 6]
+    assert select("topk", G, 1.0).tolist() == list(range(8))
+
+
+def test_topk_never_selects_pruned_coordinates():
+    eligible = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)  # the two largest are pruned
+    assert select("topk", G, 0.5, eligible).tolist() == [2, 4, 7]  # ceil(0.5 * 6) = 3 of the kept ones
+    assert select("topk", G, 1.0, eligible).tolist() == [0, 2, 3, 4, 5, 7]
+
+
+def test_randomk_is_reproducible_uniform_and_eligible():
+    eligible = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    values = torch.randn(1000)
+    a = select("randomk", values, 0.1, eligible, step=3, stream=7)
+    assert torch.equal(a, select("randomk", values, 0.1, eligible, step=3, stream=7))  # same draw on resume
+    assert not torch.equal(a, select("randomk", values, 0.1, eligible, step=4, stream=7))  # fresh each step
+    assert a.numel() == keep_count(int(eligible.sum()), 0.1) and bool(eligible[a].all())
+    assert torch.equal(a, torch.sort(a).values) and a.unique().numel() == a.numel()
+    # independent of the values: random-k is not magnitude-based
+    assert torch.equal(a, select("randomk", values * -7, 0.1, eligible, step=3, stream=7))
+    # over many steps every eligible coordinate is drawn about equally often
+    hits = torch.zeros(1000)
+    for step in range(200):
+        hits[select("randomk", values, 0.1, eligible, step=step, stream=7)] += 1
+    assert hits[~eligible].sum() == 0 and 10 < float(hits[eligible].mean()) < 30 and float(hits[eligible].min()) > 5
+
+
+def test_threshold_selects_above_a_sampled_threshold():
+    comp = COMPRESSORS["threshold"](seed=0)
+    small = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.3, 0.05])  # sample = whole tensor: exact top-k threshold
+    assert comp.threshold(small, None, 2 / 6, step=0, stream=0) == 3.0
+    assert comp.select(small, None, 2 / 6, step=0, stream=0).tolist() == [1, 3]
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    eligible = torch.arange(100_000) % 3 != 0
+    idx = comp.select(values, eligible, 0.01, step=0, stream=0)
+    assert bool(eligible[idx].all())
+    assert 0.5 * 667 < idx.numel() < 1.5 * 667  # about 1% of the eligible coordinates (sampled estimate)
+    tau = comp.threshold(values, eligible, 0.01, step=0, stream=0)
+    assert bool((values[idx].abs() >= tau).all()) and not bool((values[eligible].abs() >= tau).logical_xor(
+        torch.zeros(100_000, dtype=torch.bool).index_fill_(0, idx, True)[eligible]).any())
+    assert comp.select(torch.zeros(10), None, 0.1, step=0, stream=0).numel() == 0
+
+
+def scattered(n, idx, values):
+    return torch.zeros(n).index_put_((idx,), values)
+
+
+@pytest.mark.parametrize("method", sorted(COMPRESSORS))
+def test_error_feedback_conserves_exactly(method):
+    gen = torch.Generator().manual_seed(0)
+    eligible = torch.rand(500, generator=gen) < 0.7
+    ef = ErrorFeedback(COMPRESSORS[method](seed=0), density=0.05)
+    for step in range(5):
+        g = torch.randn(500, generator=gen) * 10 ** (step - 2)
+        old = ef.residual.get("w", torch.zeros(500)).clone()
+        idx, values = ef.compress("w", g, eligible, step, stream=0)
+        total = (g + old).masked_fill(~eligible, 0)  # pruned coordinates are neither sent nor kept
+        assert torch.equal(scattered(500, idx, values) + ef.residual["w"], total)
+        assert bool(eligible[idx].all()) and bool((ef.residual["w"][~eligible] == 0).all())
+        assert bool((ef.residual["w"][idx] == 0).all())
+
+
+def test_without_error_feedback_the_rest_is_dropped():
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.25, error_feedback=False)
+    idx, values = ef.compress("w", G, None, 0, 0)
+    assert idx.tolist() == [1, 6] and values.tolist() == [-3.0, 4.0] and ef.residual == {}
+    idx, values = ef.compress("w", G, None, 1, 0)  # nothing carried over
+    assert idx.tolist() == [1, 6]
+
+
+def test_error_feedback_sends_delayed_coordinates():
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=1 / 8)
+    g = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6])
+    sent = [ef.compress("w", g, None, s, 0) for s in range(3)]
+    # step 0 sends 1.0 (idx 0), keeps 0.6; step 1: idx 0 has 1.0, idx 7 has 1.2 -> sends idx 7
+    assert [i.tolist() for i, _ in sent] == [[0], [7], [0]]
+    assert sent[1][1].tolist() == [pytest.approx(1.2)] and sent[2][1].tolist() == [2.0]
+
+
+def test_momentum_correction_is_dgc():
+    """u <- m u + g, v <- v + u; send top-k of v; u and v zeroed where sent (momentum factor masking)."""
+    m = 0.9
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=m)
+    g1, g2 = torch.tensor([1.0, 0.5, 0.0, -2.0]), torch.tensor([0.5, 0.5, 0.1, 0.0])
+    idx, values = ef.compress("w", g1, None, 0, 0)  # u = v = g1: send idx 0 and 3
+    assert idx.tolist() == [0, 3] and values.tolist() == [1.0, -2.0]
+    assert ef.velocity_momentum["w"].tolist() == [0.0, 0.5, 0.0, 0.0] and ef.residual["w"].tolist() == [0, 0.5, 0, 0]
+    idx, values = ef.compress("w", g2, None, 1, 0)
+    u = torch.tensor([0.5, 0.5 * m + 0.5, 0.1, 0.0])
+    v = torch.tensor([0.0, 0.5, 0.0, 0.0]) + u
+    assert idx.tolist() == [0, 1] and torch.equal(values, v[[0, 1]])
+    assert torch.equal(ef.residual["w"], torch.tensor([0.0, 0.0, v[2], 0.0]))
+    assert torch.equal(ef.velocity_momentum["w"], torch.tensor([0.0, 0.0, u[2], 0.0]))
+
+
+def test_warmup_ramps_density_exponentially_from_dense():
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.001, warmup_steps=4)
+    assert [ef.density(s) for s in range(6)] == pytest.approx([1.0, 0.001 ** 0.25, 0.001 ** 0.5, 0.001 ** 0.75,
+                                                               0.001, 0.001])
+    assert ErrorFeedback(COMPRESSORS["topk"](), density=0.1).density(0) == 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the exchange on 2 ranks
+
+
+def _exchange_worker(rank, world, method):
+    """Every rank compresses its own gradients; the result must equal the average of what each rank sent."""
+    cfg = C.CompressionConfig(method=method, density=0.1, min_tensor_size=20)
+    comp = GradientCompression(cfg, seed=5)
+    gen = torch.Generator().manual_seed(rank)
+    masks = {"w": torch.arange(1000) % 4 != 0}  # a sparsified tensor; "b" (small) and "e" are dense parameters
+    for step in range(3):
+        grads = {"w": torch.randn(1000, generator=gen), "b": torch.randn(10, generator=gen),
+                 "e": torch.randn(300, generator=gen)}
+        before = {n: comp.feedback.residual.get(n, torch.zeros(grads[n].numel())).clone() for n in grads}
+        out = comp.run(grads, masks, step)
+        sent = {n: scattered(grads[n].numel(), comp.last_sent[n],
+                             (grads[n] + before[n]).masked_fill(~masks.get(n, torch.ones(grads[n].numel(),
+                                                                                          dtype=torch.bool)), 0)
+                             [comp.last_sent[n]]) for n in grads}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, sent)
+        for n in grads:
+            torch.testing.assert_close(out[n], sum(g[n] for g in gathered) / world, rtol=0, atol=1e-6)
+        # pruned coordinates are never sent (the sent indices themselves), small tensors go dense
+        assert bool(masks["w"][comp.last_sent["w"]].all())
+        assert comp.last_sent["b"].tolist() == list(range(10)) and bool((comp.feedback.residual["b"] == 0).all())
+        # the byte counter equals the analytic size of the payload (+ the count header for threshold)
+        n_pos = {"w": int(masks["w"].sum()), "b": 10, "e": 300}
+        mine = sum(payload_elements(comp.last_sent[n].numel(), n_pos[n]) for n in grads)
+        longest = torch.tensor([mine])
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        header = 0 if COMPRESSORS[method].fixed_count else 4 * len(grads)
+        assert comp.exchange.last_bytes == header + 4 * int(longest)
+        assert comp.exchange.collectives == (1 if COMPRESSORS[method].fixed_count else 2)
+        if method == "topk":  # analytic: ceil(0.1 * 750) = 75 indices + values, 10 dense, ceil(0.1 * 300) = 30 x 2
+            assert comp.exchange.last_bytes == 4 * (2 * 75 + 10 + 2 * 30)
+    # the RigL dense step: all coordinates of "w" (pruned ones too), no residual change; "e" skipped
+    residual = {n: t.clone() for n, t in comp.feedback.residual.items()}
+    grads = {"w": torch.full((1000,), float(rank + 1)), "b": torch.zeros(10), "e": torch.ones(300)}
+    out = comp.run(grads, masks, 3, dense={"w"}, skip={"e"})
+    assert set(out) == {"w", "b"} and torch.equal(out["w"], torch.full((1000,), 1.5))
+    assert all(torch.equal(residual[n], comp.feedback.residual[n]) for n in residual)
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk", "threshold"])
+def test_two_rank_exchange_averages_what_was_sent(method):
+    run_spawned(_exchange_worker, 2, method)
+
+
+def _density_one_worker(rank, world):
+    gen = torch.Generator().manual_seed(10 + rank)
+    grads = {"a": torch.randn(64, generator=gen), "b": torch.randn(7, generator=gen)}
+    out = GradientCompression(C.CompressionConfig(method="topk", density=1.0)).run(grads, {}, 0)
+    for n, g in grads.items():
+        reference = g.clone()
+        torch.distributed.all_reduce(reference)
+        torch.testing.assert_close(out[n], reference / world)
+
+
+def test_density_one_equals_all_reduce_average():
+    run_spawned(_density_one_worker, 2)
+
+
+def test_exchange_single_process_is_identity_average():
+    ex = SparseExchange()
+    item = Outgoing("x", 5, None, torch.tensor([1, 3]), torch.tensor([2.0, -1.0]))
+    assert ex.run([item], fixed_counts=True)["x"].tolist() == [0.0, 2.0, 0.0, -1.0, 0.0] and ex.last_bytes == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["compression.method=top-k"], "compression.method"),
+    (["compression.density=0"], "compression.density"),
+    (["compression.density=1.5"], "compression.density"),
+    (["compression.density=.nan"], "compression.density"),
+    (["compression.density='0.1'"], "compression.density"),
+    (["compression.warmup_steps=-1"], "compression.warmup_steps"),
+    (["compression.min_tensor_size=-5"], "compression.min_tensor_size"),
+    (["compression.error_feedback=yes please"], "compression.error_feedback"),
+    (["compression.ratio=0.1"], "compression.ratio"),
+    (["compression.method=topk", "compression.error_feedback=false", "compression.momentum_correction=true"],
+     "compression.momentum_correction"),
+    (["compression.method=topk", "compression.momentum_correction=true"], "compression.momentum_correction"),
+    (["compression.method=topk", "deepspeed.zero_optimization.stage=3"], "compression.method"),
+    (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
+     "compression.method"),
+])
+def test_bad_compression_config_names_its_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        C.load(None, overrides)
+    assert err.value.key == key and key in str(err.value)
+
+
+def test_compression_config_defaults_and_overrides():
+    cfg = C.load(None, ["compression.method=randomk", "compression.density=0.02", "compression.warmup_steps=10"])
+    c = cfg.compression
+    assert (c.method, c.density, c.error_feedback, c.momentum_correction, c.warmup_steps, c.min_tensor_size) == (
+        "randomk", 0.02, True, False, 10, 0)
+    assert cfg.to_dict()["compression"]["density"] == 0.02
+    # momentum correction: SGD only; through dist_sparse.initialize (the CLI checkpoints Adam only, refused there)
+    sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}
+    ds, _, comp = C.split_deepspeed_json({**sgd, "compression": {"method": "topk", "momentum_correction": True}})
+    assert comp.momentum_correction and "compression" not in ds and "sparsity" not in ds
+    with pytest.raises(ConfigError, match="dist_sparse.initialize") as err:
+        C.load(None, ["deepspeed.optimizer={type: SGD, params: {lr: 0.1, momentum: 0.9}}",
+                      "compression.method=topk", "compression.momentum_correction=true"])
+    assert err.value.key == "compression.momentum_correction"
+    with pytest.raises(ConfigError, match="momentum SGD") as err:
+        C.split_deepspeed_json({"compression": {"method": "topk", "momentum_correction": True}})
+    assert not C.load(None, []).compression.enabled
+    assert set(C.CompressionConfig.__dataclass_fields__) == {"method", "density", "error_feedback",
+                                                             "momentum_correction", "warmup_steps",
+                                                             "min_tensor_size"}
+    # ZeRO-3 without compression stays fine
+    assert C.load(None, ["deepspeed.zero_optimization.stage=3"]).zero_stage == 3
+    assert math.isclose(C.load(None, ["compression.density=1"]).compression.density, 1.0)

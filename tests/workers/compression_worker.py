@@ -1,0 +1,149 @@
+"""Worker for tests/test_compression_deepspeed.py (run under torchrun, CPU, gloo).
+
+For one ZeRO stage, trains a tiny GPT-2 through ``dist_sparse.initialize`` with and without compression on the same
+data and records, on every rank, what the equivalence tests compare:
+- the partition gradient a rank holds when the optimizer step starts (``view.grad()``) at every boundary,
+  the losses and the final fp32 master weights, and the final masks;
+- how many gradient collectives DeepSpeed itself issued during ``backward`` (must be 0 when compressed);
+- for compressed runs with a sparse method: the indices each rank sent, checked against the full masks;
+- bytes counted by the exchange vs the analytic size of what was sent.
+Rank 0 writes a JSON report to argv[2].
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import dist_sparse
+from dist_sparse.compression.exchange import payload_elements
+
+STEPS = 7
+_COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
+                "all_gather_into_tensor", "broadcast")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued while ``active`` (DeepSpeed's comm layer calls these)."""
+
+    def __init__(self):
+        self.count, self.active = 0, False
+        for name in _COLLECTIVES:
+            original = getattr(dist, name)
+
+            def wrapped(*a, _original=original, **k):
+                if self.active:
+                    self.count += 1
+                return _original(*a, **k)
+
+            setattr(dist, name, wrapped)
+
+
+COUNTER = CollectiveCounter()
+
+
+def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
+        optimizer: dict | None = None) -> dict:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "optimizer": optimizer or {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 1.0,
+        "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
+                     "start_step": 0, "end_step": 6, "drop_fraction": 0.5},
+    }
+    if compression is not None:
+        config["compression"] = compression
+    engine, _, _, _ = dist_sparse.initialize(model=model, config=config, total_steps=STEPS, seed=3)
+    sp, comp = engine.sparsifier, engine.compression
+    rank = dist.get_rank()
+    report = {"grads": [], "losses": [], "ds_collectives_in_backward": 0, "sent_pruned": 0, "sent_total": 0,
+              "bytes_match": [], "dense_step_sent": []}
+    original_before = sp.before_step
+
+    def recording_before_step(step):
+        if comp is not None:
+            items = comp.compression.last_sent
+            masks = comp._full_masks
+            update = sp.method is not None and sp.method.is_update_step(step)
+            expected = 0
+            for name, idx in items.items():
+                mask = None if update else masks.get(name)
+                n_pos = comp.params[name].numel() if mask is None else int(mask.sum())
+                expected += payload_elements(int(idx.numel()), n_pos) * 4
+                if mask is not None:
+                    report["sent_pruned"] += int((~mask[idx]).sum())
+                    report["sent_total"] += int(idx.numel())
+            if not comp.compression.compressor.fixed_count:  # threshold: a count header, payloads padded to the longest
+                longest = torch.tensor([expected // 4], dtype=torch.int64)
+                dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+                expected = 4 * len(items) + 4 * int(longest)
+            report["bytes_match"].append([comp.compression.exchange.last_bytes, expected])
+            report["dense_step_sent"].append([update, sorted(items)])
+        original_before(step)
+        # what the optimizer step will see (pruned positions zeroed by the sparsifier in both runs)
+        report["grads"].append({v.name: v.grad().float().tolist() for v in engine.param_views})
+
+    sp.before_step = recording_before_step
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(STEPS):
+        residual = {k: t.clone() for k, t in comp.state_tensors().items()} if comp is not None else None
+        for _ in range(gas):
+            x = torch.randint(0, 48, (2, 16), generator=g)
+            loss = engine(input_ids=x, labels=x).loss
+            if step == nan_step and rank == 1:  # one rank's gradient becomes non-finite
+                loss = loss * float("nan")
+            COUNTER.active = True
+            engine.backward(loss)
+            COUNTER.active = False
+            engine.step()
+            report["losses"].append(float(loss))
+        if step == nan_step:
+            after = comp.state_tensors()
+            report["nan_step_skipped"] = engine.last_step_skipped
+            report["residual_untouched"] = set(after) == set(residual) and all(
+                torch.equal(after[k], residual[k]) for k in after)
+            report["residual_nonzero"] = sum(int((t != 0).sum()) for t in after.values())
+    if comp is not None and comp.compression.feedback.momentum is not None:
+        report["dgc"] = {"momentum": comp.compression.feedback.momentum,
+                         "optimizer_momentum": [grp["momentum"] for grp in engine.optimizer.param_groups],
+                         "momenta": len(comp.compression.feedback.velocity_momentum)}
+    report["ds_collectives_in_backward"] = COUNTER.count
+    COUNTER.count = 0
+    report["master"] = {v.name: v.master().float().tolist() for v in engine.param_views}
+    report["masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
+    if comp is not None:
+        report["stats"] = comp.stats(STEPS)
+        report["sparsified"] = sorted(v.name for v in sp.views)
+    return report
+
+
+def main():
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    runs = {}
+    for gas in (1, 2):
+        runs[f"dense_gas{gas}"] = run(stage, None, "none", gas)
+        runs[f"topk1_gas{gas}"] = run(stage, {"method": "topk", "density": 1.0}, "none", gas)
+    runs["rigl"] = run(stage, None, "rigl", 1)
+    runs["rigl_topk1"] = run(stage, {"method": "topk", "density": 1.0}, "rigl", 1)
+    runs["rigl_topk"] = run(stage, {"method": "topk", "density": 0.1}, "rigl", 1)
+    runs["static_threshold"] = run(stage, {"method": "threshold", "density": 0.1, "min_tensor_size": 40}, "static", 1)
+    runs["nan"] = run(stage, {"method": "randomk", "density": 0.1}, "static", 2, nan_step=3)
+    runs["dgc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True, "warmup_steps": 3},
+                      "rigl", 1, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}})
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, runs)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+
+
+if __name__ == "__main__":
+    main()
