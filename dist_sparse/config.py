@@ -172,6 +172,7 @@ class SparsityConfig:
     drop_fraction_schedule: str | None = None  # cosine | constant; default: cosine for rigl, constant for set
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
+    compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
 
     def check(self, p: str) -> None:
         _require(self.method in METHOD_NAMES, f"{p}.method",
@@ -190,6 +191,28 @@ class SparsityConfig:
                      "must be 'cosine' or 'constant'")
         if self.init_masks is not None:
             _require(Path(self.init_masks).exists(), f"{p}.init_masks", f"mask file not found: {self.init_masks}")
+
+
+def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
+    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2 optimizer with fp32 or bf16 and Adam/AdamW (see
+    docs/memory.md); anything else is refused here, before a process group starts."""
+    if not sparsity.compact_state:
+        return
+    key = f"{p}.compact_state"
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    _require(stage in (1, 2), key, f"is supported with ZeRO stages 1 and 2, not stage {stage} "
+                                   "(set deepspeed.zero_optimization.stage)")
+    _require(not (ds.get("fp16") or {}).get("enabled", False), key,
+             "supports fp32 and bf16, not fp16 (dynamic loss scaling is not implemented for packed state)")
+    _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
+             "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
+    _require(ds.get("gradient_accumulation_steps", 1) == 1, key, "needs deepspeed.gradient_accumulation_steps: 1")
+    _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
+    _require(zero.get("contiguous_gradients", True) is not False, key,
+             "needs zero_optimization.contiguous_gradients: true")
+    opt = (ds.get("optimizer") or {}).get("type", "AdamW")
+    _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
 
 
 def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:
@@ -249,7 +272,7 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
-    return Config(
+    cfg = Config(
         model=_build(ModelConfig, raw.get("model"), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),
         train=_build(TrainConfig, raw.get("train"), "train"),
@@ -257,6 +280,8 @@ def from_dict(raw: dict) -> Config:
         sparsity=_build(SparsityConfig, raw.get("sparsity"), "sparsity"),
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
     )
+    check_compact_state(cfg.sparsity, cfg.deepspeed)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,4 +376,5 @@ def split_deepspeed_json(config) -> tuple:
         raise ConfigError("<config>", f"expected a path or a dict, got {type(config).__name__}")
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
     _check_deepspeed(raw, "<deepspeed>")
+    check_compact_state(sparsity, raw)
     return raw, sparsity

@@ -388,7 +388,7 @@ class SparseEngine:
         self.__dict__.update(engine=engine, sparsifier=sparsifier, sparsity=sparsity,
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
-                             _loss_finite=True, last_step_skipped=False)
+                             _loss_finite=True, last_step_skipped=False, compact=None, state_bytes=None)
         _wrap_inner_step(engine, sparsifier)
 
     def __getattr__(self, name):
@@ -436,7 +436,14 @@ class SparseEngine:
             self.sparsifier.skip_optimizer_step = True
             return self.engine.step(*args, **kwargs)
         self.__dict__["consecutive_skips"] = 0
-        self.sparsifier.before_step(self.engine.global_steps)
+        step = self.engine.global_steps
+        self.sparsifier.before_step(step)
+        method = self.sparsifier.method
+        if method is None or not method.is_update_step(step):
+            # memory accounting (issue 7): gradients exist only between backward and the step, so measure here
+            from dist_sparse.integration.accounting import measure
+
+            self.__dict__["state_bytes"] = measure(self)
         return self.engine.step(*args, **kwargs)
 
 
@@ -470,7 +477,12 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         init_masks = load_masks(sparsity.init_masks)
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
-    return SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    sparse_engine = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    if sparsity.compact_state:  # issue 7: masters, moments and gradients only for active weights
+        from dist_sparse.integration import compact_zero
+
+        compact_zero.enable(engine, sparse_engine)
+    return sparse_engine
 
 
 def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,
