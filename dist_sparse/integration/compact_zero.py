@@ -163,7 +163,7 @@ class CompactZeroState:
         for i, part in enumerate(self.parts):
             dense = zo.single_partition_of_fp32_groups[i]
             masks = part.masks()
-            packed = part.pack(lambda k: dense.narrow(0, part.fragments[k].start, part.fragments[k].length),
+            packed = part.pack(lambda k, d=dense, f=part.fragments: d.narrow(0, f[k].start, f[k].length),
                                masks, torch.float32, dense.device)
             self._set_group_tensor(i, packed, {})
             # DeepSpeed copies "fp32 partition -> lp partition" after its step and in update_lp_params: aliasing
@@ -281,12 +281,13 @@ class CompactZeroState:
         out = []
         for i, part in enumerate(self.parts):
             if self.dense_grad_step:  # pack by the (possibly new) masks; params without a gradient: zeros
-                masks = part.masks()
-                lp_dtype = self.lp_parts[i].dtype
-                out.append(part.pack(
-                    lambda k: self.dense_grads.get(part.fragments[k].name,
-                                                   torch.zeros(part.fragments[k].length, dtype=lp_dtype)),
-                    masks, torch.float32, self.lp_parts[i].device))
+                lp = self.lp_parts[i]
+
+                def dense_of(k, frags=part.fragments, lp=lp):
+                    g = self.dense_grads.get(frags[k].name)
+                    return g if g is not None else torch.zeros(frags[k].length, dtype=lp.dtype, device=lp.device)
+
+                out.append(part.pack(dense_of, part.masks(), torch.float32, lp.device))
             elif self.grads[i] is not None:
                 out.append(self.grads[i].to(torch.float32))  # the same cast DeepSpeed applies to its flat grad
             else:

@@ -97,7 +97,7 @@ def run(stage: int, compact: bool, bf16: bool) -> dict:
     report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
-    for step in range(STEPS):
+    for _ in range(STEPS):
         x = torch.randint(0, 48, (2, 16), generator=g)
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
