@@ -1,14 +1,15 @@
 """Issue 7 figures: per-rank training-state bytes with compact state vs dense DeepSpeed, and `dist-sparse plan`.
 
 Setting: char-level GPT-2 with 8 layers of width 768 (56.8M parameters), context 128, batch 1 per rank, AdamW,
-2 CPU ranks, 90% sparsity with ERK over the attention/MLP projections, RigL updates every 5 steps, a few steps per
-run. Runs, each one `dist-sparse train configs/demo.yaml --nproc 2 --set ...` (so `summary.json` is the source
-of every byte figure): dense DeepSpeed (no sparsity), masked-dense RigL (`compact_state: false`) and compact RigL,
-at ZeRO-2 in bf16 (where the 0.35x target can be met: the replicated low-precision weights alone are 2/9 of dense
-ZeRO-2 state) and at ZeRO-2 and ZeRO-1 in fp32 (reported too: replicated fp32 weights are 4/12 = 0.33x of dense by
-themselves). The prediction is `dist-sparse plan CONFIG --set ... --world-size 2 --json` for the same overrides.
+2 CPU ranks, 90% sparsity with ERK over the attention/MLP projections, RigL updates every 3 steps, 8 steps per
+run (the machine is shared: the bench is kept to a few minutes). Each run is `dist-sparse train
+configs/demo.yaml --nproc 2 --set ...` (its `summary.json` is the source of every byte figure): dense DeepSpeed
+(no sparsity), masked-dense RigL (`compact_state: false`; bf16 only, the step-time reference) and compact RigL, at
+ZeRO-2 in bf16 (where the 0.35x target can be met: the replicated low-precision weights alone are 2/9 of dense
+ZeRO-2 state) and at ZeRO-2 and ZeRO-1 in fp32 (reported too: replicated fp32 weights are 4/12 = 0.33x of dense
+by themselves). The prediction is `dist-sparse plan CONFIG --set ... --world-size 2 --json`, same overrides.
 
-    python bench/bench_memory.py [--steps 12]
+    python bench/bench_memory.py [--steps 8] [--timing-rounds 1]
 """
 
 import argparse
@@ -31,7 +32,7 @@ MODEL = ["model.n_layer=8", "model.n_head=12", "model.n_embd=768", "model.block_
          "deepspeed.train_micro_batch_size_per_gpu=1", "deepspeed.optimizer.params.lr=0.0003",
          "train.seed=0", "train.eval_batches=2", "train.progress=false", "train.save_final_model=false",
          "train.tensorboard=false", "train.threads=1", "sparsity.sparsity=0.9", "sparsity.distribution=erk",
-         "sparsity.update_interval=5", "sparsity.drop_fraction=0.3"]
+         "sparsity.update_interval=3", "sparsity.end_step=8", "sparsity.drop_fraction=0.3"]
 
 PRECISIONS = {"bf16": ["deepspeed.bf16.enabled=true"], "fp32": []}
 KINDS = {"dense": ["sparsity.method=none"], "masked": ["sparsity.method=rigl"],
@@ -77,8 +78,8 @@ def mib(n) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--timing-rounds", type=int, default=2,
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--timing-rounds", type=int, default=1,
                         help="masked-dense / compact bf16 runs alternate this many times for the step-time ratio")
     args = parser.parse_args()
     section = "## Compact state: memory per rank (issue 7)"
@@ -90,7 +91,8 @@ def main() -> None:
     settings = [(2, "bf16"), (2, "fp32"), (1, "fp32")]
     runs, plans, timing = {}, {}, {"masked": [], "compact": []}
     for stage, prec in settings:
-        for kind in ("dense", "masked", "compact"):
+        # masked-dense only where the step-time ratio is measured (the bytes equal dense + masks)
+        for kind in ("dense", "masked", "compact") if (stage, prec) == (2, "bf16") else ("dense", "compact"):
             ov = overrides(stage, prec, kind, args.steps, SHAKESPEARE)
             runs[(stage, prec, kind)] = train(f"z{stage}_{prec}_{kind}", ov)
             plans[(stage, prec, kind)] = plan(ov)
@@ -111,7 +113,7 @@ def main() -> None:
           f"Setting: `{SHAKESPEARE.name}`, char-level GPT-2, 8 layers x 768, context 128, "
           f"{dense0['total_parameters'] / 1e6:.1f}M parameters ({c_bf16['sparsified_parameters'] / 1e6:.1f}M "
           f"sparsified), batch 1 per rank, 2 CPU ranks, {args.steps} steps, RigL at 90% sparsity (ERK), mask "
-          "update every 5 steps. Bytes are `summary.json`'s `state_bytes_per_rank`: per category the maximum over "
+          "update every 3 steps. Bytes are `summary.json`'s `state_bytes_per_rank`: per category the maximum over "
           "the 2 ranks of what each holds between backward and the optimizer step on a non-update step, counted "
           "from the live tensors' storages (MiB). `dense` = DeepSpeed without sparsity, `masked` = RigL with "
           "dense state (`compact_state: false`), `compact` = RigL with `sparsity.compact_state: true`.", "",
@@ -121,6 +123,8 @@ def main() -> None:
     for stage, prec in settings:
         base = runs[(stage, prec, "dense")]
         for kind in ("dense", "masked", "compact"):
+            if (stage, prec, kind) not in runs:
+                continue
             s = runs[(stage, prec, kind)]
             sb = s["state_bytes_per_rank"]
             md.append(f"| {stage} | {prec} | {kind} | " + " | ".join(mib(sb[c]) for c in CATS) +
@@ -146,20 +150,20 @@ def main() -> None:
     checks = [
         ("state bytes <= 0.35x dense DeepSpeed (ZeRO-2, bf16, 90% sparsity, >= 50M parameters)", ratio <= 0.35,
          f"{ratio:.3f}x"),
-        ("same, ZeRO-2 fp32 (reported; replicated fp32 weights alone are 0.33x)", ratio_fp32 <= 0.35,
+        ("same, ZeRO-2 fp32 (reported; replicated fp32 weights alone are 0.33x)", None,
          f"{ratio_fp32:.3f}x"),
-        ("peak RSS ratio (ZeRO-2 bf16, reported)", True,
+        ("peak RSS ratio compact / dense (ZeRO-2 bf16, reported)", None,
          f"{c_bf16['peak_rss_mb'] / dense0['peak_rss_mb']:.3f}x ({c_bf16['peak_rss_mb']:.0f} vs "
          f"{dense0['peak_rss_mb']:.0f} MB)"),
-        ("step time compact / masked-dense (ZeRO-2 bf16, reported)", True,
-         f"{t_compact / t_masked:.3f}x (medians of {len(timing['compact'])} alternating runs: "
+        ("step time compact / masked-dense (ZeRO-2 bf16, reported)", None,
+         f"{t_compact / t_masked:.3f}x (median step of {len(timing['compact'])} run(s) each: "
          f"{', '.join(f'{t * 1e3:.0f}' for t in timing['masked'])} vs "
          f"{', '.join(f'{t * 1e3:.0f}' for t in timing['compact'])} ms)"),
         ("`dist-sparse plan` within 5% of the measured total (compact runs)", worst_total <= 0.05,
          f"worst {worst_total * 100:.2f}%"),
     ]
     md += ["", "| target | reached | measured |", "|---|---|---|",
-           *[f"| {t} | {'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
+           *[f"| {t} | {'reported' if ok is None else 'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
            "RigL's dense gradient on mask-update steps (a transient of compact runs, not in the table): "
            f"{mib(c_bf16['transient_bytes_per_rank']['dense_gradient_on_update_steps'])} MiB per rank (ZeRO-2 bf16). "
            "Peak RSS includes what is not training state: the Python process, torch, activations, DeepSpeed's "

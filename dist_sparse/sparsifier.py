@@ -108,6 +108,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        if self.repack is not None:  # compact state: only active positions are stored, nothing to zero
+            return
         for v in self.views:
             v.mul_master_(self.mask(v.name).to(v.master().device))
 

@@ -96,32 +96,36 @@ def test_compact_state_key_type_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, dtype", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
-def test_compact_equals_masked_dense(stage, dtype, tmp_path):
+@pytest.mark.parametrize("stage, dtype, method", [(1, "fp32", "rigl"), (2, "fp32", "rigl"), (2, "bf16", "rigl"),
+                                                   (2, "fp32", "magnitude")])
+def test_compact_equals_masked_dense(stage, dtype, method, tmp_path):
     out = tmp_path / "report.json"
-    run_torchrun("compact_worker.py", 2, stage, dtype, out)
+    run_torchrun("compact_worker.py", 2, stage, dtype, out, method)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, r in enumerate(per_rank):
-        where = f"ZeRO-{stage} {dtype} rank {rank}"
+        where = f"ZeRO-{stage} {dtype} {method} rank {rank}"
         dense, compact = r["dense"], r["compact"]
         # the trajectory: same losses (the norm is summed in another order: reassociation only)
         torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
-        assert compact["updates"] == dense["updates"] == 4, where
+        assert compact["updates"] == dense["updates"] >= 4, where
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
         # repack after regrowth
-        assert len(compact["repack"]) == 4, where
+        assert len(compact["repack"]) == compact["updates"], where
         for rp in compact["repack"]:
-            assert rp["regrown"] > 0 or rp is compact["repack"][-1], where
-            assert rp["survivors_exact"], f"{where}: a surviving weight's master or moments changed in the repack"
-            assert rp["regrown_zero"], f"{where}: a regrown weight does not start at 0 with zero moments"
+            assert rp["regrown_zero"], f"{where}: a regrown or pruned weight is not 0 (or its moments are not 0)"
+            if method == "rigl":  # RigL's update replaces the optimizer step: survivors must not move at all
+                assert rp["regrown"] > 0 or rp is compact["repack"][-1], where
+                assert rp["survivors_exact"], f"{where}: a surviving weight's master or moments changed in the repack"
+            else:  # magnitude pruning only drops weights (and the optimizer steps after the update)
+                assert rp["regrown"] == 0, where
         # accounting: measured == counted from the masks, on every measured step
         for measured, expected in zip(compact["bytes"], compact["expected"]):
             for key, value in expected.items():
                 assert measured[key] == value, f"{where}: {key} measured {measured[key]} != {value}"
         assert compact["dense_master_freed"], f"{where}: DeepSpeed's dense fp32 partition is still referenced"
-        assert compact["transient_dense_grad_bytes"] > 0, where  # RigL's dense gradient on update steps
+        assert compact["transient_dense_grad_bytes"] > 0, where  # the dense gradient on update steps
         d, c = dense["bytes"][-1], compact["bytes"][-1]
         assert d["weights"] == c["weights"] and d["masks"] == c["masks"], where
         for key in ("master_weights", "optimizer_state", "gradients"):

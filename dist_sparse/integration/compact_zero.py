@@ -77,13 +77,13 @@ class CompactView(FragmentView):
         return mask if layout is None else mask[layout.to(mask.device)]
 
     def mul_grad_(self, mask):
-        if self.group is None:
+        """On a mask-update step the dense gradient is masked like :class:`FragmentView` does; otherwise the
+        packed gradient holds exactly the positions of the current mask (the only mask this is called with)."""
+        if self.group is None or not self.compact.dense_grad_step:
             return
         g = self.grad()
-        if g is None:
-            return
-        keep = mask.reshape(-1) if g.numel() == self.mask_len and self.compact.dense_grad_step else self._keep(mask)
-        g.masked_fill_(~keep.to(g.device), 0)
+        if g is not None:
+            g.masked_fill_(~mask.reshape(-1).to(g.device), 0)
 
     def mul_master_(self, mask):
         if self.group is not None:
@@ -308,7 +308,9 @@ class CompactZeroState:
             zo.reduce_ipg_grads()
             for k in range(len(zo.params_already_reduced)):
                 zo.params_already_reduced[k] = False
-            if zo.overlap_comm:
+            if zo.overlap_comm:  # as DeepSpeed: wait for the reduction stream before freeing other ranks' grads
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 zo._clear_previous_reduced_grads()
             zo._release_ipg_buffers()
             zo._clear_param_grad_only()

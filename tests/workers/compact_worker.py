@@ -1,10 +1,11 @@
 """Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
 
-For one ZeRO stage and precision, trains the same tiny GPT-2 twice from the same seed and batches, RigL with mask
-updates every 4 steps: once masked-dense (``compact_state: false``), once compact. Records per step the loss, and
-for the compact run:
+For one ZeRO stage, precision and method (RigL, or magnitude pruning), trains the same tiny GPT-2 twice from the
+same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
+compact. Records per step the loss, and for the compact run:
 - at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
-  start at 0 with zero moments (the update replaces the optimizer step, so nothing moves them in that step);
+  start at 0 with zero moments (RigL: the update replaces the optimizer step, so nothing moves them in that step;
+  magnitude pruning steps after the update, so there only pruned positions are checked);
 - measured state bytes vs the count from the masks (packed master = 4 B per active weight, moments 8 B, packed
   gradient = the low-precision size per active weight, masks 1 bit per weight of the rank's range);
 - pruned model weights are exactly 0 after every step.
@@ -24,7 +25,7 @@ from dist_sparse.masks.packing import packed_nbytes
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool):
+def build(stage: int, compact: bool, bf16: bool, method: str):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -33,7 +34,7 @@ def build(stage: int, compact: bool, bf16: bool):
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
-        "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
+        "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
     }
     if bf16:
@@ -85,13 +86,15 @@ def expected_bytes(engine) -> dict:
             active += v.mask_len
     n_groups = len(store.parts)
     weights = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
-    return {"master_weights": 4 * active, "optimizer_state": 8 * active + 4 * n_groups,  # + Adam's step scalars
+    started = bool(store.opt.state)  # Adam creates its state in the first step (before it: none)
+    return {"master_weights": 4 * active,
+            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
             "gradients": lp_bytes * active, "weights": weights,
             "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
 
 
-def run(stage: int, compact: bool, bf16: bool) -> dict:
-    engine = build(stage, compact, bf16)
+def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
+    engine = build(stage, compact, bf16, method)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
@@ -103,6 +106,8 @@ def run(stage: int, compact: bool, bf16: bool) -> dict:
         engine.backward(loss)
         update = sp.method.is_update_step(engine.global_steps)
         before = snapshot(engine) if compact and update else None
+        # what the masks say a rank holds; the engine measures between backward and the step, like here
+        expected = expected_bytes(engine) if compact and not update else None
         engine.step()
         report["losses"].append(float(loss))
         if before is not None:
@@ -110,11 +115,12 @@ def run(stage: int, compact: bool, bf16: bool) -> dict:
         if not update:
             report["bytes"].append(engine.state_bytes)
             if compact:
-                report["expected"].append(expected_bytes(engine))
+                report["expected"].append(expected)
         masks = sp.full_masks()
         report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
+    report["method"] = method
     if compact:
         report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
         report["dense_master_freed"] = all(
@@ -125,9 +131,9 @@ def run(stage: int, compact: bool, bf16: bool) -> dict:
 
 
 def main():
-    stage, dtype, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     bf16 = dtype == "bf16"
-    results = {"dense": run(stage, False, bf16), "compact": run(stage, True, bf16)}
+    results = {"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:
