@@ -175,6 +175,7 @@ class SparsityConfig:
     grow_grad_steps: int = 1  # rigl: grow on the dense gradient averaged over this many steps (1 = the paper)
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
+    compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
 
     def check(self, p: str) -> None:
         _require(self.method in METHOD_NAMES, f"{p}.method",
@@ -243,6 +244,37 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
                  f"exchange); deepspeed.optimizer.type is {opt!r}")
 
 
+def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
+    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2 optimizer with fp32 or bf16 and Adam/AdamW (see
+    docs/memory.md); anything else is refused here, before a process group starts."""
+    if not sparsity.compact_state:
+        return
+    key = f"{p}.compact_state"
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = zero.get("stage", 0)
+    _require(stage in (1, 2), key, f"is supported with ZeRO stages 1 and 2, not stage {stage} "
+                                   "(set deepspeed.zero_optimization.stage)")
+    _require(not (ds.get("fp16") or {}).get("enabled", False), key,
+             "supports fp32 and bf16, not fp16 (dynamic loss scaling is not implemented for packed state)")
+    _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
+             "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
+    _require(ds.get("gradient_accumulation_steps", 1) == 1, key, "needs deepspeed.gradient_accumulation_steps: 1")
+    _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
+    _require(zero.get("contiguous_gradients", True) is not False, key,
+             "needs zero_optimization.contiguous_gradients: true")
+    opt = (ds.get("optimizer") or {}).get("type", "AdamW")
+    _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
+
+
+def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig) -> None:
+    """Both features replace DeepSpeed's partition-gradient path at ZeRO-1/2 (the compressed exchange writes the
+    averaged gradient where DeepSpeed's reduction would; compact state keeps only packed active gradients there);
+    they are not combined yet, so the pair is refused before any process group starts."""
+    _require(not (c.enabled and sparsity.compact_state), "compression.method",
+             "gradient compression cannot be combined with sparsity.compact_state yet (both replace DeepSpeed's "
+             "partition gradients); set compression.method: none or sparsity.compact_state: false")
+
+
 def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:
     if not isinstance(ds, dict):
         raise ConfigError(p, f"must be a mapping (a DeepSpeed config), got {type(ds).__name__}")
@@ -308,7 +340,7 @@ def from_dict(raw: dict) -> Config:
     _require(not compression.momentum_correction, "compression.momentum_correction",
              "needs momentum SGD, which dist-sparse train cannot checkpoint yet (Adam-family optimizers only); use "
              "it through dist_sparse.initialize in your own training loop")
-    return Config(
+    cfg = Config(
         model=_build(ModelConfig, raw.get("model"), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),
         train=_build(TrainConfig, raw.get("train"), "train"),
@@ -317,6 +349,9 @@ def from_dict(raw: dict) -> Config:
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
         compression=compression,
     )
+    check_compact_state(cfg.sparsity, cfg.deepspeed)
+    check_compression_with_compact_state(cfg.compression, cfg.sparsity)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -414,4 +449,6 @@ def split_deepspeed_json(config) -> tuple:
     compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
     _check_deepspeed(raw, "<deepspeed>")
     check_compression_with_deepspeed(compression, raw)
+    check_compact_state(sparsity, raw)
+    check_compression_with_compact_state(compression, sparsity)
     return raw, sparsity, compression

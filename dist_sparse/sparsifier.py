@@ -38,6 +38,9 @@ class Sparsifier:
         self.grad_sum_steps = 0
         self.last_update: dict | None = None  # churn etc. of the latest mask update
         self.updates_done = 0
+        # compact state (issue 7): called with the old masks after an update; it repacks master weights and
+        # moments (replacing the per-view zeroing below, which assumes dense storage)
+        self.repack = None
 
     # -- mask storage ------------------------------------------------------------------------------------------
     def mask(self, name: str) -> torch.Tensor:
@@ -134,6 +137,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        if self.repack is not None:  # compact state: only active positions are stored, nothing to zero
+            return
         for v in self.views:
             v.mul_master_(self.mask(v.name).to(v.master().device))
 
@@ -147,14 +152,16 @@ class Sparsifier:
         for i, v in enumerate(self.views):
             new = self.mask(v.name)
             born, died = new & ~old[v.name], old[v.name] & ~new
-            dev = v.master().device
             # regrown weights start at 0 with zero moments; dropped ones are zeroed (and their moments cleared)
-            changed = (born | died).to(dev)
-            v.mul_master_(~changed)
-            v.zero_state_(changed)
+            if self.repack is None:
+                changed = (born | died).to(v.master().device)
+                v.mul_master_(~changed)
+                v.zero_state_(changed)
             lo = v.score_start - v.mask_start  # count on score ranges only: they partition the tensor across ranks
             grown[i] = int(born[lo: lo + v.score_len].sum())
             pruned[i] = int(died[lo: lo + v.score_len].sum())
+        if self.repack is not None:
+            self.repack(old)
         D.all_reduce_sum(grown, self.group)
         D.all_reduce_sum(pruned, self.group)
         active = self.active_counts()

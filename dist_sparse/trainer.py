@@ -246,6 +246,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "total_parameters": hf.count_parameters(model),
         "data": data.source,
         **_comm_summary(engine, cfg.train.steps - start_step),
+        **state_bytes_summary(engine),  # issue 7: memory accounting (a collective)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
@@ -275,6 +276,25 @@ def _comm_summary(engine, steps: int) -> dict:
             "dense_comm_bytes_per_step": stats["dense_comm_bytes_per_step"],
             "mask_sync_bytes_per_step": float(totals[1]) / D.world_size(),
             "compression": comp.compression.cfg.method}
+
+
+def state_bytes_summary(engine) -> dict:
+    """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
+    (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``
+    the dense gradient a compact run materialises on mask-update steps (docs/memory.md). A collective."""
+    store = getattr(engine, "compact", None)
+    mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0}
+    ranks = D.all_gather_object(mine)
+    measured = [r["state"] for r in ranks if r["state"] is not None]
+    if not measured:
+        return {"state_bytes_per_rank": None, "state_bytes_by_rank": None, "transient_bytes_per_rank": None,
+                "compact_state": engine.sparsity.compact_state}
+    return {
+        "state_bytes_per_rank": {k: max(r[k] for r in measured) for k in measured[0]},
+        "state_bytes_by_rank": [r["state"] for r in ranks],
+        "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks)},
+        "compact_state": engine.sparsity.compact_state,
+    }
 
 
 def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:

@@ -284,6 +284,9 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
             if v.mask_len == 0:
                 continue
             p = pieces[v.name]
+            if hasattr(v, "load_dense"):  # compact state (issue 7): the view packs by the loaded mask
+                _load_packed(path, v, p, sparsifier if v.name in masked else None, state_keys)
+                continue
             master = v.master()
             master.copy_(_assemble(p, "master", v.mask_start, v.mask_len, torch.float32).to(master.dtype))
             for key in state_keys:
@@ -316,7 +319,28 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
         for v in sparsifier.views:
             if v.mask_len == 0:
                 sparsifier.set_mask(v.name, torch.zeros(0, dtype=torch.bool))
+    stores = {id(v.compact): v.compact for v in views if hasattr(v, "load_dense")}
+    for store in stores.values():
+        store.finish_load()
     return trainer
+
+
+def _load_packed(path: Path, v, pieces: list, sparsifier, state_keys: list) -> None:
+    """Compact state: the mask first (it addresses the packed values), then master and moments, dense, to the
+    view, which keeps only the active values (checkpoints are dense either way: compact and dense runs resume
+    from each other's)."""
+    if sparsifier is not None:
+        mask = _assemble(pieces, "mask", v.mask_start, v.mask_len, torch.bool)
+        if mask is None:
+            raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
+        sparsifier.set_mask(v.name, mask)
+    master = _assemble(pieces, "master", v.mask_start, v.mask_len, torch.float32)
+    states = {}
+    for key in state_keys:
+        states[key] = _assemble(pieces, key, v.mask_start, v.mask_len, torch.float32)
+        if states[key] is None:
+            raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
+    v.load_dense(master, states)
 
 
 def _pad_to_shard(v, values: torch.Tensor) -> torch.Tensor:

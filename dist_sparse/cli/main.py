@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("dist_sparse.cli.train", "train a model sparse under DeepSpeed"),
     "sparsify": ("dist_sparse.cli.sparsify", "one-shot sparsify a Hugging Face checkpoint"),
     "eval": ("dist_sparse.cli.evaluate", "perplexity and sparsity of a checkpoint"),
+    "plan": ("dist_sparse.cli.plan", "predicted per-rank training-state bytes (before launching)"),
 }
 
 

@@ -388,7 +388,7 @@ class SparseEngine:
         self.__dict__.update(engine=engine, sparsifier=sparsifier, sparsity=sparsity,
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
-                             _loss_finite=True, last_step_skipped=False,
+                             _loss_finite=True, last_step_skipped=False, compact=None, state_bytes=None,
                              compression=None)  # issue 3: a ds_compression.CompressedReduction, set by attach()
         _wrap_inner_step(engine, sparsifier)
 
@@ -441,9 +441,16 @@ class SparseEngine:
                 self.compression.discard()
             return self.engine.step(*args, **kwargs)
         self.__dict__["consecutive_skips"] = 0
+        step = self.engine.global_steps
         if self.compression is not None:  # issue 3: the compressed exchange replaces DeepSpeed's reduction
-            self.compression.reduce(self.engine.global_steps, self.sparsifier)
-        self.sparsifier.before_step(self.engine.global_steps)
+            self.compression.reduce(step, self.sparsifier)
+        self.sparsifier.before_step(step)
+        method = self.sparsifier.method
+        if method is None or not method.is_update_step(step):
+            # memory accounting (issue 7): gradients exist only between backward and the step, so measure here
+            from dist_sparse.integration.accounting import measure
+
+            self.__dict__["state_bytes"] = measure(self)
         return self.engine.step(*args, **kwargs)
 
 
@@ -484,6 +491,10 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
 
         wrapped.__dict__["compression"] = CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
                                                               compression, seed)
+    if sparsity.compact_state:  # issue 7: masters, moments and gradients only for active weights
+        from dist_sparse.integration import compact_zero
+
+        compact_zero.enable(engine, wrapped)
     return wrapped
 
 

@@ -1,0 +1,147 @@
+"""`dist-sparse plan`: predicted per-rank training-state bytes, before launching anything.
+
+Two forms:
+
+    dist-sparse plan --params 7e9 --world-size 8 --zero-stage 2 --sparsity 0.9 --precision bf16 [--compact-state]
+    dist-sparse plan CONFIG [--set key=value ...] --world-size N [--compact-state]
+
+The second builds the config's model on the meta device (no weights are allocated or read) to count its
+parameters, which of them are sparsified and their per-layer densities (ERK/uniform), and lays them out exactly as
+DeepSpeed's ZeRO-1/2 partitioning does. Categories are those of ``summary.json``'s ``state_bytes_per_rank``
+(weights, gradients, master weights, optimizer state, masks, compression residuals; activations and framework
+buffers are not training state and are not included). ``--json`` prints machine-readable output.
+"""
+
+import argparse
+import json
+import sys
+
+from dist_sparse.errors import DistSparseError
+from dist_sparse.memory import plan as P
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-sparse plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", help="a training config (YAML/JSON); omit to use --params")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--params", type=float, help="number of parameters (e.g. 7e9), without a config")
+    p.add_argument("--sparsified-fraction", type=float, default=0.95,
+                   help="with --params: fraction of parameters that are sparsified (default 0.95: a decoder's "
+                        "projection matrices; embeddings, norms and biases stay dense)")
+    p.add_argument("--world-size", type=int, required=True, help="number of data-parallel ranks")
+    p.add_argument("--zero-stage", type=int, help="ZeRO stage (default: the config's, else 2)")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros in sparsified parameters (default: the "
+                                                   "config's, else 0.9)")
+    p.add_argument("--precision", choices=sorted(P.LP_BYTES), help="model precision (default: the config's "
+                                                                     "bf16/fp16 flag, else fp32)")
+    p.add_argument("--compact-state", action="store_true", default=None,
+                   help="predict with sparsity.compact_state (default: the config's value)")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="say whether the largest rank's training state fits in this many GiB")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _from_config(args) -> tuple:
+    import torch
+
+    from dist_sparse import config as config_mod
+    from dist_sparse.distributions import keep_counts, layer_densities
+    from dist_sparse.integration import hf
+    from dist_sparse.trainer import param_groups
+
+    cfg = config_mod.load(args.config, args.overrides)
+    ds = cfg.deepspeed
+    stage = args.zero_stage if args.zero_stage is not None else cfg.zero_stage
+    precision = args.precision or ("bf16" if (ds.get("bf16") or {}).get("enabled") else
+                                   "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32")
+    sparsity = args.sparsity if args.sparsity is not None else cfg.sparsity.sparsity
+    compact = cfg.sparsity.compact_state if args.compact_state is None else args.compact_state
+    if not 0.0 <= sparsity < 1.0:
+        raise P.PlanError("--sparsity", f"must be in [0, 1), got {sparsity}")
+    vocab = _vocab_size(cfg)
+    with torch.device("meta"):
+        model = hf.build_causal_lm(cfg.model, vocab, cfg.attention)
+    names = []
+    if cfg.sparsity.method != "none":
+        names = hf.sparsifiable_parameters(model, cfg.sparsity.params, cfg.sparsity.exclude)
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in names}
+    dens = layer_densities(shapes, sparsity, cfg.sparsity.distribution, cfg.sparsity.erk_power_scale) if names \
+        else {}
+    numels = {n: params[n].numel() for n in names}
+    kept = keep_counts(numels, dens) if names else {}
+    densities = {n: kept[n] / numels[n] for n in names}
+    setting = P.model_setting(model, set(names), densities, param_groups(model), world_size=args.world_size,
+                              zero_stage=stage, precision=precision, compact_state=bool(compact))
+    described = {"config": args.config, "model": cfg.model.type, "parameters": sum(p.numel() for p in params.values()),
+                 "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
+                 "method": cfg.sparsity.method, "vocab_size": vocab}
+    return setting, described
+
+
+def _vocab_size(cfg) -> int:
+    """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own)."""
+    from dist_sparse.data import TextData
+
+    return TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained) \
+        .tokenizer.vocab_size
+
+
+def _from_params(args) -> tuple:
+    stage = 2 if args.zero_stage is None else args.zero_stage
+    sparsity = 0.9 if args.sparsity is None else args.sparsity
+    setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
+                                zero_stage=stage, precision=args.precision or "fp32",
+                                compact_state=bool(args.compact_state))
+    described = {"parameters": int(round(args.params)),
+                 "sparsified_parameters": int(round(args.params * args.sparsified_fraction)), "sparsity": sparsity}
+    return setting, described
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if (args.config is None) == (args.params is None):
+            raise P.PlanError("plan", "give either a CONFIG or --params (not both)")
+        if args.world_size < 1:
+            raise P.PlanError("--world-size", f"must be >= 1, got {args.world_size}")
+        setting, described = _from_config(args) if args.config else _from_params(args)
+        per_rank = P.predict(setting)
+        dense = P.predict(P.dense_baseline(setting))
+    except DistSparseError as exc:
+        print(f"dist-sparse plan: error: {exc}", file=sys.stderr)
+        return 2
+    mine, base = P.summarize(per_rank), P.summarize(dense)
+    out = {**described, "world_size": setting.world_size, "zero_stage": setting.zero_stage,
+           "precision": setting.precision, "compact_state": setting.compact_state,
+           "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
+           "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None}
+    if args.device_memory_gib is not None:
+        out["fits"] = mine["total"] <= args.device_memory_gib * 2**30
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{described['parameters'] / 1e6:.1f}M parameters ({described['sparsified_parameters'] / 1e6:.1f}M "
+          f"sparsified at {described['sparsity']:.2f}), {setting.world_size} ranks, ZeRO-{setting.zero_stage}, "
+          f"{setting.precision}, compact_state={setting.compact_state}")
+    print(f"{'per rank (max over ranks)':<26}{'this run':>14}{'dense DeepSpeed':>18}")
+    for key in (*P.CATEGORIES, "total"):
+        print(f"{key:<26}{_fmt(mine[key]):>14}{_fmt(base[key]):>18}")
+    print(f"{'ratio to dense':<26}{out['ratio_to_dense']:>14.3f}")
+    if "fits" in out:
+        print(f"fits in {args.device_memory_gib:g} GiB: {'yes' if out['fits'] else 'no'} (training state only; "
+              "activations, buckets and the framework come on top)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

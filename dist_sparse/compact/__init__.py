@@ -1,0 +1,5 @@
+"""Compact (packed) storage of training state for active weights only (issue 7); see docs/memory.md."""
+
+from dist_sparse.compact.packed import Fragment, PackedPartition
+
+__all__ = ["Fragment", "PackedPartition"]

@@ -1,0 +1,378 @@
+"""Compact training state under DeepSpeed ZeRO stages 1 and 2 (``sparsity.compact_state: true``).
+
+Dense DeepSpeed keeps, per rank and optimizer group, an fp32 master partition, Adam moments of the same size and
+a gradient partition. With compact state this rank keeps them only for *active* positions (mask set, or the
+parameter is not sparsified), packed in the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
+
+- master weights: the inner torch optimizer steps one packed fp32 tensor per group instead of DeepSpeed's
+  ``single_partition_of_fp32_groups[i]``; the dense fp32 partition is freed. Its slot in DeepSpeed is re-pointed
+  at the low-precision partition itself, so DeepSpeed's "copy fp32 -> lp partition" becomes a self-copy and its
+  all-gather keeps working unchanged;
+- Adam moments: created by the optimizer on the packed tensor, so they are packed too;
+- gradients: ``copy_grads_in_partition`` (called by DeepSpeed after each bucket is reduced) keeps only the active
+  values of this rank's range of the reduced gradient and drops the dense one. On a mask-update step the dense
+  range is kept instead (RigL grows by |dense gradient|), a transient freed by the step;
+- the step (``step`` of the ZeRO optimizer instance, replaced): gradient norm over the packed gradients (zeros of
+  pruned positions would add nothing), DeepSpeed's own ``unscale_and_clip_grads``, the inner optimizer step on
+  packed tensors, packed master -> low-precision partition (inactive positions exactly 0), DeepSpeed's all-gather.
+
+Elementwise Adam on the active positions with the same clipped gradient is what masked-dense DeepSpeed computes,
+so the trajectory equals the masked-dense one up to floating-point reassociation of the norm
+(``tests/test_compact_state.py``). Mask updates repack (:meth:`CompactZeroState.repack`): survivors keep master
+and moments bit for bit, regrown positions start at 0 with zero moments, dropped ones disappear.
+
+This module does not import deepspeed; it knows the attributes of ``DeepSpeedZeroOptimizer``
+(``deepspeed/runtime/zero/stage_1_and_2.py``) and keeps that knowledge here.
+"""
+
+import torch
+import torch.distributed as dist
+
+from dist_sparse.compact.packed import Fragment, PackedPartition
+from dist_sparse.config import ConfigError
+from dist_sparse.integration.deepspeed import _ADAM_KEYS, FragmentView, inner_optimizer
+
+KEY = "sparsity.compact_state"
+
+
+class CompactView(FragmentView):
+    """A parameter's fragment in this rank's partition, stored packed. Same interface as :class:`FragmentView`;
+    ``master()``/``state()`` materialise the dense fragment (a new tensor: reads only), ``grad()`` is the dense
+    fragment on mask-update steps and the packed active values otherwise."""
+
+    def __init__(self, name, param, inner_optimizer, store, group: int | None):
+        super().__init__(name, param, inner_optimizer)
+        self.compact = store
+        self.group = group
+        if group is None:
+            self._empty = torch.zeros(0, dtype=torch.float32, device=param.device)
+
+    def _packed(self, key=None):
+        return self.compact.packed(self.group, self.name, key)
+
+    def _layout(self):
+        """The mask the packed values are laid out by (None: a dense parameter, every position active)."""
+        return self.compact.sparsifier.mask(self.name) if self.name in self.compact.sparsifier.order else None
+
+    def master(self):
+        if self.group is None:
+            return self._empty
+        return PackedPartition.unpack_fragment(self._packed(), self._layout(), torch.float32)
+
+    def state(self, key):
+        if self.group is None:
+            return self._empty
+        packed = self._packed(key)
+        return None if packed is None else PackedPartition.unpack_fragment(packed, self._layout())
+
+    def grad(self):
+        if self.group is None:
+            return self._empty
+        return self.compact.grad_of(self.group, self.name)
+
+    def _keep(self, mask):
+        """``mask`` restricted to the active positions, in packed order."""
+        layout = self._layout()
+        mask = mask.reshape(-1)
+        return mask if layout is None else mask[layout.to(mask.device)]
+
+    def mul_grad_(self, mask):
+        """On a mask-update step the dense gradient is masked like :class:`FragmentView` does; otherwise the
+        packed gradient holds exactly the positions of the current mask (the only mask this is called with)."""
+        if self.group is None or not self.compact.dense_grad_step:
+            return
+        g = self.grad()
+        if g is not None:
+            g.masked_fill_(~mask.reshape(-1).to(g.device), 0)
+
+    def mul_master_(self, mask):
+        if self.group is not None:
+            values = self._packed()
+            values.masked_fill_(~self._keep(mask).to(values.device), 0)
+
+    def zero_state_(self, positions):
+        if self.group is None:
+            return
+        for key in _ADAM_KEYS:
+            values = self._packed(key)
+            if values is not None:
+                values.masked_fill_(self._keep(positions).to(values.device), 0)
+
+    def load_dense(self, master, states: dict):
+        """Checkpoint load: take the dense fragment (the sparsifier already holds the loaded mask); the store
+        packs it and installs all groups in :meth:`CompactZeroState.finish_load`."""
+        if self.group is not None:
+            self.compact.stage_load(self.group, self.name, master, states)
+
+
+def _check_supported(engine) -> None:
+    zo = engine.optimizer
+    kind = type(zo).__name__
+    if kind != "DeepSpeedZeroOptimizer":
+        raise ConfigError(KEY, f"needs DeepSpeed's ZeRO-1/2 optimizer, the engine runs {kind} (ZeRO-1 with bf16 "
+                               "uses BF16_Optimizer: use ZeRO-2)")
+    if getattr(zo, "cpu_offload", False):
+        raise ConfigError(KEY, "is not supported with zero_optimization.offload_optimizer")
+    if not getattr(zo, "contiguous_gradients", True):
+        raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
+    if engine.fp16_enabled():
+        raise ConfigError(KEY, "supports fp32 and bf16 training, not fp16 (dynamic loss scaling)")
+    if engine.gradient_accumulation_steps() != 1:
+        raise ConfigError(KEY, "needs gradient_accumulation_steps: 1")
+    name = type(inner_optimizer(engine)).__name__
+    if "adam" not in name.lower():
+        raise ConfigError(KEY, f"supports Adam/AdamW, not {name}")
+
+
+class CompactZeroState:
+    """Owns the packed master weights, moments and gradients of one engine; installed by :func:`enable`."""
+
+    def __init__(self, engine, sparsifier):
+        _check_supported(engine)
+        self.engine = engine
+        self.zo = engine.optimizer
+        self.opt = inner_optimizer(engine)
+        self.sparsifier = sparsifier
+        zo = self.zo
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        self.lp_parts, self.parts, self.where = [], [], {}
+        for i in range(len(zo.bit16_groups)):
+            rank = dist.get_rank(group=zo.real_dp_process_group[i])
+            lp_part = zo.parallel_partitioned_bit16_groups[i][rank]
+            frags = []
+            for p in zo.params_in_partition[i]:
+                hm = p._hp_mapping
+                name = names[id(p)]
+                frags.append(Fragment(name, hm.hp_fragment_address.start, hm.hp_fragment_address.numel,
+                                      hm.lp_fragment_address.start, name in sparsifier.order))
+                self.where[id(p)] = (i, name)
+            self.parts.append(PackedPartition(frags, sparsifier.mask))
+            self.lp_parts.append(lp_part)
+        self.grads: list = [None] * len(self.parts)  # packed gradients, lp dtype, between backward and step
+        self.dense_grads: dict = {}  # name -> dense fragment gradient, on mask-update steps only
+        self.dense_grad_step = False
+        self.transient_dense_grad_bytes = 0
+        self._pending: dict = {}
+        self._install_master()
+        self._patch()
+
+    # -- master weights and moments ----------------------------------------------------------------------------
+    def _install_master(self) -> None:
+        """Pack DeepSpeed's fp32 master partitions (already masked) and free them."""
+        zo = self.zo
+        for i, part in enumerate(self.parts):
+            dense = zo.single_partition_of_fp32_groups[i]
+            masks = part.masks()
+            packed = part.pack(lambda k, d=dense, f=part.fragments: d.narrow(0, f[k].start, f[k].length),
+                               masks, torch.float32, dense.device)
+            self._set_group_tensor(i, packed, {})
+            # DeepSpeed copies "fp32 partition -> lp partition" after its step and in update_lp_params: aliasing
+            # the slot to the lp partition makes that a self-copy. The dense fp32 tensor has no owner left.
+            zo.single_partition_of_fp32_groups[i] = self.lp_parts[i]
+        for group in zo.bit16_groups:
+            for p in group:
+                hm = getattr(p, "_hp_mapping", None)
+                if hm is not None:  # its hp_fragment views the freed dense partition (would keep it alive)
+                    hm.hp_fragment = None
+                    hm.optim_fragment = {}
+
+    def _set_group_tensor(self, i: int, packed: torch.Tensor, state: dict) -> None:
+        group = self.opt.param_groups[i]
+        old = group["params"][0]
+        packed.requires_grad_(True)
+        self.opt.state.pop(old, None)
+        group["params"] = [packed]
+        if state:
+            self.opt.state[packed] = state
+
+    def master_tensor(self, i: int) -> torch.Tensor:
+        return self.opt.param_groups[i]["params"][0]
+
+    def packed(self, i: int, name: str, key=None):
+        t = self.master_tensor(i)
+        if key is not None:
+            t = self.opt.state.get(t, {}).get(key)
+            if t is None:
+                return None
+        return self.parts[i].slice(t.data if key is None else t, name)
+
+    @torch.no_grad()
+    def repack(self, old_masks: dict) -> None:
+        """After a mask update (the sparsifier holds the new masks): survivors keep values and moments exactly,
+        regrown positions start at 0 with zero moments, dropped positions are removed."""
+        for i, part in enumerate(self.parts):
+            old = [old_masks[f.name] if f.sparse else None for f in part.fragments]
+            new = part.masks()
+            master = self.master_tensor(i)
+            state = dict(self.opt.state.get(master, {}))
+            for key in _ADAM_KEYS:
+                if key in state:
+                    state[key] = part.repack(state[key], old, new)
+            packed = part.repack(master.detach(), old, new)
+            part.relayout(new)
+            self._set_group_tensor(i, packed, state)
+            # the lp partition: dropped positions become 0 now (the step writes active ones)
+            part.scatter_into(packed, self.lp_parts[i], new)
+
+    # -- checkpoint load ---------------------------------------------------------------------------------------
+    def stage_load(self, i: int, name: str, master: torch.Tensor, states: dict) -> None:
+        part = self.parts[i]
+        frag = part.fragments[part.index[name]]
+        mask = part.mask_of(name).reshape(-1) if frag.sparse else None
+        self._pending[name] = {k: part.pack_fragment(v.reshape(-1), mask) for k, v in [("master", master),
+                                                                                        *states.items()]}
+
+    @torch.no_grad()
+    def finish_load(self) -> None:
+        """Install the staged (packed) values of every group, laid out by the loaded masks."""
+        for i, part in enumerate(self.parts):
+            missing = [f.name for f in part.fragments if f.name not in self._pending]
+            if missing:
+                raise KeyError(f"checkpoint load: no values staged for {missing[0]}")
+            part.relayout()
+            old = self.master_tensor(i)
+            state = dict(self.opt.state.get(old, {}))
+            keys = {k for f in part.fragments for k in self._pending[f.name]}
+            for key in sorted(keys):
+                pieces = [self._pending[f.name][key] for f in part.fragments]
+                value = torch.cat(pieces) if pieces else torch.zeros(0)
+                value = value.to(device=old.device, dtype=torch.float32)
+                if key == "master":
+                    master = value
+                else:
+                    state[key] = value
+            if not keys:
+                master = torch.zeros(0, dtype=torch.float32, device=old.device)
+            self._set_group_tensor(i, master, state)
+        self._pending = {}
+
+    # -- gradients ---------------------------------------------------------------------------------------------
+    def _is_update_step(self) -> bool:
+        method = self.sparsifier.method
+        return method is not None and method.is_update_step(self.engine.global_steps)
+
+    @torch.no_grad()
+    def capture_grad(self, param, grad) -> None:
+        """Keep this rank's range of a reduced gradient: packed, or dense on a mask-update step."""
+        where = self.where.get(id(param))
+        if where is None or grad is None:
+            return
+        i, name = where
+        self.dense_grad_step = self._is_update_step()
+        part = self.parts[i]
+        frag = part.fragments[part.index[name]]
+        dense = grad.reshape(-1).narrow(0, frag.param_start, frag.length)
+        if self.dense_grad_step:
+            self.dense_grads[name] = dense.clone()
+            return
+        if self.grads[i] is None:
+            self.grads[i] = torch.zeros(part.numel, dtype=grad.dtype, device=grad.device)
+        mask = part.mask_of(name).reshape(-1) if frag.sparse else None
+        part.slice(self.grads[i], name).copy_(part.pack_fragment(dense, mask))
+
+    def grad_of(self, i: int, name: str):
+        if self.dense_grad_step:
+            return self.dense_grads.get(name)
+        if self.grads[i] is None:
+            return None
+        return self.parts[i].slice(self.grads[i], name)
+
+    def _packed_grads_fp32(self) -> list:
+        out = []
+        for i, part in enumerate(self.parts):
+            if self.dense_grad_step:  # pack by the (possibly new) masks; params without a gradient: zeros
+                lp = self.lp_parts[i]
+
+                def dense_of(k, frags=part.fragments, lp=lp):
+                    g = self.dense_grads.get(frags[k].name)
+                    return g if g is not None else torch.zeros(frags[k].length, dtype=lp.dtype, device=lp.device)
+
+                out.append(part.pack(dense_of, part.masks(), torch.float32, lp.device))
+            elif self.grads[i] is not None:
+                out.append(self.grads[i].to(torch.float32))  # the same cast DeepSpeed applies to its flat grad
+            else:
+                out.append(torch.zeros(part.numel, dtype=torch.float32, device=self.lp_parts[i].device))
+        return out
+
+    # -- DeepSpeed hooks ---------------------------------------------------------------------------------------
+    def _patch(self) -> None:
+        zo, store = self.zo, self
+
+        def copy_grads_in_partition(param, group_idx=None):
+            store.capture_grad(param, zo.get_gradient_for_reduction(param))
+            zo.clear_grad_attribute(param)  # the dense gradient (a view of DeepSpeed's bucket) is not kept
+
+        def independent_gradient_partition_epilogue():
+            # DeepSpeed's epilogue without building dense ``averaged_gradients``: the packed ones are ours
+            store.dense_grad_step = store._is_update_step()
+            zo.reduce_ipg_grads()
+            for k in range(len(zo.params_already_reduced)):
+                zo.params_already_reduced[k] = False
+            if zo.overlap_comm:  # as DeepSpeed: wait for the reduction stream before freeing other ranks' grads
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                zo._clear_previous_reduced_grads()
+            zo._release_ipg_buffers()
+            zo._clear_param_grad_only()
+            zo._epilogue_ran_this_backward = True
+
+        zo.copy_grads_in_partition = copy_grads_in_partition
+        zo.independent_gradient_partition_epilogue = independent_gradient_partition_epilogue
+        zo.step = self.step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32/bf16, no offload, no loss scaling)."""
+        zo = self.zo
+        zo.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID
+        grads = self._packed_grads_fp32()
+        self.transient_dense_grad_bytes = max(self.transient_dense_grad_bytes, sum(
+            g.untyped_storage().nbytes() for g in self.dense_grads.values()))
+        self.dense_grads = {}
+        self.grads = [None] * len(self.parts)
+        # the global norm as DeepSpeed's get_grad_norm_direct: per-fragment norms, squared, summed, all-reduced
+        norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)
+                 for part, g in zip(self.parts, grads) for f in part.fragments]
+        total = torch.stack(norms).pow(2).sum().float() if norms else torch.zeros((), dtype=torch.float32)
+        total = total.to(self.lp_parts[0].device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zo.dp_process_group)
+        total = total.pow(0.5)
+        zo.overflow = False
+        zo._global_grad_norm = total / zo.loss_scale
+        zo.unscale_and_clip_grads(grads, total)  # DeepSpeed's own clipping arithmetic
+        masters = [self.master_tensor(i) for i in range(len(self.parts))]
+        for m, g in zip(masters, grads):
+            m.grad = g
+        self.opt.step()  # wrapped by SparseEngine: skipped on update steps that replace it
+        for i, (part, m) in enumerate(zip(self.parts, masters)):
+            m.grad = None
+            part.scatter_into(m.detach(), self.lp_parts[i], part.masks())
+        zo.update_lp_params()  # lp partition (self-copy) + DeepSpeed's all-gather of the partitions
+        for i in range(len(self.parts)):
+            if hasattr(zo, "_update_model_bit16_weights"):
+                zo._update_model_bit16_weights(i)
+        self.dense_grad_step = False
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    def packed_numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+
+def enable(engine, sparse_engine) -> CompactZeroState:
+    """Switch an attached engine (masks already drawn and applied) to compact state; replaces its views."""
+    sparsifier = sparse_engine.sparsifier
+    store = CompactZeroState(engine, sparsifier)
+    opt = inner_optimizer(engine)
+    groups = {}
+    for i, part in enumerate(store.parts):
+        for f in part.fragments:
+            groups[f.name] = i
+    params = dict(engine.module.named_parameters())
+    views = {v.name: CompactView(v.name, params[v.name], opt, store, groups.get(v.name))
+             for v in sparse_engine.param_views}
+    sparsifier.views = [views[v.name] for v in sparsifier.views]
+    sparsifier.repack = store.repack
+    sparse_engine.__dict__["param_views"] = [views[v.name] for v in sparse_engine.param_views]
+    sparse_engine.__dict__["compact"] = store
+    return store
+

@@ -1,0 +1,176 @@
+"""Predicted per-rank training-state bytes (the formula behind ``dist-sparse plan`` and the memory bench).
+
+The categories are those measured into ``summary.json``'s ``state_bytes_per_rank``
+(:mod:`dist_sparse.integration.accounting`). The prediction follows how DeepSpeed lays a ZeRO-1/2 run out
+(``deepspeed/runtime/zero/stage_1_and_2.py``): each optimizer group is flattened in parameter order, padded to a
+multiple of ``2 * world`` elements and split into ``world`` equal partitions; a rank holds
+
+- ``weights``: every group's whole flat low-precision buffer (the model is replicated);
+- ``master_weights``: its fp32 partition (compact: 4 B per active position in it);
+- ``optimizer_state``: Adam's two fp32 moments of the same extent (+ one 4-byte step counter per group);
+- ``gradients``: dense: DeepSpeed's contiguous partition buffer, which holds the *whole* gradient of every
+  parameter that overlaps the partition, in low precision; compact: the active positions only;
+- ``masks``: one bit per sparsified position of its partition.
+
+A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
+masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
+ZeRO-0 replicates everything (fp32: the parameters are the master weights); ZeRO-3 divides weights, gradients,
+master and moments by the world size (not measured here: compact state does not support it).
+
+Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
+gives up to one parameter's worth of partition boundary.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from dist_sparse.errors import DistSparseError
+
+LP_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CATEGORIES = ("weights", "gradients", "master_weights", "optimizer_state", "masks", "compression_residuals")
+
+
+class PlanError(DistSparseError, ValueError):
+    """Bad input to the planner; ``key`` names the option."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class Param:
+    name: str
+    numel: int
+    density: float = 1.0  # fraction kept; 1.0 for parameters that are not sparsified
+    sparse: bool = False
+
+
+@dataclass
+class Setting:
+    world_size: int
+    zero_stage: int
+    precision: str = "fp32"
+    compact_state: bool = False
+    groups: list = field(default_factory=list)  # list of lists of Param, in DeepSpeed's flatten order
+
+    def check(self) -> None:
+        if self.world_size < 1:
+            raise PlanError("--world-size", f"must be >= 1, got {self.world_size}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise PlanError("--zero-stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in LP_BYTES:
+            raise PlanError("--precision", f"must be one of {', '.join(LP_BYTES)}, got {self.precision!r}")
+        if self.compact_state and self.zero_stage not in (1, 2):
+            raise PlanError("--compact-state", f"is supported with ZeRO stages 1 and 2, not {self.zero_stage}")
+        if self.compact_state and self.precision == "fp16":
+            raise PlanError("--compact-state", "supports fp32 and bf16, not fp16")
+        for group in self.groups:
+            for p in group:
+                if not 0.0 < p.density <= 1.0:
+                    raise PlanError("--sparsity", f"density of {p.name} must be in (0, 1], got {p.density}")
+
+
+def _total(out: dict) -> dict:
+    out = {k: int(round(out.get(k, 0))) for k in CATEGORIES}
+    out["total"] = sum(out[k] for k in CATEGORIES)
+    return out
+
+
+def predict(setting: Setting) -> list:
+    """Predicted bytes per rank (a list of dicts, one per rank, categories + ``total``)."""
+    setting.check()
+    n, lp = setting.world_size, LP_BYTES[setting.precision]
+    params = [p for g in setting.groups for p in g]
+    total = sum(p.numel for p in params)
+    sparse_numel = sum(p.numel for p in params if p.sparse)
+    if setting.zero_stage == 0:
+        master = 0 if setting.precision == "fp32" else 4 * total
+        return [_total({"weights": lp * total, "gradients": lp * total, "master_weights": master,
+                        "optimizer_state": 8 * total + 4 * len(setting.groups),
+                        "masks": math.ceil(sparse_numel / 8)})] * n
+    if setting.zero_stage == 3:
+        return [_total({"weights": lp * total / n, "gradients": lp * total / n, "master_weights": 4 * total / n,
+                        "optimizer_state": 8 * total / n + 4 * len(setting.groups),
+                        "masks": math.ceil(sparse_numel / n / 8)})] * n
+    ranks = [dict.fromkeys(CATEGORIES, 0.0) for _ in range(n)]
+    for group in setting.groups:
+        numel = sum(p.numel for p in group)
+        aligned = math.ceil(numel / (2 * n)) * 2 * n
+        part = aligned // n
+        offsets = [0]
+        for p in group:
+            offsets.append(offsets[-1] + p.numel)
+        for r, out in enumerate(ranks):
+            lo, hi = r * part, (r + 1) * part
+            out["weights"] += lp * aligned
+            touched, act, bits = 0, 0.0, 0
+            for p, start in zip(group, offsets):
+                overlap = min(hi, start + p.numel) - max(lo, start)
+                if overlap <= 0:
+                    continue
+                touched += p.numel
+                act += overlap * p.density
+                if p.sparse:
+                    bits += math.ceil(overlap / 8)
+            out["masks"] += bits
+            out["optimizer_state"] += 4  # Adam's step counter of the group
+            if setting.compact_state:
+                out["master_weights"] += 4 * act
+                out["optimizer_state"] += 8 * act
+                out["gradients"] += lp * act
+            else:
+                out["master_weights"] += 4 * part
+                out["optimizer_state"] += 8 * part
+                out["gradients"] += lp * touched
+    return [_total(r) for r in ranks]
+
+
+def uniform_setting(params: float, sparsity: float, sparsified_fraction: float, **kwargs) -> Setting:
+    """A setting without a model: ``params`` parameters, of which ``sparsified_fraction`` are sparsified to
+    ``sparsity``, in one group per rank-sized piece (even division)."""
+    if not params >= 1:
+        raise PlanError("--params", f"must be >= 1, got {params}")
+    if not 0.0 <= sparsity < 1.0:
+        raise PlanError("--sparsity", f"must be in [0, 1), got {sparsity}")
+    if not 0.0 <= sparsified_fraction <= 1.0:
+        raise PlanError("--sparsified-fraction", f"must be in [0, 1], got {sparsified_fraction}")
+    sparse = int(round(params * sparsified_fraction))
+    dense = int(round(params)) - sparse
+    world = kwargs.get("world_size", 1)
+    # interleave sparse and dense in world-size pieces so every rank gets its share of each (even division)
+    group = []
+    for r in range(max(1, world)):
+        group.append(Param(f"sparse_{r}", sparse // max(1, world) + (r < sparse % max(1, world)),
+                           1.0 - sparsity, True))
+        group.append(Param(f"dense_{r}", dense // max(1, world) + (r < dense % max(1, world))))
+    group = [p for p in group if p.numel > 0]
+    return Setting(groups=[group], **kwargs)
+
+
+def model_setting(model, names: list, densities: dict, param_groups: list, **kwargs) -> Setting:
+    """A setting from a (meta-device) model: ``param_groups`` as given to DeepSpeed (lists of parameters),
+    ``names`` the sparsified parameter names, ``densities`` name -> density."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in param_groups:
+        ps = []
+        for p in group["params"] if isinstance(group, dict) else group:
+            name = by_id[id(p)]
+            sparse = name in names
+            ps.append(Param(name, p.numel(), densities.get(name, 1.0) if sparse else 1.0, sparse))
+        if ps:
+            groups.append(ps)
+    return Setting(groups=groups, **kwargs)
+
+
+def dense_baseline(setting: Setting) -> Setting:
+    """The same model under plain DeepSpeed: no compact state, no masks."""
+    groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
+    return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
+                   compact_state=False, groups=groups)
+
+
+def summarize(per_rank: list) -> dict:
+    """Per category, the maximum over ranks (``total``: the largest rank total), as in ``summary.json``."""
+    return {k: max(r[k] for r in per_rank) for k in per_rank[0]}

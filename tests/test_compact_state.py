@@ -1,0 +1,168 @@
+"""Compact state (issue 7): packed master weights, moments and gradients for active weights only.
+
+- packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
+- 2 CPU ranks, ZeRO-1/2, fp32 and bf16: the compact run's losses and masks equal the masked-dense run's over 20
+  steps with RigL mask updates; repack after regrowth; measured state bytes equal the count from the masks
+  (tests/workers/compact_worker.py);
+- config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
+- checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact).
+"""
+
+import json
+
+import pytest
+import torch
+
+from dist_sparse import config as C
+from dist_sparse.compact.packed import Fragment, PackedPartition
+from dist_sparse.errors import ConfigError
+from tests.distributed_utils import dist_sparse_train, run_torchrun
+
+
+def _partition(masks: dict, dense: dict):
+    frags, start = [], 0
+    for name, n in dense.items():
+        frags.append(Fragment(name, start, n, 0, name in masks))
+        start += n
+    return PackedPartition(frags, lambda name: masks[name])
+
+
+def test_pack_unpack_roundtrip_and_layout():
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(10, generator=g) < 0.3, "c": torch.rand(7, generator=g) < 0.5}
+    part = _partition(masks, {"a": 10, "b": 4, "c": 7})
+    dense = torch.randn(21, generator=g)
+    packed = part.pack(lambda k: dense.narrow(0, part.fragments[k].start, part.fragments[k].length),
+                       part.masks(), torch.float32)
+    assert packed.numel() == part.numel == int(masks["a"].sum()) + 4 + int(masks["c"].sum())
+    for name, lo, n in (("a", 0, 10), ("b", 10, 4), ("c", 14, 7)):
+        expect = dense[lo: lo + n].clone()
+        if name in masks:
+            expect[~masks[name]] = 0
+        assert torch.equal(part.unpack(packed, name), expect)
+    target = torch.full((21,), 7.0, dtype=torch.bfloat16)
+    part.scatter_into(packed, target, part.masks())
+    assert bool((target[:10][~masks["a"]] == 0).all()) and bool((target[14:][~masks["c"]] == 0).all())
+    assert torch.equal(target[10:14], dense[10:14].to(torch.bfloat16))
+
+
+def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
+    g = torch.Generator().manual_seed(1)
+    old = {"w": torch.rand(50, generator=g) < 0.4}
+    new = {"w": old["w"].clone()}
+    on, off = old["w"].nonzero().flatten(), (~old["w"]).nonzero().flatten()
+    new["w"][on[:5]] = False  # pruned
+    new["w"][off[:5]] = True  # regrown
+    part = _partition(old, {"w": 50, "bias": 3})
+    values = torch.randn(part.numel, generator=g)
+    out = part.repack(values, [old["w"], None], [new["w"], None])
+    dense_old = part.unpack(values, "w", old["w"])
+    part.mask_of = lambda name: new[name]
+    part.relayout()
+    assert out.numel() == part.numel == int(new["w"].sum()) + 3
+    dense_new = part.unpack(out, "w")
+    keep = old["w"] & new["w"]
+    assert torch.equal(dense_new[keep], dense_old[keep])
+    assert bool((dense_new[new["w"] & ~old["w"]] == 0).all())
+    assert bool((dense_new[~new["w"]] == 0).all())
+    assert torch.equal(part.slice(out, "bias"), values[-3:])  # the dense parameter is untouched
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "ZeRO stages 1 and 2, not stage 0"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "not stage 3"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
+    ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}},
+     "gradient_accumulation_steps: 1"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
+])
+def test_unsupported_combinations_are_config_errors(overrides, needle):
+    raw = {"sparsity": {"method": "rigl", "compact_state": True}, **overrides}
+    with pytest.raises(ConfigError) as err:
+        C.from_dict(raw)
+    assert err.value.key == "sparsity.compact_state" and needle in str(err.value)
+    with pytest.raises(ConfigError):  # the dist_sparse.initialize path checks the same
+        C.split_deepspeed_json({**overrides["deepspeed"], "sparsity": raw["sparsity"]})
+
+
+def test_compact_state_key_type_checked():
+    with pytest.raises(ConfigError) as err:
+        C.from_dict({"sparsity": {"compact_state": "yes"}})
+    assert err.value.key == "sparsity.compact_state"
+    assert C.from_dict({"sparsity": {"compact_state": True},
+                        "deepspeed": {"zero_optimization": {"stage": 2}}}).sparsity.compact_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, dtype, method", [(1, "fp32", "rigl"), (2, "fp32", "rigl"), (2, "bf16", "rigl"),
+                                                   (2, "fp32", "magnitude")])
+def test_compact_equals_masked_dense(stage, dtype, method, tmp_path):
+    out = tmp_path / "report.json"
+    run_torchrun("compact_worker.py", 2, stage, dtype, out, method)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2
+    for rank, r in enumerate(per_rank):
+        where = f"ZeRO-{stage} {dtype} {method} rank {rank}"
+        dense, compact = r["dense"], r["compact"]
+        # the trajectory: same losses (the norm is summed in another order: reassociation only)
+        torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
+        assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
+        assert compact["updates"] == dense["updates"] >= 4, where
+        assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
+        # repack after regrowth
+        assert len(compact["repack"]) == compact["updates"], where
+        for rp in compact["repack"]:
+            assert rp["regrown_zero"], f"{where}: a regrown or pruned weight is not 0 (or its moments are not 0)"
+            if method == "rigl":  # RigL's update replaces the optimizer step: survivors must not move at all
+                assert rp["regrown"] > 0 or rp is compact["repack"][-1], where
+                assert rp["survivors_exact"], f"{where}: a surviving weight's master or moments changed in the repack"
+            else:  # magnitude pruning only drops weights (and the optimizer steps after the update)
+                assert rp["regrown"] == 0, where
+        # accounting: measured == counted from the masks, on every measured step
+        for measured, expected in zip(compact["bytes"], compact["expected"]):
+            for key, value in expected.items():
+                assert measured[key] == value, f"{where}: {key} measured {measured[key]} != {value}"
+        assert compact["dense_master_freed"], f"{where}: DeepSpeed's dense fp32 partition is still referenced"
+        assert compact["transient_dense_grad_bytes"] > 0, where  # the dense gradient on update steps
+        d, c = dense["bytes"][-1], compact["bytes"][-1]
+        assert d["weights"] == c["weights"] and d["masks"] == c["masks"], where
+        for key in ("master_weights", "optimizer_state", "gradients"):
+            assert c[key] < 0.5 * d[key], f"{where}: {key} {c[key]} not below half of dense {d[key]}"
+
+
+@pytest.mark.slow
+def test_compact_checkpoint_resume_exact(tmp_path):
+    common = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.max_chars=20000",
+              "deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.zero_optimization.stage=2",
+              "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
+              "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
+              "sparsity.end_step=9", "train.steps=10", "train.threads=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    dist_sparse_train(full, common + ["sparsity.compact_state=true"], nproc=2)
+    dist_sparse_train(part, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
+    dist_sparse_train(part, common + ["sparsity.compact_state=true"], nproc=2,
+                      resume=part / "checkpoints" / "step_00000004")
+    # a dense (masked) run's checkpoint resumes as a compact run: the checkpoint format is the same
+    mixed = tmp_path / "mixed"
+    dist_sparse_train(mixed, common + ["train.save_interval=4"], nproc=2)
+    dist_sparse_train(mixed, common + ["sparsity.compact_state=true"], nproc=2,
+                      resume=mixed / "checkpoints" / "step_00000004")
+
+    def losses(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    ref = losses(full)
+    for d in (part, mixed):
+        got = losses(d)
+        for step in range(5, 11):
+            assert got[step] == ref[step], f"{d.name}: step {step} loss {got[step]} != {ref[step]}"
+    summary = json.loads((full / "summary.json").read_text())
+    sb = summary["state_bytes_per_rank"]
+    assert summary["compact_state"] is True
+    assert set(sb) == {"weights", "gradients", "master_weights", "optimizer_state", "masks",
+                       "compression_residuals", "total"}
+    assert sb["total"] == max(sum(v for k, v in r.items() if k != "total") for r in summary["state_bytes_by_rank"])
+    assert summary["transient_bytes_per_rank"]["dense_gradient_on_update_steps"] > 0

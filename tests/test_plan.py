@@ -1,0 +1,101 @@
+"""`dist-sparse plan` (issue 7): the per-rank byte formula, its CLI output and its errors."""
+
+import json
+
+import pytest
+
+from dist_sparse.cli import plan as plan_cli
+from dist_sparse.memory import plan as P
+
+
+def test_formula_by_hand_zero2_bf16():
+    # 1000 parameters, all sparsified at 90%, 2 ranks: one 500-element partition each, 50 active per rank
+    s = P.uniform_setting(1000, 0.9, 1.0, world_size=2, zero_stage=2, precision="bf16", compact_state=True)
+    compact = P.predict(s)
+    assert compact[0] == {"weights": 2000, "gradients": 100, "master_weights": 200, "optimizer_state": 404,
+                          "masks": 63, "compression_residuals": 0, "total": 2767}
+    dense = P.predict(P.dense_baseline(s))
+    assert dense[0] == {"weights": 2000, "gradients": 1000, "master_weights": 2000, "optimizer_state": 4004,
+                        "masks": 0, "compression_residuals": 0, "total": 9004}
+
+
+def test_formula_partition_layout_follows_deepspeed():
+    # two parameters of 6 and 5 elements in one group, 2 ranks: 11 -> aligned to 12, partitions [0, 6), [6, 12)
+    group = [P.Param("a", 6, 0.5, True), P.Param("b", 5)]
+    dense = P.predict(P.Setting(world_size=2, zero_stage=2, precision="fp32", groups=[group]))
+    assert [r["weights"] for r in dense] == [48, 48]
+    assert [r["master_weights"] for r in dense] == [24, 24]
+    # DeepSpeed's contiguous gradient buffer holds the whole gradient of every parameter overlapping a partition
+    assert [r["gradients"] for r in dense] == [24, 20]
+    compact = P.predict(P.Setting(world_size=2, zero_stage=2, precision="fp32", compact_state=True, groups=[group]))
+    assert [r["master_weights"] for r in compact] == [12, 20]  # 3 of "a" active on rank 0; 5 of "b" on rank 1
+    assert [r["masks"] for r in compact] == [1, 0]
+
+
+def test_stage0_and_stage3():
+    s0 = P.predict(P.uniform_setting(800, 0.5, 1.0, world_size=4, zero_stage=0, precision="fp32"))
+    assert s0[0]["weights"] == 3200 and s0[0]["master_weights"] == 0 and s0[0]["gradients"] == 3200
+    s3 = P.predict(P.uniform_setting(800, 0.5, 1.0, world_size=4, zero_stage=3, precision="bf16"))
+    assert s3[0]["weights"] == 400 and s3[0]["master_weights"] == 800 and s3[0]["optimizer_state"] == 1604
+
+
+def test_cli_params_json(capsys):
+    rc = plan_cli.main(["--params", "7e9", "--world-size", "8", "--zero-stage", "2", "--sparsity", "0.9",
+                        "--precision", "bf16", "--compact-state", "--json", "--device-memory-gib", "80"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    sb, dense = out["state_bytes_per_rank"], out["dense_deepspeed_state_bytes_per_rank"]
+    assert set(sb) == {*P.CATEGORIES, "total"}
+    assert sb["weights"] == dense["weights"] == 2 * 7_000_000_000  # bf16 weights are replicated at ZeRO-2
+    assert sb["master_weights"] < 0.2 * dense["master_weights"]
+    assert out["fits"] is True and out["zero_stage"] == 2 and out["compact_state"] is True
+    assert len(out["state_bytes_by_rank"]) == 8
+
+
+def test_cli_text_output(capsys):
+    assert plan_cli.main(["--params", "1e6", "--world-size", "2"]) == 0
+    text = capsys.readouterr().out
+    for word in ("weights", "gradients", "master_weights", "optimizer_state", "masks", "total", "ratio to dense"):
+        assert word in text
+
+
+def test_cli_config_counts_the_model(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_sparse.integration.hf import sparsifiable_parameters
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 16}\n"
+                   "data: {max_chars: 5000}\n"
+                   "deepspeed: {zero_optimization: {stage: 2}, bf16: {enabled: true}}\n"
+                   "sparsity: {method: rigl, sparsity: 0.8, compact_state: true}\n")
+    assert plan_cli.main([str(cfg), "--world-size", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["precision"] == "bf16" and out["compact_state"] is True and out["zero_stage"] == 2
+    # the same sizes built for real (the vocabulary is the char tokenizer's, read from the corpus)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=out["vocab_size"], n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    assert out["parameters"] == sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
+    assert out["sparsified_parameters"] == sum(params[n].numel() for n in sparsifiable_parameters(model))
+    assert out["ratio_to_dense"] < 0.6
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--params", "1e9", "--world-size", "0"], "--world-size"),
+    (["--params", "1e9", "--world-size", "2", "--sparsity", "1.0"], "--sparsity"),
+    (["--params", "0", "--world-size", "2"], "--params"),
+    (["--params", "1e9", "--world-size", "2", "--zero-stage", "5"], "--zero-stage"),
+    (["--params", "1e9", "--world-size", "2", "--zero-stage", "3", "--compact-state"], "--compact-state"),
+    (["--params", "1e9", "--world-size", "2", "--sparsified-fraction", "1.5"], "--sparsified-fraction"),
+    (["--world-size", "2"], "either a CONFIG or --params"),
+])
+def test_cli_errors(argv, needle, capsys):
+    assert plan_cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_config_error_names_the_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("sparsity: {method: rigl, compact_state: true}\ndeepspeed: {zero_optimization: {stage: 3}}\n")
+    assert plan_cli.main([str(cfg), "--world-size", "2"]) == 2
+    assert "sparsity.compact_state" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
+
+For one ZeRO stage, precision and method (RigL, or magnitude pruning), trains the same tiny GPT-2 twice from the
+same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
+compact. Records per step the loss, and for the compact run:
+- at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
+  start at 0 with zero moments (RigL: the update replaces the optimizer step, so nothing moves them in that step;
+  magnitude pruning steps after the update, so there only pruned positions are checked);
+- measured state bytes vs the count from the masks (packed master = 4 B per active weight, moments 8 B, packed
+  gradient = the low-precision size per active weight, masks 1 bit per weight of the rank's range);
+- pruned model weights are exactly 0 after every step.
+Rank 0 writes a JSON report to argv[3].
+"""
+
+import json
+import sys
+
+import deepspeed
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import dist_sparse
+from dist_sparse.masks.packing import packed_nbytes
+
+STEPS = 20
+
+
+def build(stage: int, compact: bool, bf16: bool, method: str):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 1.0,
+        "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
+                     "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
+    }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+    engine, _, _, _ = dist_sparse.initialize(model=model, config=config, model_parameters=groups,
+                                             total_steps=STEPS, seed=3)
+    return engine
+
+
+def snapshot(engine):
+    """name -> (mask, dense master, dense moments) of this rank's range."""
+    out = {}
+    for v in engine.sparsifier.views:
+        out[v.name] = (engine.sparsifier.mask(v.name).clone(), v.master().clone(),
+                       {k: v.state(k).clone() for k in ("exp_avg", "exp_avg_sq") if v.state(k) is not None})
+    return out
+
+
+def check_repack(before, after) -> dict:
+    ok_survivors, ok_regrown, regrown, survivors = True, True, 0, 0
+    for name, (old_mask, old_w, old_s) in before.items():
+        new_mask, new_w, new_s = after[name]
+        keep, born = old_mask & new_mask, new_mask & ~old_mask
+        survivors += int(keep.sum())
+        regrown += int(born.sum())
+        ok_survivors &= torch.equal(new_w[keep], old_w[keep])
+        ok_regrown &= bool((new_w[born] == 0).all()) and bool((new_w[~new_mask] == 0).all())
+        for k in old_s:
+            ok_survivors &= torch.equal(new_s[k][keep], old_s[k][keep])
+            ok_regrown &= bool((new_s[k][born] == 0).all())
+    return {"survivors_exact": bool(ok_survivors), "regrown_zero": bool(ok_regrown), "regrown": regrown,
+            "survivors": survivors}
+
+
+def expected_bytes(engine) -> dict:
+    """The compact run's state bytes from the masks alone."""
+    store = engine.compact
+    lp_bytes = store.lp_parts[0].element_size()
+    active = 0
+    for v in engine.param_views:
+        if v.group is None:
+            continue
+        if v.name in engine.sparsifier.order:
+            active += int(engine.sparsifier.mask(v.name).sum())
+        else:
+            active += v.mask_len
+    n_groups = len(store.parts)
+    weights = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
+    started = bool(store.opt.state)  # Adam creates its state in the first step (before it: none)
+    return {"master_weights": 4 * active,
+            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
+            "gradients": lp_bytes * active, "weights": weights,
+            "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+
+
+def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
+    engine = build(stage, compact, bf16, method)
+    sp = engine.sparsifier
+    rank = torch.distributed.get_rank()
+    report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
+    g = torch.Generator().manual_seed(100 + rank)
+    params = dict(engine.module.named_parameters())
+    for _ in range(STEPS):
+        x = torch.randint(0, 48, (2, 16), generator=g)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        update = sp.method.is_update_step(engine.global_steps)
+        before = snapshot(engine) if compact and update else None
+        # what the masks say a rank holds; the engine measures between backward and the step, like here
+        expected = expected_bytes(engine) if compact and not update else None
+        engine.step()
+        report["losses"].append(float(loss))
+        if before is not None:
+            report["repack"].append(check_repack(before, snapshot(engine)))
+        if not update:
+            report["bytes"].append(engine.state_bytes)
+            if compact:
+                report["expected"].append(expected)
+        masks = sp.full_masks()
+        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
+    report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
+    report["updates"] = sp.updates_done
+    report["method"] = method
+    if compact:
+        report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
+        report["dense_master_freed"] = all(
+            t.data_ptr() == lp.data_ptr()
+            for t, lp in zip(engine.optimizer.single_partition_of_fp32_groups, engine.compact.lp_parts))
+    deepspeed.comm.barrier()
+    return report
+
+
+def main():
+    stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    bf16 = dtype == "bf16"
+    results = {"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, results)
+    if torch.distributed.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+
+
+if __name__ == "__main__":
+    main()
