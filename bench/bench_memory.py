@@ -166,9 +166,11 @@ def main() -> None:
            *[f"| {t} | {'reported' if ok is None else 'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
            "RigL's dense gradient on mask-update steps (a transient of compact runs, not in the table): "
            f"{mib(c_bf16['transient_bytes_per_rank']['dense_gradient_on_update_steps'])} MiB per rank (ZeRO-2 bf16). "
-           "Peak RSS includes what is not training state: the Python process, torch, activations, DeepSpeed's "
-           "reduction bucket (dense: gradients are still reduced densely) and the evaluation; it falls far less "
-           "than the training state on a model this small."]
+           "Peak RSS (whole process, max over ranks) includes what is not training state: Python, torch and "
+           "DeepSpeed, activations, DeepSpeed's reduction bucket (gradients are still reduced densely), the "
+           "evaluation, and in sparse runs transients dense DeepSpeed does not have (mask initialisation and the "
+           "mask update, which scores the whole partition in fp32; not measured separately). Compare compact "
+           "with masked-dense RigL, which has the same transients with dense state."]
     write_section("60_memory", "\n".join(md))
 
 
