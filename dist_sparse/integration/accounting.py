@@ -89,6 +89,9 @@ def measure(sparse_engine, residuals=None) -> dict:
         c.add("gradients", list(store.dense_grads.values()))
     # masks and compression residuals
     c.bytes["masks"] = sparse_engine.sparsifier.mask_bytes()
+    compression = getattr(sparse_engine, "compression", None)
+    if compression is not None:  # gradient compression's replicated copy of the masks (packed)
+        c.bytes["masks"] += compression.mask_bytes()
     if residuals is not None:
         c.add("compression_residuals", residuals)
     out = dict(c.bytes)

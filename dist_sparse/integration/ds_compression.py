@@ -28,7 +28,7 @@ import torch
 from dist_sparse import distributed as D
 from dist_sparse.compression import GradientCompression
 from dist_sparse.errors import ConfigError
-from dist_sparse.masks.packing import packed_nbytes, unpack_bits
+from dist_sparse.masks.packing import pack_bits, packed_nbytes, unpack_bits
 
 log = logging.getLogger("dist_sparse")
 
@@ -63,6 +63,30 @@ def _optimizer_momentum(inner) -> float:
     return float(m)
 
 
+class _PackedMasks:
+    """The replicated full masks the senders need (which coordinates are pruned), kept bit-packed; ``get`` unpacks
+    one parameter's mask on its device when the exchange asks for it, so only one bool mask exists at a time."""
+
+    def __init__(self, packed: dict, params: dict):
+        self.packed = packed  # name -> (packed uint8 bits, numel)
+        self.params = params
+
+    def get(self, name, default=None):
+        if name not in self.packed:
+            return default
+        bits, numel = self.packed[name]
+        return unpack_bits(bits, numel).to(self.params[name].device)
+
+    def __contains__(self, name) -> bool:
+        return name in self.packed
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def nbytes(self) -> int:
+        return sum(bits.numel() for bits, _ in self.packed.values())
+
+
 class CompressedReduction:
     """Owns the per-rank compression state of one engine and replaces its gradient reduction."""
 
@@ -86,7 +110,7 @@ class CompressedReduction:
         self.compression = GradientCompression(cfg, seed, momentum=momentum)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
-        self._full_masks: dict = {}
+        self._full_masks = _PackedMasks({}, {})
         self._mask_token = None
         self._mask_epoch = 0
         self._stash: dict = {}
@@ -155,23 +179,26 @@ class CompressedReduction:
         if not views:
             return
         if all(v.replicated for v in views):  # stage 0: every rank already holds the whole masks
-            self._full_masks = {v.name: sparsifier.mask(v.name) for v in views}
+            self._full_masks = _PackedMasks({v.name: (sparsifier.packed[v.name], v.numel) for v in views},
+                                            self.params)
         else:  # one all-gather of every rank's packed bits (+ its ranges), not one per tensor
             ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64)
             packed = torch.cat([sparsifier.packed[v.name] for v in views])
             all_ranges = D.all_gather_equal(ranges)
             all_packed = D.all_gather_varlen(packed)
             self.mask_sync_bytes += ranges.numel() * 8 + 8 + max(p.numel() for p in all_packed)
-            full = {v.name: torch.zeros(v.numel, dtype=torch.bool) for v in views}
-            for r_ranges, r_packed in zip(all_ranges, all_packed):
-                offset = 0
-                for v, (start, length) in zip(views, r_ranges.tolist()):
+            # assembled one parameter at a time and kept bit-packed (1 bit per weight, not a bool byte)
+            offsets = [0] * len(all_packed)
+            packed_full = {}
+            for i, v in enumerate(views):
+                full = torch.zeros(v.numel, dtype=torch.bool)
+                for r, (r_ranges, r_packed) in enumerate(zip(all_ranges, all_packed)):
+                    start, length = r_ranges[i].tolist()
                     nbytes = packed_nbytes(length)
-                    full[v.name][start: start + length] = unpack_bits(r_packed[offset: offset + nbytes], length)
-                    offset += nbytes
-            self._full_masks = full
-        for n, m in self._full_masks.items():
-            self._full_masks[n] = m.to(self.params[n].device)
+                    full[start: start + length] = unpack_bits(r_packed[offsets[r]: offsets[r] + nbytes], length)
+                    offsets[r] += nbytes
+                packed_full[v.name] = (pack_bits(full), v.numel)
+            self._full_masks = _PackedMasks(packed_full, self.params)
 
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -208,6 +235,11 @@ class CompressedReduction:
         return {"comm_bytes_per_step": self.compression.total_bytes / steps,
                 "dense_comm_bytes_per_step": float(self.dense_bytes_per_step),
                 "mask_sync_bytes_per_step": self.mask_sync_bytes / steps}
+
+    def mask_bytes(self) -> int:
+        """Bytes of the replicated packed masks this rank keeps for sending (at stage 0 they are the sparsifier's
+        own masks, counted there)."""
+        return 0 if self.stage == 0 else self._full_masks.nbytes()
 
     def state_tensors(self) -> dict:
         return {k: t.detach().cpu().contiguous() for k, t in self.compression.feedback.state_tensors().items()}
