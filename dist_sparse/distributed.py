@@ -98,6 +98,16 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a run: a barrier (no rank exits while a peer still talks to
+    it), then destroy the group so its communication threads are joined before interpreter exit; an abrupt exit
+    can abort a rank with "terminate called without an active exception". Not for error paths (peers may be
+    gone)."""
+    if is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_object(obj, group=None) -> list:
     n = world_size(group)
     if n == 1:

@@ -87,7 +87,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     set_threads(cfg)
     ds_integration.init_distributed(cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, resume)
+        summary = _train(cfg, resume)
+        D.shutdown()
+        return summary
     except RuntimeError as exc:
         text = str(exc)
         if "imed out" in text or "Timeout" in text or "timeout" in text:

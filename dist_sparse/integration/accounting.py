@@ -13,6 +13,8 @@ Where DeepSpeed keeps those buffers is DeepSpeed knowledge, hence this module li
 (it reads attributes; it does not import deepspeed).
 """
 
+import warnings
+
 import torch
 
 from dist_sparse.integration.deepspeed import inner_optimizer
@@ -76,8 +78,10 @@ def measure(sparse_engine, residuals=None) -> dict:
     # gradients: parameter grads, DeepSpeed's partition buffers and buckets, fp32 grads on the masters
     for p in engine.module.parameters():
         c.add("gradients", p.grad)
-    for group in opt.param_groups:
-        c.add("gradients", [p.grad for p in group["params"]])
+    for group in opt.param_groups:  # packed masters (compact state) are not leaves: read .grad without the warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            c.add("gradients", [p.grad for p in group["params"]])
     for attr in ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
                  "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
         c.add("gradients", getattr(zo, attr, None))

@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
+from dist_sparse import distributed as D
 from dist_sparse.masks.packing import packed_nbytes
 
 STEPS = 20
@@ -143,3 +144,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    D.shutdown()  # join the process group's threads before exit

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
+from dist_sparse import distributed as D
 from dist_sparse.compression.exchange import payload_elements
 
 STEPS = 7
@@ -147,3 +148,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    D.shutdown()  # join the process group's threads before exit

@@ -18,6 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
+from dist_sparse import distributed as D
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice
 
@@ -112,3 +113,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    D.shutdown()  # join the process group's threads before exit
