@@ -210,9 +210,8 @@ class CompressedReduction:
         if method is not None:
             update = method.is_update_step(step)
             # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the
-            # steps before it too, when the sparsifier can say so): exchange the sparsified tensors uncompressed
-            uses_dense = getattr(sparsifier, "uses_dense_grad", None)
-            if (uses_dense(step) if uses_dense is not None else update and method.needs_dense_grad):
+            # steps before it too): exchange the sparsified tensors uncompressed
+            if sparsifier.uses_dense_grad(step):
                 dense = {v.name for v in sparsifier.views}
             if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
                 skip = [n for n in self.names if n not in dense]

@@ -12,7 +12,6 @@ compact. Records per step the loss, and for the compact run:
 Rank 0 writes a JSON report to argv[3].
 """
 
-import json
 import sys
 
 import deepspeed
@@ -20,8 +19,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
-from dist_sparse import distributed as D
 from dist_sparse.masks.packing import packed_nbytes
+from tests.workers import finish
 
 STEPS = 20
 
@@ -134,14 +133,8 @@ def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
 def main():
     stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     bf16 = dtype == "bf16"
-    results = {"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, results)
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
+    finish({"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}, out)
 
 
 if __name__ == "__main__":
     main()
-    D.shutdown()  # join the process group's threads before exit

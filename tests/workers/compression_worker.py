@@ -10,7 +10,6 @@ data and records, on every rank, what the equivalence tests compare:
 Rank 0 writes a JSON report to argv[2].
 """
 
-import json
 import sys
 
 import torch
@@ -18,8 +17,8 @@ import torch.distributed as dist
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
-from dist_sparse import distributed as D
 from dist_sparse.compression.exchange import payload_elements
+from tests.workers import finish
 
 STEPS = 7
 _COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
@@ -139,13 +138,8 @@ def main():
     runs["nan"] = run(stage, {"method": "randomk", "density": 0.1}, "static", 2, nan_step=3)
     runs["dgc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True, "warmup_steps": 3},
                       "rigl", 1, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}})
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, runs)
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
+    finish(runs, out)
 
 
 if __name__ == "__main__":
     main()
-    D.shutdown()  # join the process group's threads before exit

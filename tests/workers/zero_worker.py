@@ -9,7 +9,6 @@ checks, on every rank:
 Rank 0 writes a JSON report to argv[2].
 """
 
-import json
 import sys
 
 import deepspeed
@@ -18,9 +17,9 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
-from dist_sparse import distributed as D
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice
+from tests.workers import finish
 
 STEPS = 9
 
@@ -103,14 +102,8 @@ def run(stage: int, method: str) -> dict:
 def main():
     stage, out = int(sys.argv[1]), sys.argv[2]
     methods = sys.argv[3].split(",")
-    results = {m: run(stage, m) for m in methods}
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, results)
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
+    finish({m: run(stage, m) for m in methods}, out)
 
 
 if __name__ == "__main__":
     main()
-    D.shutdown()  # join the process group's threads before exit
