@@ -239,9 +239,9 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
              "gradient path bypasses the partition gradients the compressed exchange writes)")
     if c.momentum_correction:
         opt = (ds.get("optimizer") or {}).get("type", "AdamW")
-        _require(str(opt).lower() == "sgd", f"{p}.momentum_correction",
-                 f"DGC momentum correction is defined for momentum SGD (it moves the optimizer's momentum into the "
-                 f"exchange); deepspeed.optimizer.type is {opt!r}")
+        _require(str(opt).lower() in ("sgd", "adam", "adamw"), f"{p}.momentum_correction",
+                 f"is defined for momentum SGD (DGC) and Adam/AdamW (moments on the local gradient, "
+                 f"docs/compression.md); deepspeed.optimizer.type is {opt!r}")
 
 
 def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
@@ -335,11 +335,12 @@ def from_dict(raw: dict) -> Config:
     _check_deepspeed(ds)
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
     check_compression_with_deepspeed(compression, ds)
-    # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state) and DGC needs SGD: refuse
-    # now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
-    _require(not compression.momentum_correction, "compression.momentum_correction",
-             "needs momentum SGD, which dist-sparse train cannot checkpoint yet (Adam-family optimizers only); use "
-             "it through dist_sparse.initialize in your own training loop")
+    # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
+    # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
+    opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
+    _require(not (compression.momentum_correction and opt_type == "sgd"), "compression.momentum_correction",
+             "with SGD needs a loop that checkpoints SGD, which dist-sparse train does not (Adam-family optimizers "
+             "only); use it through dist_sparse.initialize in your own training loop, or use Adam/AdamW")
     cfg = Config(
         model=_build(ModelConfig, raw.get("model"), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),

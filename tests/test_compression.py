@@ -9,8 +9,10 @@ import torch
 
 from dist_sparse import config as C
 from dist_sparse.compression import COMPRESSORS, ErrorFeedback, GradientCompression, Outgoing, SparseExchange
+from dist_sparse.compression.adam import LocalMomentAdam
 from dist_sparse.compression.base import keep_count
 from dist_sparse.compression.exchange import payload_elements
+from dist_sparse.compression.gradient import clip_local_
 from dist_sparse.errors import ConfigError
 from tests.distributed_utils import run_spawned
 
@@ -204,6 +206,100 @@ def test_exchange_single_process_is_identity_average():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# momentum correction for Adam: moments on the local gradient (dist_sparse.compression.adam)
+
+
+def _adam_pair(opt_cls, **kw):
+    torch.manual_seed(0)
+    w = torch.randn(12)
+    ref, ours = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    return ref, ours, opt_cls([ref], lr=0.01, **kw), opt_cls([ours], lr=0.01, **kw)
+
+
+@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.AdamW, {"weight_decay": 0.1}),
+                                        (torch.optim.Adam, {"betas": (0.8, 0.99)}),
+                                        (torch.optim.AdamW, {})])
+def test_adam_momentum_correction_at_density_one_is_adam(opt_cls, kw):
+    """One rank, nothing dropped: the first moment accumulated before the exchange (EMA form, error feedback,
+    no momentum masking) + the second moment from the local gradient reproduce torch's Adam/AdamW step by step."""
+    ref, ours, opt_ref, opt = _adam_pair(opt_cls, **kw)
+    adam = LocalMomentAdam(opt)
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=adam.beta1, ema=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(12):
+        grad = torch.randn(12, generator=g) * (1 + step)
+        ref.grad = grad.clone()
+        opt_ref.step()
+        idx, values = ef.compress("w", grad, None, step, 0)
+        sent = torch.zeros(12).index_put_((idx,), values)
+        ours.grad = sent
+        adam.stage([(ours.data, grad, sent)])
+        adam.step()
+        torch.testing.assert_close(ours.data, ref.data, msg=f"step {step}")
+        torch.testing.assert_close(opt.state[ours]["exp_avg_sq"], opt_ref.state[ref]["exp_avg_sq"])
+    assert float(opt.state[ours]["step"]) == 12
+
+
+def test_adam_momentum_correction_scales_the_local_gradient_like_the_engine():
+    """The engine clips the average it received (here by 1/4): the local gradient entering v gets the same
+    factor, so the step equals Adam on the clipped gradient."""
+    ref, ours, opt_ref, opt = _adam_pair(torch.optim.AdamW)
+    adam = LocalMomentAdam(opt)
+    grad = torch.linspace(-1, 1, 12)
+    ref.grad = grad / 4
+    opt_ref.step()
+    ours.grad = (1 - adam.beta1) * grad / 4  # first step: m = (1 - b1) g, clipped
+    adam.stage([(ours.data, grad, (1 - adam.beta1) * grad)])
+    adam.step()
+    torch.testing.assert_close(ours.data, ref.data)
+
+
+def test_adam_momentum_correction_without_moment_masking_delivers_every_first_moment():
+    """Top-k with error feedback on Adam's EMA momentum: over time the sent values sum to the sum of the first
+    moments (minus what is still in the residual): nothing is lost, unlike DGC's momentum factor masking."""
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.25, momentum=0.9, ema=True)
+    g = torch.Generator().manual_seed(2)
+    u, total_u, total_sent = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    for step in range(30):
+        grad = torch.randn(8, generator=g)
+        u = 0.9 * u + 0.1 * grad
+        total_u += u
+        idx, values = ef.compress("w", grad, None, step, 0)
+        total_sent.index_add_(0, idx, values)
+        torch.testing.assert_close(ef.velocity_momentum["w"], u)  # the momentum is never masked
+    torch.testing.assert_close(total_sent + ef.residual["w"], total_u)
+
+
+def test_local_clipping_scales_by_the_norm_over_eligible_coordinates():
+    grads = {"a": torch.tensor([3.0, 100.0]), "b": torch.tensor([4.0]), "c": torch.tensor([50.0])}
+    # a's pruned coordinate (100) and the skipped tensor c do not count: norm 5, clipped to 1
+    norm = clip_local_(grads, {"a": torch.tensor([True, False])}, 1.0, skip={"c"})
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(grads["b"], torch.tensor([4.0 / (5.0 + 1e-6)]))
+    assert grads["a"][0] == pytest.approx(0.6, rel=1e-5) and grads["c"].item() == 50.0
+    small = {"a": torch.tensor([0.3, 0.4])}
+    assert clip_local_(small, {}, 1.0) == pytest.approx(0.5) and small["a"].tolist() == pytest.approx([0.3, 0.4])
+
+
+def test_adam_momentum_correction_refuses_what_it_does_not_cover():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ConfigError, match="SGD") as err:
+        LocalMomentAdam(torch.optim.SGD(p, lr=0.1))
+    assert err.value.key == "compression.momentum_correction"
+    with pytest.raises(ConfigError, match="decoupled"):
+        LocalMomentAdam(torch.optim.Adam(p, weight_decay=0.1))
+    with pytest.raises(ConfigError, match="amsgrad"):
+        LocalMomentAdam(torch.optim.AdamW(p, amsgrad=True))
+    with pytest.raises(ConfigError, match="beta1"):
+        LocalMomentAdam(torch.optim.AdamW([{"params": p[:1]}, {"params": [torch.nn.Parameter(torch.zeros(2))],
+                                                                 "betas": (0.5, 0.9)}]))
+    adam = LocalMomentAdam(torch.optim.AdamW(p))
+    p[0].grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="stage"):
+        adam.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # config
 
 
@@ -219,7 +315,8 @@ def test_exchange_single_process_is_identity_average():
     (["compression.ratio=0.1"], "compression.ratio"),
     (["compression.method=topk", "compression.error_feedback=false", "compression.momentum_correction=true"],
      "compression.momentum_correction"),
-    (["compression.method=topk", "compression.momentum_correction=true"], "compression.momentum_correction"),
+    (["compression.method=topk", "compression.momentum_correction=true",
+      "deepspeed.optimizer={type: Lamb, params: {lr: 0.1}}"], "compression.momentum_correction"),
     (["compression.method=topk", "deepspeed.zero_optimization.stage=3"], "compression.method"),
     (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
      "compression.method"),
@@ -245,7 +342,10 @@ def test_compression_config_defaults_and_overrides():
                       "compression.method=topk", "compression.momentum_correction=true"])
     assert err.value.key == "compression.momentum_correction"
     with pytest.raises(ConfigError, match="momentum SGD") as err:
-        C.split_deepspeed_json({"compression": {"method": "topk", "momentum_correction": True}})
+        C.split_deepspeed_json({"optimizer": {"type": "Lamb"},
+                                "compression": {"method": "topk", "momentum_correction": True}})
+    # with Adam/AdamW (the default optimizer) the CLI takes it: the moments stay local (compression/adam.py)
+    assert C.load(None, ["compression.method=topk", "compression.momentum_correction=true"]).compression.enabled
     assert not C.load(None, []).compression.enabled
     assert set(C.CompressionConfig.__dataclass_fields__) == {"method", "density", "error_feedback",
                                                              "momentum_correction", "warmup_steps",

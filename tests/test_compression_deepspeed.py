@@ -134,3 +134,26 @@ def test_dgc_momentum_correction_moves_sgd_momentum_into_the_exchange(report):
         assert r["dgc"]["momentum"] == 0.9 and set(r["dgc"]["optimizer_momentum"]) == {0.0}, where
         assert r["dgc"]["momenta"] > 0 and r["sent_pruned"] == 0, where
         assert all(loss == loss and abs(loss) < 100 for loss in r["losses"]), where
+
+
+@pytest.mark.slow
+def test_adam_momentum_correction_is_adamw_when_local_equals_average(report):
+    """Both moments on the local gradient (compression/adam.py): with one batch on both ranks, density 1.0 gives
+    uncompressed AdamW's trajectory (RigL updates and clipping included); at density 0.1 it trains, sends no
+    pruned coordinate, and keeps the momentum per rank."""
+    stage, per_rank = report
+    for rank, runs in enumerate(per_rank):
+        where = f"ZeRO-{stage} rank {rank} adam momentum correction"
+        ref, ours = runs["rigl_same_data"], runs["adam_mc_same_data"]
+        assert ours["dgc"]["adam"] and ours["dgc"]["momentum"] == 0.9, where
+        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), msg=where)
+        assert ours["masks"] == ref["masks"], where
+        for name in ref["master"]:
+            torch.testing.assert_close(torch.tensor(ours["master"][name]), torch.tensor(ref["master"][name]),
+                                       msg=f"{where} {name}")
+        sparse = runs["adam_mc"]
+        assert sparse["sent_pruned"] == 0 and sparse["dgc"]["momenta"] > 0, where
+        # gradient_clipping 1.0 became DGC local clipping at 1.0 x sqrt(2); DeepSpeed no longer clips
+        assert sparse["dgc"]["local_clip"] == pytest.approx(2 ** 0.5) and sparse["dgc"]["ds_clipping"] == 0, where
+        assert all(loss == loss and abs(loss) < 100 for loss in sparse["losses"]), where
+        assert sparse["stats"]["comm_bytes_per_step"] < sparse["stats"]["dense_comm_bytes_per_step"], where

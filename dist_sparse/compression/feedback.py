@@ -11,7 +11,12 @@ compressor select coordinates, and keeps what was not sent:
   ``v <- v + u`` and ``acc = v``; after sending, both ``u`` and ``v`` are zeroed at the sent positions
   (*momentum factor masking*), so a stale momentum does not keep pushing a coordinate that was just applied.
   The optimizer then receives the aggregated velocity and must not apply momentum itself (see
-  :mod:`dist_sparse.integration.ds_compression`).
+  :mod:`dist_sparse.integration.ds_compression`). For Adam the momentum is Adam's exponential average,
+  ``u <- b1 u + (1 - b1) g`` (``ema=True``), error feedback runs on ``u`` and there is *no* momentum factor
+  masking: what is sent over time then sums to exactly the first moments dense Adam would apply (at density 1 it is
+  Adam's ``m``; 1-bit Adam, Tang et al. 2021, compresses the momentum the same way), while masking would cut the
+  step of coordinates sent often by up to ``1 - b1``. The second moment is kept local too
+  (:mod:`dist_sparse.compression.adam`).
 
 Mask-aware: ``eligible`` is the set of coordinates the weight mask keeps. Pruned coordinates are zeroed in ``acc``
 before selection, so they are never sent and never enter (or stay in) a residual.
@@ -28,8 +33,13 @@ class ErrorFeedback:
     """Residuals (and momenta) of one rank, keyed by tensor name; full flat fp32 tensors on the gradient's device."""
 
     def __init__(self, compressor, density: float, error_feedback: bool = True, momentum: float | None = None,
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, ema: bool = False, precondition_beta2: float | None = None):
         self.compressor = compressor
+        # Adam momentum correction: rank coordinates by the step they would make, |acc| / sqrt(v), with v this
+        # rank's running average of its local squared gradient (None: rank by |acc|, as top-k for SGD does)
+        self.precondition_beta2 = precondition_beta2
+        self.second_moment: dict = {}
+        self.ema = bool(ema)  # momentum as an exponential average (Adam's first moment), not SGD's sum
         self.target_density = float(density)
         self.error_feedback = bool(error_feedback)
         self.momentum = momentum  # None: no momentum correction
@@ -61,14 +71,27 @@ class ErrorFeedback:
             acc.add_(grad)
         else:
             u = self._buffer(self.velocity_momentum, name, grad)
-            u.mul_(self.momentum).add_(grad)
+            u.mul_(self.momentum).add_(grad, alpha=1 - self.momentum if self.ema else 1.0)
             acc = self._buffer(self.residual, name, grad)
             acc.add_(u)
             if eligible is not None:
                 u.masked_fill_(~eligible, 0)
         if eligible is not None:
             acc.masked_fill_(~eligible, 0)  # pruned coordinates are never sent and never kept
+        if self.precondition_beta2 is not None:
+            v = self._buffer(self.second_moment, name, grad)
+            v.mul_(self.precondition_beta2).addcmul_(grad, grad, value=1 - self.precondition_beta2)
+            if eligible is not None:
+                v.masked_fill_(~eligible, 0)
         return acc
+
+    def ranking(self, name: str, acc: torch.Tensor) -> torch.Tensor:
+        """What the compressor ranks: ``acc``, or with Adam preconditioning the step each coordinate would make,
+        ``|acc| / (sqrt(v) + eps)`` (a per-tensor constant such as Adam's bias correction does not change a
+        per-tensor ranking, so it is left out)."""
+        if self.precondition_beta2 is None:
+            return acc
+        return acc / self.second_moment[name].sqrt().add_(1e-8)
 
     @torch.no_grad()
     def sent(self, name: str, acc: torch.Tensor, indices: torch.Tensor) -> None:
@@ -76,7 +99,7 @@ class ErrorFeedback:
         if not self.error_feedback:
             return
         acc.index_fill_(0, indices, 0)
-        if self.momentum is not None:
+        if self.momentum is not None and not self.ema:
             self.velocity_momentum[name].index_fill_(0, indices, 0)
 
     def compress(self, name: str, grad: torch.Tensor, eligible: torch.Tensor | None, step: int, stream: int,
@@ -84,25 +107,27 @@ class ErrorFeedback:
         """(indices, values) this rank sends for ``name``; residual state is updated."""
         acc = self.accumulate(name, grad, eligible)
         d = self.density(step) if density is None else density
-        idx = self.compressor.select(acc, eligible, d, step=step, stream=stream)
+        idx = self.compressor.select(self.ranking(name, acc), eligible, d, step=step, stream=stream)
         values = acc[idx].clone()
         self.sent(name, acc, idx)
         return idx, values
 
-    # -- checkpointing: per-rank tensors keyed "{name}::residual" / "{name}::momentum" --------------------------
+    # -- checkpointing: per-rank tensors keyed "{name}::residual" / "::momentum" / "::second_moment" -----------
     def state_tensors(self) -> dict:
         out = {f"{n}::residual": t for n, t in self.residual.items()}
         out.update({f"{n}::momentum": t for n, t in self.velocity_momentum.items()})
+        out.update({f"{n}::second_moment": t for n, t in self.second_moment.items()})
         return out
 
     def load_state_tensors(self, tensors: dict, device=None) -> None:
-        self.residual, self.velocity_momentum = {}, {}
+        self.residual, self.velocity_momentum, self.second_moment = {}, {}, {}
+        stores = {"residual": self.residual, "momentum": self.velocity_momentum, "second_moment": self.second_moment}
         for key, t in tensors.items():
             name, kind = key.rsplit("::", 1)
-            store = self.residual if kind == "residual" else self.velocity_momentum if kind == "momentum" else None
+            store = stores.get(kind)
             if store is None:
                 raise KeyError(f"unknown compression state tensor {key!r}")
             store[name] = t.to(device=device, dtype=torch.float32).reshape(-1).clone()
 
     def reset(self) -> None:
-        self.residual, self.velocity_momentum = {}, {}
+        self.residual, self.velocity_momentum, self.second_moment = {}, {}, {}

@@ -13,6 +13,8 @@ Two kinds of tensors get special treatment on a step:
 Tensors smaller than ``min_tensor_size`` are sent dense (all unpruned coordinates; their residual stays 0).
 """
 
+import math
+
 import torch
 
 from dist_sparse import distributed as D
@@ -21,14 +23,44 @@ from dist_sparse.compression.exchange import Outgoing, SparseExchange
 from dist_sparse.compression.feedback import ErrorFeedback
 
 
+@torch.no_grad()
+def clip_local_(grads: dict, eligible: dict, max_norm: float, skip=()) -> float:
+    """DGC's local gradient clipping (Lin et al. 2018, Sec. 3.3), in place: scale this rank's gradients so that
+    their norm over the coordinates that may be sent (``eligible``; pruned ones do not count) is at most
+    ``max_norm``, with DeepSpeed's formula (coefficient ``(norm + 1e-6) / max_norm`` when above 1). Returns the norm
+    before clipping.
+
+    With momentum correction the gradient is accumulated into a local momentum *before* the exchange, so it has to
+    be clipped there; clipping the exchanged momentum instead would clip a different quantity. The caller passes
+    ``max_norm = C * sqrt(N)`` for a global threshold ``C`` on the average of N ranks (DGC scales by ``N^-1/2``
+    for a sum): N independent local gradients of norm ``C sqrt(N)`` average to a norm of about ``C``."""
+    total = 0.0
+    for name, g in grads.items():
+        if name in skip:
+            continue
+        mask = eligible.get(name)
+        flat = g.reshape(-1).float()
+        total += float(flat.square().sum() if mask is None else flat.square().mul_(mask).sum())
+    norm = math.sqrt(total)
+    coef = (norm + 1e-6) / max_norm
+    if coef > 1:
+        for name, g in grads.items():
+            if name not in skip:
+                g.div_(coef)
+    return norm
+
+
 class GradientCompression:
-    def __init__(self, cfg, seed: int = 0, group=None, momentum: float | None = None):
+    def __init__(self, cfg, seed: int = 0, group=None, momentum: float | None = None, ema: bool = False,
+                 local_clip: float = 0.0, precondition_beta2: float | None = None):
         self.cfg = cfg
         self.compressor = COMPRESSORS[cfg.method](seed)
         self.feedback = ErrorFeedback(self.compressor, cfg.density, cfg.error_feedback,
-                                      momentum if cfg.momentum_correction else None, cfg.warmup_steps)
+                                      momentum if cfg.momentum_correction else None, cfg.warmup_steps, ema,
+                                      precondition_beta2)
         self.exchange = SparseExchange(group)
         self.group = group
+        self.local_clip = float(local_clip)  # DGC local gradient clipping threshold (0: off)
         self.total_bytes = 0
         self.exchanges = 0
         self.last_sent: dict = {}  # name -> sorted indices this rank sent in the last exchange (for inspection)
@@ -40,6 +72,8 @@ class GradientCompression:
         (absent or None: all coordinates)."""
         rank = D.rank(self.group)
         dense, skip = set(dense), set(skip)
+        if self.local_clip > 0:
+            clip_local_(grads, eligible, self.local_clip, skip)
         items = []
         self.last_sent = {}
         for order, (name, g) in enumerate(grads.items()):

@@ -390,7 +390,7 @@ class SparseEngine:
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
                              _loss_finite=True, last_step_skipped=False, compact=None, state_bytes=None,
                              compression=None)  # issue 3: a ds_compression.CompressedReduction, set by attach()
-        _wrap_inner_step(engine, sparsifier)
+        self.__dict__["inner_step"] = _wrap_inner_step(engine, sparsifier)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -455,18 +455,22 @@ class SparseEngine:
         return self.engine.step(*args, **kwargs)
 
 
-def _wrap_inner_step(engine, sparsifier: Sparsifier) -> None:
+def _wrap_inner_step(engine, sparsifier: Sparsifier) -> list:
+    """Wrap the inner optimizer's ``step`` (skipped on update steps that replace it; masters masked after it).
+    Returns the one-element list holding the step the wrapper calls, so a component can replace the update rule
+    itself while the wrapping stays (gradient compression's Adam momentum correction does)."""
     opt = inner_optimizer(engine)
-    original = opt.step
+    base = [opt.step]
 
     def step(*args, **kwargs):
         if sparsifier.skip_optimizer_step:
             return None
-        out = original(*args, **kwargs)
+        out = base[0](*args, **kwargs)
         sparsifier.after_optimizer_step()
         return out
 
     opt.step = step
+    return base
 
 
 def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
@@ -492,6 +496,8 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
 
         wrapped.__dict__["compression"] = CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
                                                               compression, seed)
+        if wrapped.compression.adam is not None:  # Adam momentum correction replaces the update rule
+            wrapped.inner_step[0] = wrapped.compression.adam.step
     if sparsity.compact_state:  # issue 7: masters, moments and gradients only for active weights
         from dist_sparse.integration import compact_zero
 

@@ -27,6 +27,7 @@ import torch
 
 from dist_sparse import distributed as D
 from dist_sparse.compression import GradientCompression
+from dist_sparse.compression.adam import LocalMomentAdam, is_adam
 from dist_sparse.errors import ConfigError
 from dist_sparse.masks.packing import pack_bits, packed_nbytes, unpack_bits
 
@@ -106,8 +107,28 @@ class CompressedReduction:
         params = dict(engine.module.named_parameters())
         self.params = {n: params[n] for n in self.names}
         self._name_of = {id(p): n for n, p in self.params.items()}
-        momentum = _optimizer_momentum(inner_optimizer) if cfg.momentum_correction else None
-        self.compression = GradientCompression(cfg, seed, momentum=momentum)
+        # momentum correction: SGD (DGC) moves the optimizer's momentum into the exchange; Adam/AdamW also keeps
+        # its second moment on the local gradient (dist_sparse.compression.adam)
+        self.adam = None
+        momentum, ema = None, False
+        if cfg.momentum_correction and is_adam(inner_optimizer):
+            self.adam = LocalMomentAdam(inner_optimizer)
+            momentum, ema = self.adam.beta1, True
+        elif cfg.momentum_correction:
+            momentum = _optimizer_momentum(inner_optimizer)
+        local_clip = 0.0
+        if cfg.momentum_correction and engine.gradient_clipping() > 0:
+            # DGC local clipping: the gradient is clipped on each rank before it enters the local momentum, and
+            # DeepSpeed's own clipping (which would clip the exchanged momentum) is switched off for this engine
+            local_clip = engine.gradient_clipping() * D.world_size() ** 0.5
+            engine._config.gradient_clipping = 0.0
+            if hasattr(engine.optimizer, "clip_grad"):
+                engine.optimizer.clip_grad = 0.0
+            log.info("compression.momentum_correction: gradient clipping moves before the exchange (DGC local "
+                     "clipping at %.4g = gradient_clipping x sqrt(world size))", local_clip)
+        beta2 = self.adam.beta2 if self.adam is not None else None
+        self.compression = GradientCompression(cfg, seed, momentum=momentum, ema=ema, local_clip=local_clip,
+                                               precondition_beta2=beta2)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
         self._full_masks = _PackedMasks({}, {})
@@ -215,16 +236,26 @@ class CompressedReduction:
                 dense = {v.name for v in sparsifier.views}
             if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
                 skip = [n for n in self.names if n not in dense]
-        averaged = self.compression.run(self.local_grads(), self._full_masks, step, dense, skip)
+        local = self.local_grads()
+        averaged = self.compression.run(local, self._full_masks, step, dense, skip)
+        fragments = []  # (master fragment, local gradient, written average) for the Adam momentum correction
         for n in self.names:
             v = self.views[n]
             g = v.grad()
             if g is None or g.numel() == 0:
                 continue
+            if self.adam is not None:  # copied first: at stage 0 the local gradient *is* param.grad
+                lo = local[n][v.mask_start: v.mask_start + g.numel()].float().clone()
+                mask = self._full_masks.get(n)
+                if mask is not None:  # pruned coordinates keep no second moment, as in the masked-dense run
+                    lo.mul_(mask[v.mask_start: v.mask_start + g.numel()])
+                fragments.append((v.master(), lo, g))
             if n in averaged:
                 g.copy_(averaged[n][v.mask_start: v.mask_start + g.numel()].to(g.dtype))
             else:
                 g.zero_()
+        if self.adam is not None:
+            self.adam.stage(fragments)
         self._touched.clear()
 
     # -- accounting and checkpoints ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ COUNTER = CollectiveCounter()
 
 
 def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
-        optimizer: dict | None = None) -> dict:
+        optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -55,7 +55,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
         "optimizer": optimizer or {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": clipping,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
                      "start_step": 0, "end_step": 6, "drop_fraction": 0.5},
     }
@@ -92,7 +92,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
         report["grads"].append({v.name: v.grad().float().tolist() for v in engine.param_views})
 
     sp.before_step = recording_before_step
-    g = torch.Generator().manual_seed(100 + rank)
+    g = torch.Generator().manual_seed(100 + (0 if same_data else rank))  # same_data: local gradient == average
     for step in range(STEPS):
         residual = {k: t.clone() for k, t in comp.state_tensors().items()} if comp is not None else None
         for _ in range(gas):
@@ -112,8 +112,9 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
                 torch.equal(after[k], residual[k]) for k in after)
             report["residual_nonzero"] = sum(int((t != 0).sum()) for t in after.values())
     if comp is not None and comp.compression.feedback.momentum is not None:
-        report["dgc"] = {"momentum": comp.compression.feedback.momentum,
-                         "optimizer_momentum": [grp["momentum"] for grp in engine.optimizer.param_groups],
+        report["dgc"] = {"momentum": comp.compression.feedback.momentum, "adam": comp.adam is not None,
+                         "local_clip": comp.compression.local_clip, "ds_clipping": engine.gradient_clipping(),
+                         "optimizer_momentum": [grp.get("momentum") for grp in engine.optimizer.param_groups],
                          "momenta": len(comp.compression.feedback.velocity_momentum)}
     report["ds_collectives_in_backward"] = COUNTER.count
     COUNTER.count = 0
@@ -138,6 +139,13 @@ def main():
     runs["nan"] = run(stage, {"method": "randomk", "density": 0.1}, "static", 2, nan_step=3)
     runs["dgc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True, "warmup_steps": 3},
                       "rigl", 1, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}})
+    # Adam momentum correction: both moments from the local gradient. With the same batch on both ranks the local
+    # gradient equals the average, so at density 1.0 it must reproduce uncompressed AdamW (clipping included)
+    # (no clipping here: with momentum correction it moves before the exchange, at gradient_clipping x sqrt(N))
+    runs["rigl_same_data"] = run(stage, None, "rigl", 1, same_data=True, clipping=0.0)
+    runs["adam_mc_same_data"] = run(stage, {"method": "topk", "density": 1.0, "momentum_correction": True}, "rigl",
+                                    1, same_data=True, clipping=0.0)
+    runs["adam_mc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True}, "rigl", 1)
     finish(runs, out)
 
 
