@@ -99,12 +99,13 @@ def _residuals(ckpt) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_restores_residuals_and_gives_identical_losses(tmp_path):
+@pytest.mark.parametrize("momentum_correction", [False, True])
+def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, momentum_correction):
     from dist_sparse import checkpoint
     from tests.test_checkpoint_resume import losses, train
 
     over = ["deepspeed.zero_optimization.stage=2", "compression.method=topk", "compression.density=0.05",
-            "train.save_interval=10"]
+            "train.save_interval=10", f"compression.momentum_correction={str(momentum_correction).lower()}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *over)
     proc = train(resumed, *over, fault="kill@10:1", expect_ok=False)
@@ -112,6 +113,9 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path):
     assert checkpoint.committed_checkpoints(resumed / "checkpoints")[-1].name == "step_00000010"
     saved = _residuals(resumed / "checkpoints" / "step_00000010")
     assert len(saved) > 0 and sum(int((t != 0).sum()) for t in saved.values()) > 0
+    # with Adam momentum correction the local momentum and the selection's second moment are saved too
+    kinds = {k.rsplit("::", 1)[1] for k in saved}
+    assert kinds == ({"residual", "momentum", "second_moment"} if momentum_correction else {"residual"})
     train(resumed, *over, resume="auto")
     a, b = losses(straight), losses(resumed)
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # exactly equal, not close
