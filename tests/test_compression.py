@@ -270,6 +270,24 @@ def test_adam_momentum_correction_without_moment_masking_delivers_every_first_mo
     torch.testing.assert_close(total_sent + ef.residual["w"], total_u)
 
 
+def test_adam_selection_ranks_by_the_step_a_coordinate_would_make():
+    """With Adam preconditioning top-k ranks |acc| / sqrt(v): a coordinate with a large but noisy gradient loses
+    to a small consistent one whose pending step is larger."""
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=0.5, ema=True, precondition_beta2=0.99)
+    ef.second_moment["w"] = torch.tensor([16.0, 0.01])  # coordinate 0 has been large (and noisy) so far
+    g = torch.tensor([1.0, 0.1])
+    idx, values = ef.compress("w", g, None, 0, 0)
+    # acc = u = 0.5 g = [0.5, 0.05]; v = 0.99 v + 0.01 g^2; steps 0.5 / 3.98 < 0.05 / 0.1
+    assert idx.tolist() == [1] and values.tolist() == [pytest.approx(0.05)]
+    torch.testing.assert_close(ef.second_moment["w"], torch.tensor([0.99 * 16 + 0.01, 0.99 * 0.01 + 0.01 * 0.01]))
+    # without preconditioning the same accumulator ranks by magnitude
+    plain = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=0.5, ema=True)
+    assert plain.compress("w", g, None, 0, 0)[0].tolist() == [0]
+    # pruned coordinates keep no second moment
+    ef.compress("w", torch.tensor([4.0, 0.1]), torch.tensor([True, False]), 1, 0)
+    assert ef.second_moment["w"][1] == 0 and "w::second_moment" in ef.state_tensors()
+
+
 def test_local_clipping_scales_by_the_norm_over_eligible_coordinates():
     grads = {"a": torch.tensor([3.0, 100.0]), "b": torch.tensor([4.0]), "c": torch.tensor([50.0])}
     # a's pruned coordinate (100) and the skipped tensor c do not count: norm 5, clipped to 1
