@@ -3,7 +3,8 @@
 The setting of bench_training.py (tinyshakespeare, char-level GPT-2 4 x 128, context 128, batch 8 per rank, AdamW
 lr 1e-3 with torch's default betas 0.9/0.999, 2000 steps), six runs one after another through `dist-sparse train
 --nproc 2`: uncompressed dense; top-k 1% with error feedback and Adam momentum correction, with error feedback only,
-and with neither; RigL 90% uncompressed; RigL 90% + top-k 1% with error feedback and momentum correction. `comm_bytes_per_step` is measured by the exchange (mean over all steps, RigL's dense update
+and with neither; RigL 90% uncompressed; RigL 90% + top-k 1% with error feedback and momentum correction.
+`comm_bytes_per_step` is measured by the exchange (mean over all steps, RigL's dense update
 steps included); `dense_comm_bytes_per_step` is what DeepSpeed's own reduction hands to torch.distributed for the
 same gradients.
 

@@ -221,10 +221,12 @@ def _adam_pair(opt_cls, **kw):
                                         (torch.optim.AdamW, {})])
 def test_adam_momentum_correction_at_density_one_is_adam(opt_cls, kw):
     """One rank, nothing dropped: the first moment accumulated before the exchange (EMA form, error feedback,
-    no momentum masking) + the second moment from the local gradient reproduce torch's Adam/AdamW step by step."""
+    no momentum masking) + the second moment estimated by the exchange (on one rank: exactly Adam's) reproduce
+    torch's Adam/AdamW step by step."""
     ref, ours, opt_ref, opt = _adam_pair(opt_cls, **kw)
     adam = LocalMomentAdam(opt)
-    ef = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=adam.beta1, ema=True)
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=adam.beta1, ema=True,
+                       precondition_beta2=adam.beta2)
     g = torch.Generator().manual_seed(1)
     for step in range(12):
         grad = torch.randn(12, generator=g) * (1 + step)
@@ -233,7 +235,7 @@ def test_adam_momentum_correction_at_density_one_is_adam(opt_cls, kw):
         idx, values = ef.compress("w", grad, None, step, 0)
         sent = torch.zeros(12).index_put_((idx,), values)
         ours.grad = sent
-        adam.stage([(ours.data, grad, sent)])
+        adam.stage([(ours.data, ef.second_moment_estimate("w"), sent)])
         adam.step()
         torch.testing.assert_close(ours.data, ref.data, msg=f"step {step}")
         torch.testing.assert_close(opt.state[ours]["exp_avg_sq"], opt_ref.state[ref]["exp_avg_sq"])
@@ -241,15 +243,15 @@ def test_adam_momentum_correction_at_density_one_is_adam(opt_cls, kw):
 
 
 def test_adam_momentum_correction_scales_the_local_gradient_like_the_engine():
-    """The engine clips the average it received (here by 1/4): the local gradient entering v gets the same
-    factor, so the step equals Adam on the clipped gradient."""
+    """The engine clips the average it received (here by 1/4): the second moment gets the same factor (squared),
+    so the step equals Adam on the clipped gradient."""
     ref, ours, opt_ref, opt = _adam_pair(torch.optim.AdamW)
     adam = LocalMomentAdam(opt)
     grad = torch.linspace(-1, 1, 12)
     ref.grad = grad / 4
     opt_ref.step()
     ours.grad = (1 - adam.beta1) * grad / 4  # first step: m = (1 - b1) g, clipped
-    adam.stage([(ours.data, grad, (1 - adam.beta1) * grad)])
+    adam.stage([(ours.data, (1 - adam.beta2) * grad.square(), (1 - adam.beta1) * grad)])
     adam.step()
     torch.testing.assert_close(ours.data, ref.data)
 
@@ -286,6 +288,20 @@ def test_adam_selection_ranks_by_the_step_a_coordinate_would_make():
     # pruned coordinates keep no second moment
     ef.compress("w", torch.tensor([4.0, 0.1]), torch.tensor([True, False]), 1, 0)
     assert ef.second_moment["w"][1] == 0 and "w::second_moment" in ef.state_tensors()
+
+
+def test_second_moment_estimate_for_the_average_of_n_ranks():
+    """v_local / N + (1 - 1/N) avg(u^2): N = 1 is the local second moment itself."""
+    one = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5)
+    two = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5, world=2)
+    for ef in (one, two):
+        for g in (torch.tensor([2.0, -1.0]), torch.tensor([-2.0, 3.0])):
+            ef.compress("w", g, None, 0, 0)
+    # u: [1, -0.5] then [-0.5, 1.25]; v = avg(g^2): [2, 0.5] then [3, 4.75]; avg(u^2): [0.5, 0.125], [0.375, 0.84375]
+    torch.testing.assert_close(one.second_moment_estimate("w"), torch.tensor([3.0, 4.75]))
+    torch.testing.assert_close(two.second_moment_estimate("w"), torch.tensor([1.5 + 0.1875, 2.375 + 0.421875]))
+    assert {k.rsplit("::", 1)[1] for k in two.state_tensors()} == {"residual", "momentum", "second_moment",
+                                                                   "momentum_square"}
 
 
 def test_local_clipping_scales_by_the_norm_over_eligible_coordinates():

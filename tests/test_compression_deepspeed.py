@@ -141,20 +141,22 @@ def test_dgc_momentum_correction_moves_sgd_momentum_into_the_exchange(report):
 
 
 @pytest.mark.slow
-def test_adam_momentum_correction_is_adamw_when_local_equals_average(report):
+def test_adam_momentum_correction_matches_its_reference_when_local_equals_average(report):
     """Both moments on the local gradient (compression/adam.py): with one batch on both ranks, density 1.0 gives
-    uncompressed AdamW's trajectory (RigL updates and clipping included); at density 0.1 it trains, sends no
-    pruned coordinate, and keeps the momentum per rank."""
+    the trajectory of uncompressed DeepSpeed with the plainly written reference optimizer (AdamW with the 2-rank
+    second-moment estimate); with RigL at density 0.1 it trains, sends no pruned coordinate, keeps the momentum per
+    rank and clips locally."""
     stage, per_rank = report
     for rank, runs in enumerate(per_rank):
         where = f"ZeRO-{stage} rank {rank} adam momentum correction"
-        ref, ours = runs["rigl_same_data"], runs["adam_mc_same_data"]
+        ref, ours = runs["static_same_data"], runs["adam_mc_same_data"]
         assert ours["dgc"]["adam"] and ours["dgc"]["momentum"] == 0.9, where
         torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), msg=where)
         assert ours["masks"] == ref["masks"], where
-        for name in ref["master"]:
+        for name in ref["master"]:  # rounding differs (bias correction applied to sqrt(v) vs v): Adam turns it
+            # into ~1e-5 moves where a gradient is ~0, as in test_density_one_equals_deepspeed_reduction
             torch.testing.assert_close(torch.tensor(ours["master"][name]), torch.tensor(ref["master"][name]),
-                                       msg=f"{where} {name}")
+                                       msg=f"{where} {name}", atol=1e-4, rtol=1e-4)
         sparse = runs["adam_mc"]
         assert sparse["sent_pruned"] == 0 and sparse["dgc"]["momenta"] > 0, where
         # gradient_clipping 1.0 became DGC local clipping at 1.0 x sqrt(2); DeepSpeed no longer clips

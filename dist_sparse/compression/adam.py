@@ -68,7 +68,7 @@ class LocalMomentAdam:
                                        "exchange")
         self.optimizer = optimizer
         self.beta1, self.beta2 = self._one_beta(0), self._one_beta(1)
-        self._local: dict = {}  # id(optimizer param) -> (param, local flat gradient, sum of squares written)
+        self._local: dict = {}  # id(optimizer param) -> (param, flat second moment, sum of squares written)
 
     def _one_beta(self, i: int) -> float:
         # the momentum and the selection's second moment live in the exchange, one per tensor, not per group
@@ -88,8 +88,9 @@ class LocalMomentAdam:
 
     @torch.no_grad()
     def stage(self, fragments) -> None:
-        """Before the step: ``fragments`` lists ``(master fragment, local gradient, averaged gradient written)``,
-        flat tensors of equal length, for every fragment this rank steps."""
+        """Before the step: ``fragments`` lists ``(master fragment, second moment, averaged gradient written)``,
+        flat tensors of equal length, for every fragment this rank steps; the second moment is the estimate the
+        exchange keeps (:meth:`ErrorFeedback.second_moment_estimate`), a running average not yet bias-corrected."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._local = {}
         for master, local, written in fragments:
@@ -117,13 +118,13 @@ class LocalMomentAdam:
                 if entry is None:
                     raise RuntimeError("LocalMomentAdam.step without stage(): no local gradient for a parameter")
                 grad = p.grad.reshape(-1).float()
-                local = entry[1]
-                # the engine scaled the average it received (clipping, loss scale): scale the local gradient alike
+                second = entry[1]
+                # the engine scaled the average it received (clipping, loss scale): scale the second moment alike
                 written = math.sqrt(entry[2])
                 if written > 0:
                     scale = float(grad.norm()) / written
                     if abs(scale - 1.0) > 1e-6:
-                        local = local * scale
+                        second = second * scale**2
                 state = self.optimizer.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -136,7 +137,7 @@ class LocalMomentAdam:
                     flat.mul_(1 - lr * wd)
                 m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 m.copy_(grad)  # the first moment was accumulated before compression (no second momentum here)
-                v.mul_(beta2).addcmul_(local, local, value=1 - beta2)
+                v.copy_(second)  # kept by the exchange (a running average with this beta2), stored for checkpoints
                 denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
                 flat.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
         return loss

@@ -33,12 +33,16 @@ class ErrorFeedback:
     """Residuals (and momenta) of one rank, keyed by tensor name; full flat fp32 tensors on the gradient's device."""
 
     def __init__(self, compressor, density: float, error_feedback: bool = True, momentum: float | None = None,
-                 warmup_steps: int = 0, ema: bool = False, precondition_beta2: float | None = None):
+                 warmup_steps: int = 0, ema: bool = False, precondition_beta2: float | None = None,
+                 world: int = 1):
         self.compressor = compressor
-        # Adam momentum correction: rank coordinates by the step they would make, |acc| / sqrt(v), with v this
-        # rank's running average of its local squared gradient (None: rank by |acc|, as top-k for SGD does)
+        # Adam momentum correction: this rank estimates Adam's second moment of the *averaged* gradient (see
+        # second_moment_estimate) and top-k ranks coordinates by the step they would make, |acc| / sqrt(v)
+        # (None: rank by |acc|, as top-k for SGD does)
         self.precondition_beta2 = precondition_beta2
-        self.second_moment: dict = {}
+        self.world = int(world)
+        self.second_moment: dict = {}  # running average of the local squared gradient
+        self.momentum_square: dict = {}  # running average of the squared local momentum
         self.ema = bool(ema)  # momentum as an exponential average (Adam's first moment), not SGD's sum
         self.target_density = float(density)
         self.error_feedback = bool(error_feedback)
@@ -79,11 +83,28 @@ class ErrorFeedback:
         if eligible is not None:
             acc.masked_fill_(~eligible, 0)  # pruned coordinates are never sent and never kept
         if self.precondition_beta2 is not None:
+            b2 = self.precondition_beta2
             v = self._buffer(self.second_moment, name, grad)
-            v.mul_(self.precondition_beta2).addcmul_(grad, grad, value=1 - self.precondition_beta2)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             if eligible is not None:
                 v.masked_fill_(~eligible, 0)
+            if self.momentum is not None:
+                u = self.velocity_momentum[name]
+                self._buffer(self.momentum_square, name, grad).mul_(b2).addcmul_(u, u, value=1 - b2)
         return acc
+
+    def second_moment_estimate(self, name: str) -> torch.Tensor:
+        """This rank's estimate of Adam's second moment of the gradient *averaged over the N ranks*, per coordinate.
+
+        Adam's ``v`` averages ``gbar^2`` with ``E[gbar^2] = mu^2 + sigma^2 / N`` (mean ``mu``, per-rank noise
+        ``sigma^2``), while the local gradient gives ``E[g^2] = mu^2 + sigma^2``: used as is, it is up to N times too
+        large where noise dominates (steps up to sqrt(N) too small). The local momentum ``u`` averages the noise
+        away (``u^2 ~ mu^2``), so ``v_local / N + (1 - 1/N) avg(u^2)`` estimates ``mu^2 + sigma^2 / N``, with both
+        running averages over Adam's ``beta2`` horizon. N = 1 gives exactly the local (= Adam's) ``v``."""
+        v = self.second_moment[name]
+        if self.world == 1 or name not in self.momentum_square:
+            return v
+        return v / self.world + self.momentum_square[name] * (1 - 1 / self.world)
 
     def ranking(self, name: str, acc: torch.Tensor) -> torch.Tensor:
         """What the compressor ranks: ``acc``, or with Adam preconditioning the step each coordinate would make,
@@ -91,7 +112,7 @@ class ErrorFeedback:
         per-tensor ranking, so it is left out)."""
         if self.precondition_beta2 is None:
             return acc
-        return acc / self.second_moment[name].sqrt().add_(1e-8)
+        return acc / self.second_moment_estimate(name).sqrt().add_(1e-8)
 
     @torch.no_grad()
     def sent(self, name: str, acc: torch.Tensor, indices: torch.Tensor) -> None:
@@ -117,11 +138,13 @@ class ErrorFeedback:
         out = {f"{n}::residual": t for n, t in self.residual.items()}
         out.update({f"{n}::momentum": t for n, t in self.velocity_momentum.items()})
         out.update({f"{n}::second_moment": t for n, t in self.second_moment.items()})
+        out.update({f"{n}::momentum_square": t for n, t in self.momentum_square.items()})
         return out
 
     def load_state_tensors(self, tensors: dict, device=None) -> None:
-        self.residual, self.velocity_momentum, self.second_moment = {}, {}, {}
-        stores = {"residual": self.residual, "momentum": self.velocity_momentum, "second_moment": self.second_moment}
+        self.reset()
+        stores = {"residual": self.residual, "momentum": self.velocity_momentum, "second_moment": self.second_moment,
+                  "momentum_square": self.momentum_square}
         for key, t in tensors.items():
             name, kind = key.rsplit("::", 1)
             store = stores.get(kind)
@@ -130,4 +153,4 @@ class ErrorFeedback:
             store[name] = t.to(device=device, dtype=torch.float32).reshape(-1).clone()
 
     def reset(self) -> None:
-        self.residual, self.velocity_momentum, self.second_moment = {}, {}, {}
+        self.residual, self.velocity_momentum, self.second_moment, self.momentum_square = {}, {}, {}, {}

@@ -57,7 +57,7 @@ class GradientCompression:
         self.compressor = COMPRESSORS[cfg.method](seed)
         self.feedback = ErrorFeedback(self.compressor, cfg.density, cfg.error_feedback,
                                       momentum if cfg.momentum_correction else None, cfg.warmup_steps, ema,
-                                      precondition_beta2)
+                                      precondition_beta2, D.world_size(group))
         self.exchange = SparseExchange(group)
         self.group = group
         self.local_clip = float(local_clip)  # DGC local gradient clipping threshold (0: off)

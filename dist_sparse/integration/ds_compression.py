@@ -244,12 +244,9 @@ class CompressedReduction:
             g = v.grad()
             if g is None or g.numel() == 0:
                 continue
-            if self.adam is not None:  # copied first: at stage 0 the local gradient *is* param.grad
-                lo = local[n][v.mask_start: v.mask_start + g.numel()].float().clone()
-                mask = self._full_masks.get(n)
-                if mask is not None:  # pruned coordinates keep no second moment, as in the masked-dense run
-                    lo.mul_(mask[v.mask_start: v.mask_start + g.numel()])
-                fragments.append((v.master(), lo, g))
+            if self.adam is not None:  # this rank's part of the second-moment estimate the exchange keeps
+                fragments.append((v.master(), self._second_moment(n, local[n])[v.mask_start: v.mask_start + g.numel()],
+                                  g))
             if n in averaged:
                 g.copy_(averaged[n][v.mask_start: v.mask_start + g.numel()].to(g.dtype))
             else:
@@ -257,6 +254,14 @@ class CompressedReduction:
         if self.adam is not None:
             self.adam.stage(fragments)
         self._touched.clear()
+
+    def _second_moment(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The exchange's estimate of Adam's second moment for ``name`` (full tensor). A tensor that has not been
+        compressed yet (only exchanged dense or skipped so far) falls back to one step's local gradient."""
+        feedback = self.compression.feedback
+        if name in feedback.second_moment:
+            return feedback.second_moment_estimate(name)
+        return local.float().square() * (1 - self.adam.beta2)
 
     # -- accounting and checkpoints ----------------------------------------------------------------------------
     def stats(self, steps: int) -> dict:

@@ -44,8 +44,37 @@ class CollectiveCounter:
 COUNTER = CollectiveCounter()
 
 
+class AveragedMomentAdamW(torch.optim.Optimizer):
+    """Reference for the Adam momentum correction at density 1 with one batch on both ranks (local gradient =
+    average): AdamW whose second moment is the 2-rank estimate ``v / 2 + avg(m^2) / 2``
+    (``ErrorFeedback.second_moment_estimate``), written out plainly."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p), w=torch.zeros_like(p))
+                st["t"] += 1
+                g = p.grad
+                st["m"].mul_(b1).add_(g, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["w"].mul_(b2).addcmul_(st["m"], st["m"], value=1 - b2)
+                p.mul_(1 - lr * group["weight_decay"])
+                v_hat = (st["v"] / 2 + st["w"] / 2) / (1 - b2 ** st["t"])
+                p.addcdiv_(st["m"], v_hat.sqrt().add_(group["eps"]), value=-lr / (1 - b1 ** st["t"]))
+
+
 def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
-        optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0) -> dict:
+        optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0,
+        client_optimizer=None) -> dict:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -61,7 +90,11 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
     }
     if compression is not None:
         config["compression"] = compression
-    engine, _, _, _ = dist_sparse.initialize(model=model, config=config, total_steps=STEPS, seed=3)
+    opt = None
+    if client_optimizer is not None:
+        del config["optimizer"]
+        opt = client_optimizer(model.parameters(), lr=0.01, weight_decay=0.1)
+    engine, _, _, _ = dist_sparse.initialize(model=model, config=config, total_steps=STEPS, seed=3, optimizer=opt)
     sp, comp = engine.sparsifier, engine.compression
     rank = dist.get_rank()
     report = {"grads": [], "losses": [], "ds_collectives_in_backward": 0, "sent_pruned": 0, "sent_total": 0,
@@ -140,11 +173,12 @@ def main():
     runs["dgc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True, "warmup_steps": 3},
                       "rigl", 1, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}})
     # Adam momentum correction: both moments from the local gradient. With the same batch on both ranks the local
-    # gradient equals the average, so at density 1.0 it must reproduce uncompressed AdamW (clipping included)
+    # gradient equals the average, so at density 1.0 it must reproduce the plainly written reference optimizer
     # (no clipping here: with momentum correction it moves before the exchange, at gradient_clipping x sqrt(N))
-    runs["rigl_same_data"] = run(stage, None, "rigl", 1, same_data=True, clipping=0.0)
-    runs["adam_mc_same_data"] = run(stage, {"method": "topk", "density": 1.0, "momentum_correction": True}, "rigl",
-                                    1, same_data=True, clipping=0.0)
+    runs["static_same_data"] = run(stage, None, "static", 1, same_data=True, clipping=0.0,
+                                   client_optimizer=AveragedMomentAdamW)
+    runs["adam_mc_same_data"] = run(stage, {"method": "topk", "density": 1.0, "momentum_correction": True},
+                                    "static", 1, same_data=True, clipping=0.0)
     runs["adam_mc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True}, "rigl", 1)
     finish(runs, out)
 
