@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +86,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     ``resume``: a checkpoint directory or ``auto`` (the newest committed one under ``<output_dir>/checkpoints``).
     """
     set_threads(cfg)
+    # DeepSpeed's ZeRO all-gathers call torch's deprecated all_gather_into_tensor every step, and torch warns on
+    # every call: thousands of identical lines per rank that bury the training log
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     ds_integration.init_distributed(cfg.train.dist_timeout_s)
     try:
         summary = _train(cfg, resume)
