@@ -250,23 +250,22 @@ def test_adam_momentum_correction_scales_the_local_gradient_like_the_engine():
     grad = torch.linspace(-1, 1, 12)
     ref.grad = grad / 4
     opt_ref.step()
-    ours.grad = grad / 4  # first step: the bias-corrected momentum is g, here clipped
-    adam.stage([(ours.data, (1 - adam.beta2) * grad.square(), grad)])
+    ours.grad = (1 - adam.beta1) * grad / 4  # first step: m = (1 - b1) g, clipped
+    adam.stage([(ours.data, (1 - adam.beta2) * grad.square(), (1 - adam.beta1) * grad)])
     adam.step()
     torch.testing.assert_close(ours.data, ref.data)
 
 
 def test_adam_momentum_correction_without_moment_masking_delivers_every_first_moment():
-    """Top-k with error feedback on Adam's EMA momentum: over time the sent values sum to the sum of the
-    bias-corrected first moments (minus what is still in the residual): nothing is lost, unlike DGC's momentum
-    factor masking."""
+    """Top-k with error feedback on Adam's EMA momentum: over time the sent values sum to the sum of the first
+    moments (minus what is still in the residual): nothing is lost, unlike DGC's momentum factor masking."""
     ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.25, momentum=0.9, ema=True)
     g = torch.Generator().manual_seed(2)
     u, total_u, total_sent = torch.zeros(8), torch.zeros(8), torch.zeros(8)
     for step in range(30):
         grad = torch.randn(8, generator=g)
         u = 0.9 * u + 0.1 * grad
-        total_u += u / (1 - 0.9 ** (step + 1))  # Adam's bias-corrected first moment of this step
+        total_u += u
         idx, values = ef.compress("w", grad, None, step, 0)
         total_sent.index_add_(0, idx, values)
         torch.testing.assert_close(ef.velocity_momentum["w"], u)  # the momentum is never masked
@@ -280,8 +279,8 @@ def test_adam_selection_ranks_by_the_step_a_coordinate_would_make():
     ef.second_moment["w"] = torch.tensor([16.0, 0.01])  # coordinate 0 has been large (and noisy) so far
     g = torch.tensor([1.0, 0.1])
     idx, values = ef.compress("w", g, None, 0, 0)
-    # acc = u / (1 - 0.5) = g = [1, 0.1]; v = 0.99 v + 0.01 g^2; steps 1 / 3.98 < 0.1 / 0.1
-    assert idx.tolist() == [1] and values.tolist() == [pytest.approx(0.1)]
+    # acc = u = 0.5 g = [0.5, 0.05]; v = 0.99 v + 0.01 g^2; steps 0.5 / 3.98 < 0.05 / 0.1
+    assert idx.tolist() == [1] and values.tolist() == [pytest.approx(0.05)]
     torch.testing.assert_close(ef.second_moment["w"], torch.tensor([0.99 * 16 + 0.01, 0.99 * 0.01 + 0.01 * 0.01]))
     # without preconditioning the same accumulator ranks by magnitude
     plain = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=0.5, ema=True)
@@ -298,18 +297,11 @@ def test_second_moment_estimate_for_the_average_of_n_ranks():
     for ef in (one, two):
         for g in (torch.tensor([2.0, -1.0]), torch.tensor([-2.0, 3.0])):
             ef.compress("w", g, None, 0, 0)
-    # u: [1, -0.5] then [-0.5, 1.25], bias-corrected: / 0.5, / 0.75; v = avg(g^2): [2, 0.5] then [3, 4.75]
-    u1, u2 = torch.tensor([1.0, -0.5]) / 0.5, torch.tensor([-0.5, 1.25]) / 0.75
-    w = 0.5 * (0.5 * u1.square()) + 0.5 * u2.square()
+    # u: [1, -0.5] then [-0.5, 1.25]; v = avg(g^2): [2, 0.5] then [3, 4.75]; avg(u^2): [0.5, 0.125], [0.375, 0.84375]
     torch.testing.assert_close(one.second_moment_estimate("w"), torch.tensor([3.0, 4.75]))
-    torch.testing.assert_close(two.second_moment_estimate("w"), torch.tensor([3.0, 4.75]) / 2 + w / 2)
+    torch.testing.assert_close(two.second_moment_estimate("w"), torch.tensor([1.5 + 0.1875, 2.375 + 0.421875]))
     assert {k.rsplit("::", 1)[1] for k in two.state_tensors()} == {"residual", "momentum", "second_moment",
-                                                                   "momentum_square", "momentum_steps"}
-    restored = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5,
-                             world=2)
-    restored.load_state_tensors(two.state_tensors())
-    assert restored.momentum_steps == {"w": 2}
-    torch.testing.assert_close(restored.second_moment_estimate("w"), two.second_moment_estimate("w"))
+                                                                   "momentum_square"}
 
 
 def _bucket_worker(rank, world):

@@ -18,8 +18,7 @@ update is linear in.
 - first moment: as in DGC, each rank accumulates the momentum of its own local gradient before selection
   (``u <- b1 u + (1 - b1) g``, then error feedback on ``u``, momentum factor masking after sending; see
   :mod:`dist_sparse.compression.feedback`), and the optimizer applies the averaged, already momentum-filtered
-  values without a second momentum: ``m_t`` is the received value, which each rank bias-corrected per step
-  (``u_s / (1 - b1^s)``) before it joined the residual.
+  values without a second momentum: ``m_t`` is the received value, bias-corrected by ``1 - b1^t`` like Adam's.
 
 With both moments local, the update ``lr * m / (sqrt(v) + eps)`` is linear in the exchanged values, so the sum of
 what error feedback delivers equals the sum of what was computed, as for SGD (Stich et al. 2018).
@@ -108,7 +107,7 @@ class LocalMomentAdam:
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.optimizer.param_groups:
-            beta2 = float(group["betas"][1])
+            beta1, beta2 = (float(b) for b in group["betas"])
             lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
             decoupled = _decoupled(self.optimizer, group)
             for p in group["params"]:
@@ -140,5 +139,5 @@ class LocalMomentAdam:
                 m.copy_(grad)  # the first moment was accumulated before compression (no second momentum here)
                 v.copy_(second)  # kept by the exchange (a running average with this beta2), stored for checkpoints
                 denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                flat.addcdiv_(m, denom, value=-lr)  # m arrives bias-corrected (corrected per step, before the sum)
+                flat.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
         return loss

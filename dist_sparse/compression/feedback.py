@@ -12,9 +12,8 @@ compressor select coordinates, and keeps what was not sent:
   (*momentum factor masking*), so a stale momentum does not keep pushing a coordinate that was just applied.
   The optimizer then receives the aggregated velocity and must not apply momentum itself (see
   :mod:`dist_sparse.integration.ds_compression`). For Adam the momentum is Adam's exponential average,
-  ``u <- b1 u + (1 - b1) g`` (``ema=True``), error feedback runs on the bias-corrected ``u / (1 - b1^t)`` and
-  there is *no* momentum factor masking: what is sent over time then sums to exactly the first moments dense Adam
-  would apply (at density 1 it is
+  ``u <- b1 u + (1 - b1) g`` (``ema=True``), error feedback runs on ``u`` and there is *no* momentum factor
+  masking: what is sent over time then sums to exactly the first moments dense Adam would apply (at density 1 it is
   Adam's ``m``; 1-bit Adam, Tang et al. 2021, compresses the momentum the same way), while masking would cut the
   step of coordinates sent often by up to ``1 - b1``. The second moment is kept local too
   (:mod:`dist_sparse.compression.adam`).
@@ -43,7 +42,6 @@ class ErrorFeedback:
         self.precondition_beta2 = precondition_beta2
         self.world = int(world)
         self.second_moment: dict = {}  # running average of the local squared gradient
-        self.momentum_steps: dict = {}  # name -> momentum updates so far (Adam's bias correction, ema mode)
         self.momentum_square: dict = {}  # running average of the squared local momentum
         self.ema = bool(ema)  # momentum as an exponential average (Adam's first moment), not SGD's sum
         self.target_density = float(density)
@@ -79,14 +77,7 @@ class ErrorFeedback:
             u = self._buffer(self.velocity_momentum, name, grad)
             u.mul_(self.momentum).add_(grad, alpha=1 - self.momentum if self.ema else 1.0)
             acc = self._buffer(self.residual, name, grad)
-            if self.ema:
-                # Adam's bias correction, applied to each step's momentum before it joins the residual: a sum of
-                # momenta sent at step t would otherwise be divided by 1 - b1^t once for steps that each needed
-                # their own 1 - b1^s
-                self.momentum_steps[name] = self.momentum_steps.get(name, 0) + 1
-                acc.add_(u, alpha=1 / (1 - self.momentum ** self.momentum_steps[name]))
-            else:
-                acc.add_(u)
+            acc.add_(u)
             if eligible is not None:
                 u.masked_fill_(~eligible, 0)
         if eligible is not None:
@@ -97,8 +88,8 @@ class ErrorFeedback:
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
             if eligible is not None:
                 v.masked_fill_(~eligible, 0)
-            if self.momentum is not None:  # the bias-corrected momentum's square (early u underestimates mu)
-                u = self.velocity_momentum[name] / (1 - self.momentum ** self.momentum_steps.get(name, 1))
+            if self.momentum is not None:
+                u = self.velocity_momentum[name]
                 self._buffer(self.momentum_square, name, grad).mul_(b2).addcmul_(u, u, value=1 - b2)
         return acc
 
@@ -148,8 +139,6 @@ class ErrorFeedback:
         out.update({f"{n}::momentum": t for n, t in self.velocity_momentum.items()})
         out.update({f"{n}::second_moment": t for n, t in self.second_moment.items()})
         out.update({f"{n}::momentum_square": t for n, t in self.momentum_square.items()})
-        out.update({f"{n}::momentum_steps": torch.tensor([c], dtype=torch.float64)
-                    for n, c in self.momentum_steps.items()})
         return out
 
     def load_state_tensors(self, tensors: dict, device=None) -> None:
@@ -158,9 +147,6 @@ class ErrorFeedback:
                   "momentum_square": self.momentum_square}
         for key, t in tensors.items():
             name, kind = key.rsplit("::", 1)
-            if kind == "momentum_steps":
-                self.momentum_steps[name] = int(t.reshape(-1)[0])
-                continue
             store = stores.get(kind)
             if store is None:
                 raise KeyError(f"unknown compression state tensor {key!r}")
@@ -168,4 +154,3 @@ class ErrorFeedback:
 
     def reset(self) -> None:
         self.residual, self.velocity_momentum, self.second_moment, self.momentum_square = {}, {}, {}, {}
-        self.momentum_steps = {}

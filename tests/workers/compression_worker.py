@@ -46,7 +46,7 @@ COUNTER = CollectiveCounter()
 
 class AveragedMomentAdamW(torch.optim.Optimizer):
     """Reference for the Adam momentum correction at density 1 with one batch on both ranks (local gradient =
-    average): AdamW whose second moment is the 2-rank estimate ``v / 2 + avg(m_hat^2) / 2``
+    average): AdamW whose second moment is the 2-rank estimate ``v / 2 + avg(m^2) / 2``
     (``ErrorFeedback.second_moment_estimate``), written out plainly."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -66,11 +66,10 @@ class AveragedMomentAdamW(torch.optim.Optimizer):
                 g = p.grad
                 st["m"].mul_(b1).add_(g, alpha=1 - b1)
                 st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                m_hat = st["m"] / (1 - b1 ** st["t"])
-                st["w"].mul_(b2).addcmul_(m_hat, m_hat, value=1 - b2)
+                st["w"].mul_(b2).addcmul_(st["m"], st["m"], value=1 - b2)
                 p.mul_(1 - lr * group["weight_decay"])
                 v_hat = (st["v"] / 2 + st["w"] / 2) / (1 - b2 ** st["t"])
-                p.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-lr)
+                p.addcdiv_(st["m"], v_hat.sqrt().add_(group["eps"]), value=-lr / (1 - b1 ** st["t"]))
 
 
 def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
