@@ -304,31 +304,6 @@ def test_second_moment_estimate_for_the_average_of_n_ranks():
                                                                    "momentum_square"}
 
 
-def _bucket_worker(rank, world):
-    """Bucket top-k (Adam momentum correction): k = ceil(density x all eligible coordinates) over every tensor at
-    once, counts differ per rank (count header), pruned coordinates never sent, the average is what was sent."""
-    cfg = C.CompressionConfig(method="topk", density=0.1, momentum_correction=True)
-    comp = GradientCompression(cfg, momentum=0.9, ema=True, precondition_beta2=0.999)
-    assert comp.bucket_topk and not comp.fixed_counts
-    gen = torch.Generator().manual_seed(20 + rank)
-    masks = {"b": torch.arange(20) % 2 == 0}  # b: half pruned; a: all eligible
-    for step in range(3):
-        grads = {"a": torch.randn(40, generator=gen), "b": torch.randn(20, generator=gen) * 10}
-        out = comp.run(grads, masks, step)
-        sent, values = comp.last_sent, comp.last_values
-        assert sum(int(i.numel()) for i in sent.values()) == math.ceil(0.1 * (40 + 10))
-        assert bool(masks["b"][sent["b"]].all())
-        for n in grads:  # the average over ranks of what each rank sent
-            contribution = torch.zeros(grads[n].numel()).index_put_((sent[n],), values[n])
-            gathered = [torch.zeros_like(contribution) for _ in range(world)]
-            torch.distributed.all_gather(gathered, contribution)
-            torch.testing.assert_close(out[n], sum(gathered) / world)
-
-
-def test_bucket_topk_selects_across_tensors_on_two_ranks():
-    run_spawned(_bucket_worker, 2)
-
-
 def test_local_clipping_scales_by_the_norm_over_eligible_coordinates():
     grads = {"a": torch.tensor([3.0, 100.0]), "b": torch.tensor([4.0]), "c": torch.tensor([50.0])}
     # a's pruned coordinate (100) and the skipped tensor c do not count: norm 5, clipped to 1

@@ -18,7 +18,7 @@ import math
 import torch
 
 from dist_sparse import distributed as D
-from dist_sparse.compression.base import COMPRESSORS, keep_count
+from dist_sparse.compression.base import COMPRESSORS
 from dist_sparse.compression.exchange import Outgoing, SparseExchange
 from dist_sparse.compression.feedback import ErrorFeedback
 
@@ -61,13 +61,9 @@ class GradientCompression:
         self.exchange = SparseExchange(group)
         self.group = group
         self.local_clip = float(local_clip)  # DGC local gradient clipping threshold (0: off)
-        # with Adam's preconditioned ranking the scores are steps, comparable across tensors: top-k then selects
-        # over the whole bucket (every compressed tensor of the step) instead of per tensor
-        self.bucket_topk = cfg.method == "topk" and precondition_beta2 is not None
         self.total_bytes = 0
         self.exchanges = 0
         self.last_sent: dict = {}  # name -> sorted indices this rank sent in the last exchange (for inspection)
-        self.last_values: dict = {}  # name -> the values sent at those indices
 
     def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=()) -> dict:
         """Averaged gradients for every name in ``grads`` except ``skip`` (same names and order on every rank).
@@ -79,65 +75,27 @@ class GradientCompression:
         if self.local_clip > 0:
             clip_local_(grads, eligible, self.local_clip, skip)
         items = []
-        self.last_sent, self.last_values = {}, {}
-        bucket = []  # (item index, name, flat, mask) selected together (bucket top-k)
+        self.last_sent = {}
         for order, (name, g) in enumerate(grads.items()):
             if name in skip:
                 continue
             flat = g.reshape(-1)
             mask = None if name in dense else eligible.get(name)
             positions = None if mask is None else torch.nonzero(mask).reshape(-1)
-            small = flat.numel() < self.cfg.min_tensor_size
             if name in dense:
                 idx = torch.arange(flat.numel(), device=flat.device)
                 values = flat.float().clone()
-            elif self.bucket_topk and not small:
-                bucket.append((len(items), name, flat, mask))
-                idx = values = None  # filled below
             else:
+                small = flat.numel() < self.cfg.min_tensor_size
                 idx, values = self.feedback.compress(name, flat, mask, step, order * 4099 + rank,
                                                      density=1.0 if small else None)
-            self.last_sent[name], self.last_values[name] = idx, values
+            self.last_sent[name] = idx
             items.append(Outgoing(name, flat.numel(), positions, idx, values))
-        if bucket:
-            for i, name, idx, values in self._bucket_topk(bucket, step):
-                items[i].indices, items[i].values = idx, values
-                self.last_sent[name], self.last_values[name] = idx, values
-        # threshold and bucket top-k make counts differ across ranks (a count header is exchanged first); per-tensor
-        # top-k and random-k counts follow from the shared masks and the density, so every rank knows them already
-        out = self.exchange.run(items, fixed_counts=self.fixed_counts)
+        # threshold selection makes counts differ across ranks (a count header is exchanged first); top-k and
+        # random-k counts follow from the shared masks and the density, so every rank knows them already
+        out = self.exchange.run(items, fixed_counts=self.compressor.fixed_count)
         self.total_bytes += self.exchange.last_bytes
         self.exchanges += 1
-        return out
-
-    @property
-    def fixed_counts(self) -> bool:
-        """Every rank sends the same number of coordinates per tensor (no count header needed)."""
-        return self.compressor.fixed_count and not self.bucket_topk
-
-    @torch.no_grad()
-    def _bucket_topk(self, bucket: list, step: int) -> list:
-        """Top-k over all tensors of ``bucket`` at once: the ``k = ceil(density x eligible)`` largest scores of
-        the concatenated rankings (pruned coordinates score 0 and are filtered out), split back per tensor."""
-        fb = self.feedback
-        accs, scores, eligible_count = [], [], 0
-        for _, name, flat, mask in bucket:
-            acc = fb.accumulate(name, flat, mask)
-            accs.append(acc)
-            scores.append(fb.ranking(name, acc).abs())
-            eligible_count += flat.numel() if mask is None else int(mask.sum())
-        k = keep_count(eligible_count, fb.density(step))
-        chosen = torch.sort(torch.topk(torch.cat(scores), k, sorted=False).indices).values
-        out, start = [], 0
-        for (i, name, flat, mask), acc in zip(bucket, accs):
-            n = flat.numel()
-            lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + n], device=chosen.device)).tolist()
-            idx = chosen[lo:hi] - start
-            if mask is not None:
-                idx = idx[mask[idx]]  # only when fewer than k coordinates are eligible: never send a pruned one
-            out.append((i, name, idx, acc[idx].clone()))
-            fb.sent(name, acc, idx)
-            start += n
         return out
 
     @property

@@ -114,7 +114,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
                 if mask is not None:
                     report["sent_pruned"] += int((~mask[idx]).sum())
                     report["sent_total"] += int(idx.numel())
-            if not comp.compression.fixed_counts:  # threshold, bucket top-k: a count header, payloads padded
+            if not comp.compression.compressor.fixed_count:  # threshold: a count header, payloads padded to the longest
                 longest = torch.tensor([expected // 4], dtype=torch.int64)
                 dist.all_reduce(longest, op=dist.ReduceOp.MAX)
                 expected = 4 * len(items) + 4 * int(longest)
