@@ -55,8 +55,8 @@ RUNS = [  # key, label, overrides
 
 
 BASELINE_RUNS = {"dense": "dense", "rigl": "rigl__paper_"}  # bench_training.py's output folders for these runs
-# keys a baseline's saved config may have beyond ours, with the value that makes it the same run
-BASELINE_EXTRA_OK = {("sparsity", "grow_grad_steps"): 1}
+# keys that one of the two configs may lack (added later), with the default that makes it the same run
+BASELINE_EXTRA_OK = {("sparsity", "grow_grad_steps"): 1, ("sparsity", "compact_state"): False}
 
 
 def expected_config(overrides: list, steps: int) -> dict:
@@ -79,10 +79,11 @@ def reusable(folder: Path, overrides: list, steps: int) -> dict | None:
         return None
     for cfg in (saved, ours):
         cfg["train"].pop("output_dir")
-    for (section, key), value in BASELINE_EXTRA_OK.items():
-        if saved.get(section, {}).get(key, value) != value:
+    for (section, key), value in BASELINE_EXTRA_OK.items():  # missing on either side means the default value
+        if saved.get(section, {}).get(key, value) != value or ours.get(section, {}).get(key, value) != value:
             return None
         saved.get(section, {}).pop(key, None)
+        ours.get(section, {}).pop(key, None)
     return json.loads((folder / "summary.json").read_text()) if saved == ours else None
 
 
