@@ -73,7 +73,8 @@ def check_repack(before, after) -> dict:
 
 
 def expected_bytes(engine) -> dict:
-    """The compact run's state bytes from the masks alone."""
+    """The compact run's state bytes from the masks alone (ZeRO-3: the weights are the shards, compared with the
+    dense run's in the test instead)."""
     store = engine.compact
     lp_bytes = store.lp_parts[0].element_size()
     active = 0
@@ -85,12 +86,26 @@ def expected_bytes(engine) -> dict:
         else:
             active += v.mask_len
     n_groups = len(store.parts)
-    weights = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
     started = bool(store.opt.state)  # Adam creates its state in the first step (before it: none)
-    return {"master_weights": 4 * active,
-            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
-            "gradients": lp_bytes * active, "weights": weights,
-            "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+    # ZeRO-3 fp32: the lp shard holds the master values, the packed master exists only inside the step
+    master = 0 if getattr(store, "master_in_lp", False) else 4 * active
+    out = {"master_weights": master,
+           "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
+           "gradients": lp_bytes * active,
+           "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+    if engine.zero_optimization_stage() < 3:
+        out["weights"] = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
+    return out
+
+
+def dense_master_freed(engine) -> bool:
+    """No dense fp32 master partition is referenced by DeepSpeed any more."""
+    store, zo = engine.compact, engine.optimizer
+    if engine.zero_optimization_stage() < 3:  # the slot aliases the lp partition
+        return all(t.data_ptr() == lp.data_ptr() for t, lp in zip(zo.single_partition_of_fp32_groups, store.lp_parts))
+    # ZeRO-3: the slot holds the packed master (no storage between steps when it lives in the lp shard)
+    return all(t is m and t.numel() == (0 if store.master_in_lp else part.numel)
+               for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
 
 
 def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
@@ -117,15 +132,15 @@ def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
             if compact:
                 report["expected"].append(expected)
         masks = sp.full_masks()
-        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
+        with deepspeed.zero.GatheredParameters([params[n] for n in masks], enabled=stage == 3):
+            report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
     report["method"] = method
     if compact:
         report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
-        report["dense_master_freed"] = all(
-            t.data_ptr() == lp.data_ptr()
-            for t, lp in zip(engine.optimizer.single_partition_of_fp32_groups, engine.compact.lp_parts))
+        report["dense_master_freed"] = dense_master_freed(engine)
+        report["master_in_lp"] = bool(getattr(engine.compact, "master_in_lp", False))
     deepspeed.comm.barrier()
     return report
 
