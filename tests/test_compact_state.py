@@ -1,9 +1,9 @@
 """Compact state (issue 7): packed master weights, moments and gradients for active weights only.
 
 - packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
-- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16: the compact run's losses and masks equal the masked-dense run's over 20
-  steps with RigL mask updates; repack after regrowth; measured state bytes equal the count from the masks
-  (tests/workers/compact_worker.py);
+- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 gradient-accumulation micro-batches): the compact
+  run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
+  regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
 - checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact), ZeRO-2
   and ZeRO-3.
@@ -75,7 +75,7 @@ def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}},
-     "gradient_accumulation_steps: 1"),
+     "gradient_accumulation_steps: 1 at ZeRO stages 1 and 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
 ])
@@ -97,15 +97,16 @@ def test_compact_state_key_type_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, dtype, method", [(1, "fp32", "rigl"), (2, "fp32", "rigl"), (2, "bf16", "rigl"),
-                                                   (2, "fp32", "magnitude"), (3, "fp32", "rigl"), (3, "bf16", "rigl")])
-def test_compact_equals_masked_dense(stage, dtype, method, tmp_path):
+@pytest.mark.parametrize("stage, dtype, method, gas", [
+    (1, "fp32", "rigl", 1), (2, "fp32", "rigl", 1), (2, "bf16", "rigl", 1), (2, "fp32", "magnitude", 1),
+    (3, "fp32", "rigl", 1), (3, "bf16", "rigl", 1), (3, "bf16", "rigl", 2)])
+def test_compact_equals_masked_dense(stage, dtype, method, gas, tmp_path):
     out = tmp_path / "report.json"
-    run_torchrun("compact_worker.py", 2, stage, dtype, out, method)
+    run_torchrun("compact_worker.py", 2, stage, dtype, out, method, gas)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, r in enumerate(per_rank):
-        where = f"ZeRO-{stage} {dtype} {method} rank {rank}"
+        where = f"ZeRO-{stage} {dtype} {method} gas {gas} rank {rank}"
         dense, compact = r["dense"], r["compact"]
         # the trajectory: same losses (the norm is summed in another order: reassociation only)
         torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))

@@ -127,7 +127,7 @@ class CompactView(_View):
 
 def check_common(engine, kind: str) -> None:
     """What every stage's compact state needs: DeepSpeed's ZeRO optimizer ``kind``, no loss scaling, no
-    accumulation, no offload, an Adam-family inner optimizer. Raised as a ConfigError naming the key."""
+    offload, an Adam-family inner optimizer. Raised as a ConfigError naming the key."""
     zo = engine.optimizer
     if type(zo).__name__ != kind:
         raise ConfigError(KEY, f"needs DeepSpeed's {kind}, the engine runs {type(zo).__name__} (ZeRO-1 with bf16 "
@@ -136,8 +136,6 @@ def check_common(engine, kind: str) -> None:
         raise ConfigError(KEY, "is not supported with zero_optimization.offload_optimizer")
     if engine.fp16_enabled():
         raise ConfigError(KEY, "supports fp32 and bf16 training, not fp16 (dynamic loss scaling)")
-    if engine.gradient_accumulation_steps() != 1:
-        raise ConfigError(KEY, "needs gradient_accumulation_steps: 1")
     name = type(inner_optimizer(engine)).__name__
     if "adam" not in name.lower():
         raise ConfigError(KEY, f"supports Adam/AdamW, not {name}")
@@ -249,10 +247,12 @@ class PackedZeroState(ABC):
         return method is not None and method.is_update_step(self.engine.global_steps)
 
     @torch.no_grad()
-    def capture_grad(self, param, grad, start: int | None = None) -> None:
+    def capture_grad(self, param, grad, start: int | None = None, accumulate: bool = False) -> None:
         """Keep this rank's range of a reduced gradient: packed, or dense on a mask-update step. ``grad`` is the
         whole parameter's gradient (its range starts at the fragment's ``param_start``) or, with ``start``, a
-        tensor whose position ``start`` is the range's first element (ZeRO-3: the rank's shard, ``start=0``)."""
+        tensor whose position ``start`` is the range's first element (ZeRO-3: the rank's shard, ``start=0``).
+        ``accumulate``: add to what this accumulation window stored so far (later micro-batches) instead of
+        replacing it; the masks do not change inside a window, so the packed layout is the same."""
         where = self.where.get(id(param))
         if where is None or grad is None:
             return
@@ -263,12 +263,19 @@ class PackedZeroState(ABC):
         dense = grad.reshape(-1).narrow(0, frag.param_start if start is None else start, frag.length)
         dtype = self.grad_dtype or grad.dtype
         if self.dense_grad_step:
-            self.dense_grads[name] = dense.to(dtype, copy=True)
+            if accumulate and name in self.dense_grads:
+                self.dense_grads[name].add_(dense.to(dtype))
+            else:
+                self.dense_grads[name] = dense.to(dtype, copy=True)
             return
         if self.grads[i] is None:
             self.grads[i] = torch.zeros(part.numel, dtype=dtype, device=grad.device)
         mask = part.mask_of(name).reshape(-1) if frag.sparse else None
-        part.slice(self.grads[i], name).copy_(part.pack_fragment(dense, mask))
+        target = part.slice(self.grads[i], name)
+        if accumulate:  # as DeepSpeed: the new micro-batch's gradient in the accumulation dtype, added
+            target.add_(part.pack_fragment(dense, mask).to(dtype))
+        else:
+            target.copy_(part.pack_fragment(dense, mask))
 
     def grad_of(self, i: int, name: str):
         if self.dense_grad_step:
@@ -319,6 +326,8 @@ class CompactZeroState(PackedZeroState):
 
     def __init__(self, engine, sparsifier):
         check_common(engine, "DeepSpeedZeroOptimizer")
+        if engine.gradient_accumulation_steps() != 1:
+            raise ConfigError(KEY, "needs gradient_accumulation_steps: 1 at ZeRO stages 1 and 2")
         if not getattr(engine.optimizer, "contiguous_gradients", True):
             raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
         super().__init__(engine, sparsifier)

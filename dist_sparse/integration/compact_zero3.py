@@ -19,7 +19,8 @@ each bucket's reduce-scatter. With compact state this rank keeps, per sub-group,
 - gradients: ``partition_grads`` (replaced on the instance) keeps the active values of each reduced shard (dense
   on mask-update steps: RigL grows by |dense gradient|, a transient); DeepSpeed's dense gradient buffer is freed,
   and so is its reduction bucket between backward passes (re-created on the next gradient, as DeepSpeed's ZeRO-1/2
-  does with its own);
+  does with its own). With gradient accumulation, later micro-batches add to the packed values (DeepSpeed adds
+  to its dense shards the same way, in the same accumulation dtype);
 - the step (``step`` replaced): DeepSpeed's ``get_grad_norm_direct`` per sub-group on the packed gradients, the
   invalid-norm/overflow bookkeeping, clipping, the inner optimizer step (wrapped: skipped on update steps that
   replace it), then packed master -> the low-precision shard with inactive positions exactly 0, and DeepSpeed's
@@ -198,10 +199,11 @@ class CompactZero3State(PackedZeroState):
             return reduce_param(param)
 
         def partition_grads(params_to_release, grad_partitions):
-            # DeepSpeed's partition_grads (gradient_accumulation_steps 1: the copy branch) into packed storage
+            # DeepSpeed's partition_grads into packed storage: copy on the window's first micro-batch
+            # (micro_step_id 0), add on later ones (gradient accumulation)
             for param, grad_partition in zip(params_to_release, grad_partitions):
                 if param.partition_numel() * zo._get_param_partition_rank(param) < param.ds_numel:
-                    store.capture_grad(param, grad_partition, start=0)
+                    store.capture_grad(param, grad_partition, start=0, accumulate=zo.micro_step_id != 0)
                 param.grad = None
             return []
 

@@ -1,7 +1,8 @@
 """Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
 
-For one ZeRO stage, precision and method (RigL, or magnitude pruning), trains the same tiny GPT-2 twice from the
-same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
+For one ZeRO stage, precision and method (RigL, or magnitude pruning), and optionally a number of gradient
+accumulation steps (argv[5]), trains the same tiny GPT-2 twice from the same seed and batches, with mask updates
+every 4 steps: once masked-dense (``compact_state: false``), once
 compact. Records per step the loss, and for the compact run:
 - at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
   start at 0 with zero moments (RigL: the update replaces the optimizer step, so nothing moves them in that step;
@@ -25,12 +26,13 @@ from tests.workers import finish
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool, method: str):
+def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
     config = {
         "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
@@ -108,17 +110,21 @@ def dense_master_freed(engine) -> bool:
                for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
 
 
-def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
-    engine = build(stage, compact, bf16, method)
+def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1) -> dict:
+    engine = build(stage, compact, bf16, method, gas)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     for _ in range(STEPS):
-        x = torch.randint(0, 48, (2, 16), generator=g)
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
+        for micro in range(gas):  # gradient accumulation: gas - 1 micro-batches before the boundary one
+            x = torch.randint(0, 48, (2, 16), generator=g)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            if micro < gas - 1:
+                engine.step()  # not a boundary: DeepSpeed only accumulates
+                report["losses"].append(float(loss))
         update = sp.method.is_update_step(engine.global_steps)
         before = snapshot(engine) if compact and update else None
         # what the masks say a rank holds; the engine measures between backward and the step, like here
@@ -147,8 +153,9 @@ def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
 
 def main():
     stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    gas = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}, out)
+    finish({"dense": run(stage, False, bf16, method, gas), "compact": run(stage, True, bf16, method, gas)}, out)
 
 
 if __name__ == "__main__":
