@@ -1,7 +1,7 @@
 """Compact state (issue 7): packed master weights, moments and gradients for active weights only.
 
 - packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
-- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 gradient-accumulation micro-batches): the compact
+- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
   run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
   regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
@@ -97,21 +97,24 @@ def test_compact_state_key_type_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, dtype, method, gas", [
-    (1, "fp32", "rigl", 1), (2, "fp32", "rigl", 1), (2, "bf16", "rigl", 1), (2, "fp32", "magnitude", 1),
-    (3, "fp32", "rigl", 1), (3, "bf16", "rigl", 1), (3, "bf16", "rigl", 2)])
-def test_compact_equals_masked_dense(stage, dtype, method, gas, tmp_path):
+@pytest.mark.parametrize("stage, dtype, method, gas, sub_group_size", [
+    (1, "fp32", "rigl", 1, 0), (2, "fp32", "rigl", 1, 0), (2, "bf16", "rigl", 1, 0), (2, "fp32", "magnitude", 1, 0),
+    (3, "fp32", "rigl", 1, 0), (3, "bf16", "rigl", 1, 0),
+    (3, "bf16", "rigl", 2, 3000)])  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
+def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, tmp_path):
     out = tmp_path / "report.json"
-    run_torchrun("compact_worker.py", 2, stage, dtype, out, method, gas)
+    run_torchrun("compact_worker.py", 2, stage, dtype, out, method, gas, sub_group_size)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, r in enumerate(per_rank):
-        where = f"ZeRO-{stage} {dtype} {method} gas {gas} rank {rank}"
+        where = f"ZeRO-{stage} {dtype} {method} gas {gas} sub-groups {sub_group_size} rank {rank}"
         dense, compact = r["dense"], r["compact"]
         # the trajectory: same losses (the norm is summed in another order: reassociation only)
         torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
         assert compact["updates"] == dense["updates"] >= 4, where
+        # the worker's 2 optimizer groups (decay / no decay), split further by a small ZeRO-3 sub_group_size
+        assert (compact["groups"] > 2) == bool(sub_group_size), f"{where}: {compact['groups']} packed groups"
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
         # repack after regrowth
         assert len(compact["repack"]) == compact["updates"], where

@@ -1,8 +1,8 @@
 """Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
 
 For one ZeRO stage, precision and method (RigL, or magnitude pruning), and optionally a number of gradient
-accumulation steps (argv[5]), trains the same tiny GPT-2 twice from the same seed and batches, with mask updates
-every 4 steps: once masked-dense (``compact_state: false``), once
+accumulation steps (argv[5]) and a ZeRO-3 ``sub_group_size`` (argv[6]), trains the same tiny GPT-2 twice from the
+same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
 compact. Records per step the loss, and for the compact run:
 - at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
   start at 0 with zero moments (RigL: the update replaces the optimizer step, so nothing moves them in that step;
@@ -26,7 +26,7 @@ from tests.workers import finish
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1):
+def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -34,7 +34,7 @@ def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1):
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
         "gradient_clipping": 1.0,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
@@ -110,8 +110,8 @@ def dense_master_freed(engine) -> bool:
                for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
 
 
-def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1) -> dict:
-    engine = build(stage, compact, bf16, method, gas)
+def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0) -> dict:
+    engine = build(stage, compact, bf16, method, gas, sub_group_size)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
@@ -143,6 +143,7 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1) -> dic
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
     report["method"] = method
+    report["groups"] = len(engine.compact.parts) if compact else None
     if compact:
         report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
         report["dense_master_freed"] = dense_master_freed(engine)
@@ -154,8 +155,10 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1) -> dic
 def main():
     stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     gas = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    sub_group_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # ZeRO-3: split groups into sub-groups
     bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, method, gas), "compact": run(stage, True, bf16, method, gas)}, out)
+    finish({"dense": run(stage, False, bf16, method, gas, sub_group_size),
+            "compact": run(stage, True, bf16, method, gas, sub_group_size)}, out)
 
 
 if __name__ == "__main__":
