@@ -176,3 +176,6 @@ def test_compact_checkpoint_resume_exact(stage, tmp_path):
                        "compression_residuals", "total"}
     assert sb["total"] == max(sum(v for k, v in r.items() if k != "total") for r in summary["state_bytes_by_rank"])
     assert summary["transient_bytes_per_rank"]["dense_gradient_on_update_steps"] > 0
+    # fp32 at ZeRO-3: no packed master between steps, only inside them (reported as a transient)
+    assert (summary["transient_bytes_per_rank"]["packed_master_during_step"] > 0) == (stage == 3)
+    assert (sb["master_weights"] == 0) == (stage == 3)
