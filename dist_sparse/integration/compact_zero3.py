@@ -77,7 +77,8 @@ class CompactZero3State(PackedZeroState):
             self.parts.append(PackedPartition(frags, sparsifier.mask))
             self.lp_parts.append(zo.fp16_partitioned_groups_flat[i])
         self.grads = [None] * len(self.parts)
-        # fp32 runs: the lp shard holds the master values (DeepSpeed aliases the two); no packed copy between steps
+        # fp32 runs: the lp shard holds the master values (DeepSpeed means to alias the two, but its device test
+        # compares a torch.device with a string and 0.19.8 keeps a copy); no packed copy between steps
         self.master_in_lp = all(lp.dtype == torch.float32 for lp in self.lp_parts)
         self.transient_master_bytes = 0
         self._materialised = [True] * len(self.parts)  # master_in_lp: whether the packed master has storage now
