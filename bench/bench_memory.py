@@ -7,7 +7,11 @@ configs/demo.yaml --nproc 2 --set ...` (its `summary.json` is the source of ever
 (no sparsity), masked-dense RigL (`compact_state: false`; bf16 only, the step-time reference) and compact RigL, at
 ZeRO-2 in bf16 (where the 0.35x target can be met: the replicated low-precision weights alone are 2/9 of dense
 ZeRO-2 state) and at ZeRO-2 in fp32 (reported too: replicated fp32 weights are 4/12 = 0.33x of dense by
-themselves). The prediction is `dist-sparse plan CONFIG --set ... --world-size 2 --json`, same overrides.
+themselves), then the same at ZeRO-3 (sharded weights: both precisions can meet 0.35x). ZeRO-3 runs set
+`reduce_bucket_size` to hidden^2 = 589824 elements (the Hugging Face DeepSpeed integration's "auto" value):
+DeepSpeed keeps that bucket allocated at ZeRO-3, and its default of 5e8 elements (1-2 GB) would dwarf the
+model's state in the dense baseline. The prediction is `dist-sparse plan CONFIG --set ... --world-size 2 --json`,
+same overrides.
 
     python bench/bench_memory.py [--steps 8] [--timing-rounds 1]
 """
@@ -39,8 +43,11 @@ KINDS = {"dense": ["sparsity.method=none"], "masked": ["sparsity.method=rigl"],
          "compact": ["sparsity.method=rigl", "sparsity.compact_state=true"]}
 
 
+STAGE3 = ["deepspeed.zero_optimization.reduce_bucket_size=589824"]  # 768^2, see the module docstring
+
+
 def overrides(stage: int, precision: str, kind: str, steps: int, data: Path) -> list:
-    return (MODEL + PRECISIONS[precision] + KINDS[kind] +
+    return (MODEL + PRECISIONS[precision] + KINDS[kind] + (STAGE3 if stage == 3 else []) +
             [f"deepspeed.zero_optimization.stage={stage}", f"train.steps={steps}", f"train.eval_interval={steps}",
              f"train.log_interval={steps}", f"data.path={data}"])
 
@@ -88,20 +95,22 @@ def main() -> None:
         print("tinyshakespeare absent: skipped")
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    settings = [(2, "bf16"), (2, "fp32")]  # ZeRO-1 compact is covered by tests/test_compact_state.py
-    runs, plans, timing = {}, {}, {"masked": [], "compact": []}
+    settings = [(2, "bf16"), (2, "fp32"), (3, "bf16"), (3, "fp32")]  # ZeRO-1: tests/test_compact_state.py
+    runs, plans = {}, {}
+    timing = {stage: {"masked": [], "compact": []} for stage in (2, 3)}
     for stage, prec in settings:
-        # masked-dense only where the step-time ratio is measured (the bytes equal dense + masks)
-        for kind in ("dense", "masked", "compact") if (stage, prec) == (2, "bf16") else ("dense", "compact"):
+        # masked-dense only where the step-time ratio is measured (bf16; the bytes equal dense + masks)
+        for kind in ("dense", "masked", "compact") if prec == "bf16" else ("dense", "compact"):
             ov = overrides(stage, prec, kind, args.steps, SHAKESPEARE)
             runs[(stage, prec, kind)] = train(f"z{stage}_{prec}_{kind}", ov)
             plans[(stage, prec, kind)] = plan(ov)
-            if (stage, prec) == (2, "bf16") and kind != "dense":
-                timing[kind].append(runs[(stage, prec, kind)]["median_step_seconds"])
+            if prec == "bf16" and kind != "dense":
+                timing[stage][kind].append(runs[(stage, prec, kind)]["median_step_seconds"])
     for r in range(1, args.timing_rounds):  # more alternating rounds for the step-time ratio
-        for kind in ("masked", "compact"):
-            s = train(f"timing_{kind}_{r}", overrides(2, "bf16", kind, args.steps, SHAKESPEARE))
-            timing[kind].append(s["median_step_seconds"])
+        for stage in (2, 3):
+            for kind in ("masked", "compact"):
+                s = train(f"timing_z{stage}_{kind}_{r}", overrides(stage, "bf16", kind, args.steps, SHAKESPEARE))
+                timing[stage][kind].append(s["median_step_seconds"])
     (WORK / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in runs.items()}, indent=1))
 
     dense0, c_bf16 = runs[(2, "bf16", "dense")], runs[(2, "bf16", "compact")]
@@ -116,7 +125,9 @@ def main() -> None:
           "update every 3 steps. Bytes are `summary.json`'s `state_bytes_per_rank`: per category the maximum over "
           "the 2 ranks of what each holds between backward and the optimizer step on a non-update step, counted "
           "from the live tensors' storages (MiB). `dense` = DeepSpeed without sparsity, `masked` = RigL with "
-          "dense state (`compact_state: false`), `compact` = RigL with `sparsity.compact_state: true`.", "",
+          "dense state (`compact_state: false`), `compact` = RigL with `sparsity.compact_state: true`. ZeRO-3 "
+          "runs set `zero_optimization.reduce_bucket_size` to 589824 (= 768^2) in dense and compact alike: DeepSpeed "
+          "keeps that bucket allocated at ZeRO-3, and its default (5e8 elements) would dwarf the model.", "",
           "| ZeRO | precision | run | " + " | ".join(CATS) + " | x dense (total) | peak RSS (MB) | "
           "RSS x dense | median step (ms) |",
           "|---|---|---|" + "---|" * (len(CATS) + 4)]
@@ -143,29 +154,40 @@ def main() -> None:
             worst_total = max(worst_total, abs(err))
         md.append(f"| {key[0]} | {key[1]} | {key[2]} | {mib(pred['total'])} | {mib(meas['total'])} | "
                   f"{err * 100:+.2f}% | {worst_c} {cat_errs[worst_c] * 100:+.1f}% |")
-    ratio = c_bf16["state_bytes_per_rank"]["total"] / dense0["state_bytes_per_rank"]["total"]
-    ratio_fp32 = runs[(2, "fp32", "compact")]["state_bytes_per_rank"]["total"] / \
-        runs[(2, "fp32", "dense")]["state_bytes_per_rank"]["total"]
-    t_masked, t_compact = statistics.median(timing["masked"]), statistics.median(timing["compact"])
+    def ratio(stage, prec, key="total"):
+        return runs[(stage, prec, "compact")]["state_bytes_per_rank"][key] / \
+            runs[(stage, prec, "dense")]["state_bytes_per_rank"][key]
+
+    def rss(stage):
+        c, d = runs[(stage, "bf16", "compact")], runs[(stage, "bf16", "dense")]
+        return f"{c['peak_rss_mb'] / d['peak_rss_mb']:.3f}x ({c['peak_rss_mb']:.0f} vs {d['peak_rss_mb']:.0f} MB)"
+
+    def steps(stage):
+        t = timing[stage]
+        return (f"{statistics.median(t['compact']) / statistics.median(t['masked']):.3f}x (median step of "
+                f"{len(t['compact'])} run(s) each: {', '.join(f'{x * 1e3:.0f}' for x in t['masked'])} vs "
+                f"{', '.join(f'{x * 1e3:.0f}' for x in t['compact'])} ms)")
+
     checks = [
-        ("state bytes <= 0.35x dense DeepSpeed (ZeRO-2, bf16, 90% sparsity, >= 50M parameters)", ratio <= 0.35,
-         f"{ratio:.3f}x"),
-        ("same, ZeRO-2 fp32 (reported; replicated fp32 weights alone are 0.33x)", None,
-         f"{ratio_fp32:.3f}x"),
-        ("peak RSS ratio compact / dense (ZeRO-2 bf16, reported)", None,
-         f"{c_bf16['peak_rss_mb'] / dense0['peak_rss_mb']:.3f}x ({c_bf16['peak_rss_mb']:.0f} vs "
-         f"{dense0['peak_rss_mb']:.0f} MB)"),
-        ("step time compact / masked-dense (ZeRO-2 bf16, reported)", None,
-         f"{t_compact / t_masked:.3f}x (median step of {len(timing['compact'])} run(s) each: "
-         f"{', '.join(f'{t * 1e3:.0f}' for t in timing['masked'])} vs "
-         f"{', '.join(f'{t * 1e3:.0f}' for t in timing['compact'])} ms)"),
+        ("state bytes <= 0.35x dense DeepSpeed (ZeRO-2, bf16, 90% sparsity, >= 50M parameters)",
+         ratio(2, "bf16") <= 0.35, f"{ratio(2, 'bf16'):.3f}x"),
+        ("same, ZeRO-2 fp32 (reported; replicated fp32 weights alone are 0.33x)", None, f"{ratio(2, 'fp32'):.3f}x"),
+        ("same, ZeRO-3 bf16", ratio(3, "bf16") <= 0.35, f"{ratio(3, 'bf16'):.3f}x"),
+        ("same, ZeRO-3 fp32", ratio(3, "fp32") <= 0.35, f"{ratio(3, 'fp32'):.3f}x"),
+        ("peak RSS ratio compact / dense (ZeRO-2 bf16, reported)", None, rss(2)),
+        ("peak RSS ratio compact / dense (ZeRO-3 bf16, reported)", None, rss(3)),
+        ("step time compact / masked-dense (ZeRO-2 bf16, reported)", None, steps(2)),
+        ("step time compact / masked-dense (ZeRO-3 bf16, reported)", None, steps(3)),
         ("`dist-sparse plan` within 5% of the measured total (compact runs)", worst_total <= 0.05,
          f"worst {worst_total * 100:.2f}%"),
     ]
     md += ["", "| target | reached | measured |", "|---|---|---|",
            *[f"| {t} | {'reported' if ok is None else 'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
            "RigL's dense gradient on mask-update steps (a transient of compact runs, not in the table): "
-           f"{mib(c_bf16['transient_bytes_per_rank']['dense_gradient_on_update_steps'])} MiB per rank (ZeRO-2 bf16). "
+           f"{mib(c_bf16['transient_bytes_per_rank']['dense_gradient_on_update_steps'])} MiB per rank (ZeRO-2 bf16), "
+           f"{mib(runs[(3, 'bf16', 'compact')]['transient_bytes_per_rank']['dense_gradient_on_update_steps'])} MiB "
+           "(ZeRO-3 bf16). At ZeRO-3 dense DeepSpeed keeps its reduction bucket allocated (counted under gradients: "
+           f"{mib(589824 * 2)} MiB in bf16); compact state releases it between backward passes. "
            "Peak RSS (whole process, max over ranks) includes what is not training state: Python, torch and "
            "DeepSpeed, activations, DeepSpeed's reduction bucket (gradients are still reduced densely), the "
            "evaluation, and in sparse runs transients dense DeepSpeed does not have (mask initialisation and the "

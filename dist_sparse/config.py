@@ -245,21 +245,24 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
 
 
 def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
-    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2 optimizer with fp32 or bf16 and Adam/AdamW (see
+    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2/3 optimizer with fp32 or bf16 and Adam/AdamW (see
     docs/memory.md); anything else is refused here, before a process group starts."""
     if not sparsity.compact_state:
         return
     key = f"{p}.compact_state"
     zero = ds.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
-    _require(stage in (1, 2), key, f"is supported with ZeRO stages 1 and 2, not stage {stage} "
-                                   "(set deepspeed.zero_optimization.stage)")
+    # issue 7: stage 3 added (integration/compact_zero3.py); stage 0 has no partition to pack
+    _require(stage in (1, 2, 3), key, f"is supported with ZeRO stages 1, 2 and 3, not stage {stage} "
+                                      "(set deepspeed.zero_optimization.stage)")
     _require(not (ds.get("fp16") or {}).get("enabled", False), key,
              "supports fp32 and bf16, not fp16 (dynamic loss scaling is not implemented for packed state)")
     _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
              "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
-    _require(ds.get("gradient_accumulation_steps", 1) == 1, key, "needs deepspeed.gradient_accumulation_steps: 1")
+    _require(stage == 3 or ds.get("gradient_accumulation_steps", 1) == 1, key,
+             "needs deepspeed.gradient_accumulation_steps: 1 at ZeRO stages 1 and 2 (stage 3 accumulates packed)")
     _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
+    _require(not zero.get("offload_param"), key, "is not supported with zero_optimization.offload_param")
     _require(zero.get("contiguous_gradients", True) is not False, key,
              "needs zero_optimization.contiguous_gradients: true")
     opt = (ds.get("optimizer") or {}).get("type", "AdamW")

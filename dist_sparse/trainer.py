@@ -287,9 +287,12 @@ def _comm_summary(engine, steps: int) -> dict:
 def state_bytes_summary(engine) -> dict:
     """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
     (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``
-    the dense gradient a compact run materialises on mask-update steps (docs/memory.md). A collective."""
+    the dense gradient a compact run materialises on mask-update steps and the packed master a ZeRO-3 fp32
+    compact run materialises inside the step (docs/memory.md). A collective."""
     store = getattr(engine, "compact", None)
-    mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0}
+    mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
+            # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
+            "master": getattr(store, "transient_master_bytes", 0) if store else 0}
     ranks = D.all_gather_object(mine)
     measured = [r["state"] for r in ranks if r["state"] is not None]
     if not measured:
@@ -298,7 +301,8 @@ def state_bytes_summary(engine) -> dict:
     return {
         "state_bytes_per_rank": {k: max(r[k] for r in measured) for k in measured[0]},
         "state_bytes_by_rank": [r["state"] for r in ranks],
-        "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks)},
+        "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks),
+                                     "packed_master_during_step": max(r["master"] for r in ranks)},
         "compact_state": engine.sparsity.compact_state,
     }
 

@@ -1,11 +1,12 @@
 """Compact state (issue 7): packed master weights, moments and gradients for active weights only.
 
 - packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
-- 2 CPU ranks, ZeRO-1/2, fp32 and bf16: the compact run's losses and masks equal the masked-dense run's over 20
-  steps with RigL mask updates; repack after regrowth; measured state bytes equal the count from the masks
-  (tests/workers/compact_worker.py);
+- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
+  run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
+  regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
-- checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact).
+- checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact), ZeRO-2
+  and ZeRO-3.
 """
 
 import json
@@ -69,12 +70,12 @@ def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "ZeRO stages 1 and 2, not stage 0"),
-    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "not stage 3"),
+    ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "ZeRO stages 1, 2 and 3, not stage 0"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}},
-     "gradient_accumulation_steps: 1"),
+     "gradient_accumulation_steps: 1 at ZeRO stages 1 and 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
 ])
@@ -96,20 +97,24 @@ def test_compact_state_key_type_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, dtype, method", [(1, "fp32", "rigl"), (2, "fp32", "rigl"), (2, "bf16", "rigl"),
-                                                   (2, "fp32", "magnitude")])
-def test_compact_equals_masked_dense(stage, dtype, method, tmp_path):
+@pytest.mark.parametrize("stage, dtype, method, gas, sub_group_size", [
+    (1, "fp32", "rigl", 1, 0), (2, "fp32", "rigl", 1, 0), (2, "bf16", "rigl", 1, 0), (2, "fp32", "magnitude", 1, 0),
+    (3, "fp32", "rigl", 1, 0), (3, "bf16", "rigl", 1, 0),
+    (3, "bf16", "rigl", 2, 3000)])  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
+def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, tmp_path):
     out = tmp_path / "report.json"
-    run_torchrun("compact_worker.py", 2, stage, dtype, out, method)
+    run_torchrun("compact_worker.py", 2, stage, dtype, out, method, gas, sub_group_size)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, r in enumerate(per_rank):
-        where = f"ZeRO-{stage} {dtype} {method} rank {rank}"
+        where = f"ZeRO-{stage} {dtype} {method} gas {gas} sub-groups {sub_group_size} rank {rank}"
         dense, compact = r["dense"], r["compact"]
         # the trajectory: same losses (the norm is summed in another order: reassociation only)
         torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
         assert compact["updates"] == dense["updates"] >= 4, where
+        # the worker's 2 optimizer groups (decay / no decay), split further by a small ZeRO-3 sub_group_size
+        assert (compact["groups"] > 2) == bool(sub_group_size), f"{where}: {compact['groups']} packed groups"
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
         # repack after regrowth
         assert len(compact["repack"]) == compact["updates"], where
@@ -130,12 +135,17 @@ def test_compact_equals_masked_dense(stage, dtype, method, tmp_path):
         assert d["weights"] == c["weights"] and d["masks"] == c["masks"], where
         for key in ("master_weights", "optimizer_state", "gradients"):
             assert c[key] < 0.5 * d[key], f"{where}: {key} {c[key]} not below half of dense {d[key]}"
+        # ZeRO-3 fp32: the active master values live in the lp shard, no packed copy between steps
+        assert compact["master_in_lp"] == (stage == 3 and dtype == "fp32"), where
+        if compact["master_in_lp"]:
+            assert c["master_weights"] == 0, where
 
 
 @pytest.mark.slow
-def test_compact_checkpoint_resume_exact(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compact_checkpoint_resume_exact(stage, tmp_path):
     common = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.max_chars=20000",
-              "deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.zero_optimization.stage=2",
+              "deepspeed.train_micro_batch_size_per_gpu=2", f"deepspeed.zero_optimization.stage={stage}",
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
               "sparsity.end_step=9", "train.steps=10", "train.threads=1"]
@@ -158,7 +168,7 @@ def test_compact_checkpoint_resume_exact(tmp_path):
     for d in (part, mixed):
         got = losses(d)
         for step in range(5, 11):
-            assert got[step] == ref[step], f"{d.name}: step {step} loss {got[step]} != {ref[step]}"
+            assert got[step] == ref[step], f"ZeRO-{stage} {d.name}: step {step} loss {got[step]} != {ref[step]}"
     summary = json.loads((full / "summary.json").read_text())
     sb = summary["state_bytes_per_rank"]
     assert summary["compact_state"] is True
@@ -166,3 +176,6 @@ def test_compact_checkpoint_resume_exact(tmp_path):
                        "compression_residuals", "total"}
     assert sb["total"] == max(sum(v for k, v in r.items() if k != "total") for r in summary["state_bytes_by_rank"])
     assert summary["transient_bytes_per_rank"]["dense_gradient_on_update_steps"] > 0
+    # fp32 at ZeRO-3: no packed master between steps, only inside them (reported as a transient)
+    assert (summary["transient_bytes_per_rank"]["packed_master_during_step"] > 0) == (stage == 3)
+    assert (sb["master_weights"] == 0) == (stage == 3)

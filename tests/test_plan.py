@@ -35,8 +35,31 @@ def test_formula_partition_layout_follows_deepspeed():
 def test_stage0_and_stage3():
     s0 = P.predict(P.uniform_setting(800, 0.5, 1.0, world_size=4, zero_stage=0, precision="fp32"))
     assert s0[0]["weights"] == 3200 and s0[0]["master_weights"] == 0 and s0[0]["gradients"] == 3200
-    s3 = P.predict(P.uniform_setting(800, 0.5, 1.0, world_size=4, zero_stage=3, precision="bf16"))
+    # ZeRO-3: 4 pieces of 200 (each sharded 50 per rank); no persistent parameters, no bucket
+    s3 = P.predict(P.uniform_setting(800, 0.5, 1.0, world_size=4, zero_stage=3, precision="bf16",
+                                     persistence_threshold=0, reduce_bucket_size=0))
     assert s3[0]["weights"] == 400 and s3[0]["master_weights"] == 800 and s3[0]["optimizer_state"] == 1604
+    assert s3[0]["gradients"] == 400 and s3[0]["masks"] == 4 * 7  # 50 bits per piece -> 7 bytes
+
+
+def test_stage3_layout_persistent_bucket_and_compact():
+    """Shards of ceil(numel / N) per parameter (padded on the last rank), persistent parameters kept whole,
+    DeepSpeed's reduction bucket in the dense gradients, compact: active positions only (fp32: no master)."""
+    group = [P.Param("w", 10, 0.5, True), P.Param("b", 3)]
+    dense = P.predict(P.Setting(world_size=4, zero_stage=3, precision="bf16", groups=[group],
+                                reduce_bucket_size=100, persistence_threshold=3))
+    # shards: w 3 per rank (rank 3 holds 1 real + 2 padding), b 1 per rank; b (3 <= 3) is also kept whole
+    assert [r["weights"] for r in dense] == [2 * (3 + 1 + 3)] * 4
+    assert dense[3]["gradients"] == 2 * 4 + 2 * 100 and dense[3]["master_weights"] == 16
+    assert [r["masks"] for r in dense] == [1, 1, 1, 1]
+    for prec, master in (("bf16", 4), ("fp32", 0)):
+        compact = P.predict(P.Setting(world_size=4, zero_stage=3, precision=prec, compact_state=True, groups=[group],
+                                      reduce_bucket_size=100, persistence_threshold=3))
+        lp = P.LP_BYTES[prec]
+        # rank 0: 3 of w at density 0.5 + 1 of b; rank 3: 1 of w + 0 of b (b's 3 elements end on rank 2)
+        assert compact[0]["gradients"] == round(lp * 2.5) and compact[3]["gradients"] == round(lp * 0.5)
+        assert compact[0]["master_weights"] == round(master * 2.5)
+        assert compact[0]["optimizer_state"] == round(8 * 2.5) + 4
 
 
 def test_cli_params_json(capsys):
@@ -85,7 +108,7 @@ def test_cli_config_counts_the_model(capsys, tmp_path):
     (["--params", "1e9", "--world-size", "2", "--sparsity", "1.0"], "--sparsity"),
     (["--params", "0", "--world-size", "2"], "--params"),
     (["--params", "1e9", "--world-size", "2", "--zero-stage", "5"], "--zero-stage"),
-    (["--params", "1e9", "--world-size", "2", "--zero-stage", "3", "--compact-state"], "--compact-state"),
+    (["--params", "1e9", "--world-size", "2", "--zero-stage", "0", "--compact-state"], "--compact-state"),
     (["--params", "1e9", "--world-size", "2", "--sparsified-fraction", "1.5"], "--sparsified-fraction"),
     (["--world-size", "2"], "either a CONFIG or --params"),
 ])
@@ -96,6 +119,6 @@ def test_cli_errors(argv, needle, capsys):
 
 def test_cli_config_error_names_the_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("sparsity: {method: rigl, compact_state: true}\ndeepspeed: {zero_optimization: {stage: 3}}\n")
+    cfg.write_text("sparsity: {method: rigl, compact_state: true}\ndeepspeed: {zero_optimization: {stage: 0}}\n")
     assert plan_cli.main([str(cfg), "--world-size", "2"]) == 2
     assert "sparsity.compact_state" in capsys.readouterr().err

@@ -7,7 +7,7 @@ Two forms:
 
 The second builds the config's model on the meta device (no weights are allocated or read) to count its
 parameters, which of them are sparsified and their per-layer densities (ERK/uniform), and lays them out exactly as
-DeepSpeed's ZeRO-1/2 partitioning does. Categories are those of ``summary.json``'s ``state_bytes_per_rank``
+DeepSpeed's ZeRO-1/2 or ZeRO-3 partitioning does. Categories are those of ``summary.json``'s ``state_bytes_per_rank``
 (weights, gradients, master weights, optimizer state, masks, compression residuals; activations and framework
 buffers are not training state and are not included). ``--json`` prints machine-readable output.
 """
@@ -73,8 +73,12 @@ def _from_config(args) -> tuple:
     numels = {n: params[n].numel() for n in names}
     kept = keep_counts(numels, dens) if names else {}
     densities = {n: kept[n] / numels[n] for n in names}
+    zero = ds.get("zero_optimization") or {}
     setting = P.model_setting(model, set(names), densities, param_groups(model), world_size=args.world_size,
-                              zero_stage=stage, precision=precision, compact_state=bool(compact))
+                              zero_stage=stage, precision=precision, compact_state=bool(compact),
+                              reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
+                              persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
+                                                                 zero.get("param_persistence_threshold", 100_000))))
     described = {"config": args.config, "model": cfg.model.type, "parameters": sum(p.numel() for p in params.values()),
                  "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
                  "method": cfg.sparsity.method, "vocab_size": vocab}

@@ -1,4 +1,8 @@
-"""Compact training state under DeepSpeed ZeRO stages 1 and 2 (``sparsity.compact_state: true``).
+"""Compact training state under DeepSpeed ZeRO (``sparsity.compact_state: true``): the shared part and stages 1/2.
+
+:class:`PackedZeroState` is what every stage shares (packed masters, moments and gradients of one rank's
+partition, repacking at mask updates, checkpoint loading); :class:`CompactZeroState` maps DeepSpeed's ZeRO-1/2
+optimizer onto it (below), :class:`dist_sparse.integration.compact_zero3.CompactZero3State` the ZeRO-3 one.
 
 Dense DeepSpeed keeps, per rank and optimizer group, an fp32 master partition, Adam moments of the same size and
 a gradient partition. With compact state this rank keeps them only for *active* positions (mask set, or the
@@ -25,27 +29,40 @@ This module does not import deepspeed; it knows the attributes of ``DeepSpeedZer
 (``deepspeed/runtime/zero/stage_1_and_2.py``) and keeps that knowledge here.
 """
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.distributed as dist
 
 from dist_sparse.compact.packed import Fragment, PackedPartition
 from dist_sparse.config import ConfigError
-from dist_sparse.integration.deepspeed import _ADAM_KEYS, FragmentView, inner_optimizer
+from dist_sparse.integration.deepspeed import _ADAM_KEYS, _View, inner_optimizer
 
 KEY = "sparsity.compact_state"
 
 
-class CompactView(FragmentView):
-    """A parameter's fragment in this rank's partition, stored packed. Same interface as :class:`FragmentView`;
-    ``master()``/``state()`` materialise the dense fragment (a new tensor: reads only), ``grad()`` is the dense
-    fragment on mask-update steps and the packed active values otherwise."""
+class CompactView(_View):
+    """A parameter's range in this rank's partition, stored packed. Same interface as the view it replaces
+    (:class:`FragmentView` at ZeRO-1/2, :class:`Stage3View` at ZeRO-3), same mask and score ranges;
+    ``master()``/``state()`` materialise the dense range (a new tensor: reads only), ``grad()`` is the dense range
+    on mask-update steps and the packed active values otherwise."""
 
-    def __init__(self, name, param, inner_optimizer, store, group: int | None):
-        super().__init__(name, param, inner_optimizer)
+    def __init__(self, base: _View, store, group: int | None):
+        super().__init__(base.name, base.param)
+        self.base = base  # model-side operations (zero_model_, model) stay the replaced view's
+        self.model_needs_full_mask = base.model_needs_full_mask
+        self.mask_start, self.mask_len = base.mask_start, base.mask_len
+        self.score_start, self.score_len = base.score_start, base.score_len
         self.compact = store
         self.group = group
         if group is None:
-            self._empty = torch.zeros(0, dtype=torch.float32, device=param.device)
+            self._empty = torch.zeros(0, dtype=torch.float32, device=base.param.device)
+
+    def zero_model_(self, mask, full_mask=None):
+        self.base.zero_model_(mask, full_mask)
+
+    def model(self):
+        return self.base.model()
 
     def _packed(self, key=None):
         return self.compact.packed(self.group, self.name, key)
@@ -86,7 +103,10 @@ class CompactView(FragmentView):
             g.masked_fill_(~mask.reshape(-1).to(g.device), 0)
 
     def mul_master_(self, mask):
-        if self.group is not None:
+        if self.group is not None and getattr(self.compact, "master_in_lp", False):  # ZeRO-3 fp32: in the lp shard
+            frag = self.compact.lp_fragment(self.group, self.name)
+            frag.masked_fill_(~mask.reshape(-1).to(frag.device), 0)
+        elif self.group is not None:
             values = self._packed()
             values.masked_fill_(~self._keep(mask).to(values.device), 0)
 
@@ -105,88 +125,63 @@ class CompactView(FragmentView):
             self.compact.stage_load(self.group, self.name, master, states)
 
 
-def _check_supported(engine) -> None:
+def check_common(engine, kind: str) -> None:
+    """What every stage's compact state needs: DeepSpeed's ZeRO optimizer ``kind``, no loss scaling, no
+    offload, an Adam-family inner optimizer. Raised as a ConfigError naming the key."""
     zo = engine.optimizer
-    kind = type(zo).__name__
-    if kind != "DeepSpeedZeroOptimizer":
-        raise ConfigError(KEY, f"needs DeepSpeed's ZeRO-1/2 optimizer, the engine runs {kind} (ZeRO-1 with bf16 "
+    if type(zo).__name__ != kind:
+        raise ConfigError(KEY, f"needs DeepSpeed's {kind}, the engine runs {type(zo).__name__} (ZeRO-1 with bf16 "
                                "uses BF16_Optimizer: use ZeRO-2)")
-    if getattr(zo, "cpu_offload", False):
+    if getattr(zo, "cpu_offload", False) or getattr(zo, "offload_optimizer", False):
         raise ConfigError(KEY, "is not supported with zero_optimization.offload_optimizer")
-    if not getattr(zo, "contiguous_gradients", True):
-        raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
     if engine.fp16_enabled():
         raise ConfigError(KEY, "supports fp32 and bf16 training, not fp16 (dynamic loss scaling)")
-    if engine.gradient_accumulation_steps() != 1:
-        raise ConfigError(KEY, "needs gradient_accumulation_steps: 1")
     name = type(inner_optimizer(engine)).__name__
     if "adam" not in name.lower():
         raise ConfigError(KEY, f"supports Adam/AdamW, not {name}")
 
 
-class CompactZeroState:
-    """Owns the packed master weights, moments and gradients of one engine; installed by :func:`enable`."""
+class PackedZeroState(ABC):
+    """Packed master weights, moments and gradients of one engine, one :class:`PackedPartition` per optimizer
+    (sub-)group of this rank's partition. A stage's subclass fills ``parts`` (the layout), ``lp_parts`` (the
+    low-precision partition each part maps onto: what the model's weights are refreshed from) and ``where``
+    (id(param) -> (group, name)), installs the packed masters (:meth:`_set_group_tensor`) and hooks DeepSpeed."""
 
     def __init__(self, engine, sparsifier):
-        _check_supported(engine)
         self.engine = engine
         self.zo = engine.optimizer
         self.opt = inner_optimizer(engine)
         self.sparsifier = sparsifier
-        zo = self.zo
-        names = {id(p): n for n, p in engine.module.named_parameters()}
-        self.lp_parts, self.parts, self.where = [], [], {}
-        for i in range(len(zo.bit16_groups)):
-            rank = dist.get_rank(group=zo.real_dp_process_group[i])
-            lp_part = zo.parallel_partitioned_bit16_groups[i][rank]
-            frags = []
-            for p in zo.params_in_partition[i]:
-                hm = p._hp_mapping
-                name = names[id(p)]
-                frags.append(Fragment(name, hm.hp_fragment_address.start, hm.hp_fragment_address.numel,
-                                      hm.lp_fragment_address.start, name in sparsifier.order))
-                self.where[id(p)] = (i, name)
-            self.parts.append(PackedPartition(frags, sparsifier.mask))
-            self.lp_parts.append(lp_part)
-        self.grads: list = [None] * len(self.parts)  # packed gradients, lp dtype, between backward and step
-        self.dense_grads: dict = {}  # name -> dense fragment gradient, on mask-update steps only
+        self.parts: list = []
+        self.lp_parts: list = []
+        self.where: dict = {}
+        self.masters: list = []  # the packed fp32 master tensor of each group (what the inner optimizer steps)
+        self.grads: list = []  # packed gradients, lp dtype, between backward and step
+        self.dense_grads: dict = {}  # name -> dense range gradient, on mask-update steps only
         self.dense_grad_step = False
         self.transient_dense_grad_bytes = 0
+        self.grad_dtype = None  # dtype of the stored gradients (None: the reduced gradient's own)
         self._pending: dict = {}
-        self._install_master()
-        self._patch()
 
     # -- master weights and moments ----------------------------------------------------------------------------
-    def _install_master(self) -> None:
-        """Pack DeepSpeed's fp32 master partitions (already masked) and free them."""
-        zo = self.zo
-        for i, part in enumerate(self.parts):
-            dense = zo.single_partition_of_fp32_groups[i]
-            masks = part.masks()
-            packed = part.pack(lambda k, d=dense, f=part.fragments: d.narrow(0, f[k].start, f[k].length),
-                               masks, torch.float32, dense.device)
-            self._set_group_tensor(i, packed, {})
-            # DeepSpeed copies "fp32 partition -> lp partition" after its step and in update_lp_params: aliasing
-            # the slot to the lp partition makes that a self-copy. The dense fp32 tensor has no owner left.
-            zo.single_partition_of_fp32_groups[i] = self.lp_parts[i]
-        for group in zo.bit16_groups:
-            for p in group:
-                hm = getattr(p, "_hp_mapping", None)
-                if hm is not None:  # its hp_fragment views the freed dense partition (would keep it alive)
-                    hm.hp_fragment = None
-                    hm.optim_fragment = {}
+    @abstractmethod
+    def _install_slot(self, i: int, packed: torch.Tensor) -> None:
+        """Make DeepSpeed's optimizer step ``packed`` as group ``i``'s master (the slot of its dense one)."""
 
     def _set_group_tensor(self, i: int, packed: torch.Tensor, state: dict) -> None:
-        group = self.opt.param_groups[i]
-        old = group["params"][0]
+        old = self.masters[i] if i < len(self.masters) else None
         packed.requires_grad_(True)
-        self.opt.state.pop(old, None)
-        group["params"] = [packed]
+        if old is not None:
+            self.opt.state.pop(old, None)
+            self.masters[i] = packed
+        else:
+            self.masters.append(packed)
+        self._install_slot(i, packed)
         if state:
             self.opt.state[packed] = state
 
     def master_tensor(self, i: int) -> torch.Tensor:
-        return self.opt.param_groups[i]["params"][0]
+        return self.masters[i]
 
     def packed(self, i: int, name: str, key=None):
         t = self.master_tensor(i)
@@ -226,23 +221,23 @@ class CompactZeroState:
     def finish_load(self) -> None:
         """Install the staged (packed) values of every group, laid out by the loaded masks."""
         for i, part in enumerate(self.parts):
-            missing = [f.name for f in part.fragments if f.name not in self._pending]
+            missing = [f.name for f in part.fragments if f.length and f.name not in self._pending]
             if missing:
                 raise KeyError(f"checkpoint load: no values staged for {missing[0]}")
             part.relayout()
             old = self.master_tensor(i)
             state = dict(self.opt.state.get(old, {}))
-            keys = {k for f in part.fragments for k in self._pending[f.name]}
+            staged = [self._pending.get(f.name, {}) for f in part.fragments]
+            keys = {k for s in staged for k in s}
+            master = torch.zeros(0, dtype=torch.float32, device=old.device)
             for key in sorted(keys):
-                pieces = [self._pending[f.name][key] for f in part.fragments]
+                pieces = [s[key] for s in staged if key in s]
                 value = torch.cat(pieces) if pieces else torch.zeros(0)
                 value = value.to(device=old.device, dtype=torch.float32)
                 if key == "master":
                     master = value
                 else:
                     state[key] = value
-            if not keys:
-                master = torch.zeros(0, dtype=torch.float32, device=old.device)
             self._set_group_tensor(i, master, state)
         self._pending = {}
 
@@ -252,8 +247,12 @@ class CompactZeroState:
         return method is not None and method.is_update_step(self.engine.global_steps)
 
     @torch.no_grad()
-    def capture_grad(self, param, grad) -> None:
-        """Keep this rank's range of a reduced gradient: packed, or dense on a mask-update step."""
+    def capture_grad(self, param, grad, start: int | None = None, accumulate: bool = False) -> None:
+        """Keep this rank's range of a reduced gradient: packed, or dense on a mask-update step. ``grad`` is the
+        whole parameter's gradient (its range starts at the fragment's ``param_start``) or, with ``start``, a
+        tensor whose position ``start`` is the range's first element (ZeRO-3: the rank's shard, ``start=0``).
+        ``accumulate``: add to what this accumulation window stored so far (later micro-batches) instead of
+        replacing it; the masks do not change inside a window, so the packed layout is the same."""
         where = self.where.get(id(param))
         if where is None or grad is None:
             return
@@ -261,14 +260,22 @@ class CompactZeroState:
         self.dense_grad_step = self._is_update_step()
         part = self.parts[i]
         frag = part.fragments[part.index[name]]
-        dense = grad.reshape(-1).narrow(0, frag.param_start, frag.length)
+        dense = grad.reshape(-1).narrow(0, frag.param_start if start is None else start, frag.length)
+        dtype = self.grad_dtype or grad.dtype
         if self.dense_grad_step:
-            self.dense_grads[name] = dense.clone()
+            if accumulate and name in self.dense_grads:
+                self.dense_grads[name].add_(dense.to(dtype))
+            else:
+                self.dense_grads[name] = dense.to(dtype, copy=True)
             return
         if self.grads[i] is None:
-            self.grads[i] = torch.zeros(part.numel, dtype=grad.dtype, device=grad.device)
+            self.grads[i] = torch.zeros(part.numel, dtype=dtype, device=grad.device)
         mask = part.mask_of(name).reshape(-1) if frag.sparse else None
-        part.slice(self.grads[i], name).copy_(part.pack_fragment(dense, mask))
+        target = part.slice(self.grads[i], name)
+        if accumulate:  # as DeepSpeed: the new micro-batch's gradient in the accumulation dtype, added
+            target.add_(part.pack_fragment(dense, mask).to(dtype))
+        else:
+            target.copy_(part.pack_fragment(dense, mask))
 
     def grad_of(self, i: int, name: str):
         if self.dense_grad_step:
@@ -294,6 +301,77 @@ class CompactZeroState:
                 out.append(torch.zeros(part.numel, dtype=torch.float32, device=self.lp_parts[i].device))
         return out
 
+    def take_grads_fp32(self) -> list:
+        """The step's packed fp32 gradients (one per group); the stored ones and the dense transient are
+        released (the transient's size is kept for ``transient_bytes_per_rank``)."""
+        grads = self._packed_grads_fp32()
+        self.transient_dense_grad_bytes = max(self.transient_dense_grad_bytes, sum(
+            g.untyped_storage().nbytes() for g in self.dense_grads.values()))
+        self.dense_grads = {}
+        self.grads = [None] * len(self.parts)
+        return grads
+
+    def _install_hooks(self, **methods) -> None:
+        """Replace bound methods on the ZeRO optimizer *instance* (DeepSpeed calls them through ``self``)."""
+        for name, fn in methods.items():
+            setattr(self.zo, name, fn)
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    def packed_numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+
+class CompactZeroState(PackedZeroState):
+    """ZeRO-1/2: DeepSpeed's ``DeepSpeedZeroOptimizer``; installed by :func:`enable`."""
+
+    def __init__(self, engine, sparsifier):
+        check_common(engine, "DeepSpeedZeroOptimizer")
+        if engine.gradient_accumulation_steps() != 1:
+            raise ConfigError(KEY, "needs gradient_accumulation_steps: 1 at ZeRO stages 1 and 2")
+        if not getattr(engine.optimizer, "contiguous_gradients", True):
+            raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
+        super().__init__(engine, sparsifier)
+        zo = self.zo
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        for i in range(len(zo.bit16_groups)):
+            rank = dist.get_rank(group=zo.real_dp_process_group[i])
+            lp_part = zo.parallel_partitioned_bit16_groups[i][rank]
+            frags = []
+            for p in zo.params_in_partition[i]:
+                hm = p._hp_mapping
+                name = names[id(p)]
+                frags.append(Fragment(name, hm.hp_fragment_address.start, hm.hp_fragment_address.numel,
+                                      hm.lp_fragment_address.start, name in sparsifier.order))
+                self.where[id(p)] = (i, name)
+            self.parts.append(PackedPartition(frags, sparsifier.mask))
+            self.lp_parts.append(lp_part)
+        self.grads = [None] * len(self.parts)
+        self.masters = [self.opt.param_groups[i]["params"][0] for i in range(len(self.parts))]
+        self._install_master()
+        self._patch()
+
+    def _install_slot(self, i: int, packed: torch.Tensor) -> None:
+        self.opt.param_groups[i]["params"] = [packed]
+
+    def _install_master(self) -> None:
+        """Pack DeepSpeed's fp32 master partitions (already masked) and free them."""
+        zo = self.zo
+        for i, part in enumerate(self.parts):
+            dense = zo.single_partition_of_fp32_groups[i]
+            masks = part.masks()
+            packed = part.pack(lambda k, d=dense, f=part.fragments: d.narrow(0, f[k].start, f[k].length),
+                               masks, torch.float32, dense.device)
+            self._set_group_tensor(i, packed, {})
+            # DeepSpeed copies "fp32 partition -> lp partition" after its step and in update_lp_params: aliasing
+            # the slot to the lp partition makes that a self-copy. The dense fp32 tensor has no owner left.
+            zo.single_partition_of_fp32_groups[i] = self.lp_parts[i]
+        for group in zo.bit16_groups:
+            for p in group:
+                hm = getattr(p, "_hp_mapping", None)
+                if hm is not None:  # its hp_fragment views the freed dense partition (would keep it alive)
+                    hm.hp_fragment = None
+                    hm.optim_fragment = {}
+
     # -- DeepSpeed hooks ---------------------------------------------------------------------------------------
     def _patch(self) -> None:
         zo, store = self.zo, self
@@ -316,20 +394,16 @@ class CompactZeroState:
             zo._clear_param_grad_only()
             zo._epilogue_ran_this_backward = True
 
-        zo.copy_grads_in_partition = copy_grads_in_partition
-        zo.independent_gradient_partition_epilogue = independent_gradient_partition_epilogue
-        zo.step = self.step
+        self._install_hooks(copy_grads_in_partition=copy_grads_in_partition,
+                            independent_gradient_partition_epilogue=independent_gradient_partition_epilogue,
+                            step=self.step)
 
     @torch.no_grad()
     def step(self, closure=None):
         """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32/bf16, no offload, no loss scaling)."""
         zo = self.zo
         zo.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID
-        grads = self._packed_grads_fp32()
-        self.transient_dense_grad_bytes = max(self.transient_dense_grad_bytes, sum(
-            g.untyped_storage().nbytes() for g in self.dense_grads.values()))
-        self.dense_grads = {}
-        self.grads = [None] * len(self.parts)
+        grads = self.take_grads_fp32()
         # the global norm as DeepSpeed's get_grad_norm_direct: per-fragment norms, squared, summed, all-reduced
         norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)
                  for part, g in zip(self.parts, grads) for f in part.fragments]
@@ -353,26 +427,23 @@ class CompactZeroState:
                 zo._update_model_bit16_weights(i)
         self.dense_grad_step = False
 
-    # -- accounting --------------------------------------------------------------------------------------------
-    def packed_numel(self) -> int:
-        return sum(p.numel for p in self.parts)
 
-
-def enable(engine, sparse_engine) -> CompactZeroState:
+def enable(engine, sparse_engine) -> PackedZeroState:
     """Switch an attached engine (masks already drawn and applied) to compact state; replaces its views."""
     sparsifier = sparse_engine.sparsifier
-    store = CompactZeroState(engine, sparsifier)
-    opt = inner_optimizer(engine)
+    if engine.zero_optimization_stage() == 3:
+        from dist_sparse.integration.compact_zero3 import CompactZero3State
+
+        store = CompactZero3State(engine, sparsifier)
+    else:
+        store = CompactZeroState(engine, sparsifier)
     groups = {}
     for i, part in enumerate(store.parts):
         for f in part.fragments:
             groups[f.name] = i
-    params = dict(engine.module.named_parameters())
-    views = {v.name: CompactView(v.name, params[v.name], opt, store, groups.get(v.name))
-             for v in sparse_engine.param_views}
+    views = {v.name: CompactView(v, store, groups.get(v.name)) for v in sparse_engine.param_views}
     sparsifier.views = [views[v.name] for v in sparsifier.views]
     sparsifier.repack = store.repack
     sparse_engine.__dict__["param_views"] = [views[v.name] for v in sparse_engine.param_views]
     sparse_engine.__dict__["compact"] = store
     return store
-

@@ -14,8 +14,21 @@ multiple of ``2 * world`` elements and split into ``world`` equal partitions; a 
 
 A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
 masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
-ZeRO-0 replicates everything (fp32: the parameters are the master weights); ZeRO-3 divides weights, gradients,
-master and moments by the world size (not measured here: compact state does not support it).
+ZeRO-0 replicates everything (fp32: the parameters are the master weights).
+
+ZeRO-3 (``deepspeed/runtime/zero/stage3.py``, one sub-group per optimizer group: DeepSpeed's default
+``sub_group_size`` of 1e9) shards *every parameter*: a rank holds ``ceil(numel / N)`` elements of each (the last
+rank's shard padded), so
+
+- ``weights``: its low-precision shards, plus the whole low-precision tensor of every *persistent* parameter
+  (``numel <= stage3_param_persistence_threshold``, 1e5 by default: DeepSpeed keeps those gathered);
+- ``master_weights``: a dense fp32 copy of the shards (DeepSpeed 0.19 keeps one at fp32 too); compact: 4 B per
+  active position at bf16, nothing at fp32 (the active master values are the fp32 shard's own);
+- ``optimizer_state``: moments of the shards (compact: active positions) + one step counter per sub-group;
+- ``gradients``: dense: the gradient shards (low precision) and the reduction bucket, which DeepSpeed keeps
+  allocated (``reduce_bucket_size`` elements of the low-precision type); compact: the active positions only (the
+  bucket is released between backward passes);
+- ``masks``: one bit per sparsified position of its (unpadded) shards.
 
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
@@ -53,6 +66,9 @@ class Setting:
     precision: str = "fp32"
     compact_state: bool = False
     groups: list = field(default_factory=list)  # list of lists of Param, in DeepSpeed's flatten order
+    # ZeRO-3 only (DeepSpeed's defaults): zero_optimization.reduce_bucket_size, stage3_param_persistence_threshold
+    reduce_bucket_size: int = 500_000_000
+    persistence_threshold: int = 100_000
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -61,8 +77,8 @@ class Setting:
             raise PlanError("--zero-stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in LP_BYTES:
             raise PlanError("--precision", f"must be one of {', '.join(LP_BYTES)}, got {self.precision!r}")
-        if self.compact_state and self.zero_stage not in (1, 2):
-            raise PlanError("--compact-state", f"is supported with ZeRO stages 1 and 2, not {self.zero_stage}")
+        if self.compact_state and self.zero_stage not in (1, 2, 3):
+            raise PlanError("--compact-state", f"is supported with ZeRO stages 1, 2 and 3, not {self.zero_stage}")
         if self.compact_state and self.precision == "fp16":
             raise PlanError("--compact-state", "supports fp32 and bf16, not fp16")
         for group in self.groups:
@@ -90,9 +106,7 @@ def predict(setting: Setting) -> list:
                         "optimizer_state": 8 * total + 4 * len(setting.groups),
                         "masks": math.ceil(sparse_numel / 8)})] * n
     if setting.zero_stage == 3:
-        return [_total({"weights": lp * total / n, "gradients": lp * total / n, "master_weights": 4 * total / n,
-                        "optimizer_state": 8 * total / n + 4 * len(setting.groups),
-                        "masks": math.ceil(sparse_numel / n / 8)})] * n
+        return [_total(_stage3_rank(setting, r)) for r in range(n)]
     ranks = [dict.fromkeys(CATEGORIES, 0.0) for _ in range(n)]
     for group in setting.groups:
         numel = sum(p.numel for p in group)
@@ -115,15 +129,46 @@ def predict(setting: Setting) -> list:
                     bits += math.ceil(overlap / 8)
             out["masks"] += bits
             out["optimizer_state"] += 4  # Adam's step counter of the group
-            if setting.compact_state:
-                out["master_weights"] += 4 * act
-                out["optimizer_state"] += 8 * act
-                out["gradients"] += lp * act
-            else:
-                out["master_weights"] += 4 * part
-                out["optimizer_state"] += 8 * part
-                out["gradients"] += lp * touched
+            _add_state(out, setting, act, part, touched)
     return [_total(r) for r in ranks]
+
+
+def _add_state(out: dict, setting: Setting, active: float, extent: int, grad_extent: int,
+               master_per_active: int = 4) -> None:
+    """Master weights, moments and gradients of a range: compact keeps ``active`` positions (master
+    ``master_per_active`` bytes each), dense DeepSpeed ``extent`` (its gradient buffer ``grad_extent``)."""
+    lp = LP_BYTES[setting.precision]
+    if setting.compact_state:
+        out["master_weights"] += master_per_active * active
+        out["optimizer_state"] += 8 * active
+        out["gradients"] += lp * active
+    else:
+        out["master_weights"] += 4 * extent
+        out["optimizer_state"] += 8 * extent
+        out["gradients"] += lp * grad_extent
+
+
+def _stage3_rank(setting: Setting, r: int) -> dict:
+    """What rank ``r`` holds at ZeRO-3 (see the module docstring)."""
+    n, lp = setting.world_size, LP_BYTES[setting.precision]
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for group in setting.groups:
+        out["optimizer_state"] += 4  # Adam's step counter of the sub-group
+        for p in group:
+            per_rank = math.ceil(p.numel / n)
+            start = min(p.numel, r * per_rank)
+            length = max(0, min(per_rank, p.numel - start))
+            out["weights"] += lp * per_rank
+            if p.numel <= setting.persistence_threshold:
+                out["weights"] += lp * p.numel
+            if p.sparse:
+                out["masks"] += math.ceil(length / 8)
+            # compact fp32: the active master values are the fp32 shard's own (no packed copy between steps)
+            _add_state(out, setting, length * p.density, per_rank, per_rank,
+                       0 if setting.precision == "fp32" else 4)
+    if not setting.compact_state:
+        out["gradients"] += lp * setting.reduce_bucket_size
+    return out
 
 
 def uniform_setting(params: float, sparsity: float, sparsified_fraction: float, **kwargs) -> Setting:
@@ -168,7 +213,8 @@ def dense_baseline(setting: Setting) -> Setting:
     """The same model under plain DeepSpeed: no compact state, no masks."""
     groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
     return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
-                   compact_state=False, groups=groups)
+                   compact_state=False, groups=groups, reduce_bucket_size=setting.reduce_bucket_size,
+                   persistence_threshold=setting.persistence_threshold)
 
 
 def summarize(per_rank: list) -> dict:

@@ -1,6 +1,7 @@
 """Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
 
-For one ZeRO stage, precision and method (RigL, or magnitude pruning), trains the same tiny GPT-2 twice from the
+For one ZeRO stage, precision and method (RigL, or magnitude pruning), and optionally a number of gradient
+accumulation steps (argv[5]) and a ZeRO-3 ``sub_group_size`` (argv[6]), trains the same tiny GPT-2 twice from the
 same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
 compact. Records per step the loss, and for the compact run:
 - at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
@@ -25,14 +26,15 @@ from tests.workers import finish
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool, method: str):
+def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
     config = {
         "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
         "gradient_clipping": 1.0,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
@@ -73,7 +75,8 @@ def check_repack(before, after) -> dict:
 
 
 def expected_bytes(engine) -> dict:
-    """The compact run's state bytes from the masks alone."""
+    """The compact run's state bytes from the masks alone (ZeRO-3: the weights are the shards, compared with the
+    dense run's in the test instead)."""
     store = engine.compact
     lp_bytes = store.lp_parts[0].element_size()
     active = 0
@@ -85,25 +88,43 @@ def expected_bytes(engine) -> dict:
         else:
             active += v.mask_len
     n_groups = len(store.parts)
-    weights = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
     started = bool(store.opt.state)  # Adam creates its state in the first step (before it: none)
-    return {"master_weights": 4 * active,
-            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
-            "gradients": lp_bytes * active, "weights": weights,
-            "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+    # ZeRO-3 fp32: the lp shard holds the master values, the packed master exists only inside the step
+    master = 0 if getattr(store, "master_in_lp", False) else 4 * active
+    out = {"master_weights": master,
+           "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
+           "gradients": lp_bytes * active,
+           "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+    if engine.zero_optimization_stage() < 3:
+        out["weights"] = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
+    return out
 
 
-def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
-    engine = build(stage, compact, bf16, method)
+def dense_master_freed(engine) -> bool:
+    """No dense fp32 master partition is referenced by DeepSpeed any more."""
+    store, zo = engine.compact, engine.optimizer
+    if engine.zero_optimization_stage() < 3:  # the slot aliases the lp partition
+        return all(t.data_ptr() == lp.data_ptr() for t, lp in zip(zo.single_partition_of_fp32_groups, store.lp_parts))
+    # ZeRO-3: the slot holds the packed master (no storage between steps when it lives in the lp shard)
+    return all(t is m and t.numel() == (0 if store.master_in_lp else part.numel)
+               for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
+
+
+def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0) -> dict:
+    engine = build(stage, compact, bf16, method, gas, sub_group_size)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     for _ in range(STEPS):
-        x = torch.randint(0, 48, (2, 16), generator=g)
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
+        for micro in range(gas):  # gradient accumulation: gas - 1 micro-batches before the boundary one
+            x = torch.randint(0, 48, (2, 16), generator=g)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            if micro < gas - 1:
+                engine.step()  # not a boundary: DeepSpeed only accumulates
+                report["losses"].append(float(loss))
         update = sp.method.is_update_step(engine.global_steps)
         before = snapshot(engine) if compact and update else None
         # what the masks say a rank holds; the engine measures between backward and the step, like here
@@ -117,23 +138,27 @@ def run(stage: int, compact: bool, bf16: bool, method: str) -> dict:
             if compact:
                 report["expected"].append(expected)
         masks = sp.full_masks()
-        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
+        with deepspeed.zero.GatheredParameters([params[n] for n in masks], enabled=stage == 3):
+            report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
     report["method"] = method
+    report["groups"] = len(engine.compact.parts) if compact else None
     if compact:
         report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
-        report["dense_master_freed"] = all(
-            t.data_ptr() == lp.data_ptr()
-            for t, lp in zip(engine.optimizer.single_partition_of_fp32_groups, engine.compact.lp_parts))
+        report["dense_master_freed"] = dense_master_freed(engine)
+        report["master_in_lp"] = bool(getattr(engine.compact, "master_in_lp", False))
     deepspeed.comm.barrier()
     return report
 
 
 def main():
     stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    gas = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    sub_group_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # ZeRO-3: split groups into sub-groups
     bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, method), "compact": run(stage, True, bf16, method)}, out)
+    finish({"dense": run(stage, False, bf16, method, gas, sub_group_size),
+            "compact": run(stage, True, bf16, method, gas, sub_group_size)}, out)
 
 
 if __name__ == "__main__":
