@@ -136,7 +136,7 @@ def main() -> None:
          f"{comb['final_val_loss'] / rigl['final_val_loss']:.4f}x"),
     ]
     reuse_note = ("Reused (not re-run): " + "; ".join(
-        f"`{k}` = `{f}` (an earlier run, by this code, whose saved config equals this script's, key for key)"
+        f"`{k}` = `{f}` (an earlier run whose saved config equals this script's, key for key)"
         for k, f in reused.items()) + ".") if reused else "Every row was run by this command."
     md = [
         "## Gradient compression with error feedback (issue 3)",
