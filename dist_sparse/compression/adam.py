@@ -11,21 +11,20 @@ The correction (DGC's momentum correction, Lin et al. 2018, Sec. 3.2, carried ov
 holds its full *local* gradient before compression, so it estimates the moments there and compresses only what the
 update is linear in.
 
-- second moment: the rank that owns a coordinate (its ZeRO partition) updates ``v`` with its own local dense
-  gradient instead of the averaged compressed one. ``v`` is only a per-coordinate scale, and no byte is sent for
-  it. (It is the second moment of a one-rank gradient: with N ranks the noise part is up to N times larger than
-  that of the averaged gradient; at N = 2 the step is at most 1/sqrt(2) smaller where noise dominates.)
 - first moment: as in DGC, each rank accumulates the momentum of its own local gradient before selection
-  (``u <- b1 u + (1 - b1) g``, then error feedback on ``u``, momentum factor masking after sending; see
+  (``u <- b1 u + (1 - b1) g``, then error feedback on ``u``, without momentum factor masking; see
   :mod:`dist_sparse.compression.feedback`), and the optimizer applies the averaged, already momentum-filtered
   values without a second momentum: ``m_t`` is the received value, bias-corrected by ``1 - b1^t`` like Adam's.
+- second moment: no byte is sent for it. Each rank estimates the second moment of the *averaged* gradient from
+  its local statistics (:meth:`~dist_sparse.compression.feedback.ErrorFeedback.second_moment_estimate`), and the
+  rank that owns a coordinate (its ZeRO partition) steps with its own estimate.
 
 With both moments local, the update ``lr * m / (sqrt(v) + eps)`` is linear in the exchanged values, so the sum of
 what error feedback delivers equals the sum of what was computed, as for SGD (Stich et al. 2018).
 
 :class:`LocalMomentAdam` replaces the ``step`` of the inner torch Adam/AdamW (the same state keys ``step``,
 ``exp_avg``, ``exp_avg_sq``: checkpoints are unchanged) and is engine-agnostic: before each step it is handed,
-per master fragment, this rank's local gradient values (:meth:`stage`).
+per master fragment, the second-moment estimate for those coordinates (:meth:`stage`).
 """
 
 import math
@@ -50,8 +49,8 @@ class LocalMomentAdam:
 
     ``optimizer``: the torch Adam/AdamW that steps the fp32 masters (``param_groups`` and ``state`` are used as they
     are). The gradient the engine puts in ``p.grad`` is the exchanged average of the locally momentum-filtered
-    gradients, scaled however the engine scales it (clipping, loss scale); the local gradient handed to :meth:`stage`
-    is scaled by the same factor before it enters ``v``."""
+    gradients, scaled however the engine scales it (clipping, loss scale); the second moment handed to
+    :meth:`stage` is scaled by the square of the same factor."""
 
     def __init__(self, optimizer):
         if not is_adam(optimizer):
@@ -68,7 +67,7 @@ class LocalMomentAdam:
                                        "exchange")
         self.optimizer = optimizer
         self.beta1, self.beta2 = self._one_beta(0), self._one_beta(1)
-        self._local: dict = {}  # id(optimizer param) -> (param, flat second moment, sum of squares written)
+        self._staged: dict = {}  # id(optimizer param) -> [param, flat second moment, sum of squares written]
 
     def _one_beta(self, i: int) -> float:
         # the momentum and the selection's second moment live in the exchange, one per tensor, not per group
@@ -92,15 +91,15 @@ class LocalMomentAdam:
         flat tensors of equal length, for every fragment this rank steps; the second moment is the estimate the
         exchange keeps (:meth:`ErrorFeedback.second_moment_estimate`), a running average not yet bias-corrected."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._local = {}
-        for master, local, written in fragments:
+        self._staged = {}
+        for master, second, written in fragments:
             if master.numel() == 0:
                 continue
             p, offset = self._owner(master, params)
-            entry = self._local.get(id(p))
+            entry = self._staged.get(id(p))
             if entry is None:
-                entry = self._local[id(p)] = [p, torch.zeros(p.numel(), dtype=torch.float32, device=p.device), 0.0]
-            entry[1][offset: offset + master.numel()].copy_(local)
+                entry = self._staged[id(p)] = [p, torch.zeros(p.numel(), dtype=torch.float32, device=p.device), 0.0]
+            entry[1][offset: offset + master.numel()].copy_(second)
             entry[2] += float(written.float().square().sum())
 
     @torch.no_grad()
@@ -114,9 +113,9 @@ class LocalMomentAdam:
                 if p.grad is None:
                     continue
                 # popped: DeepSpeed's ZeRO-1/2 calls step() once per param group (a group at a time)
-                entry = self._local.pop(id(p), None)
+                entry = self._staged.pop(id(p), None)
                 if entry is None:
-                    raise RuntimeError("LocalMomentAdam.step without stage(): no local gradient for a parameter")
+                    raise RuntimeError("LocalMomentAdam.step without stage(): no second moment for a parameter")
                 grad = p.grad.reshape(-1).float()
                 second = entry[1]
                 # the engine scaled the average it received (clipping, loss scale): scale the second moment alike

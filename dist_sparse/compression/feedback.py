@@ -93,18 +93,22 @@ class ErrorFeedback:
                 self._buffer(self.momentum_square, name, grad).mul_(b2).addcmul_(u, u, value=1 - b2)
         return acc
 
-    def second_moment_estimate(self, name: str) -> torch.Tensor:
+    def second_moment_estimate(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
         """This rank's estimate of Adam's second moment of the gradient *averaged over the N ranks*, per coordinate.
 
         Adam's ``v`` averages ``gbar^2`` with ``E[gbar^2] = mu^2 + sigma^2 / N`` (mean ``mu``, per-rank noise
         ``sigma^2``), while the local gradient gives ``E[g^2] = mu^2 + sigma^2``: used as is, it is up to N times too
         large where noise dominates (steps up to sqrt(N) too small). The local momentum ``u`` averages the noise
         away (``u^2 ~ mu^2``), so ``v_local / N + (1 - 1/N) avg(u^2)`` estimates ``mu^2 + sigma^2 / N``, with both
-        running averages over Adam's ``beta2`` horizon. N = 1 gives exactly the local (= Adam's) ``v``."""
+        running averages over Adam's ``beta2`` horizon. N = 1 gives exactly the local (= Adam's) ``v``.
+
+        ``start``/``length``: only that range of the flat tensor (a rank's partition), computed on the range only."""
         v = self.second_moment[name]
+        length = v.numel() - start if length is None else length
+        v = v.narrow(0, start, length)
         if self.world == 1 or name not in self.momentum_square:
             return v
-        return v / self.world + self.momentum_square[name] * (1 - 1 / self.world)
+        return v / self.world + self.momentum_square[name].narrow(0, start, length) * (1 - 1 / self.world)
 
     def ranking(self, name: str, acc: torch.Tensor) -> torch.Tensor:
         """What the compressor ranks: ``acc``, or with Adam preconditioning the step each coordinate would make,

@@ -238,15 +238,14 @@ class CompressedReduction:
                 skip = [n for n in self.names if n not in dense]
         local = self.local_grads()
         averaged = self.compression.run(local, self._full_masks, step, dense, skip)
-        fragments = []  # (master fragment, local gradient, written average) for the Adam momentum correction
+        fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
             v = self.views[n]
             g = v.grad()
             if g is None or g.numel() == 0:
                 continue
             if self.adam is not None:  # this rank's part of the second-moment estimate the exchange keeps
-                fragments.append((v.master(), self._second_moment(n, local[n])[v.mask_start: v.mask_start + g.numel()],
-                                  g))
+                fragments.append((v.master(), self._second_moment(n, local[n], v.mask_start, g.numel()), g))
             if n in averaged:
                 g.copy_(averaged[n][v.mask_start: v.mask_start + g.numel()].to(g.dtype))
             else:
@@ -255,13 +254,14 @@ class CompressedReduction:
             self.adam.stage(fragments)
         self._touched.clear()
 
-    def _second_moment(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """The exchange's estimate of Adam's second moment for ``name`` (full tensor). A tensor that has not been
-        compressed yet (only exchanged dense or skipped so far) falls back to one step's local gradient."""
+    def _second_moment(self, name: str, local: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """The exchange's estimate of Adam's second moment for ``name`` over ``[start, start + length)``. A tensor
+        that has not been compressed yet (only exchanged dense or skipped so far) falls back to one step's local
+        gradient."""
         feedback = self.compression.feedback
         if name in feedback.second_moment:
-            return feedback.second_moment_estimate(name)
-        return local.float().square() * (1 - self.adam.beta2)
+            return feedback.second_moment_estimate(name, start, length)
+        return local.narrow(0, start, length).float().square() * (1 - self.adam.beta2)
 
     # -- accounting and checkpoints ----------------------------------------------------------------------------
     def stats(self, steps: int) -> dict:

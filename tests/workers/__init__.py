@@ -2,7 +2,17 @@
 
 import json
 
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from dist_sparse import distributed as D
+
+
+def tiny_gpt2():
+    """The workers' model: a 2-layer, width-32 GPT-2 over 48 tokens, initialised from seed 0 (same on every rank)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
 
 
 def finish(results, out: str) -> None:

@@ -17,19 +17,16 @@ import sys
 
 import deepspeed
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
 from dist_sparse.masks.packing import packed_nbytes
-from tests.workers import finish
+from tests.workers import finish, tiny_gpt2
 
 STEPS = 20
 
 
 def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,

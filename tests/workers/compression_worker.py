@@ -14,11 +14,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
 from dist_sparse.compression.exchange import payload_elements
-from tests.workers import finish
+from tests.workers import finish, tiny_gpt2
 
 STEPS = 7
 _COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
@@ -75,9 +74,7 @@ class AveragedMomentAdamW(torch.optim.Optimizer):
 def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
         optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0,
         client_optimizer=None) -> dict:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,

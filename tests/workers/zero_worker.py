@@ -14,12 +14,11 @@ import sys
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice
-from tests.workers import finish
+from tests.workers import finish, tiny_gpt2
 
 STEPS = 9
 
@@ -31,9 +30,7 @@ def full_model_weights(engine, names):
 
 
 def run(stage: int, method: str) -> dict:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.02, "weight_decay": 0.1, "torch_adam": True}},
