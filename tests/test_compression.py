@@ -89,18 +89,46 @@ def test_error_feedback_conserves_exactly(method):
     for step in range(5):
         g = torch.randn(500, generator=gen) * 10 ** (step - 2)
         old = ef.residual.get("w", torch.zeros(500)).clone()
-        idx, values = ef.compress("w", g, eligible, step, stream=0)
+        idx, values, _ = ef.compress("w", g, eligible, step, stream=0)
         total = (g + old).masked_fill(~eligible, 0)  # pruned coordinates are neither sent nor kept
         assert torch.equal(scattered(500, idx, values) + ef.residual["w"], total)
         assert bool(eligible[idx].all()) and bool((ef.residual["w"][~eligible] == 0).all())
         assert bool((ef.residual["w"][idx] == 0).all())
 
 
+@pytest.mark.parametrize("method", sorted(COMPRESSORS))
+def test_own_range_is_delivered_whole_and_the_rest_is_selected_outside_it(method):
+    """With a local range (the rank's ZeRO partition), sent + own + residual == input + old residual, exactly;
+    nothing inside the range is sent or kept; top-k/random-k still send keep_count(eligible) coordinates."""
+    gen = torch.Generator().manual_seed(1)
+    eligible = torch.rand(500, generator=gen) < 0.7
+    ef = ErrorFeedback(COMPRESSORS[method](seed=0), density=0.05)
+    start, length = 120, 200
+    for step in range(4):
+        g = torch.randn(500, generator=gen)
+        old = ef.residual.get("w", torch.zeros(500)).clone()
+        idx, values, own = ef.compress("w", g, eligible, step, stream=0, local=(start, length))
+        total = (g + old).masked_fill(~eligible, 0)
+        delivered = scattered(500, idx, values)
+        delivered[start: start + length] += own
+        assert torch.equal(delivered + ef.residual["w"], total)
+        assert torch.equal(own, total[start: start + length])
+        assert bool(((idx < start) | (idx >= start + length)).all()) and bool(eligible[idx].all())
+        assert bool((ef.residual["w"][start: start + length] == 0).all())
+        if COMPRESSORS[method].fixed_count:
+            assert idx.numel() == keep_count(int(eligible.sum()), 0.05)
+    # a rank that owns the whole tensor sends nothing and keeps nothing
+    old = ef.residual["w"].clone()
+    idx, values, own = ef.compress("w", torch.ones(500), eligible, 9, stream=0, local=(0, 500))
+    assert idx.numel() == 0 and torch.equal(own, (old + 1).masked_fill(~eligible, 0))
+    assert not ef.residual["w"].any()
+
+
 def test_without_error_feedback_the_rest_is_dropped():
     ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.25, error_feedback=False)
-    idx, values = ef.compress("w", G, None, 0, 0)
+    idx, values, _ = ef.compress("w", G, None, 0, 0)
     assert idx.tolist() == [1, 6] and values.tolist() == [-3.0, 4.0] and ef.residual == {}
-    idx, values = ef.compress("w", G, None, 1, 0)  # nothing carried over
+    idx, values, _ = ef.compress("w", G, None, 1, 0)  # nothing carried over
     assert idx.tolist() == [1, 6]
 
 
@@ -109,7 +137,7 @@ def test_error_feedback_sends_delayed_coordinates():
     g = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6])
     sent = [ef.compress("w", g, None, s, 0) for s in range(3)]
     # step 0 sends 1.0 (idx 0), keeps 0.6; step 1: idx 0 has 1.0, idx 7 has 1.2 -> sends idx 7
-    assert [i.tolist() for i, _ in sent] == [[0], [7], [0]]
+    assert [i.tolist() for i, _, _ in sent] == [[0], [7], [0]]
     assert sent[1][1].tolist() == [pytest.approx(1.2)] and sent[2][1].tolist() == [2.0]
 
 
@@ -118,10 +146,10 @@ def test_momentum_correction_is_dgc():
     m = 0.9
     ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=m)
     g1, g2 = torch.tensor([1.0, 0.5, 0.0, -2.0]), torch.tensor([0.5, 0.5, 0.1, 0.0])
-    idx, values = ef.compress("w", g1, None, 0, 0)  # u = v = g1: send idx 0 and 3
+    idx, values, _ = ef.compress("w", g1, None, 0, 0)  # u = v = g1: send idx 0 and 3
     assert idx.tolist() == [0, 3] and values.tolist() == [1.0, -2.0]
     assert ef.velocity_momentum["w"].tolist() == [0.0, 0.5, 0.0, 0.0] and ef.residual["w"].tolist() == [0, 0.5, 0, 0]
-    idx, values = ef.compress("w", g2, None, 1, 0)
+    idx, values, _ = ef.compress("w", g2, None, 1, 0)
     u = torch.tensor([0.5, 0.5 * m + 0.5, 0.1, 0.0])
     v = torch.tensor([0.0, 0.5, 0.0, 0.0]) + u
     assert idx.tolist() == [0, 1] and torch.equal(values, v[[0, 1]])
@@ -185,6 +213,68 @@ def test_two_rank_exchange_averages_what_was_sent(method):
     run_spawned(_exchange_worker, 2, method)
 
 
+def _owned_exchange_worker(rank, world, method, density):
+    """ZeRO-1/2 layout: each rank owns a range of each tensor; over its own range the result is the average of its
+    own whole contribution and what the other ranks sent; nothing inside a rank's own range leaves it."""
+    cfg = C.CompressionConfig(method=method, density=density, min_tensor_size=20)
+    comp = GradientCompression(cfg, seed=5)
+    gen = torch.Generator().manual_seed(rank)
+    masks = {"w": torch.arange(1000) % 4 != 0}
+    owned = {"w": [(0, 640), (640, 360)], "b": [(0, 10), (10, 0)], "e": [(0, 0), (0, 300)]}
+    for step in range(3):
+        grads = {"w": torch.randn(1000, generator=gen), "b": torch.randn(10, generator=gen),
+                 "e": torch.randn(300, generator=gen)}
+        before = {n: comp.feedback.residual.get(n, torch.zeros(grads[n].numel())).clone() for n in grads}
+        out = comp.run(grads, masks, step, owned=owned)
+        acc = {n: (grads[n] + before[n]).masked_fill(~masks.get(n, torch.ones(grads[n].numel(), dtype=torch.bool)),
+                                                     0) for n in grads}
+        sent = {n: scattered(grads[n].numel(), comp.last_sent[n], acc[n][comp.last_sent[n]]) for n in grads}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, {"sent": sent, "acc": acc})
+        for n in grads:
+            start, length = owned[n][rank]
+            idx = comp.last_sent[n]
+            assert bool(((idx < start) | (idx >= start + length)).all())
+            expected = sum(g["sent"][n] for g in gathered)
+            expected[start: start + length] = sum(
+                (g["acc"][n] if r == rank else g["sent"][n])[start: start + length] for r, g in enumerate(gathered))
+            torch.testing.assert_close(out[n][start: start + length], expected[start: start + length] / world,
+                                       rtol=0, atol=1e-6)
+            if density == 1.0:  # everything is delivered: the plain average over the own range
+                reference = acc[n].clone()
+                torch.distributed.all_reduce(reference)
+                torch.testing.assert_close(out[n][start: start + length], (reference / world)[start: start + length])
+        # one collective for top-k/random-k: every rank's count is derived locally from masks and ranges
+        assert comp.exchange.collectives == (1 if COMPRESSORS[method].fixed_count else 2)
+        # dense encodings cover only the coordinates outside the sender's own range
+        start, length = owned["w"][rank]
+        n_pos = {"w": 750 - int(masks["w"][start: start + length].sum()), "b": 10 - owned["b"][rank][1],
+                 "e": 300 - owned["e"][rank][1]}
+        mine = sum(payload_elements(comp.last_sent[n].numel(), n_pos[n]) for n in grads)
+        longest = torch.tensor([mine])
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        header = 0 if COMPRESSORS[method].fixed_count else 4 * len(grads)
+        assert comp.exchange.last_bytes == header + 4 * int(longest)
+
+
+    # the RigL dense step: raw gradients of "w", each rank sending only outside its own range
+    grads = {"w": torch.randn(1000, generator=gen), "b": torch.randn(10, generator=gen), "e": torch.ones(300)}
+    out = comp.run(grads, masks, 3, dense={"w"}, skip={"e"}, owned=owned)
+    reference = grads["w"].clone()
+    torch.distributed.all_reduce(reference)
+    start, length = owned["w"][rank]
+    torch.testing.assert_close(out["w"][start: start + length], (reference / world)[start: start + length])
+    outside = [1000 - ln for _, ln in owned["w"]]
+    assert comp.last_sent["w"].numel() == outside[rank]
+    assert comp.exchange.last_bytes == 4 * max(o + 10 - ob for o, (_, ob) in zip(outside, owned["b"])) + (
+        0 if COMPRESSORS[method].fixed_count else 4 * 2)
+
+
+@pytest.mark.parametrize("method,density", [("topk", 0.1), ("randomk", 0.1), ("threshold", 0.1), ("topk", 1.0)])
+def test_two_rank_exchange_keeps_the_own_range_local(method, density):
+    run_spawned(_owned_exchange_worker, 2, method, density)
+
+
 def _density_one_worker(rank, world):
     gen = torch.Generator().manual_seed(10 + rank)
     grads = {"a": torch.randn(64, generator=gen), "b": torch.randn(7, generator=gen)}
@@ -232,7 +322,7 @@ def test_adam_momentum_correction_at_density_one_is_adam(opt_cls, kw):
         grad = torch.randn(12, generator=g) * (1 + step)
         ref.grad = grad.clone()
         opt_ref.step()
-        idx, values = ef.compress("w", grad, None, step, 0)
+        idx, values, _ = ef.compress("w", grad, None, step, 0)
         sent = torch.zeros(12).index_put_((idx,), values)
         ours.grad = sent
         adam.stage([(ours.data, ef.second_moment_estimate("w"), sent)])
@@ -266,7 +356,7 @@ def test_adam_momentum_correction_without_moment_masking_delivers_every_first_mo
         grad = torch.randn(8, generator=g)
         u = 0.9 * u + 0.1 * grad
         total_u += u
-        idx, values = ef.compress("w", grad, None, step, 0)
+        idx, values, _ = ef.compress("w", grad, None, step, 0)
         total_sent.index_add_(0, idx, values)
         torch.testing.assert_close(ef.velocity_momentum["w"], u)  # the momentum is never masked
     torch.testing.assert_close(total_sent + ef.residual["w"], total_u)
@@ -278,7 +368,7 @@ def test_adam_selection_ranks_by_the_step_a_coordinate_would_make():
     ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.5, momentum=0.5, ema=True, precondition_beta2=0.99)
     ef.second_moment["w"] = torch.tensor([16.0, 0.01])  # coordinate 0 has been large (and noisy) so far
     g = torch.tensor([1.0, 0.1])
-    idx, values = ef.compress("w", g, None, 0, 0)
+    idx, values, _ = ef.compress("w", g, None, 0, 0)
     # acc = u = 0.5 g = [0.5, 0.05]; v = 0.99 v + 0.01 g^2; steps 0.5 / 3.98 < 0.05 / 0.1
     assert idx.tolist() == [1] and values.tolist() == [pytest.approx(0.05)]
     torch.testing.assert_close(ef.second_moment["w"], torch.tensor([0.99 * 16 + 0.01, 0.99 * 0.01 + 0.01 * 0.01]))
@@ -297,11 +387,17 @@ def test_second_moment_estimate_for_the_average_of_n_ranks():
     for ef in (one, two):
         for g in (torch.tensor([2.0, -1.0]), torch.tensor([-2.0, 3.0])):
             ef.compress("w", g, None, 0, 0)
-    # u: [1, -0.5] then [-0.5, 1.25]; v = avg(g^2): [2, 0.5] then [3, 4.75]; avg(u^2): [0.5, 0.125], [0.375, 0.84375]
+    # u: [1, -0.5] then [-0.5, 1.25], bias-corrected (1 - 0.5^t): [2, -1] then [-2/3, 5/3]; v = avg(g^2): [2, 0.5]
+    # then [3, 4.75]; avg(u_hat^2): [2, 0.5] then [(2 + 4/9) / 2, (0.5 + 25/9) / 2]
     torch.testing.assert_close(one.second_moment_estimate("w"), torch.tensor([3.0, 4.75]))
-    torch.testing.assert_close(two.second_moment_estimate("w"), torch.tensor([1.5 + 0.1875, 2.375 + 0.421875]))
+    w = torch.tensor([(2 + 4 / 9) / 2, (0.5 + 25 / 9) / 2])
+    torch.testing.assert_close(two.second_moment_estimate("w"), torch.tensor([1.5, 2.375]) + w / 2)
     assert {k.rsplit("::", 1)[1] for k in two.state_tensors()} == {"residual", "momentum", "second_moment",
-                                                                   "momentum_square"}
+                                                                   "momentum_square", "moment_steps"}
+    # the momentum's update count survives a checkpoint (it sets the bias correction)
+    again = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5, world=2)
+    again.load_state_tensors(two.state_tensors())
+    assert again.moment_steps == {"w": 2}
 
 
 def test_local_clipping_scales_by_the_norm_over_eligible_coordinates():
@@ -387,3 +483,48 @@ def test_compression_config_defaults_and_overrides():
     # ZeRO-3 without compression stays fine
     assert C.load(None, ["deepspeed.zero_optimization.stage=3"]).zero_stage == 3
     assert math.isclose(C.load(None, ["compression.density=1"]).compression.density, 1.0)
+
+
+def test_count_sketch_energy_is_exact_without_collisions_and_unbiased_with_them():
+    from dist_sparse.compression import sketch
+
+    x = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    assert sketch.buckets(10) == 10  # fewer coordinates than buckets: one per bucket, |sign| = 1
+    assert sketch.energy(sketch.count_sketch(x, 0, 3, 1), 1) == pytest.approx(float(x.square().sum()), rel=1e-6)
+    y = torch.randn(4000, generator=torch.Generator().manual_seed(1))
+    draws = torch.tensor([sketch.energy(sketch.count_sketch(y, 0, step, 2), 1) for step in range(400)])
+    exact = float(y.square().sum())
+    # 16 buckets: one draw is off by ~35%, the mean of 400 independent draws by ~2%
+    assert abs(float(draws.mean()) / exact - 1) < 0.08 and float(draws.std()) / exact > 0.1
+    # linear: the sketch of a sum is the sum of the sketches (what the all-reduce relies on)
+    a, b = y[:2000], y[2000:]
+    torch.testing.assert_close(sketch.count_sketch(a + b, 0, 5, 2),
+                               sketch.count_sketch(a, 0, 5, 2) + sketch.count_sketch(b, 0, 5, 2))
+
+
+def test_second_moment_blend_is_fitted_to_the_energy_of_the_average():
+    """lam v + (1 - lam) avg(u^2) sums to the running energy of the averaged gradient; lam within [1/N, 1]."""
+    ef = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5, world=2)
+    assert ef.wants_energy
+    g = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    ef.compress("w", g, None, 0, 0, energy=3.0)
+    v, w = ef.second_moment["w"], ef.momentum_square["w"]  # 0.5 g^2, and 0.5 g^2 (u bias-corrected = g)
+    assert ef.blend["w"] == 0.5  # v == w: undetermined, 1/N
+    g2 = torch.tensor([-2.0, 1.0, 0.5, 1.0])
+    ef.compress("w", g2, None, 1, 0, energy=6.0)
+    v, w = ef.second_moment["w"], ef.momentum_square["w"]
+    energy = 0.5 * (0.5 * 3.0) + 0.5 * 6.0  # running averages start at 0, like v and avg(u^2)
+    lam = (energy - float(w.sum())) / (float(v.sum()) - float(w.sum()))
+    assert 0.5 < lam < 1 and ef.blend["w"] == pytest.approx(lam)
+    torch.testing.assert_close(ef.second_moment_estimate("w"), lam * v + (1 - lam) * w)
+    torch.testing.assert_close(float(ef.second_moment_estimate("w").sum()), energy)
+    # avg(u^2) above v (early on, or a steady gradient): the same fit, not the fallback
+    assert ef._fit_blend(1.2, 1.0, 2.0) == pytest.approx(0.8) and ef._fit_blend(0.9, 1.0, 2.0) == 1.0
+    assert ef._fit_blend(5.0, 2.0, 2.0) == 0.5  # undetermined
+    # clamped: an energy above the local second moment means fully correlated ranks (lam = 1)
+    ef.compress("w", g2, None, 2, 0, energy=1e6)
+    assert ef.blend["w"] == 1.0 and torch.equal(ef.second_moment_estimate("w"), ef.second_moment["w"])
+    # a restored checkpoint restores the running energy and the blend exactly
+    again = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5, world=2)
+    again.load_state_tensors(ef.state_tensors())
+    assert again.energy == ef.energy and again.blend == ef.blend

@@ -48,8 +48,13 @@ def test_density_one_equals_deepspeed_reduction(report):
             reductions = gas if stage == 2 else 1
             assert dense["ds_collectives_in_backward"] >= 7 * reductions, where
             assert comp["ds_collectives_in_backward"] == 0, where
-            # density 1 is sent dense (cheaper than indices + values): exactly DeepSpeed's own bytes at gas 1
-            assert comp["stats"]["comm_bytes_per_step"] * reductions == comp["stats"]["dense_comm_bytes_per_step"]
+            # density 1 is sent dense (cheaper than indices + values): exactly DeepSpeed's own bytes at stage 0; at
+            # stages 1/2 a rank's own partition stays local, so a tensor it owns whole costs it nothing
+            measured, dense_bytes = comp["stats"]["comm_bytes_per_step"], comp["stats"]["dense_comm_bytes_per_step"]
+            if stage == 0:
+                assert measured == dense_bytes, where
+            else:
+                assert 0 < measured * reductions < dense_bytes, where
             assert all(measured == analytic for measured, analytic in comp["bytes_match"]), where
 
 
@@ -115,8 +120,8 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, momentum
     assert len(saved) > 0 and sum(int((t != 0).sum()) for t in saved.values()) > 0
     # with Adam momentum correction the local momentum and the selection's second moment are saved too
     kinds = {k.rsplit("::", 1)[1] for k in saved}
-    assert kinds == ({"residual", "momentum", "second_moment", "momentum_square"} if momentum_correction
-                     else {"residual"})
+    assert kinds == ({"residual", "momentum", "second_moment", "momentum_square", "moment_steps", "energy"}
+                     if momentum_correction else {"residual"})
     train(resumed, *over, resume="auto")
     a, b = losses(straight), losses(resumed)
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # exactly equal, not close
@@ -143,10 +148,10 @@ def test_dgc_momentum_correction_moves_sgd_momentum_into_the_exchange(report):
 
 @pytest.mark.slow
 def test_adam_momentum_correction_matches_its_reference_when_local_equals_average(report):
-    """Both moments on the local gradient (compression/adam.py): with one batch on both ranks, density 1.0 gives
-    the trajectory of uncompressed DeepSpeed with the plainly written reference optimizer (AdamW with the 2-rank
-    second-moment estimate); with RigL at density 0.1 it trains, sends no pruned coordinate, keeps the momentum per
-    rank and clips locally."""
+    """Both moments from local statistics (compression/adam.py): with one batch on both ranks (the averaged
+    gradient is the local one, and its sketched energy is exact), density 1.0 gives the trajectory of uncompressed
+    DeepSpeed with torch's AdamW; with RigL at density 0.1 it trains, sends no pruned coordinate, keeps the
+    momentum per rank and clips locally."""
     stage, per_rank = report
     for rank, runs in enumerate(per_rank):
         where = f"ZeRO-{stage} rank {rank} adam momentum correction"

@@ -15,9 +15,12 @@ update is linear in.
   (``u <- b1 u + (1 - b1) g``, then error feedback on ``u``, without momentum factor masking; see
   :mod:`dist_sparse.compression.feedback`), and the optimizer applies the averaged, already momentum-filtered
   values without a second momentum: ``m_t`` is the received value, bias-corrected by ``1 - b1^t`` like Adam's.
-- second moment: no byte is sent for it. Each rank estimates the second moment of the *averaged* gradient from
-  its local statistics (:meth:`~dist_sparse.compression.feedback.ErrorFeedback.second_moment_estimate`), and the
-  rank that owns a coordinate (its ZeRO partition) steps with its own estimate.
+- second moment: each rank estimates the second moment of the *averaged* gradient from its local statistics,
+  a blend ``lam v_local + (1 - lam) avg(u^2)`` whose weight is fitted per tensor to the running energy of the
+  averaged gradient, measured by count sketches for 64 bytes per tensor and step
+  (:meth:`~dist_sparse.compression.feedback.ErrorFeedback.second_moment_estimate`,
+  :mod:`dist_sparse.compression.sketch`); the rank that owns a coordinate (its ZeRO partition) steps with its own
+  estimate.
 
 With both moments local, the update ``lr * m / (sqrt(v) + eps)`` is linear in the exchanged values, so the sum of
 what error feedback delivers equals the sum of what was computed, as for SGD (Stich et al. 2018).

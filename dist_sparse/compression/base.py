@@ -24,6 +24,13 @@ def register(cls):
     return cls
 
 
+def wire_count(n_eligible: int, n_candidates: int, density: float) -> int:
+    """k for a rank that delivers its own partition locally: ``keep_count(n_eligible, density)`` (the density is a
+    fraction of the tensor's unpruned coordinates, as everywhere), at most the ``n_candidates`` coordinates that
+    lie outside that partition. Every rank computes every rank's count with it, so counts need no exchange."""
+    return min(int(n_candidates), keep_count(n_eligible, density))
+
+
 def keep_count(n_eligible: int, density: float) -> int:
     """k for a tensor with ``n_eligible`` sendable coordinates: ceil(density * n), at least 1 when n > 0.
 
@@ -44,10 +51,12 @@ class Compressor:
         self.seed = seed
 
     def select(self, values: torch.Tensor, eligible: torch.Tensor | None, density: float, *, step: int,
-               stream: int) -> torch.Tensor:
+               stream: int, k: int | None = None) -> torch.Tensor:
         """Sorted int64 indices of the coordinates of ``values`` (flat) to send. ``stream`` identifies the tensor
-        and rank for randomized methods. Default: the k = ceil(density * eligible) largest :meth:`scores`."""
-        k = keep_count(self._n_eligible(values, eligible), density)
+        and rank for randomized methods. Default: the k = ceil(density * eligible) largest :meth:`scores`; a
+        given ``k`` (at most the eligible count) overrides the count, for compressors with ``fixed_count``."""
+        if k is None:
+            k = keep_count(self._n_eligible(values, eligible), density)
         if k == 0:
             return torch.zeros(0, dtype=torch.int64, device=values.device)
         if k == values.numel():

@@ -18,7 +18,8 @@ import math
 import torch
 
 from dist_sparse import distributed as D
-from dist_sparse.compression.base import COMPRESSORS
+from dist_sparse.compression import sketch
+from dist_sparse.compression.base import COMPRESSORS, keep_count, wire_count
 from dist_sparse.compression.exchange import Outgoing, SparseExchange
 from dist_sparse.compression.feedback import ErrorFeedback
 
@@ -59,22 +60,29 @@ class GradientCompression:
                                       momentum if cfg.momentum_correction else None, cfg.warmup_steps, ema,
                                       precondition_beta2, D.world_size(group))
         self.exchange = SparseExchange(group)
+        self.seed = seed
+        self.last_sketch_bytes = 0  # the count sketches' all-reduce in the last exchange
         self.group = group
         self.local_clip = float(local_clip)  # DGC local gradient clipping threshold (0: off)
         self.total_bytes = 0
         self.exchanges = 0
         self.last_sent: dict = {}  # name -> sorted indices this rank sent in the last exchange (for inspection)
 
-    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=()) -> dict:
+    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None) -> dict:
         """Averaged gradients for every name in ``grads`` except ``skip`` (same names and order on every rank).
 
         ``grads``: name -> this rank's full local gradient; ``eligible``: name -> bool mask of kept coordinates
-        (absent or None: all coordinates)."""
+        (absent or None: all coordinates). ``owned`` (ZeRO stages 1/2): name -> every rank's ``(start, length)``
+        range of that tensor in its partition. A rank needs the average only over its own range, and its own
+        contribution there never crosses the wire, so it is added uncompressed and only the rest is selected
+        from (:meth:`ErrorFeedback.compress`); outside its own range the returned average is incomplete."""
         rank = D.rank(self.group)
         dense, skip = set(dense), set(skip)
         if self.local_clip > 0:
             clip_local_(grads, eligible, self.local_clip, skip)
+        energies = self._sketched_energies(grads, eligible, step, dense, skip)
         items = []
+        rank_counts = None if owned is None else [[] for _ in range(D.world_size(self.group))]
         self.last_sent = {}
         for order, (name, g) in enumerate(grads.items()):
             if name in skip:
@@ -82,20 +90,73 @@ class GradientCompression:
             flat = g.reshape(-1)
             mask = None if name in dense else eligible.get(name)
             positions = None if mask is None else torch.nonzero(mask).reshape(-1)
+            own, own_start = None, 0
+            ranges = None if owned is None else owned[name]
             if name in dense:
                 idx = torch.arange(flat.numel(), device=flat.device)
                 values = flat.float().clone()
+                counts = [] if ranges is None else [flat.numel() - length for _, length in ranges]
+                if ranges is not None and ranges[rank][1]:  # the own range is added locally, not sent
+                    own_start, length = ranges[rank]
+                    own = values[own_start: own_start + length].clone()
+                    keep = (idx < own_start) | (idx >= own_start + length)
+                    idx, values = idx[keep], values[keep]
             else:
-                small = flat.numel() < self.cfg.min_tensor_size
-                idx, values = self.feedback.compress(name, flat, mask, step, order * 4099 + rank,
-                                                     density=1.0 if small else None)
+                d = 1.0 if flat.numel() < self.cfg.min_tensor_size else self.feedback.density(step)
+                local = None if owned is None else owned[name][rank]
+                idx, values, own = self.feedback.compress(name, flat, mask, step, order * 4099 + rank, density=d,
+                                                          local=local, energy=energies.get(name))
+                own_start = 0 if local is None else local[0]
+                counts = [] if owned is None else self._counts(mask, flat.numel(), d, owned[name])
+            if rank_counts is not None:
+                for r, c in enumerate(counts):
+                    rank_counts[r].append(c)
             self.last_sent[name] = idx
-            items.append(Outgoing(name, flat.numel(), positions, idx, values))
+            items.append(Outgoing(name, flat.numel(), positions, idx, values, own_start, own, ranges))
         # threshold selection makes counts differ across ranks (a count header is exchanged first); top-k and
-        # random-k counts follow from the shared masks and the density, so every rank knows them already
-        out = self.exchange.run(items, fixed_counts=self.compressor.fixed_count)
-        self.total_bytes += self.exchange.last_bytes
+        # random-k counts follow from the shared masks, the density and the partition ranges, so every rank knows
+        # them already
+        fixed = self.compressor.fixed_count
+        out = self.exchange.run(items, fixed_counts=fixed, rank_counts=rank_counts if fixed else None)
+        self.total_bytes += self.exchange.last_bytes + self.last_sketch_bytes
         self.exchanges += 1
+        return out
+
+    def _sketched_energies(self, grads: dict, eligible: dict, step: int, dense: set, skip: set) -> dict:
+        """name -> energy of the averaged (unpruned) gradient, from count sketches summed by one all-reduce, for
+        the tensors compressed this step; empty unless the Adam second-moment estimate asks for it."""
+        self.last_sketch_bytes = 0
+        if not self.feedback.wants_energy:
+            return {}
+        names, parts = [], []
+        for order, (name, g) in enumerate(grads.items()):
+            if name in skip or name in dense:
+                continue
+            flat = g.reshape(-1).float()
+            mask = eligible.get(name)
+            parts.append(sketch.count_sketch(flat if mask is None else flat * mask, self.seed, step, order))
+            names.append(name)
+        if not parts:
+            return {}
+        summed = D.all_reduce_sum(torch.cat(parts), self.group)
+        self.last_sketch_bytes = summed.numel() * 4
+        world, out, offset = D.world_size(self.group), {}, 0
+        for name, part in zip(names, parts):
+            out[name] = sketch.energy(summed[offset: offset + part.numel()], world)
+            offset += part.numel()
+        return out
+
+    @staticmethod
+    def _counts(mask, numel: int, density: float, ranges: list) -> list:
+        """Every rank's number of sent coordinates of one tensor when each keeps its own range local."""
+        n_eligible = numel if mask is None else int(mask.sum())
+        out = []
+        for start, length in ranges:
+            if length == 0:
+                out.append(keep_count(n_eligible, density))
+                continue
+            inside = length if mask is None else int(mask[start: start + length].sum())
+            out.append(wire_count(n_eligible, n_eligible - inside, density))
         return out
 
     @property

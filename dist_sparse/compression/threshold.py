@@ -37,7 +37,8 @@ class Threshold(Compressor):
         k = max(1, math.ceil(density * s - 1e-9))
         return float(torch.topk(candidates, k).values[-1])
 
-    def select(self, values, eligible, density, *, step, stream):
+    def select(self, values, eligible, density, *, step, stream, k=None):
+        # k is ignored: the count follows from the threshold (fixed_count is False)
         tau = self.threshold(values, eligible, density, step=step, stream=stream)
         if tau is None:
             return torch.zeros(0, dtype=torch.int64, device=values.device)

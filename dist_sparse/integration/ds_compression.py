@@ -136,6 +136,9 @@ class CompressedReduction:
         self._mask_epoch = 0
         self._stash: dict = {}
         self._touched: set = set()
+        # stages 1/2: every rank's range of every tensor in its partition (fixed for the run). The average is
+        # needed only over the own range, and the own contribution there is added locally, uncompressed
+        self._owned = None if stage == 0 else self._partition_ranges()
         if stage == 0:
             engine.enable_backward_allreduce = False
         else:
@@ -145,6 +148,21 @@ class CompressedReduction:
                                                         f"{type(opt).__name__} (not a ZeRO 1/2 optimizer)")
             self._grad_for_reduction = getattr(opt, "get_gradient_for_reduction", lambda p: p.grad)
             opt.reduce_independent_p_g_buckets_and_remove_grads = self._take_local_grad
+
+    def _partition_ranges(self) -> dict:
+        """name -> [(start, length) of rank r's partition fragment, for every rank r] (one all-gather)."""
+        mine = torch.tensor([[self.views[n].mask_start, self.views[n].mask_len] for n in self.names],
+                            dtype=torch.int64)
+        gathered = [t.tolist() for t in D.all_gather_equal(mine)]
+        owned = {}
+        for i, n in enumerate(self.names):
+            ranges = [tuple(r[i]) for r in gathered]
+            covered = sorted((s, s + ln) for s, ln in ranges if ln)
+            ends = [0] + [e for _, e in covered]
+            if [s for s, _ in covered] != ends[:-1] or ends[-1] != self.params[n].numel():
+                raise RuntimeError(f"ZeRO partitions of {n} do not tile it: {ranges}")
+            owned[n] = ranges
+        return owned
 
     # -- collecting the local gradient (stages 1/2) ------------------------------------------------------------
     @torch.no_grad()
@@ -237,7 +255,7 @@ class CompressedReduction:
             if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
                 skip = [n for n in self.names if n not in dense]
         local = self.local_grads()
-        averaged = self.compression.run(local, self._full_masks, step, dense, skip)
+        averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned)
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
             v = self.views[n]
