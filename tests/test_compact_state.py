@@ -4,6 +4,8 @@
 - 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
   run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
   regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
+- ZeRO-1/2 (also with 2 accumulation micro-batches): the bytes handed to the gradient reduction are the packed
+  active values (element size x active count) on steps without a mask update, DeepSpeed's dense reduction on them;
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
 - checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact), ZeRO-2
   and ZeRO-3.
@@ -74,8 +76,6 @@ def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
     ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}},
-     "gradient_accumulation_steps: 1 at ZeRO stages 1 and 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
 ])
@@ -94,11 +94,15 @@ def test_compact_state_key_type_checked():
     assert err.value.key == "sparsity.compact_state"
     assert C.from_dict({"sparsity": {"compact_state": True},
                         "deepspeed": {"zero_optimization": {"stage": 2}}}).sparsity.compact_state
+    for stage in (1, 2, 3):  # gradient accumulation at every stage (ZeRO-1/2: summed locally, reduced packed)
+        assert C.from_dict({"sparsity": {"compact_state": True}, "deepspeed": {
+            "zero_optimization": {"stage": stage}, "gradient_accumulation_steps": 4}}).sparsity.compact_state
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, dtype, method, gas, sub_group_size", [
     (1, "fp32", "rigl", 1, 0), (2, "fp32", "rigl", 1, 0), (2, "bf16", "rigl", 1, 0), (2, "fp32", "magnitude", 1, 0),
+    (1, "fp32", "rigl", 2, 0), (2, "fp32", "rigl", 2, 0),  # 2 accumulation micro-batches, reduced once, packed
     (3, "fp32", "rigl", 1, 0), (3, "bf16", "rigl", 1, 0),
     (3, "bf16", "rigl", 2, 3000)])  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
 def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, tmp_path):
@@ -130,9 +134,25 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
             for key, value in expected.items():
                 assert measured[key] == value, f"{where}: {key} measured {measured[key]} != {value}"
         assert compact["dense_master_freed"], f"{where}: DeepSpeed's dense fp32 partition is still referenced"
-        assert compact["transient_dense_grad_bytes"] > 0, where  # the dense gradient on update steps
+        # RigL's dense gradient on update steps (a transient); magnitude pruning needs none, so none is kept
+        assert (compact["transient_dense_grad_bytes"] > 0) == (method == "rigl"), where
         d, c = dense["bytes"][-1], compact["bytes"][-1]
-        assert d["weights"] == c["weights"] and d["masks"] == c["masks"], where
+        assert d["weights"] == c["weights"], where
+        if stage == 3:
+            assert d["masks"] == c["masks"], where
+        else:  # ZeRO-1/2's packed reduction also keeps the full masks, replicated: 1 bit per sparsified weight
+            assert c["masks"] > d["masks"], where
+        # ZeRO-1/2: only active gradients are reduced, except on steps that use the dense gradient (RigL)
+        if stage < 3:
+            reduce = compact["reduce"]
+            dense_steps = compact["updates"] if method == "rigl" else 0  # magnitude pruning reduces packed always
+            assert len(reduce) == 20 and sum(r["dense"] for r in reduce) == dense_steps, where
+            for k, r in enumerate(reduce):
+                assert r["measured"] == r["expected"], f"{where} step {k}: reduced {r['measured']} bytes, " \
+                                                       f"expected {r['expected']} (dense step: {r['dense']})"
+            if dense_steps:
+                packed = [r["measured"] for r in reduce if not r["dense"]]
+                assert max(packed) < 0.5 * min(r["measured"] for r in reduce if r["dense"]), where
         for key in ("master_weights", "optimizer_state", "gradients"):
             assert c[key] < 0.5 * d[key], f"{where}: {key} {c[key]} not below half of dense {d[key]}"
         # ZeRO-3 fp32: the active master values live in the lp shard, no packed copy between steps

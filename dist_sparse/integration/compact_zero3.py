@@ -210,7 +210,7 @@ class CompactZero3State(PackedZeroState):
 
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without dense ``averaged_gradients`` (the packed gradients are ours)
-            store.dense_grad_step = store._is_update_step()
+            store.dense_grad_step = store._dense_grad_step()
             for dtype in sorted(zo.ipg_buckets.keys(), key=str):  # DeepSpeed's sort_dtypes order
                 getattr(zo, _REDUCE_IPG)(dtype)
             stream = getattr(zo, "reduce_and_partition_stream", None)

@@ -10,7 +10,9 @@ multiple of ``2 * world`` elements and split into ``world`` equal partitions; a 
 - ``optimizer_state``: Adam's two fp32 moments of the same extent (+ one 4-byte step counter per group);
 - ``gradients``: dense: DeepSpeed's contiguous partition buffer, which holds the *whole* gradient of every
   parameter that overlaps the partition, in low precision; compact: the active positions only;
-- ``masks``: one bit per sparsified position of its partition.
+- ``masks``: one bit per sparsified position of its partition; compact state adds the full masks of every
+  sparsified parameter (one bit per weight, replicated: the packed gradient reduction selects the active
+  coordinates of each rank's whole local gradient by them).
 
 A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
 masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
@@ -130,6 +132,9 @@ def predict(setting: Setting) -> list:
             out["masks"] += bits
             out["optimizer_state"] += 4  # Adam's step counter of the group
             _add_state(out, setting, act, part, touched)
+    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+        for out in ranks:
+            out["masks"] += sum(math.ceil(p.numel / 8) for p in params if p.sparse)
     return [_total(r) for r in ranks]
 
 
