@@ -293,7 +293,7 @@ def state_bytes_summary(engine) -> dict:
     mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
             # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
             "master": getattr(store, "transient_master_bytes", 0) if store else 0}
-    # issue 7, compact ZeRO-1/2: bytes handed to the gradient reduction (packed on most steps) and its buffer
+    # issue 7, compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
     reduction = getattr(store, "reduction", None)
     mine["reduce"] = reduction.stats() if reduction is not None else None
     mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
@@ -316,8 +316,8 @@ def state_bytes_summary(engine) -> dict:
 
 def _grad_reduce_summary(engine, per_rank: list) -> dict:
     """``grad_reduce_bytes_per_step`` (issue 7; not the compression keys): bytes a rank hands to the gradient
-    reduction collectives per optimizer step. Measured where compact state reduces packed gradients (ZeRO-1/2:
-    ``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
+    reduction collectives per optimizer step. Measured where compact state reduces packed gradients
+    (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
     element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
     ds = engine.engine
     dtype = getattr(ds, "communication_data_type", None) or torch.float32

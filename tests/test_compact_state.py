@@ -4,7 +4,7 @@
 - 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
   run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
   regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
-- ZeRO-1/2 (also with 2 accumulation micro-batches): the bytes handed to the gradient reduction are the packed
+- ZeRO-1/2/3 (also with 2 accumulation micro-batches): the bytes handed to the gradient reduction are the packed
   active values (element size x active count) on steps without a mask update, DeepSpeed's dense reduction on them;
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
 - checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact), ZeRO-2
@@ -138,21 +138,18 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
         assert (compact["transient_dense_grad_bytes"] > 0) == (method == "rigl"), where
         d, c = dense["bytes"][-1], compact["bytes"][-1]
         assert d["weights"] == c["weights"], where
-        if stage == 3:
-            assert d["masks"] == c["masks"], where
-        else:  # ZeRO-1/2's packed reduction also keeps the full masks, replicated: 1 bit per sparsified weight
-            assert c["masks"] > d["masks"], where
-        # ZeRO-1/2: only active gradients are reduced, except on steps that use the dense gradient (RigL)
-        if stage < 3:
-            reduce = compact["reduce"]
-            dense_steps = compact["updates"] if method == "rigl" else 0  # magnitude pruning reduces packed always
-            assert len(reduce) == 20 and sum(r["dense"] for r in reduce) == dense_steps, where
-            for k, r in enumerate(reduce):
-                assert r["measured"] == r["expected"], f"{where} step {k}: reduced {r['measured']} bytes, " \
-                                                       f"expected {r['expected']} (dense step: {r['dense']})"
-            if dense_steps:
-                packed = [r["measured"] for r in reduce if not r["dense"]]
-                assert max(packed) < 0.5 * min(r["measured"] for r in reduce if r["dense"]), where
+        # the packed reduction also keeps the full masks, replicated: 1 bit per sparsified weight
+        assert c["masks"] > d["masks"], where
+        # only active gradients are reduced, except on steps that use the dense gradient (RigL)
+        reduce = compact["reduce"]
+        dense_steps = compact["updates"] if method == "rigl" else 0  # magnitude pruning reduces packed always
+        assert len(reduce) == 20 and sum(r["dense"] for r in reduce) == dense_steps, where
+        for k, r in enumerate(reduce):
+            assert r["measured"] == r["expected"], f"{where} step {k}: reduced {r['measured']} bytes, " \
+                                                   f"expected {r['expected']} (dense step: {r['dense']})"
+        if dense_steps:
+            packed = [r["measured"] for r in reduce if not r["dense"]]
+            assert max(packed) < 0.5 * min(r["measured"] for r in reduce if r["dense"]), where
         for key in ("master_weights", "optimizer_state", "gradients"):
             assert c[key] < 0.5 * d[key], f"{where}: {key} {c[key]} not below half of dense {d[key]}"
         # ZeRO-3 fp32: the active master values live in the lp shard, no packed copy between steps

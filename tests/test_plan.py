@@ -61,6 +61,8 @@ def test_stage3_layout_persistent_bucket_and_compact():
         assert compact[0]["gradients"] == round(lp * 2.5) and compact[3]["gradients"] == round(lp * 0.5)
         assert compact[0]["master_weights"] == round(master * 2.5)
         assert compact[0]["optimizer_state"] == round(8 * 2.5) + 4
+        # its shard's mask bits + the replicated full mask of w (10 bits) for the packed gradient reduction
+        assert [r["masks"] for r in compact] == [1 + 2] * 4
 
 
 def test_cli_params_json(capsys):

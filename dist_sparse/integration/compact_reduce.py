@@ -1,38 +1,40 @@
-"""Packed gradient reduction for compact state at ZeRO-1/2: outside mask-update steps only active gradients are
-reduced (issue 7, docs/memory.md).
+"""Packed gradient reduction for compact state: outside mask-update steps only active gradients are reduced
+(issue 7, docs/memory.md).
 
-DeepSpeed's ZeRO-1/2 optimizer hands every parameter's gradient to
-``reduce_independent_p_g_buckets_and_remove_grads(param, i)`` (stage 2: from its gradient hooks after each
-micro-batch's backward; stage 1: at the accumulation boundary, with the gradient autograd summed over the window in
-``param.grad``). :class:`PackedReduction` replaces that bound method on the optimizer *instance* (the idea
-``ds_compression.py`` uses for gradient compression):
+DeepSpeed's ZeRO optimizers hand every parameter's gradient to ``reduce_independent_p_g_buckets_and_remove_grads``
+(ZeRO-1/2: ``(param, i)``; stage 2 from its gradient hooks after each micro-batch's backward, stage 1 at the
+accumulation boundary with the gradient autograd summed over the window in ``param.grad``; ZeRO-3: ``(param)``
+from its hooks after each micro-batch, the whole gradient of a gathered parameter). :class:`PackedReduction`
+replaces that bound method on the optimizer *instance* (the idea ``ds_compression.py`` uses for gradient
+compression):
 
 - on a step whose dense gradient is not used (``Sparsifier.uses_dense_grad(step)`` is False: no RigL update and
   no growth window) the active coordinates of the parameter's *local* gradient are added into one packed buffer
   for the whole model and the dense gradient is dropped at once; nothing enters DeepSpeed's buckets (they are not
-  even allocated: ``setup_buckets`` is replaced too). The buffer holds every trainable parameter in DeepSpeed's
-  group order, each one's active positions in increasing order, selected by a replicated bit-packed copy of the
-  full masks (:func:`dist_sparse.masks.replicate.gather_full_masks`, refreshed when the masks change), so the
-  layout is identical on every rank. At the accumulation boundary the buffer is averaged the way DeepSpeed
-  averages (divided by the data-parallel size, in the communication dtype; ``reduce_scatter: false``: DeepSpeed's
-  pre/post-divide factors) and all-reduced once; each rank copies the runs of its partition's fragments (the
-  active values of a fragment are contiguous in the buffer) into the stored packed gradient.
+  even allocated: ZeRO-1/2's ``setup_buckets`` is replaced too, ZeRO-3's bucket stays released). The buffer
+  holds every trainable parameter in DeepSpeed's group order, each one's active positions in increasing order,
+  selected by a replicated bit-packed copy of the full masks (:func:`dist_sparse.masks.replicate.gather_full_masks`,
+  refreshed when the masks change), so the layout is identical on every rank. At the accumulation boundary the
+  buffer is averaged the way DeepSpeed averages (divided by the data-parallel size, in the communication dtype;
+  DeepSpeed's pre/post-divide factors where its path uses them) and all-reduced once; each rank copies the runs of
+  its partition's fragments (ZeRO-1/2: fragments of the flat partition, ZeRO-3: the parameters' shards; a
+  fragment's active values are contiguous in the buffer) into the stored packed gradient.
 - on a step that uses the dense gradient (RigL grows by |dense gradient|), DeepSpeed's own dense reduction runs
   unchanged and the compact store keeps this rank's dense range: the transient reported as
   ``transient_bytes_per_rank.dense_gradient_on_update_steps``.
 
 Gradient accumulation: stage 1 reduces once at the boundary anyway (``param.grad`` is the dense local buffer ZeRO-1
-always holds). Stage 2 sums the micro-batches' active values locally in fp32 (a packed buffer, 4 bytes per active
-weight of the model) and reduces once at the boundary; DeepSpeed instead reduces every micro-batch and sums the
-reduced values, so the two agree up to reassociation. On dense steps stage 2 reduces every micro-batch, as
+always holds). Stages 2 and 3 sum the micro-batches' active values locally in fp32 (a packed buffer, 4 bytes per
+active weight of the model) and reduce once at the boundary; DeepSpeed instead reduces every micro-batch and sums
+the reduced values, so the two agree up to reassociation. On dense steps they reduce every micro-batch, as
 DeepSpeed does.
 
 Bytes handed to the collectives are counted per optimizer step (``grad_reduce_bytes_per_step`` in summary.json):
 the packed all-reduce is ``element size x active count``, a dense step what DeepSpeed's buckets receive
 (``element size x numel`` per reduction).
 
-Not for ZeRO-3 (its reduce-scatter stays dense; docs/memory.md). Knows DeepSpeed's ``DeepSpeedZeroOptimizer``
-attributes, does not import deepspeed.
+Knows the attributes of DeepSpeed's ``DeepSpeedZeroOptimizer`` and ``DeepSpeedZeroOptimizer_Stage3``, does not
+import deepspeed.
 """
 
 import torch
@@ -46,32 +48,42 @@ KEY = "sparsity.compact_state"
 
 
 class PackedReduction:
-    """Takes over the gradient reduction of one ZeRO-1/2 engine with compact state (``store``: its
-    :class:`dist_sparse.integration.compact_zero.CompactZeroState`)."""
+    """Takes over the gradient reduction of one engine with compact state (``store``: its
+    :class:`dist_sparse.integration.compact_zero.PackedZeroState`). ``dense_reduce`` is what reduces a gradient
+    on dense-gradient steps (DeepSpeed's method, or the store's wrapper of it)."""
 
-    def __init__(self, store):
+    def __init__(self, store, dense_reduce):
         zo, engine = store.zo, store.engine
         self.store, self.zo, self.engine, self.sparsifier = store, zo, engine, store.sparsifier
+        self.stage3 = engine.zero_optimization_stage() == 3
         self.group = zo.dp_process_group
         self.world = D.world_size(self.group)
         self.device = store.lp_parts[0].device
         names = {id(p): n for n, p in engine.module.named_parameters()}
+        groups = zo.fp16_groups if self.stage3 else zo.bit16_groups
         self.names = {}  # id(param) -> name, every parameter DeepSpeed reduces
         self.order = []  # (name, numel) in DeepSpeed's group order: the packed buffer's layout
-        for group in zo.bit16_groups:
+        for group in groups:
             for p in group:
                 if p.requires_grad and id(p) in names:
                     self.names[id(p)] = names[id(p)]
-                    self.order.append((names[id(p)], p.numel()))
-        comm = {zo.get_param_comm_dtype(p) for group in zo.bit16_groups for p in group}
+                    self.order.append((names[id(p)], p.ds_numel if self.stage3 else p.numel()))
+                    if self.stage3 and D.world_size(p.ds_process_group) != self.world:
+                        raise ConfigError(KEY, "needs every ZeRO-3 parameter partitioned over the data-parallel "
+                                               "group (no hierarchical partitioning)")
+        comm = {zo.get_param_comm_dtype(p) for group in groups for p in group}
         if len(comm) != 1:
             raise ConfigError(KEY, f"needs one gradient communication dtype, DeepSpeed uses {sorted(map(str, comm))}")
         self.comm_dtype = comm.pop()
-        # stage 2 sums micro-batches locally: in fp32, so the local sum loses nothing before the reduction
-        # (DeepSpeed sums reduced micro-batch gradients in its accumulation dtype); otherwise the buffer is what
-        # is sent, in the communication dtype, exactly the values DeepSpeed's bucket would hold
-        accumulate = zo.partition_gradients and engine.gradient_accumulation_steps() > 1
-        self.buffer_dtype = torch.float32 if accumulate else self.comm_dtype
+        # Gradient accumulation at stages 2/3 (DeepSpeed reduces every micro-batch there and sums the reduced
+        # values in its accumulation dtype). fp32 communication: sum the micro-batches locally in fp32 and reduce
+        # once at the boundary (the same values up to reassociation). Lower-precision communication (bf16): a
+        # local sum rounded once differs from DeepSpeed's sum of rounded reductions by more than reassociation,
+        # so each micro-batch's packed values are reduced as DeepSpeed reduces them (still packed) and summed.
+        accumulate = (self.stage3 or zo.partition_gradients) and engine.gradient_accumulation_steps() > 1
+        self.per_micro_batch = accumulate and self.comm_dtype != torch.float32
+        self.buffer_dtype = torch.float32 if accumulate and not self.per_micro_batch else self.comm_dtype
+        self._window_reductions = 0  # packed reductions already summed into the stored gradient this window
         self.stored_dtype = getattr(zo, "gradient_accumulation_dtype", None) or zo.dtype  # DeepSpeed's partition
         self.masks: dict = {}  # name -> (packed full-mask bits on self.device, numel), sparsified parameters
         self.offsets: dict = {}  # name -> (offset in the packed buffer, active count)
@@ -87,13 +99,14 @@ class PackedReduction:
         self.bytes_by_kind = {"packed": 0, "dense": 0}
         self.steps_by_kind = {"packed": 0, "dense": 0}
         self.max_buffer_bytes = 0  # the packed buffer (local sum, then the all-reduce): a transient
-        self._ds_reduce = zo.reduce_independent_p_g_buckets_and_remove_grads
-        self._ds_setup_buckets = zo.setup_buckets
+        self._dense_reduce = dense_reduce
+        self._ds_setup_buckets = getattr(zo, "setup_buckets", None)
 
     def install(self) -> dict:
         """The bound methods to replace on the optimizer instance."""
-        return {"reduce_independent_p_g_buckets_and_remove_grads": self.take,
-                "setup_buckets": self.setup_buckets}
+        if self.stage3:
+            return {"reduce_independent_p_g_buckets_and_remove_grads": self.take}
+        return {"reduce_independent_p_g_buckets_and_remove_grads": self.take, "setup_buckets": self.setup_buckets}
 
     # -- which path ------------------------------------------------------------------------------------------------
     def dense_step(self) -> bool:
@@ -145,17 +158,20 @@ class PackedReduction:
             zo.ready_for_gradients = True
         return None
 
+    def _grad(self, param):
+        return param.grad if self.stage3 else self.zo.get_gradient_for_reduction(param)
+
     @torch.no_grad()
-    def take(self, param, i):
+    def take(self, param, *args):
         """Replaces DeepSpeed's bucketing + reduction of one parameter's gradient (see the module docstring)."""
-        if param.numel() == 0:
+        numel = param.ds_numel if self.stage3 else param.numel()
+        if numel == 0:
             return None
-        zo = self.zo
         if self.dense_step():  # DeepSpeed's bucket: the whole gradient, in the communication dtype
-            if zo.get_gradient_for_reduction(param) is not None:
-                self.step_bytes += param.numel() * torch.empty(0, dtype=self.comm_dtype).element_size()
-            return self._ds_reduce(param, i)
-        grad = zo.get_gradient_for_reduction(param)
+            if self._grad(param) is not None:
+                self.step_bytes += numel * torch.empty(0, dtype=self.comm_dtype).element_size()
+            return self._dense_reduce(param, *args)
+        grad = self._grad(param)
         name = self.names.get(id(param))
         if grad is None or name is None:
             return None
@@ -167,50 +183,82 @@ class PackedReduction:
         if name in self.masks:
             flat = flat[unpack_bits(*self.masks[name]).to(flat.device)]
         self.buffer.narrow(0, offset, count).add_(flat.to(self.buffer_dtype))
-        zo.clear_grad_attribute(param)  # the dense local gradient is not kept
+        if self.stage3:  # the dense local gradient is not kept
+            param.grad = None
+        else:
+            self.zo.clear_grad_attribute(param)
         return None
+
+    def end_backward(self, boundary: bool) -> None:
+        """Called by the gradient epilogue of a packed step (DeepSpeed may run it twice per backward): reduce at
+        the accumulation boundary, or after every micro-batch when reducing per micro-batch."""
+        if self.per_micro_batch and self.buffer is not None:
+            self.exchange()
+        elif boundary and not self.per_micro_batch:
+            self.exchange()
 
     @torch.no_grad()
     def exchange(self) -> None:
-        """At the accumulation boundary of a packed step: average the packed local gradients over the ranks (one
-        all-reduce) and store this rank's partition part, packed, as the step's gradient."""
+        """Average the packed local gradients over the ranks (one all-reduce) and store this rank's partition
+        part, packed, as the step's gradient (added to it for later micro-batches when reducing per
+        micro-batch)."""
         if self.exchanged:
             return
         self._refresh()
-        zo = self.zo
         buf = self.buffer
         if buf is None:  # no parameter received a gradient in this window: still take part in the collective
             buf = torch.zeros(self.total, dtype=self.buffer_dtype, device=self.device)
         self.buffer = None
         self.max_buffer_bytes = max(self.max_buffer_bytes, buf.numel() * buf.element_size())
-        sp = float(getattr(zo, "sequence_parallel_size", 1))
-        average = getattr(zo, "gradient_average", True)
-        # DeepSpeed's averaging: reduce_scatter (the default) divides the bucket, then reduces it in the
-        # communication dtype; without it, gradient_reduction_w_predivide's pre/post factors
-        predivide = getattr(zo, "gradient_predivide_factor", 1.0)
-        if average and getattr(zo, "reduce_scatter", True):
-            buf.div_(self.world / sp)
-        buf = buf.to(self.comm_dtype)
-        if average and not getattr(zo, "reduce_scatter", True):
-            if getattr(zo, "postscale_gradients", True):
-                if predivide != 1.0:
-                    buf.mul_(1.0 / predivide)
-            else:
-                buf.div_(self.world / sp)
-        D.all_reduce_sum(buf, self.group)
-        if average and not getattr(zo, "reduce_scatter", True) and getattr(zo, "postscale_gradients", True) \
-                and predivide != self.world:
-            buf.mul_(predivide / (self.world / sp))
+        buf = self._average_and_reduce(buf)
         self.step_bytes += buf.numel() * buf.element_size()
         store = self.store
+        add = self._window_reductions > 0  # as DeepSpeed: copy the first micro-batch's reduction, add later ones
         for i, part in enumerate(store.parts):
-            out = torch.empty(part.numel, dtype=self.stored_dtype, device=buf.device)
+            out = store.grads[i] if add else torch.empty(part.numel, dtype=self.stored_dtype, device=buf.device)
             for k, f in enumerate(part.fragments):
                 n = part.offsets[k + 1] - part.offsets[k]
-                if n:
-                    out.narrow(0, part.offsets[k], n).copy_(buf.narrow(0, self.sources[(i, f.name)], n))
+                if not n:
+                    continue
+                src = buf.narrow(0, self.sources[(i, f.name)], n)
+                if add:
+                    out.narrow(0, part.offsets[k], n).add_(src.to(self.stored_dtype))
+                else:
+                    out.narrow(0, part.offsets[k], n).copy_(src)
             store.grads[i] = out
-        self.exchanged = True
+        self._window_reductions += 1
+        self.exchanged = not self.per_micro_batch  # once per step, unless every micro-batch reduces
+
+    def _average_and_reduce(self, buf: torch.Tensor) -> torch.Tensor:
+        """Sum ``buf`` over the ranks with DeepSpeed's averaging arithmetic (the same scalings, the same order)."""
+        zo = self.zo
+        predivide = float(getattr(zo, "gradient_predivide_factor", 1.0))
+        postscale = getattr(zo, "postscale_gradients", True)
+        if self.stage3:  # __avg_scatter_grads: cast, pre-divide, reduce_scatter_coalesced (divides by the world)
+            buf = buf.to(self.comm_dtype)
+            if postscale and predivide != 1.0:
+                buf.div_(predivide)
+            buf.div_(self.world)
+            D.all_reduce_sum(buf, self.group)
+            if postscale and predivide not in (1.0, float(self.world)):
+                buf.mul_(predivide)
+            return buf
+        sp = float(getattr(zo, "sequence_parallel_size", 1))
+        if not getattr(zo, "gradient_average", True):
+            buf = buf.to(self.comm_dtype)
+        elif getattr(zo, "reduce_scatter", True):  # average_tensor: divide the bucket, then reduce (comm dtype)
+            buf = buf.div_(self.world / sp).to(self.comm_dtype)
+        else:  # gradient_reduction_w_predivide
+            buf = buf.to(self.comm_dtype)
+            if not postscale:
+                buf.div_(self.world / sp)
+            elif predivide != 1.0:
+                buf.mul_(1.0 / predivide)
+        D.all_reduce_sum(buf, self.group)
+        if getattr(zo, "gradient_average", True) and not getattr(zo, "reduce_scatter", True) and postscale \
+                and predivide != self.world:
+            buf.mul_(predivide / (self.world / sp))
+        return buf
 
     def end_step(self, dense: bool) -> None:
         """Called by the optimizer step: close this step's byte count."""
@@ -220,6 +268,7 @@ class PackedReduction:
         self.last_step_bytes = self.step_bytes
         self.step_bytes = 0
         self.exchanged = False
+        self._window_reductions = 0
         self.buffer = None
 
     # -- accounting ------------------------------------------------------------------------------------------------

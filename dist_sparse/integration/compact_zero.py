@@ -356,7 +356,8 @@ class CompactZeroState(PackedZeroState):
         self._install_master()
         from dist_sparse.integration.compact_reduce import PackedReduction
 
-        self.reduction = PackedReduction(self)  # only active gradients are reduced outside dense-gradient steps
+        # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
+        self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
         self._patch()
 
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
@@ -396,8 +397,8 @@ class CompactZeroState(PackedZeroState):
             store.dense_grad_step = store._dense_grad_step()
             if store.dense_grad_step:
                 zo.reduce_ipg_grads()  # DeepSpeed's dense reduction (RigL's growth needs the dense gradient)
-            elif self.engine.is_gradient_accumulation_boundary():
-                reduction.exchange()  # the packed all-reduce of active gradients (compact_reduce.py)
+            else:  # the packed all-reduce of active gradients (compact_reduce.py)
+                reduction.end_backward(self.engine.is_gradient_accumulation_boundary())
             for k in range(len(zo.params_already_reduced)):
                 zo.params_already_reduced[k] = False
             if zo.overlap_comm:  # as DeepSpeed: wait for the reduction stream before freeing other ranks' grads

@@ -30,7 +30,8 @@ rank's shard padded), so
 - ``gradients``: dense: the gradient shards (low precision) and the reduction bucket, which DeepSpeed keeps
   allocated (``reduce_bucket_size`` elements of the low-precision type); compact: the active positions only (the
   bucket is released between backward passes);
-- ``masks``: one bit per sparsified position of its (unpadded) shards.
+- ``masks``: one bit per sparsified position of its (unpadded) shards; compact state adds the replicated full
+  masks, as at ZeRO-1/2.
 
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
@@ -173,6 +174,8 @@ def _stage3_rank(setting: Setting, r: int) -> dict:
                        0 if setting.precision == "fp32" else 4)
     if not setting.compact_state:
         out["gradients"] += lp * setting.reduce_bucket_size
+    else:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+        out["masks"] += sum(math.ceil(p.numel / 8) for g in setting.groups for p in g if p.sparse)
     return out
 
 
