@@ -143,9 +143,9 @@ def main() -> None:
                       f"{s['peak_rss_mb'] / base['peak_rss_mb']:.3f} | {s['median_step_seconds'] * 1e3:.0f} | "
                       f"{mib(s['grad_reduce_bytes_per_step'])} |")
     md += ["", "Gradient reduction per rank and optimizer step (`summary.json`: `grad_reduce_bytes_per_step`, "
-           "`grad_reduce`; bytes handed to the collectives). Compact ZeRO-1/2 reduces only the active gradients "
+           "`grad_reduce`; bytes handed to the collectives). Compact state reduces only the active gradients "
            "(one all-reduce of the packed values) except on RigL's update steps, where DeepSpeed reduces the dense "
-           "gradient; dense DeepSpeed and compact ZeRO-3 reduce every gradient element (DeepSpeed's formula). "
+           "gradient; dense DeepSpeed reduces every gradient element (DeepSpeed's formula). "
            "Transients of compact runs: the packed exchange buffer (active values of the whole model) and RigL's "
            "dense gradient of the partition on update steps:", "",
            "| ZeRO | precision | DeepSpeed dense (MiB) | compact, non-update step (MiB) | x dense | compact, "
@@ -154,11 +154,8 @@ def main() -> None:
     for stage, prec in settings:
         s = runs[(stage, prec, "compact")]
         gr, tr = s["grad_reduce"], s["transient_bytes_per_rank"]
-        if not gr["measured"]:
-            md.append(f"| {stage} | {prec} | {mib(gr['dense_deepspeed_bytes_per_step'])} | dense (not packed at "
-                      f"ZeRO-3) | 1.000 | - | {mib(s['grad_reduce_bytes_per_step'])} | - | "
-                      f"{mib(tr['dense_gradient_on_update_steps'])} |")
-            continue
+        if not gr["measured"]:  # every compact run reduces packed (integration/compact_reduce.py)
+            raise SystemExit(f"ZeRO-{stage} {prec} compact: the gradient reduction was not measured")
         md.append(f"| {stage} | {prec} | {mib(gr['dense_deepspeed_bytes_per_step'])} | "
                   f"{mib(gr['packed_bytes_per_step'])} | "
                   f"{gr['packed_bytes_per_step'] / gr['dense_deepspeed_bytes_per_step']:.3f} | "
@@ -215,8 +212,8 @@ def main() -> None:
            "(ZeRO-3 bf16). At ZeRO-3 dense DeepSpeed keeps its reduction bucket allocated (counted under gradients: "
            f"{mib(589824 * 2)} MiB in bf16); compact state releases it between backward passes. "
            "Peak RSS (whole process, max over ranks) includes what is not training state: Python, torch and "
-           "DeepSpeed, activations, DeepSpeed's reduction bucket (dense runs; compact ZeRO-3, and compact ZeRO-2 on "
-           "update steps), the "
+           "DeepSpeed, activations, DeepSpeed's reduction bucket (dense runs; compact runs on RigL's update "
+           "steps only), the "
            "evaluation, and in sparse runs transients dense DeepSpeed does not have (mask initialisation and the "
            "mask update, which scores the whole partition in fp32; not measured separately). Compare compact "
            "with masked-dense RigL, which has the same transients with dense state."]

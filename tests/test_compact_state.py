@@ -159,13 +159,14 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_compact_checkpoint_resume_exact(stage, tmp_path):
+@pytest.mark.parametrize("stage, gas", [(2, 1), (3, 1), (1, 2)])  # ZeRO-1: 2 micro-batches summed, reduced packed
+def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
     common = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.max_chars=20000",
               "deepspeed.train_micro_batch_size_per_gpu=2", f"deepspeed.zero_optimization.stage={stage}",
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
-              "sparsity.end_step=9", "train.steps=10", "train.threads=1"]
+              "sparsity.end_step=9", "train.steps=10", "train.threads=1",
+              f"deepspeed.gradient_accumulation_steps={gas}"]
     full, part = tmp_path / "full", tmp_path / "part"
     dist_sparse_train(full, common + ["sparsity.compact_state=true"], nproc=2)
     dist_sparse_train(part, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
@@ -185,7 +186,8 @@ def test_compact_checkpoint_resume_exact(stage, tmp_path):
     for d in (part, mixed):
         got = losses(d)
         for step in range(5, 11):
-            assert got[step] == ref[step], f"ZeRO-{stage} {d.name}: step {step} loss {got[step]} != {ref[step]}"
+            assert got[step] == ref[step], f"ZeRO-{stage} gas {gas} {d.name}: step {step} loss {got[step]} != " \
+                                           f"{ref[step]}"
     summary = json.loads((full / "summary.json").read_text())
     sb = summary["state_bytes_per_rank"]
     assert summary["compact_state"] is True
@@ -193,6 +195,11 @@ def test_compact_checkpoint_resume_exact(stage, tmp_path):
                        "compression_residuals", "total"}
     assert sb["total"] == max(sum(v for k, v in r.items() if k != "total") for r in summary["state_bytes_by_rank"])
     assert summary["transient_bytes_per_rank"]["dense_gradient_on_update_steps"] > 0
+    # only active gradients were reduced on the steps without a mask update (update steps: DeepSpeed, dense)
+    reduce = summary["grad_reduce"]
+    assert reduce["measured"] and reduce["packed_steps"] + reduce["dense_steps"] == 10, reduce
+    assert reduce["packed_bytes_per_step"] < 0.5 * reduce["dense_deepspeed_bytes_per_step"], reduce
+    assert summary["transient_bytes_per_rank"]["packed_gradient_exchange"] > 0
     # fp32 at ZeRO-3: no packed master between steps, only inside them (reported as a transient)
     assert (summary["transient_bytes_per_rank"]["packed_master_during_step"] > 0) == (stage == 3)
     assert (sb["master_weights"] == 0) == (stage == 3)
