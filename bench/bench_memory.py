@@ -60,7 +60,7 @@ def train(name: str, ov: list) -> dict:
     t0 = time.time()
     proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-5000:]}")
+        raise SystemExit(f"{name} failed (exit code {proc.returncode}):\n{proc.stderr[-5000:]}\n{proc.stdout[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     print(f"{name}: total {summary['state_bytes_per_rank']['total'] / 2**20:.1f} MiB, step "
           f"{summary['median_step_seconds'] * 1e3:.0f} ms, RSS {summary['peak_rss_mb']:.0f} MB "
