@@ -60,7 +60,7 @@ def train(name: str, ov: list) -> dict:
     t0 = time.time()
     proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-5000:]}")
+        raise SystemExit(f"{name} failed (exit code {proc.returncode}):\n{proc.stderr[-5000:]}\n{proc.stdout[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     print(f"{name}: total {summary['state_bytes_per_rank']['total'] / 2**20:.1f} MiB, step "
           f"{summary['median_step_seconds'] * 1e3:.0f} ms, RSS {summary['peak_rss_mb']:.0f} MB "
@@ -129,8 +129,8 @@ def main() -> None:
           "runs set `zero_optimization.reduce_bucket_size` to 589824 (= 768^2) in dense and compact alike: DeepSpeed "
           "keeps that bucket allocated at ZeRO-3, and its default (5e8 elements) would dwarf the model.", "",
           "| ZeRO | precision | run | " + " | ".join(CATS) + " | x dense (total) | peak RSS (MB) | "
-          "RSS x dense | median step (ms) |",
-          "|---|---|---|" + "---|" * (len(CATS) + 4)]
+          "RSS x dense | median step (ms) | gradient reduced (MiB/step) |",
+          "|---|---|---|" + "---|" * (len(CATS) + 5)]
     for stage, prec in settings:
         base = runs[(stage, prec, "dense")]
         for kind in ("dense", "masked", "compact"):
@@ -140,7 +140,27 @@ def main() -> None:
             sb = s["state_bytes_per_rank"]
             md.append(f"| {stage} | {prec} | {kind} | " + " | ".join(mib(sb[c]) for c in CATS) +
                       f" | {sb['total'] / base['state_bytes_per_rank']['total']:.3f} | {s['peak_rss_mb']:.0f} | "
-                      f"{s['peak_rss_mb'] / base['peak_rss_mb']:.3f} | {s['median_step_seconds'] * 1e3:.0f} |")
+                      f"{s['peak_rss_mb'] / base['peak_rss_mb']:.3f} | {s['median_step_seconds'] * 1e3:.0f} | "
+                      f"{mib(s['grad_reduce_bytes_per_step'])} |")
+    md += ["", "Gradient reduction per rank and optimizer step (`summary.json`: `grad_reduce_bytes_per_step`, "
+           "`grad_reduce`; bytes handed to the collectives). Compact state reduces only the active gradients "
+           "(one all-reduce of the packed values) except on RigL's update steps, where DeepSpeed reduces the dense "
+           "gradient; dense DeepSpeed reduces every gradient element (DeepSpeed's formula). "
+           "Transients of compact runs: the packed exchange buffer (active values of the whole model) and RigL's "
+           "dense gradient of the partition on update steps:", "",
+           "| ZeRO | precision | DeepSpeed dense (MiB) | compact, non-update step (MiB) | x dense | compact, "
+           "update step (MiB) | mean over the run (MiB) | packed exchange buffer (MiB) | dense gradient on "
+           "update steps (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, prec in settings:
+        s = runs[(stage, prec, "compact")]
+        gr, tr = s["grad_reduce"], s["transient_bytes_per_rank"]
+        if not gr["measured"]:  # every compact run reduces packed (integration/compact_reduce.py)
+            raise SystemExit(f"ZeRO-{stage} {prec} compact: the gradient reduction was not measured")
+        md.append(f"| {stage} | {prec} | {mib(gr['dense_deepspeed_bytes_per_step'])} | "
+                  f"{mib(gr['packed_bytes_per_step'])} | "
+                  f"{gr['packed_bytes_per_step'] / gr['dense_deepspeed_bytes_per_step']:.3f} | "
+                  f"{mib(gr['dense_bytes_per_step'])} | {mib(s['grad_reduce_bytes_per_step'])} | "
+                  f"{mib(tr['packed_gradient_exchange'])} | {mib(tr['dense_gradient_on_update_steps'])} |")
     md += ["", "Prediction (`dist-sparse plan`, max over ranks) vs measurement, total per rank:", "",
            "| ZeRO | precision | run | predicted (MiB) | measured (MiB) | error | worst category error |",
            "|---|---|---|---|---|---|---|"]
@@ -168,6 +188,7 @@ def main() -> None:
                 f"{len(t['compact'])} run(s) each: {', '.join(f'{x * 1e3:.0f}' for x in t['masked'])} vs "
                 f"{', '.join(f'{x * 1e3:.0f}' for x in t['compact'])} ms)")
 
+    gr2 = c_bf16["grad_reduce"]
     checks = [
         ("state bytes <= 0.35x dense DeepSpeed (ZeRO-2, bf16, 90% sparsity, >= 50M parameters)",
          ratio(2, "bf16") <= 0.35, f"{ratio(2, 'bf16'):.3f}x"),
@@ -177,6 +198,8 @@ def main() -> None:
         ("peak RSS ratio compact / dense (ZeRO-2 bf16, reported)", None, rss(2)),
         ("peak RSS ratio compact / dense (ZeRO-3 bf16, reported)", None, rss(3)),
         ("step time compact / masked-dense (ZeRO-2 bf16, reported)", None, steps(2)),
+        ("gradient bytes reduced on non-update steps, compact / dense DeepSpeed (ZeRO-2 bf16, reported)", None,
+         f"{gr2['packed_bytes_per_step'] / gr2['dense_deepspeed_bytes_per_step']:.3f}x"),
         ("step time compact / masked-dense (ZeRO-3 bf16, reported)", None, steps(3)),
         ("`dist-sparse plan` within 5% of the measured total (compact runs)", worst_total <= 0.05,
          f"worst {worst_total * 100:.2f}%"),
@@ -189,7 +212,8 @@ def main() -> None:
            "(ZeRO-3 bf16). At ZeRO-3 dense DeepSpeed keeps its reduction bucket allocated (counted under gradients: "
            f"{mib(589824 * 2)} MiB in bf16); compact state releases it between backward passes. "
            "Peak RSS (whole process, max over ranks) includes what is not training state: Python, torch and "
-           "DeepSpeed, activations, DeepSpeed's reduction bucket (gradients are still reduced densely), the "
+           "DeepSpeed, activations, DeepSpeed's reduction bucket (dense runs; compact runs on RigL's update "
+           "steps only), the "
            "evaluation, and in sparse runs transients dense DeepSpeed does not have (mask initialisation and the "
            "mask update, which scores the whole partition in fp32; not measured separately). Compare compact "
            "with masked-dense RigL, which has the same transients with dense state."]

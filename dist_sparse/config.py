@@ -259,8 +259,7 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
              "supports fp32 and bf16, not fp16 (dynamic loss scaling is not implemented for packed state)")
     _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
              "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
-    _require(stage == 3 or ds.get("gradient_accumulation_steps", 1) == 1, key,
-             "needs deepspeed.gradient_accumulation_steps: 1 at ZeRO stages 1 and 2 (stage 3 accumulates packed)")
+    # gradient_accumulation_steps > 1: every stage (issue 7: ZeRO-1/2 sum micro-batches locally, reduce packed)
     _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
     _require(not zero.get("offload_param"), key, "is not supported with zero_optimization.offload_param")
     _require(zero.get("contiguous_gradients", True) is not False, key,

@@ -293,18 +293,44 @@ def state_bytes_summary(engine) -> dict:
     mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
             # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
             "master": getattr(store, "transient_master_bytes", 0) if store else 0}
+    # issue 7, compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
+    reduction = getattr(store, "reduction", None)
+    mine["reduce"] = reduction.stats() if reduction is not None else None
+    mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
     ranks = D.all_gather_object(mine)
+    reduce = _grad_reduce_summary(engine, [r["reduce"] for r in ranks])
     measured = [r["state"] for r in ranks if r["state"] is not None]
     if not measured:
         return {"state_bytes_per_rank": None, "state_bytes_by_rank": None, "transient_bytes_per_rank": None,
-                "compact_state": engine.sparsity.compact_state}
+                "compact_state": engine.sparsity.compact_state, **reduce}
     return {
         "state_bytes_per_rank": {k: max(r[k] for r in measured) for k in measured[0]},
         "state_bytes_by_rank": [r["state"] for r in ranks],
         "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks),
-                                     "packed_master_during_step": max(r["master"] for r in ranks)},
+                                     "packed_master_during_step": max(r["master"] for r in ranks),
+                                     "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks)},
         "compact_state": engine.sparsity.compact_state,
+        **reduce,
     }
+
+
+def _grad_reduce_summary(engine, per_rank: list) -> dict:
+    """``grad_reduce_bytes_per_step`` (issue 7; not the compression keys): bytes a rank hands to the gradient
+    reduction collectives per optimizer step. Measured where compact state reduces packed gradients
+    (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
+    element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
+    ds = engine.engine
+    dtype = getattr(ds, "communication_data_type", None) or torch.float32
+    numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in ds.module.parameters() if p.requires_grad)
+    reductions = ds.gradient_accumulation_steps() if ds.zero_optimization_stage() >= 2 else 1
+    dense = float(numel * torch.empty(0, dtype=dtype).element_size() * reductions)
+    if not per_rank or per_rank[0] is None:
+        return {"grad_reduce_bytes_per_step": dense,
+                "grad_reduce": {"measured": False, "dense_deepspeed_bytes_per_step": dense}}
+    worst = max(per_rank, key=lambda r: r["grad_reduce_bytes_per_step"])
+    return {"grad_reduce_bytes_per_step": worst["grad_reduce_bytes_per_step"],
+            "grad_reduce": {"measured": True, **{k: v for k, v in worst.items() if k != "grad_reduce_bytes_per_step"},
+                            "dense_deepspeed_bytes_per_step": dense}}
 
 
 def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:

@@ -4,6 +4,8 @@
 - 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
   run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
   regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
+- ZeRO-1/2/3 (also with 2 accumulation micro-batches): the bytes handed to the gradient reduction are the packed
+  active values (element size x active count) on steps without a mask update, DeepSpeed's dense reduction on them;
 - config: unsupported combinations are a ConfigError naming ``sparsity.compact_state``;
 - checkpoint: a compact run saves and resumes bit-identically (and a dense checkpoint resumes compact), ZeRO-2
   and ZeRO-3.
@@ -74,8 +76,6 @@ def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
     ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 2}},
-     "gradient_accumulation_steps: 1 at ZeRO stages 1 and 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
 ])
@@ -94,11 +94,15 @@ def test_compact_state_key_type_checked():
     assert err.value.key == "sparsity.compact_state"
     assert C.from_dict({"sparsity": {"compact_state": True},
                         "deepspeed": {"zero_optimization": {"stage": 2}}}).sparsity.compact_state
+    for stage in (1, 2, 3):  # gradient accumulation at every stage (ZeRO-1/2: summed locally, reduced packed)
+        assert C.from_dict({"sparsity": {"compact_state": True}, "deepspeed": {
+            "zero_optimization": {"stage": stage}, "gradient_accumulation_steps": 4}}).sparsity.compact_state
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, dtype, method, gas, sub_group_size", [
     (1, "fp32", "rigl", 1, 0), (2, "fp32", "rigl", 1, 0), (2, "bf16", "rigl", 1, 0), (2, "fp32", "magnitude", 1, 0),
+    (1, "fp32", "rigl", 2, 0), (2, "fp32", "rigl", 2, 0),  # 2 accumulation micro-batches, reduced once, packed
     (3, "fp32", "rigl", 1, 0), (3, "bf16", "rigl", 1, 0),
     (3, "bf16", "rigl", 2, 3000)])  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
 def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, tmp_path):
@@ -130,9 +134,22 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
             for key, value in expected.items():
                 assert measured[key] == value, f"{where}: {key} measured {measured[key]} != {value}"
         assert compact["dense_master_freed"], f"{where}: DeepSpeed's dense fp32 partition is still referenced"
-        assert compact["transient_dense_grad_bytes"] > 0, where  # the dense gradient on update steps
+        # RigL's dense gradient on update steps (a transient); magnitude pruning needs none, so none is kept
+        assert (compact["transient_dense_grad_bytes"] > 0) == (method == "rigl"), where
         d, c = dense["bytes"][-1], compact["bytes"][-1]
-        assert d["weights"] == c["weights"] and d["masks"] == c["masks"], where
+        assert d["weights"] == c["weights"], where
+        # the packed reduction also keeps the full masks, replicated: 1 bit per sparsified weight
+        assert c["masks"] > d["masks"], where
+        # only active gradients are reduced, except on steps that use the dense gradient (RigL)
+        reduce = compact["reduce"]
+        dense_steps = compact["updates"] if method == "rigl" else 0  # magnitude pruning reduces packed always
+        assert len(reduce) == 20 and sum(r["dense"] for r in reduce) == dense_steps, where
+        for k, r in enumerate(reduce):
+            assert r["measured"] == r["expected"], f"{where} step {k}: reduced {r['measured']} bytes, " \
+                                                   f"expected {r['expected']} (dense step: {r['dense']})"
+        if dense_steps:
+            packed = [r["measured"] for r in reduce if not r["dense"]]
+            assert max(packed) < 0.5 * min(r["measured"] for r in reduce if r["dense"]), where
         for key in ("master_weights", "optimizer_state", "gradients"):
             assert c[key] < 0.5 * d[key], f"{where}: {key} {c[key]} not below half of dense {d[key]}"
         # ZeRO-3 fp32: the active master values live in the lp shard, no packed copy between steps
@@ -142,13 +159,14 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_compact_checkpoint_resume_exact(stage, tmp_path):
+@pytest.mark.parametrize("stage, gas", [(2, 1), (3, 1), (1, 2)])  # ZeRO-1: 2 micro-batches summed, reduced packed
+def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
     common = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.max_chars=20000",
               "deepspeed.train_micro_batch_size_per_gpu=2", f"deepspeed.zero_optimization.stage={stage}",
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
-              "sparsity.end_step=9", "train.steps=10", "train.threads=1"]
+              "sparsity.end_step=9", "train.steps=10", "train.threads=1",
+              f"deepspeed.gradient_accumulation_steps={gas}"]
     full, part = tmp_path / "full", tmp_path / "part"
     dist_sparse_train(full, common + ["sparsity.compact_state=true"], nproc=2)
     dist_sparse_train(part, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
@@ -168,7 +186,8 @@ def test_compact_checkpoint_resume_exact(stage, tmp_path):
     for d in (part, mixed):
         got = losses(d)
         for step in range(5, 11):
-            assert got[step] == ref[step], f"ZeRO-{stage} {d.name}: step {step} loss {got[step]} != {ref[step]}"
+            assert got[step] == ref[step], f"ZeRO-{stage} gas {gas} {d.name}: step {step} loss {got[step]} != " \
+                                           f"{ref[step]}"
     summary = json.loads((full / "summary.json").read_text())
     sb = summary["state_bytes_per_rank"]
     assert summary["compact_state"] is True
@@ -176,6 +195,11 @@ def test_compact_checkpoint_resume_exact(stage, tmp_path):
                        "compression_residuals", "total"}
     assert sb["total"] == max(sum(v for k, v in r.items() if k != "total") for r in summary["state_bytes_by_rank"])
     assert summary["transient_bytes_per_rank"]["dense_gradient_on_update_steps"] > 0
+    # only active gradients were reduced on the steps without a mask update (update steps: DeepSpeed, dense)
+    reduce = summary["grad_reduce"]
+    assert reduce["measured"] and reduce["packed_steps"] + reduce["dense_steps"] == 10, reduce
+    assert reduce["packed_bytes_per_step"] < 0.5 * reduce["dense_deepspeed_bytes_per_step"], reduce
+    assert summary["transient_bytes_per_rank"]["packed_gradient_exchange"] > 0
     # fp32 at ZeRO-3: no packed master between steps, only inside them (reported as a transient)
     assert (summary["transient_bytes_per_rank"]["packed_master_during_step"] > 0) == (stage == 3)
     assert (sb["master_weights"] == 0) == (stage == 3)

@@ -12,8 +12,9 @@ def test_formula_by_hand_zero2_bf16():
     # 1000 parameters, all sparsified at 90%, 2 ranks: one 500-element partition each, 50 active per rank
     s = P.uniform_setting(1000, 0.9, 1.0, world_size=2, zero_stage=2, precision="bf16", compact_state=True)
     compact = P.predict(s)
+    # masks: its 500 bits (63 bytes) + the replicated full masks of both 500-weight pieces (2 x 63 bytes)
     assert compact[0] == {"weights": 2000, "gradients": 100, "master_weights": 200, "optimizer_state": 404,
-                          "masks": 63, "compression_residuals": 0, "total": 2767}
+                          "masks": 189, "compression_residuals": 0, "total": 2893}
     dense = P.predict(P.dense_baseline(s))
     assert dense[0] == {"weights": 2000, "gradients": 1000, "master_weights": 2000, "optimizer_state": 4004,
                         "masks": 0, "compression_residuals": 0, "total": 9004}
@@ -29,7 +30,7 @@ def test_formula_partition_layout_follows_deepspeed():
     assert [r["gradients"] for r in dense] == [24, 20]
     compact = P.predict(P.Setting(world_size=2, zero_stage=2, precision="fp32", compact_state=True, groups=[group]))
     assert [r["master_weights"] for r in compact] == [12, 20]  # 3 of "a" active on rank 0; 5 of "b" on rank 1
-    assert [r["masks"] for r in compact] == [1, 0]
+    assert [r["masks"] for r in compact] == [2, 1]  # + the replicated full mask of "a" (6 bits: 1 byte)
 
 
 def test_stage0_and_stage3():
@@ -60,6 +61,8 @@ def test_stage3_layout_persistent_bucket_and_compact():
         assert compact[0]["gradients"] == round(lp * 2.5) and compact[3]["gradients"] == round(lp * 0.5)
         assert compact[0]["master_weights"] == round(master * 2.5)
         assert compact[0]["optimizer_state"] == round(8 * 2.5) + 4
+        # its shard's mask bits + the replicated full mask of w (10 bits) for the packed gradient reduction
+        assert [r["masks"] for r in compact] == [1 + 2] * 4
 
 
 def test_cli_params_json(capsys):

@@ -96,6 +96,10 @@ def measure(sparse_engine, residuals=None) -> dict:
     compression = getattr(sparse_engine, "compression", None)
     if compression is not None:  # gradient compression's replicated copy of the masks (packed)
         c.bytes["masks"] += compression.mask_bytes()
+    reduction = getattr(store, "reduction", None)
+    if reduction is not None:  # compact state's packed reduction: the replicated full masks (packed)
+        c.bytes["masks"] += reduction.mask_bytes()
+        c.add("gradients", reduction.buffer)  # the local packed gradient, while a window is open
     if residuals is not None:
         c.add("compression_residuals", residuals)
     out = dict(c.bytes)

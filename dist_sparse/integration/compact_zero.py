@@ -13,9 +13,11 @@ parameter is not sparsified), packed in the order of the mask bits (:class:`dist
   at the low-precision partition itself, so DeepSpeed's "copy fp32 -> lp partition" becomes a self-copy and its
   all-gather keeps working unchanged;
 - Adam moments: created by the optimizer on the packed tensor, so they are packed too;
-- gradients: ``copy_grads_in_partition`` (called by DeepSpeed after each bucket is reduced) keeps only the active
-  values of this rank's range of the reduced gradient and drops the dense one. On a mask-update step the dense
-  range is kept instead (RigL grows by |dense gradient|), a transient freed by the step;
+- gradients: only active gradients are reduced (:mod:`dist_sparse.integration.compact_reduce`): each rank packs
+  the active values of its local gradient by a replicated copy of the full masks, one all-reduce of the packed
+  values per step, and keeps its partition's part, packed. On a step that uses the dense gradient (RigL grows by
+  |dense gradient|) DeepSpeed reduces densely and ``copy_grads_in_partition`` (called after each bucket) keeps
+  this rank's dense range instead, a transient freed by the step;
 - the step (``step`` of the ZeRO optimizer instance, replaced): gradient norm over the packed gradients (zeros of
   pruned positions would add nothing), DeepSpeed's own ``unscale_and_clip_grads``, the inner optimizer step on
   packed tensors, packed master -> low-precision partition (inactive positions exactly 0), DeepSpeed's all-gather.
@@ -204,6 +206,11 @@ class PackedZeroState(ABC):
                 if key in state:
                     state[key] = part.repack(state[key], old, new)
             packed = part.repack(master.detach(), old, new)
+            if not self.dense_grad_step and self.grads[i] is not None:
+                # an update on a step reduced packed (magnitude pruning, SET: no dense gradient needed): the
+                # step's gradient follows the new layout; pruned positions' values are dropped as masked-dense
+                # zeroes them, regrown ones (SET, whose update replaces the step) get 0
+                self.grads[i] = part.repack(self.grads[i], old, new)
             part.relayout(new)
             self._set_group_tensor(i, packed, state)
             # the lp partition: dropped positions become 0 now (the step writes active ones)
@@ -242,9 +249,10 @@ class PackedZeroState(ABC):
         self._pending = {}
 
     # -- gradients ---------------------------------------------------------------------------------------------
-    def _is_update_step(self) -> bool:
-        method = self.sparsifier.method
-        return method is not None and method.is_update_step(self.engine.global_steps)
+    def _dense_grad_step(self) -> bool:
+        """Whether this step uses the gradients of pruned positions (RigL's update step and, with
+        ``grow_grad_steps`` > 1, its growth window): then the dense range is kept (a transient)."""
+        return self.sparsifier.uses_dense_grad(self.engine.global_steps)
 
     @torch.no_grad()
     def capture_grad(self, param, grad, start: int | None = None, accumulate: bool = False) -> None:
@@ -257,7 +265,7 @@ class PackedZeroState(ABC):
         if where is None or grad is None:
             return
         i, name = where
-        self.dense_grad_step = self._is_update_step()
+        self.dense_grad_step = self._dense_grad_step()
         part = self.parts[i]
         frag = part.fragments[part.index[name]]
         dense = grad.reshape(-1).narrow(0, frag.param_start if start is None else start, frag.length)
@@ -326,8 +334,6 @@ class CompactZeroState(PackedZeroState):
 
     def __init__(self, engine, sparsifier):
         check_common(engine, "DeepSpeedZeroOptimizer")
-        if engine.gradient_accumulation_steps() != 1:
-            raise ConfigError(KEY, "needs gradient_accumulation_steps: 1 at ZeRO stages 1 and 2")
         if not getattr(engine.optimizer, "contiguous_gradients", True):
             raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
         super().__init__(engine, sparsifier)
@@ -348,6 +354,10 @@ class CompactZeroState(PackedZeroState):
         self.grads = [None] * len(self.parts)
         self.masters = [self.opt.param_groups[i]["params"][0] for i in range(len(self.parts))]
         self._install_master()
+        from dist_sparse.integration.compact_reduce import PackedReduction
+
+        # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
+        self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
         self._patch()
 
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
@@ -374,16 +384,21 @@ class CompactZeroState(PackedZeroState):
 
     # -- DeepSpeed hooks ---------------------------------------------------------------------------------------
     def _patch(self) -> None:
-        zo, store = self.zo, self
+        zo, store, reduction = self.zo, self, self.reduction
 
         def copy_grads_in_partition(param, group_idx=None):
-            store.capture_grad(param, zo.get_gradient_for_reduction(param))
+            # only on dense-gradient steps (DeepSpeed's reduction ran): keep this rank's dense range, summed over
+            # the micro-batches of the window (stage 2 reduces each; the step releases it)
+            store.capture_grad(param, zo.get_gradient_for_reduction(param), accumulate=True)
             zo.clear_grad_attribute(param)  # the dense gradient (a view of DeepSpeed's bucket) is not kept
 
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without building dense ``averaged_gradients``: the packed ones are ours
-            store.dense_grad_step = store._is_update_step()
-            zo.reduce_ipg_grads()
+            store.dense_grad_step = store._dense_grad_step()
+            if store.dense_grad_step:
+                zo.reduce_ipg_grads()  # DeepSpeed's dense reduction (RigL's growth needs the dense gradient)
+            else:  # the packed all-reduce of active gradients (compact_reduce.py)
+                reduction.end_backward(self.engine.is_gradient_accumulation_boundary())
             for k in range(len(zo.params_already_reduced)):
                 zo.params_already_reduced[k] = False
             if zo.overlap_comm:  # as DeepSpeed: wait for the reduction stream before freeing other ranks' grads
@@ -396,13 +411,18 @@ class CompactZeroState(PackedZeroState):
 
         self._install_hooks(copy_grads_in_partition=copy_grads_in_partition,
                             independent_gradient_partition_epilogue=independent_gradient_partition_epilogue,
-                            step=self.step)
+                            step=self.step, **reduction.install())
+
+    def finish_load(self) -> None:
+        super().finish_load()
+        self.reduction.masks_changed()  # the loaded masks replace the replicated copy
 
     @torch.no_grad()
     def step(self, closure=None):
         """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32/bf16, no offload, no loss scaling)."""
         zo = self.zo
         zo.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID
+        self.reduction.end_step(self._dense_grad_step())
         grads = self.take_grads_fp32()
         # the global norm as DeepSpeed's get_grad_norm_direct: per-fragment norms, squared, summed, all-reduced
         norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)

@@ -16,11 +16,13 @@ each bucket's reduce-scatter. With compact state this rank keeps, per sub-group,
   DeepSpeed's aliasing, no second copy between steps: its storage is released after each step and re-packed from
   the shard before the next one (a transient of 4 bytes per active weight of one sub-group at a time);
 - Adam moments: created on the packed tensor, so packed;
-- gradients: ``partition_grads`` (replaced on the instance) keeps the active values of each reduced shard (dense
-  on mask-update steps: RigL grows by |dense gradient|, a transient); DeepSpeed's dense gradient buffer is freed,
-  and so is its reduction bucket between backward passes (re-created on the next gradient, as DeepSpeed's ZeRO-1/2
-  does with its own). With gradient accumulation, later micro-batches add to the packed values (DeepSpeed adds
-  to its dense shards the same way, in the same accumulation dtype);
+- gradients: only active gradients are reduced (:mod:`dist_sparse.integration.compact_reduce`: the active values
+  of each rank's local gradients, packed by replicated full masks, one all-reduce per step; each rank keeps its
+  shards' runs). On dense-gradient steps (RigL grows by |dense gradient|) DeepSpeed reduce-scatters and
+  ``partition_grads`` (replaced on the instance) keeps each reduced shard dense (a transient; with gradient
+  accumulation later micro-batches add to it, as DeepSpeed adds to its shards, in the same accumulation dtype).
+  DeepSpeed's dense gradient buffer is freed, and so is its reduction bucket between backward passes (re-created
+  on the next dense-step gradient, as DeepSpeed's ZeRO-1/2 does with its own);
 - the step (``step`` replaced): DeepSpeed's ``get_grad_norm_direct`` per sub-group on the packed gradients, the
   invalid-norm/overflow bookkeeping, clipping, the inner optimizer step (wrapped: skipped on update steps that
   replace it), then packed master -> the low-precision shard with inactive positions exactly 0, and DeepSpeed's
@@ -156,6 +158,7 @@ class CompactZero3State(PackedZeroState):
         """Install the loaded masters and moments; the lp shards (ZeRO-3 has no replicated model to load) get the
         masters, inactive positions 0, and persistent parameters are re-gathered from them."""
         super().finish_load()
+        self.reduction.masks_changed()  # the loaded masks replace the replicated copy
         for i, part in enumerate(self.parts):
             part.scatter_into(self.masters[i].detach(), self.lp_parts[i], part.masks())
             self.zo._unflatten_partitioned_parameters(i)
@@ -199,6 +202,11 @@ class CompactZero3State(PackedZeroState):
             store._restore_buckets()  # released after the previous backward
             return reduce_param(param)
 
+        # only active gradients are reduced outside dense-gradient steps (DeepSpeed's reduce-scatter on those)
+        from dist_sparse.integration.compact_reduce import PackedReduction
+
+        self.reduction = reduction = PackedReduction(self, reduce_param_grad)
+
         def partition_grads(params_to_release, grad_partitions):
             # DeepSpeed's partition_grads into packed storage: copy on the window's first micro-batch
             # (micro_step_id 0), add on later ones (gradient accumulation)
@@ -210,9 +218,12 @@ class CompactZero3State(PackedZeroState):
 
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without dense ``averaged_gradients`` (the packed gradients are ours)
-            store.dense_grad_step = store._is_update_step()
-            for dtype in sorted(zo.ipg_buckets.keys(), key=str):  # DeepSpeed's sort_dtypes order
-                getattr(zo, _REDUCE_IPG)(dtype)
+            store.dense_grad_step = store._dense_grad_step()
+            if store.dense_grad_step:
+                for dtype in sorted(zo.ipg_buckets.keys(), key=str):  # DeepSpeed's sort_dtypes order
+                    getattr(zo, _REDUCE_IPG)(dtype)
+            else:  # the packed all-reduce of active gradients (compact_reduce.py)
+                reduction.end_backward(store.engine.is_gradient_accumulation_boundary())
             stream = getattr(zo, "reduce_and_partition_stream", None)
             if stream is not None:
                 stream.synchronize()
@@ -221,16 +232,16 @@ class CompactZero3State(PackedZeroState):
             store._release_buckets()
             zo._epilogue_ran_this_backward = True
 
-        self._install_hooks(reduce_independent_p_g_buckets_and_remove_grads=reduce_param_grad,
-                            partition_grads=partition_grads,
+        self._install_hooks(partition_grads=partition_grads,
                             independent_gradient_partition_epilogue=independent_gradient_partition_epilogue,
-                            step=self.step)
+                            step=self.step, **reduction.install())
 
     # -- the step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         """DeepSpeed's ZeRO-3 step (``DeepSpeedZeroOptimizer_Stage3.step``) on packed tensors."""
         zo = self.zo
+        self.reduction.end_step(self._dense_grad_step())
         zo._pre_step()
         zo._partition_all_parameters()
         zo.overflow = False

@@ -10,7 +10,9 @@ multiple of ``2 * world`` elements and split into ``world`` equal partitions; a 
 - ``optimizer_state``: Adam's two fp32 moments of the same extent (+ one 4-byte step counter per group);
 - ``gradients``: dense: DeepSpeed's contiguous partition buffer, which holds the *whole* gradient of every
   parameter that overlaps the partition, in low precision; compact: the active positions only;
-- ``masks``: one bit per sparsified position of its partition.
+- ``masks``: one bit per sparsified position of its partition; compact state adds the full masks of every
+  sparsified parameter (one bit per weight, replicated: the packed gradient reduction selects the active
+  coordinates of each rank's whole local gradient by them).
 
 A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
 masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
@@ -28,7 +30,8 @@ rank's shard padded), so
 - ``gradients``: dense: the gradient shards (low precision) and the reduction bucket, which DeepSpeed keeps
   allocated (``reduce_bucket_size`` elements of the low-precision type); compact: the active positions only (the
   bucket is released between backward passes);
-- ``masks``: one bit per sparsified position of its (unpadded) shards.
+- ``masks``: one bit per sparsified position of its (unpadded) shards; compact state adds the replicated full
+  masks, as at ZeRO-1/2.
 
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
@@ -130,6 +133,9 @@ def predict(setting: Setting) -> list:
             out["masks"] += bits
             out["optimizer_state"] += 4  # Adam's step counter of the group
             _add_state(out, setting, act, part, touched)
+    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+        for out in ranks:
+            out["masks"] += sum(math.ceil(p.numel / 8) for p in params if p.sparse)
     return [_total(r) for r in ranks]
 
 
@@ -168,6 +174,8 @@ def _stage3_rank(setting: Setting, r: int) -> dict:
                        0 if setting.precision == "fp32" else 4)
     if not setting.compact_state:
         out["gradients"] += lp * setting.reduce_bucket_size
+    else:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+        out["masks"] += sum(math.ceil(p.numel / 8) for g in setting.groups for p in g if p.sparse)
     return out
 
 

@@ -92,9 +92,28 @@ def expected_bytes(engine) -> dict:
            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
            "gradients": lp_bytes * active,
            "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
+    # the packed reduction keeps the full masks of every sparsified parameter, replicated (1 bit per weight)
+    out["masks"] += sum(packed_nbytes(v.numel) for v in engine.sparsifier.views)
     if engine.zero_optimization_stage() < 3:
         out["weights"] = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
     return out
+
+
+def expected_reduce_bytes(engine, dense: bool, gas: int) -> int:
+    """Bytes handed to the gradient reduction in one step, from the masks: the packed all-reduce carries every
+    active weight of the model once (element size of the communication dtype); a dense step is DeepSpeed's
+    reduction of every gradient element, once per micro-batch at stages 2 and 3."""
+    itemsize = 2 if engine.bfloat16_enabled() else 4
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    numel = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}
+    if dense:
+        reductions = gas if engine.zero_optimization_stage() >= 2 else 1
+        return itemsize * sum(numel.values()) * reductions
+    masks = engine.sparsifier.full_masks()  # a collective: every rank calls this
+    active = sum(int(masks[n].sum()) if n in masks else numel[n] for n in params)
+    # bf16 with accumulation at stages 2/3: every micro-batch is reduced (packed), as DeepSpeed rounds each
+    per_micro = gas > 1 and itemsize == 2 and engine.zero_optimization_stage() >= 2
+    return itemsize * active * (gas if per_micro else 1)
 
 
 def dense_master_freed(engine) -> bool:
@@ -111,7 +130,7 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_gr
     engine = build(stage, compact, bf16, method, gas, sub_group_size)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
-    report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": []}
+    report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": [], "reduce": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     for _ in range(STEPS):
@@ -126,7 +145,14 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_gr
         before = snapshot(engine) if compact and update else None
         # what the masks say a rank holds; the engine measures between backward and the step, like here
         expected = expected_bytes(engine) if compact and not update else None
+        packed_reduction = compact
+        if packed_reduction:
+            dense = sp.uses_dense_grad(engine.global_steps)
+            report["reduce"].append({"dense": dense, "measured": None,
+                                     "expected": expected_reduce_bytes(engine, dense, gas)})
         engine.step()
+        if packed_reduction:
+            report["reduce"][-1]["measured"] = engine.compact.reduction.last_step_bytes
         report["losses"].append(float(loss))
         if before is not None:
             report["repack"].append(check_repack(before, snapshot(engine)))
