@@ -149,10 +149,14 @@ class CompressedReduction:
             self._grad_for_reduction = getattr(opt, "get_gradient_for_reduction", lambda p: p.grad)
             opt.reduce_independent_p_g_buckets_and_remove_grads = self._take_local_grad
 
+    def _device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
     def _partition_ranges(self) -> dict:
         """name -> [(start, length) of rank r's partition fragment, for every rank r] (one all-gather)."""
+        # on the gradients' device: NCCL gathers only device tensors
         mine = torch.tensor([[self.views[n].mask_start, self.views[n].mask_len] for n in self.names],
-                            dtype=torch.int64)
+                            dtype=torch.int64, device=self._device())
         gathered = [t.tolist() for t in D.all_gather_equal(mine)]
         owned = {}
         for i, n in enumerate(self.names):
@@ -220,9 +224,11 @@ class CompressedReduction:
         if all(v.replicated for v in views):  # stage 0: every rank already holds the whole masks
             self._full_masks = _PackedMasks({v.name: (sparsifier.packed[v.name], v.numel) for v in views},
                                             self.params)
-        else:  # one all-gather of every rank's packed bits (+ its ranges), not one per tensor
-            ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64)
-            packed = torch.cat([sparsifier.packed[v.name] for v in views])
+        else:  # one all-gather of every rank's packed bits (+ its ranges), not one per tensor, on the gradients'
+            # device (NCCL gathers only device tensors); assembled on the CPU
+            ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64,
+                                  device=self._device())
+            packed = torch.cat([sparsifier.packed[v.name].to(self._device()) for v in views])
             all_ranges = D.all_gather_equal(ranges)
             all_packed = D.all_gather_varlen(packed)
             self.mask_sync_bytes += ranges.numel() * 8 + 8 + max(p.numel() for p in all_packed)
@@ -234,7 +240,7 @@ class CompressedReduction:
                 for r, (r_ranges, r_packed) in enumerate(zip(all_ranges, all_packed)):
                     start, length = r_ranges[i].tolist()
                     nbytes = packed_nbytes(length)
-                    full[start: start + length] = unpack_bits(r_packed[offsets[r]: offsets[r] + nbytes], length)
+                    full[start: start + length] = unpack_bits(r_packed[offsets[r]: offsets[r] + nbytes].cpu(), length)
                     offsets[r] += nbytes
                 packed_full[v.name] = (pack_bits(full), v.numel)
             self._full_masks = _PackedMasks(packed_full, self.params)
