@@ -119,8 +119,10 @@ class SparseExchange:
         me = D.rank(self.group)
         device = items[0].values.device if items else torch.device("cpu")
         counts = torch.tensor([int(it.indices.numel()) for it in items], dtype=torch.int32, device=device)
-        payload = encode(items, 0 if world == 1 else me)
+        payload = encode(items, me)
         self.last_bytes, self.collectives = 0, 0
+        # every rank's sendable count per tensor, computed once (lengths and decoding both need it)
+        n_send = [[it.n_sendable(r) for it in items] for r in range(world)]
         if world == 1:
             all_counts, all_payloads = [counts], [payload]
         else:
@@ -135,7 +137,7 @@ class SparseExchange:
                 all_counts = D.all_gather_equal(counts, self.group)
                 self.last_bytes += counts.numel() * 4
                 self.collectives += 1
-            lengths = [sum(payload_elements(int(k), it.n_sendable(r)) for k, it in zip(c.tolist(), items))
+            lengths = [sum(payload_elements(int(k), n) for k, n in zip(c.tolist(), n_send[r]))
                        for r, c in enumerate(all_counts)]
             longest = max(lengths)
             padded = torch.zeros(longest, dtype=torch.int32, device=device)
@@ -146,10 +148,9 @@ class SparseExchange:
         out = {it.name: torch.zeros(it.numel, dtype=torch.float32, device=device) for it in items}
         for r, (c, p) in enumerate(zip(all_counts, all_payloads)):
             offset = 0
-            for k, it in zip(c.tolist(), items):
-                if r == (0 if world == 1 else me) and it.own is not None and it.own.numel():
+            for k, it, n in zip(c.tolist(), items, n_send[r]):
+                if r == me and it.own is not None and it.own.numel():
                     out[it.name].narrow(0, it.own_start, it.own.numel()).add_(it.own)
-                n = it.n_sendable(r)
                 if is_dense(k, n):
                     vals = p[offset: offset + n].view(torch.float32)
                     positions = it.sendable(r)

@@ -108,7 +108,7 @@ class ErrorFeedback:
                 u = self.velocity_momentum[name]
                 # u starts at 0, so it is biased low by (1 - b1^t) over its first ~1/(1-b1) updates; squared
                 # uncorrected, that bias would stay in the b2 average for ~1/(1-b2) steps and make the early
-                # estimate (and with it the early steps) too large. Average the bias-corrected u instead.
+                # estimate too small (and with it the early steps too large). Average the bias-corrected u instead.
                 t = self.moment_steps[name] = self.moment_steps.get(name, 0) + 1
                 correction = (1 - self.momentum ** t) ** 2 if self.ema else 1.0
                 w = self._buffer(self.momentum_square, name, grad).mul_(b2).addcmul_(u, u, value=(1 - b2) / correction)

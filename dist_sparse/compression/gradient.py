@@ -103,11 +103,11 @@ class GradientCompression:
                     idx, values = idx[keep], values[keep]
             else:
                 d = 1.0 if flat.numel() < self.cfg.min_tensor_size else self.feedback.density(step)
-                local = None if owned is None else owned[name][rank]
+                local = None if ranges is None else ranges[rank]
                 idx, values, own = self.feedback.compress(name, flat, mask, step, order * 4099 + rank, density=d,
                                                           local=local, energy=energies.get(name))
                 own_start = 0 if local is None else local[0]
-                counts = [] if owned is None else self._counts(mask, flat.numel(), d, owned[name])
+                counts = [] if ranges is None else self._counts(mask, flat.numel(), d, ranges)
             if rank_counts is not None:
                 for r, c in enumerate(counts):
                     rank_counts[r].append(c)

@@ -122,7 +122,7 @@ class PackedReduction:
         if token == self._token:
             return
         self._token = token
-        self.masks = gather_full_masks(self.sparsifier.views, self.sparsifier.packed, self.group, self.device)
+        self.masks, _ = gather_full_masks(self.sparsifier.views, self.sparsifier.packed, self.group, self.device)
         counts, prefix = {}, {}
         starts = {}  # name -> fragment param_starts of this rank's partition (where prefix counts are needed)
         for i, part in enumerate(self.store.parts):

@@ -29,7 +29,8 @@ from dist_sparse import distributed as D
 from dist_sparse.compression import GradientCompression
 from dist_sparse.compression.adam import LocalMomentAdam, is_adam
 from dist_sparse.errors import ConfigError
-from dist_sparse.masks.packing import pack_bits, packed_nbytes, unpack_bits
+from dist_sparse.masks.packing import unpack_bits
+from dist_sparse.masks.replicate import gather_full_masks
 
 log = logging.getLogger("dist_sparse")
 
@@ -40,11 +41,12 @@ def dense_comm_bytes_per_step(engine, params: list) -> int:
     Every gradient element is all-reduced once per reduction, as ``communication_data_type``: stage 0's
     ``allreduce_bucket`` and stages 1/2's ``average_tensor`` (reduce-scatter via bucketed all-reduce/reduce) hand
     the flattened bucket, ``numel`` elements, to the collective. Stage 0 and 1 reduce at the accumulation
-    boundary; stage 2 reduces after every micro-batch's backward (``gradient_accumulation_steps`` times)."""
+    boundary; stages 2 and 3 reduce after every micro-batch's backward (``gradient_accumulation_steps`` times).
+    A ZeRO-3 parameter counts its full size (``ds_numel``; its local ``numel`` is 0 once partitioned)."""
     dtype = getattr(engine, "communication_data_type", None) or params[0].dtype
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    reductions = engine.gradient_accumulation_steps() if engine.zero_optimization_stage() == 2 else 1
-    return sum(p.numel() for p in params) * itemsize * reductions
+    reductions = engine.gradient_accumulation_steps() if engine.zero_optimization_stage() >= 2 else 1
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params) * itemsize * reductions
 
 
 def _optimizer_momentum(inner) -> float:
@@ -224,26 +226,10 @@ class CompressedReduction:
         if all(v.replicated for v in views):  # stage 0: every rank already holds the whole masks
             self._full_masks = _PackedMasks({v.name: (sparsifier.packed[v.name], v.numel) for v in views},
                                             self.params)
-        else:  # one all-gather of every rank's packed bits (+ its ranges), not one per tensor, on the gradients'
-            # device (NCCL gathers only device tensors); assembled on the CPU
-            ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64,
-                                  device=self._device())
-            packed = torch.cat([sparsifier.packed[v.name].to(self._device()) for v in views])
-            all_ranges = D.all_gather_equal(ranges)
-            all_packed = D.all_gather_varlen(packed)
-            self.mask_sync_bytes += ranges.numel() * 8 + 8 + max(p.numel() for p in all_packed)
-            # assembled one parameter at a time and kept bit-packed (1 bit per weight, not a bool byte)
-            offsets = [0] * len(all_packed)
-            packed_full = {}
-            for i, v in enumerate(views):
-                full = torch.zeros(v.numel, dtype=torch.bool)
-                for r, (r_ranges, r_packed) in enumerate(zip(all_ranges, all_packed)):
-                    start, length = r_ranges[i].tolist()
-                    nbytes = packed_nbytes(length)
-                    full[start: start + length] = unpack_bits(r_packed[offsets[r]: offsets[r] + nbytes].cpu(), length)
-                    offsets[r] += nbytes
-                packed_full[v.name] = (pack_bits(full), v.numel)
-            self._full_masks = _PackedMasks(packed_full, self.params)
+        else:  # one all-gather of every rank's packed bits (+ its ranges), on the gradients' device
+            full, handed = gather_full_masks(views, sparsifier.packed, device=self._device())
+            self.mask_sync_bytes += handed
+            self._full_masks = _PackedMasks(full, self.params)
 
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,17 +12,20 @@ from dist_sparse import distributed as D
 from dist_sparse.masks.packing import pack_bits, packed_nbytes, unpack_bits
 
 
-def gather_full_masks(views: list, packed: dict, group=None, device=None) -> dict:
-    """name -> (packed bits of the full mask, numel) for every view, on ``device``. ``packed`` maps a view's
-    name to this rank's packed bits of ``[mask_start, mask_start + mask_len)``; the ranks' ranges must tile each
+def gather_full_masks(views: list, packed: dict, group=None, device=None) -> tuple:
+    """``(masks, handed_bytes)``: name -> (packed bits of the full mask, numel) for every view, on ``device``, and
+    the bytes this rank handed to the collectives (ranges, length, padded bits). ``packed`` maps a view's name to
+    this rank's packed bits of ``[mask_start, mask_start + mask_len)``; the ranks' ranges must tile each
     parameter (ZeRO-1/2 fragments, ZeRO-3 shards). A collective: every rank calls it with the same views."""
     if not views:
-        return {}
+        return {}, 0
     device = torch.device("cpu") if device is None else torch.device(device)
     ranges = torch.tensor([[v.mask_start, v.mask_len] for v in views], dtype=torch.int64, device=device)
     mine = torch.cat([packed[v.name].to(device) for v in views])
     all_ranges = [r.tolist() for r in D.all_gather_equal(ranges, group)]
     all_bits = D.all_gather_varlen(mine, group)
+    # int64 ranges, the int64 length all_gather_varlen sends first, then the bits padded to the longest
+    handed = ranges.numel() * 8 + 8 + max(b.numel() for b in all_bits)
     cursor = [0] * len(all_bits)  # per rank: where its next view's bytes start
     out = {}
     for k, v in enumerate(views):
@@ -34,4 +37,4 @@ def gather_full_masks(views: list, packed: dict, group=None, device=None) -> dic
                 full[start: start + length] = unpack_bits(bits[cursor[r]: cursor[r] + nbytes], length)
             cursor[r] += nbytes
         out[v.name] = (pack_bits(full), v.numel)
-    return out
+    return out, handed
