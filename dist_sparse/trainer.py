@@ -319,11 +319,10 @@ def _grad_reduce_summary(engine, per_rank: list) -> dict:
     reduction collectives per optimizer step. Measured where compact state reduces packed gradients
     (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
     element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
-    ds = engine.engine
-    dtype = getattr(ds, "communication_data_type", None) or torch.float32
-    numel = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in ds.module.parameters() if p.requires_grad)
-    reductions = ds.gradient_accumulation_steps() if ds.zero_optimization_stage() >= 2 else 1
-    dense = float(numel * torch.empty(0, dtype=dtype).element_size() * reductions)
+    from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    dense = float(dense_comm_bytes_per_step(engine.engine, params))
     if not per_rank or per_rank[0] is None:
         return {"grad_reduce_bytes_per_step": dense,
                 "grad_reduce": {"measured": False, "dense_deepspeed_bytes_per_step": dense}}
