@@ -237,6 +237,10 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
     _require(not zero.get("offload_optimizer"), f"{p}.method",
              "gradient compression does not support deepspeed.zero_optimization.offload_optimizer (the offloaded "
              "gradient path bypasses the partition gradients the compressed exchange writes)")
+    _require(not (ds.get("fp16") or {}).get("enabled", False), f"{p}.method",
+             "gradient compression does not support fp16 (deepspeed.fp16): the local gradients are loss-scaled, so "
+             "error-feedback residuals would carry a stale scale whenever the loss scaler changes it, and an "
+             "overflow would enter the exchange; use bf16 or fp32")
     if c.momentum_correction:
         opt = (ds.get("optimizer") or {}).get("type", "AdamW")
         _require(str(opt).lower() in ("sgd", "adam", "adamw"), f"{p}.momentum_correction",
@@ -245,7 +249,7 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
 
 
 def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
-    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2/3 optimizer with fp32 or bf16 and Adam/AdamW (see
+    """``sparsity.compact_state`` needs DeepSpeed's ZeRO-1/2/3 optimizer (fp32, bf16 or fp16) and Adam/AdamW (see
     docs/memory.md); anything else is refused here, before a process group starts."""
     if not sparsity.compact_state:
         return
@@ -255,8 +259,6 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     # issue 7: stage 3 added (integration/compact_zero3.py); stage 0 has no partition to pack
     _require(stage in (1, 2, 3), key, f"is supported with ZeRO stages 1, 2 and 3, not stage {stage} "
                                       "(set deepspeed.zero_optimization.stage)")
-    _require(not (ds.get("fp16") or {}).get("enabled", False), key,
-             "supports fp32 and bf16, not fp16 (dynamic loss scaling is not implemented for packed state)")
     _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
              "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
     # gradient_accumulation_steps > 1: every stage (issue 7: ZeRO-1/2 sum micro-batches locally, reduce packed)

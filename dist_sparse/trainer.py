@@ -192,7 +192,9 @@ def _train(cfg: Config, resume: str | None) -> dict:
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
-        if engine.last_step_skipped:
+        if engine.last_step_overflow:  # fp16: routine while the loss scaler finds its level
+            log.info("step %d skipped: fp16 gradient overflow, loss scale now %g", step, engine.optimizer.loss_scale)
+        elif engine.last_step_skipped:
             log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)", step,
                         engine.consecutive_skips)
         timer.add(time.perf_counter() - t0)
@@ -246,6 +248,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "peak_rss_mb": max_over_ranks(peak_rss_mb()),
         "flops_relative_to_dense": flops_sum / (max(1, cfg.train.steps - start_step) * dense_flops),
         "skipped_steps": engine.skipped_nonfinite,
+        "fp16_overflow_steps": engine.overflow_skips,  # skipped by DeepSpeed's loss scaler (fp16 only)
         "resumed_from": str(resume_path) if resume_path is not None else None,
         "mask_updates": sparsifier.updates_done,
         "sparsified_parameters": sparsifier.sparsified_numel(),
@@ -360,6 +363,8 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> 
         "sparsifier": engine.sparsifier.state_dict(),
         "consecutive_skips": engine.consecutive_skips,
         "skipped_nonfinite": engine.skipped_nonfinite,
+        "overflow_skips": engine.overflow_skips,
+        "loss_scaler": ds_integration.loss_scaler_state(engine),  # fp16: resume at the same scale
         "config": cfg.to_dict(),
     }
     extra = None
@@ -419,4 +424,6 @@ def restore(engine, path: Path) -> int:
         _restore_compression(engine, path, int(state["world_size"]))
     engine.consecutive_skips = state.get("consecutive_skips", 0)
     engine.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+    engine.overflow_skips = state.get("overflow_skips", 0)
+    ds_integration.set_loss_scaler_state(engine, state.get("loss_scaler"))
     return int(state["step"])

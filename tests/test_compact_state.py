@@ -1,8 +1,9 @@
 """Compact state (issue 7): packed master weights, moments and gradients for active weights only.
 
 - packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
-- 2 CPU ranks, ZeRO-1/2/3, fp32 and bf16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups): the compact
-  run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates; repack after
+- 2 CPU ranks, ZeRO-1/2/3, fp32, bf16 and fp16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups):
+  the compact run's losses and masks equal the masked-dense run's over 20 steps with RigL mask updates (fp16: the
+  same overflowing steps skipped, the same loss-scale path); repack after
   regrowth; measured state bytes equal the count from the masks (tests/workers/compact_worker.py);
 - ZeRO-1/2/3 (also with 2 accumulation micro-batches): the bytes handed to the gradient reduction are the packed
   active values (element size x active count) on steps without a mask update, DeepSpeed's dense reduction on them;
@@ -74,7 +75,6 @@ def test_repack_keeps_survivors_zeroes_regrown_drops_pruned():
 @pytest.mark.parametrize("overrides, needle", [
     ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "ZeRO stages 1, 2 and 3, not stage 0"),
     ({"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}}, "offload_param"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}}, "not fp16"),
     ({"deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}}, "ZeRO stage 2"),
     ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD"}}}, "not 'SGD'"),
     ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}, "offload"),
@@ -104,7 +104,9 @@ def test_compact_state_key_type_checked():
     (1, "fp32", "rigl", 1, 0), (2, "fp32", "rigl", 1, 0), (2, "bf16", "rigl", 1, 0), (2, "fp32", "magnitude", 1, 0),
     (1, "fp32", "rigl", 2, 0), (2, "fp32", "rigl", 2, 0),  # 2 accumulation micro-batches, reduced once, packed
     (3, "fp32", "rigl", 1, 0), (3, "bf16", "rigl", 1, 0),
-    (3, "bf16", "rigl", 2, 3000)])  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
+    (3, "bf16", "rigl", 2, 3000),  # 2 accumulation micro-batches; each rank's group split into 5 sub-groups
+    # fp16 with DeepSpeed's dynamic loss scaler (its CPU capability check lifted, tests/workers.allow_cpu_fp16)
+    (1, "fp16", "rigl", 1, 0), (2, "fp16", "rigl", 1, 0), (3, "fp16", "rigl", 1, 0)])
 def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, tmp_path):
     out = tmp_path / "report.json"
     run_torchrun("compact_worker.py", 2, stage, dtype, out, method, gas, sub_group_size)
@@ -116,10 +118,22 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
         # the trajectory: same losses (the norm is summed in another order: reassociation only)
         torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
+        # fp16: the same steps overflow and are skipped, and the loss scale follows the same path
+        assert compact["skipped"] == dense["skipped"] and compact["loss_scale"] == dense["loss_scale"], where
+        assert compact["overflow_skips"] == dense["overflow_skips"] == sum(dense["skipped"]), where
+        if dtype == "fp16":  # overflows at the start and after training began (the scale was raised again)
+            assert dense["skipped"][0] and any(dense["skipped"][8:]), f"{where}: {dense['skipped']}"
+            assert min(dense["loss_scale"]) < 2 ** 20 and max(dense["loss_scale"][4:]) > min(dense["loss_scale"]), where
+        else:
+            assert not any(dense["skipped"]), where
         assert compact["updates"] == dense["updates"] >= 4, where
         # the worker's 2 optimizer groups (decay / no decay), split further by a small ZeRO-3 sub_group_size
         assert (compact["groups"] > 2) == bool(sub_group_size), f"{where}: {compact['groups']} packed groups"
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
+        # masked-dense: regrown weights start at 0 with zero moments too (also when DeepSpeed's first optimizer
+        # step was skipped: fp16 overflows, then RigL's update replacing the step)
+        assert len(dense["repack"]) == dense["updates"], where
+        assert all(rp["regrown_zero"] for rp in dense["repack"]), f"{where}: masked-dense regrown moments not 0"
         # repack after regrowth
         assert len(compact["repack"]) == compact["updates"], where
         for rp in compact["repack"]:
@@ -156,6 +170,51 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
         assert compact["master_in_lp"] == (stage == 3 and dtype == "fp32"), where
         if compact["master_in_lp"]:
             assert c["master_weights"] == 0, where
+
+
+@pytest.mark.slow
+def test_fp16_compact_checkpoint_resume_exact(tmp_path):
+    """fp16 with dynamic loss scaling through the trainer (tests/workers/fp16_train_worker.py): the first steps
+    overflow, the checkpoint keeps the loss scaler's state, and the resumed run continues at the same scale with
+    the same losses (restarting at the initial scale would overflow again and skip steps the other run took)."""
+    common = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "data.max_chars=20000",
+              "deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.zero_optimization.stage=2",
+              "deepspeed.fp16.enabled=true", "deepspeed.fp16.initial_scale_power=20",
+              "deepspeed.fp16.loss_scale_window=3", "deepspeed.gradient_clipping=0.0",
+              "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
+              "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
+              "sparsity.end_step=9", "train.steps=10", "train.threads=1", "sparsity.compact_state=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={full}")
+    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={part}", "train.save_interval=4")
+    ckpt = part / "checkpoints" / "step_00000004"
+    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={part}", "--resume", ckpt)
+    scaler = json.loads((ckpt / "trainer.json").read_text())["loss_scaler"]
+    assert scaler["cur_scale"] < 2 ** 20, scaler  # the scale had come down by step 4
+
+    def losses(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    ref, got = losses(full), losses(part)
+    for step in range(5, 11):
+        assert got[step] == ref[step], f"step {step}: resumed loss {got[step]} != {ref[step]}"
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["fp16_overflow_steps"] > 0 and summary["skipped_steps"] == 0, summary
+    assert summary["compact_state"] is True
+
+
+@pytest.mark.slow
+def test_fp16_static_loss_scale_overflow_aborts(tmp_path):
+    """A static fp16 loss scale that always overflows is a failure, not routine: the skips count against
+    train.max_skipped_steps and the run stops with a message naming the cause (masked-dense, ZeRO-2)."""
+    overrides = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+                 "data.max_chars=20000", "deepspeed.train_micro_batch_size_per_gpu=2",
+                 "deepspeed.zero_optimization.stage=2", "deepspeed.fp16={enabled: true, loss_scale: 1.0e+30}",
+                 "train.max_skipped_steps=3", "train.steps=10", "train.progress=false", "train.tensorboard=false",
+                 "train.save_final_model=false", f"train.output_dir={tmp_path}"]
+    with pytest.raises(AssertionError, match="3 consecutive steps overflowed with a static fp16 loss scale"):
+        run_torchrun("fp16_train_worker.py", 2, *overrides)
 
 
 @pytest.mark.slow

@@ -450,6 +450,7 @@ def test_adam_momentum_correction_refuses_what_it_does_not_cover():
     (["compression.method=topk", "deepspeed.zero_optimization.stage=3"], "compression.method"),
     (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
      "compression.method"),
+    (["compression.method=topk", "deepspeed.fp16={enabled: true}"], "compression.method"),  # loss-scaled residuals
 ])
 def test_bad_compression_config_names_its_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -10,8 +10,8 @@ Layout of ``<output_dir>/checkpoints/step_00000100/``:
 - ``compression_rank_00000.safetensors`` ... (only with gradient compression): each rank's error-feedback state,
   full-size per-rank tensors keyed ``{name}::residual`` / ``{name}::momentum`` (not ranges: see
   docs/compression.md); passed in as ``extra_files``.
-- ``trainer.json``: step, world size, ZeRO stage, optimizer step count, engine counters, lr scheduler state,
-  sparsifier state, every rank's RNG state (as lists of bytes), the config.
+- ``trainer.json``: step, world size, ZeRO stage, optimizer step count, engine counters, fp16 loss-scaler state,
+  lr scheduler state, sparsifier state, every rank's RNG state (as lists of bytes), the config.
 - ``manifest.json``: size and SHA-256 of every file above, written by rank 0 after a barrier.
 - ``COMMITTED``: written last; ``checkpoints/latest`` names the newest committed checkpoint and is replaced
   (atomically) only after the marker exists. A checkpoint without the marker is never resumed from.

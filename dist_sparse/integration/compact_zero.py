@@ -128,16 +128,14 @@ class CompactView(_View):
 
 
 def check_common(engine, kind: str) -> None:
-    """What every stage's compact state needs: DeepSpeed's ZeRO optimizer ``kind``, no loss scaling, no
-    offload, an Adam-family inner optimizer. Raised as a ConfigError naming the key."""
+    """What every stage's compact state needs: DeepSpeed's ZeRO optimizer ``kind``, no offload, an Adam-family
+    inner optimizer. Raised as a ConfigError naming the key."""
     zo = engine.optimizer
     if type(zo).__name__ != kind:
         raise ConfigError(KEY, f"needs DeepSpeed's {kind}, the engine runs {type(zo).__name__} (ZeRO-1 with bf16 "
                                "uses BF16_Optimizer: use ZeRO-2)")
     if getattr(zo, "cpu_offload", False) or getattr(zo, "offload_optimizer", False):
         raise ConfigError(KEY, "is not supported with zero_optimization.offload_optimizer")
-    if engine.fp16_enabled():
-        raise ConfigError(KEY, "supports fp32 and bf16 training, not fp16 (dynamic loss scaling)")
     name = type(inner_optimizer(engine)).__name__
     if "adam" not in name.lower():
         raise ConfigError(KEY, f"supports Adam/AdamW, not {name}")
@@ -419,7 +417,7 @@ class CompactZeroState(PackedZeroState):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32/bf16, no offload, no loss scaling)."""
+        """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32, bf16, fp16 with its loss scaler; no offload)."""
         zo = self.zo
         zo.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID
         self.reduction.end_step(self._dense_grad_step())
@@ -431,8 +429,20 @@ class CompactZeroState(PackedZeroState):
         total = total.to(self.lp_parts[0].device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zo.dp_process_group)
         total = total.pow(0.5)
-        zo.overflow = False
-        zo._global_grad_norm = total / zo.loss_scale
+        # An inf/NaN anywhere in the (fp16: loss-scaled) gradients makes the all-reduced norm non-finite on every
+        # rank, so all ranks agree on the overflow, as with DeepSpeed's all-reduced overflow flag; DeepSpeed's
+        # condition (bf16 checks only with check_grad_overflow). The loss scaler is updated before unscaling, in
+        # DeepSpeed's order (a scale raised this step already divides this step's gradients, as in DeepSpeed).
+        # bf16/fp32 have a static scaler of 1, whose update does nothing.
+        check = zo.dtype != torch.bfloat16 or getattr(zo, "check_grad_overflow", False)
+        zo.overflow = bool(check and not torch.isfinite(total))
+        prev_scale = zo.loss_scale
+        zo._update_scale(zo.overflow)
+        if zo.overflow:  # DeepSpeed's overflow branch: no step, the gradients are dropped
+            zo._global_grad_norm = float("inf")
+            self.dense_grad_step = False
+            return
+        zo._global_grad_norm = total / prev_scale
         zo.unscale_and_clip_grads(grads, total)  # DeepSpeed's own clipping arithmetic
         masters = [self.master_tensor(i) for i in range(len(self.parts))]
         for m, g in zip(masters, grads):

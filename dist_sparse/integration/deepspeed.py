@@ -8,8 +8,8 @@ How each ZeRO stage lays out what a rank holds of a parameter (and so which part
 - stages 1 and 2: each rank owns a contiguous fragment of the flattened fp32 master copy of some parameters,
   described by ``param._hp_mapping`` (``deepspeed/utils/tensor_fragment.py``): ``lp_fragment_address`` is the
   range of the parameter, ``hp_fragment`` a view of the master weights, ``get_lp_grad_fragment`` the reduced
-  gradient of that range (between backward and step), ``get_optim_state_fragment`` the Adam moments
-  (:class:`FragmentView`).
+  gradient of that range (between backward and step); the Adam moments are the inner optimizer's state of the
+  flat partition ``hp_fragment`` views, at the same range (:class:`FragmentView`).
 - stage 3: each rank owns ``param.ds_tensor``, the range ``[rank * n, (rank + 1) * n)`` of the flattened
   parameter (the last rank's shard is padded), with fp32 master, gradient and moments reached through
   ``param._z3_optimizer`` (:class:`Stage3View`).
@@ -176,11 +176,16 @@ class FragmentView(_View):
             self.master().masked_fill_(~mask, 0)
 
     def zero_state_(self, positions):
-        if self.hm is None or not self.hm.optim_fragment:
+        # the optimizer's own state of the flat partition, not DeepSpeed's ``hm.optim_fragment``: DeepSpeed links
+        # that once, after its first ``_optimizer_step``; when that step did not run Adam (RigL's update replaced
+        # it, or an fp16 overflow / non-finite step came first) it links an empty state and never again, and the
+        # moments of regrown weights would silently not be zeroed
+        if self.hm is None:
             return
-        for key in self.hm.get_optim_state_keys():
-            if key in _STATE_KEYS:
-                self.hm.get_optim_state_fragment(key).view(-1).masked_fill_(positions, 0)
+        for key in _STATE_KEYS:
+            value = self.state(key)
+            if value is not None:
+                value.masked_fill_(positions.to(value.device), 0)
 
     def zero_model_(self, mask, full_mask=None):
         self.param.data.view(-1).masked_fill_(~full_mask.reshape(-1).to(self.param.device), 0)
@@ -367,6 +372,28 @@ def set_engine_counters(engine, counters: dict) -> None:
         setattr(engine, k, int(v))
 
 
+# the state of DeepSpeed's loss scaler (fp16): without it a resumed run starts again from the initial scale and
+# overflows its way down, so its losses differ from an uninterrupted run's
+_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scaler_state(engine) -> dict | None:
+    """The fp16 loss scaler's state (None without fp16 loss scaling)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not engine.fp16_enabled() or scaler is None:
+        return None
+    return {k: getattr(scaler, k) for k in _SCALER_KEYS if hasattr(scaler, k)}
+
+
+def set_loss_scaler_state(engine, state: dict | None) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if state is None or scaler is None or not engine.fp16_enabled():
+        return
+    for k, v in state.items():
+        if k in _SCALER_KEYS:
+            setattr(scaler, k, v)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the engine wrapper and initialize()
 
@@ -389,6 +416,7 @@ class SparseEngine:
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
                              _loss_finite=True, last_step_skipped=False, compact=None, state_bytes=None,
+                             overflow_skips=0, last_step_overflow=False,  # fp16 loss-scale overflows
                              compression=None)  # issue 3: a ds_compression.CompressedReduction, set by attach()
         self.__dict__["inner_step"] = _wrap_inner_step(engine, sparsifier)
 
@@ -417,15 +445,24 @@ class SparseEngine:
                 return False
         return True
 
+    def _dynamic_loss_scale(self) -> bool:
+        """fp16 with DeepSpeed's dynamic loss scaler: a gradient overflow is routine (the scaler lowers the scale)."""
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        return bool(self.engine.fp16_enabled() and getattr(scaler, "dynamic", False))
+
     def step(self, *args, **kwargs):
         if not self.engine.is_gradient_accumulation_boundary():
             return self.engine.step(*args, **kwargs)
         # every rank learns whether any rank saw a non-finite loss or gradient, so all skip the same steps
-        bad = torch.tensor([0 if (self._loss_finite and self._grads_finite()) else 1], dtype=torch.int64)
-        D.all_reduce_max(bad)
+        flags = torch.tensor([0 if self._loss_finite else 1, 0 if self._grads_finite() else 1], dtype=torch.int64)
+        D.all_reduce_max(flags)
+        loss_bad, grads_bad = bool(flags[0]), bool(flags[1])
         self.__dict__["_loss_finite"] = True
-        self.__dict__["last_step_skipped"] = bool(bad[0])
-        if bad[0]:
+        self.__dict__["last_step_skipped"] = loss_bad or grads_bad
+        self.__dict__["last_step_overflow"] = grads_bad and not loss_bad and self.engine.fp16_enabled()
+        if self.last_step_overflow:
+            return self._overflow_step(*args, **kwargs)
+        if loss_bad or grads_bad:
             self.__dict__["consecutive_skips"] += 1
             self.__dict__["skipped_nonfinite"] += 1
             if self.consecutive_skips >= self.max_skipped_steps:
@@ -453,6 +490,30 @@ class SparseEngine:
             residuals = None if self.compression is None else self.compression.compression.feedback.state_tensors()
             self.__dict__["state_bytes"] = measure(self, residuals)
         return self.engine.step(*args, **kwargs)
+
+
+    def _overflow_step(self, *args, **kwargs):
+        """fp16: the loss is finite but the loss-scaled gradient overflowed. That is DeepSpeed's loss scaler's to
+        handle: the gradients are left as they are, so DeepSpeed's step (or compact state's, which checks the same
+        way) sees the overflow, skips the update and lowers the scale. Zeroing them, as a non-finite loss does,
+        would hide the overflow from the scaler and the scale would never come down. The step changes nothing
+        here either: no mask update (``before_step`` is not called), no optimizer step. With dynamic scaling the
+        skips do not count against ``train.max_skipped_steps`` (DeepSpeed raises when the scale reaches its
+        minimum); with a static scale every overflow is a failed step and counts."""
+        self.__dict__["overflow_skips"] += 1
+        if not self._dynamic_loss_scale():
+            self.__dict__["consecutive_skips"] += 1
+            self.__dict__["skipped_nonfinite"] += 1
+            if self.consecutive_skips >= self.max_skipped_steps:
+                raise NonFiniteError(
+                    f"{self.consecutive_skips} consecutive steps overflowed with a static fp16 loss scale "
+                    f"(train.max_skipped_steps={self.max_skipped_steps}); lower fp16.loss_scale or use dynamic "
+                    f"scaling (fp16.loss_scale: 0)")
+        self.sparsifier.skip_optimizer_step = True
+        out = self.engine.step(*args, **kwargs)
+        if not getattr(self.engine.optimizer, "overflow", True):  # DeepSpeed must have seen what every rank saw
+            raise RuntimeError("a gradient overflow on some rank was not seen by DeepSpeed's loss scaler")
+        return out
 
 
 def _wrap_inner_step(engine, sparsifier: Sparsifier) -> list:

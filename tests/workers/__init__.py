@@ -15,6 +15,18 @@ def tiny_gpt2():
                                       bos_token_id=0, eos_token_id=0))
 
 
+def allow_cpu_fp16() -> None:
+    """Let DeepSpeed's CPU accelerator run fp16. It declines fp16 unless oneDNN reports fp16 hardware (CPUs with
+    AVX512-FP16 / AMX-FP16; this machine has neither), although torch computes fp16 on any CPU, in software. The
+    fp16 tests lift only that capability check, in the worker process, so DeepSpeed's own fp16 ZeRO optimizers and
+    dynamic loss scaler run here unchanged. Call before ``deepspeed.initialize``."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        type(acc).is_fp16_supported = lambda self: True
+
+
 def finish(results, out: str) -> None:
     """Gather every rank's results, have rank 0 write them (a JSON list, one entry per rank) to ``out``, then leave
     the process group cleanly (its threads joined before the interpreter exits)."""

@@ -20,24 +20,31 @@ import torch
 
 import dist_sparse
 from dist_sparse.masks.packing import packed_nbytes
-from tests.workers import finish, tiny_gpt2
+from tests.workers import allow_cpu_fp16, finish, tiny_gpt2
 
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0):
+def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0):
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
-        "gradient_clipping": 1.0,
+        # fp16 without clipping: compact state sums the norm without the pruned zeros, so the clip coefficient can
+        # differ from DeepSpeed's in the last bit, and rounding the weights to fp16 turns that into loss differences
+        # far above reassociation level (fp32/bf16 keep them below it). Unclipped, fp16 is identical.
+        "gradient_clipping": 0.0 if dtype == "fp16" else 1.0,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
     }
-    if bf16:
+    if dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        # dynamic loss scaling from 2^20: the first steps overflow (skipped, the scale comes down), and a short
+        # window raises it again so that it overflows later too (steps are skipped after training has begun)
+        config["fp16"] = {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 4}
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
@@ -103,7 +110,7 @@ def expected_reduce_bytes(engine, dense: bool, gas: int) -> int:
     """Bytes handed to the gradient reduction in one step, from the masks: the packed all-reduce carries every
     active weight of the model once (element size of the communication dtype); a dense step is DeepSpeed's
     reduction of every gradient element, once per micro-batch at stages 2 and 3."""
-    itemsize = 2 if engine.bfloat16_enabled() else 4
+    itemsize = 2 if engine.bfloat16_enabled() or engine.fp16_enabled() else 4
     params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     numel = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in params.items()}
     if dense:
@@ -126,11 +133,12 @@ def dense_master_freed(engine) -> bool:
                for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
 
 
-def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0) -> dict:
-    engine = build(stage, compact, bf16, method, gas, sub_group_size)
+def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0) -> dict:
+    engine = build(stage, compact, dtype, method, gas, sub_group_size)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
-    report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": [], "reduce": []}
+    report = {"losses": [], "masked_nonzero": [], "repack": [], "bytes": [], "expected": [], "reduce": [],
+              "skipped": [], "loss_scale": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     for _ in range(STEPS):
@@ -142,7 +150,7 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_gr
                 engine.step()  # not a boundary: DeepSpeed only accumulates
                 report["losses"].append(float(loss))
         update = sp.method.is_update_step(engine.global_steps)
-        before = snapshot(engine) if compact and update else None
+        before = snapshot(engine) if update else None  # masked-dense too: its regrown moments must be 0 as well
         # what the masks say a rank holds; the engine measures between backward and the step, like here
         expected = expected_bytes(engine) if compact and not update else None
         packed_reduction = compact
@@ -154,9 +162,13 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_gr
         if packed_reduction:
             report["reduce"][-1]["measured"] = engine.compact.reduction.last_step_bytes
         report["losses"].append(float(loss))
-        if before is not None:
+        # fp16: a step whose scaled gradient overflowed changes nothing (no mask update, no optimizer step)
+        skipped = engine.last_step_skipped
+        report["skipped"].append(skipped)
+        report["loss_scale"].append(float(engine.optimizer.loss_scale))
+        if before is not None and not skipped:
             report["repack"].append(check_repack(before, snapshot(engine)))
-        if not update:
+        if not update and not skipped:
             report["bytes"].append(engine.state_bytes)
             if compact:
                 report["expected"].append(expected)
@@ -165,6 +177,7 @@ def run(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_gr
             report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
+    report["overflow_skips"] = engine.overflow_skips
     report["method"] = method
     report["groups"] = len(engine.compact.parts) if compact else None
     if compact:
@@ -179,9 +192,10 @@ def main():
     stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     gas = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     sub_group_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # ZeRO-3: split groups into sub-groups
-    bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, method, gas, sub_group_size),
-            "compact": run(stage, True, bf16, method, gas, sub_group_size)}, out)
+    if dtype == "fp16":
+        allow_cpu_fp16()
+    finish({"dense": run(stage, False, dtype, method, gas, sub_group_size),
+            "compact": run(stage, True, dtype, method, gas, sub_group_size)}, out)
 
 
 if __name__ == "__main__":
