@@ -20,7 +20,7 @@ import torch
 from dist_sparse import config as C
 from dist_sparse.compact.packed import Fragment, PackedPartition
 from dist_sparse.errors import ConfigError
-from tests.distributed_utils import dist_sparse_train, run_torchrun
+from tests.distributed_utils import ROOT, dist_sparse_train, run_torchrun
 
 
 def _partition(masks: dict, dense: dict):
@@ -173,7 +173,7 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
 
 
 @pytest.mark.slow
-def test_fp16_compact_checkpoint_resume_exact(tmp_path):
+def test_fp16_compact_checkpoint_resume_exact(tmp_path, capsys):
     """fp16 with dynamic loss scaling through the trainer (tests/workers/fp16_train_worker.py): the first steps
     overflow, the checkpoint keeps the loss scaler's state, and the resumed run continues at the same scale with
     the same losses (restarting at the initial scale would overflow again and skip steps the other run took)."""
@@ -202,6 +202,16 @@ def test_fp16_compact_checkpoint_resume_exact(tmp_path):
     summary = json.loads((full / "summary.json").read_text())
     assert summary["fp16_overflow_steps"] > 0 and summary["skipped_steps"] == 0, summary
     assert summary["compact_state"] is True
+    # `dist-sparse plan` predicts fp16 like bf16 (2-byte weights and gradients): within 1% of the measurement
+    from dist_sparse.cli import plan as plan_cli
+
+    sets = [x for o in common for x in ("--set", o)]
+    assert plan_cli.main([str(ROOT / "configs" / "demo.yaml"), "--world-size", "2", "--json", *sets]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["precision"] == "fp16" and predicted["compact_state"] is True
+    measured = summary["state_bytes_per_rank"]
+    for key, value in predicted["state_bytes_per_rank"].items():
+        assert abs(value - measured[key]) <= 0.01 * measured[key], f"{key}: predicted {value}, measured {measured[key]}"
 
 
 @pytest.mark.slow

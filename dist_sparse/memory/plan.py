@@ -82,8 +82,6 @@ class Setting:
             raise PlanError("--precision", f"must be one of {', '.join(LP_BYTES)}, got {self.precision!r}")
         if self.compact_state and self.zero_stage not in (1, 2, 3):
             raise PlanError("--compact-state", f"is supported with ZeRO stages 1, 2 and 3, not {self.zero_stage}")
-        if self.compact_state and self.precision == "fp16":
-            raise PlanError("--compact-state", "supports fp32 and bf16, not fp16")
         for group in self.groups:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
