@@ -121,12 +121,13 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
         # fp16: the same steps overflow and are skipped, and the loss scale follows the same path
         assert compact["skipped"] == dense["skipped"] and compact["loss_scale"] == dense["loss_scale"], where
         assert compact["overflow_skips"] == dense["overflow_skips"] == sum(dense["skipped"]), where
-        if dtype == "fp16":  # overflows at the start and after training began (the scale was raised again)
-            assert dense["skipped"][0] and any(dense["skipped"][8:]), f"{where}: {dense['skipped']}"
+        if dtype == "fp16":  # overflows at the start and the injected one; the scale comes down and rises again
+            assert dense["skipped"][0] and dense["skipped"][8] and sum(dense["skipped"]) >= 4, where
             assert min(dense["loss_scale"]) < 2 ** 20 and max(dense["loss_scale"][4:]) > min(dense["loss_scale"]), where
         else:
             assert not any(dense["skipped"]), where
-        assert compact["updates"] == dense["updates"] >= 4, where
+        # fp16: the worker makes one update step overflow (an inf at a pruned position): no update on it
+        assert compact["updates"] == dense["updates"] == compact["scheduled_updates"] - (dtype == "fp16") >= 3, where
         # the worker's 2 optimizer groups (decay / no decay), split further by a small ZeRO-3 sub_group_size
         assert (compact["groups"] > 2) == bool(sub_group_size), f"{where}: {compact['groups']} packed groups"
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
@@ -156,7 +157,7 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
         assert c["masks"] > d["masks"], where
         # only active gradients are reduced, except on steps that use the dense gradient (RigL)
         reduce = compact["reduce"]
-        dense_steps = compact["updates"] if method == "rigl" else 0  # magnitude pruning reduces packed always
+        dense_steps = compact["scheduled_updates"] if method == "rigl" else 0  # magnitude: always packed
         assert len(reduce) == 20 and sum(r["dense"] for r in reduce) == dense_steps, where
         for k, r in enumerate(reduce):
             assert r["measured"] == r["expected"], f"{where} step {k}: reduced {r['measured']} bytes, " \

@@ -160,6 +160,7 @@ class PackedZeroState(ABC):
         self.dense_grads: dict = {}  # name -> dense range gradient, on mask-update steps only
         self.dense_grad_step = False
         self.transient_dense_grad_bytes = 0
+        self.dense_nonfinite = False  # this step's dense gradient had an inf/NaN (take_grads_fp32)
         self.grad_dtype = None  # dtype of the stored gradients (None: the reduced gradient's own)
         self._pending: dict = {}
 
@@ -311,6 +312,9 @@ class PackedZeroState(ABC):
         """The step's packed fp32 gradients (one per group); the stored ones and the dense transient are
         released (the transient's size is kept for ``transient_bytes_per_rank``)."""
         grads = self._packed_grads_fp32()
+        # an inf/NaN at a pruned position of a dense-step gradient is not in the packed gradients; DeepSpeed checks
+        # every position (and so does SparseEngine's finiteness check), so the step must count it as an overflow
+        self.dense_nonfinite = any(not bool(torch.isfinite(g).all()) for g in self.dense_grads.values())
         self.transient_dense_grad_bytes = max(self.transient_dense_grad_bytes, sum(
             g.untyped_storage().nbytes() for g in self.dense_grads.values()))
         self.dense_grads = {}
@@ -426,6 +430,8 @@ class CompactZeroState(PackedZeroState):
         norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)
                  for part, g in zip(self.parts, grads) for f in part.fragments]
         total = torch.stack(norms).pow(2).sum().float() if norms else torch.zeros((), dtype=torch.float32)
+        if self.dense_nonfinite:
+            total = torch.full_like(total, float("inf"))
         total = total.to(self.lp_parts[0].device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zo.dp_process_group)
         total = total.pow(0.5)

@@ -251,6 +251,11 @@ class CompactZero3State(PackedZeroState):
             pieces = [part.slice(grads[i], f.name) for f in part.fragments]
             norm_groups.append(zo.get_grad_norm_direct(pieces, zo.fp16_groups[i]))
         scaled_norm = _combine(norm_groups)
+        if self._dense_grad_step():  # an inf/NaN at a pruned position is not in the packed gradients: all ranks
+            bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=scaled_norm.device)  # learn of it
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=zo.dp_process_group)
+            if bad.item():
+                scaled_norm = torch.full_like(scaled_norm, float("inf"))
         if not bool(torch.isfinite(scaled_norm)):
             zo.overflow = True
         if zo._loss_scale_update_and_overflow_cleanup():

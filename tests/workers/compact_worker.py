@@ -133,6 +133,28 @@ def dense_master_freed(engine) -> bool:
                for t, m, part in zip(zo.fp32_partitioned_groups_flat, store.masters, store.parts))
 
 
+# fp16: on this RigL update step rank 1 puts an inf at a *pruned* position of its dense gradient. DeepSpeed checks
+# every position, so masked-dense skips the step as an overflow; compact state must too, although the position is
+# not in its packed gradients (both runs must skip it and lower the scale alike)
+INJECT_STEP = 8
+
+
+def inject_pruned_inf(engine) -> None:
+    for v in engine.sparsifier.views:
+        g = v.grad()
+        pruned = (~engine.sparsifier.mask(v.name).reshape(-1)).nonzero()
+        if g is not None and g.numel() and len(pruned):
+            opt = getattr(v, "opt", None)  # masked-dense ZeRO-3: grad() is an fp32 copy of DeepSpeed's shard grad
+            if hasattr(opt, "set_local_grad_for_param"):
+                full = opt.get_local_fp32_grad_for_param(v.param).view(-1)
+                full[int(pruned[0])] = float("inf")
+                opt.set_local_grad_for_param(full, v.param)
+            else:
+                g[int(pruned[0])] = float("inf")
+            return
+    raise RuntimeError("no pruned position with a gradient on this rank")
+
+
 def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0) -> dict:
     engine = build(stage, compact, dtype, method, gas, sub_group_size)
     sp = engine.sparsifier
@@ -150,6 +172,9 @@ def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_gr
                 engine.step()  # not a boundary: DeepSpeed only accumulates
                 report["losses"].append(float(loss))
         update = sp.method.is_update_step(engine.global_steps)
+        report["scheduled_updates"] = report.get("scheduled_updates", 0) + int(update)
+        if dtype == "fp16" and engine.global_steps == INJECT_STEP and rank == 1:
+            inject_pruned_inf(engine)
         before = snapshot(engine) if update else None  # masked-dense too: its regrown moments must be 0 as well
         # what the masks say a rank holds; the engine measures between backward and the step, like here
         expected = expected_bytes(engine) if compact and not update else None
