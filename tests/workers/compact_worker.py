@@ -25,7 +25,8 @@ from tests.workers import finish, tiny_gpt2
 STEPS = 20
 
 
-def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0):
+def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0,
+          compression: dict | None = None):
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -38,6 +39,8 @@ def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_
     }
     if bf16:
         config["bf16"] = {"enabled": True}
+    if compression is not None:  # tests/workers/compact_compression_worker.py
+        config["compression"] = compression
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
