@@ -26,14 +26,14 @@ STEPS = 20
 
 
 def build(stage: int, compact: bool, bf16: bool, method: str, gas: int = 1, sub_group_size: int = 0,
-          compression: dict | None = None):
+          compression: dict | None = None, clipping: float = 1.0):
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": clipping,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
     }
