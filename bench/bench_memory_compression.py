@@ -26,6 +26,12 @@ RUNS = {  # name -> (kind in bench_memory.KINDS, extra overrides)
 }
 
 
+def sent(s: dict) -> float:
+    """Gradient bytes a rank hands to the collectives per step: the compressed exchange's (measured), or the
+    gradient reduction's (compact state alone: the packed all-reduce, measured; dense DeepSpeed: its formula)."""
+    return s["comm_bytes_per_step"] if s["compression"] != "none" else s["grad_reduce_bytes_per_step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
@@ -46,29 +52,29 @@ def main() -> None:
           "(ERK), mask update every 3 steps; compression: top-k at density 0.01 with error feedback "
           "(`compression.method: topk`). Bytes per rank (MiB, max over the 2 ranks, `state_bytes_per_rank`); "
           "`compression_residuals` are error feedback's residuals (with momentum correction also the local "
-          "momentum, the local second moment and the squared momentum): full fp32 tensors of every trainable "
-          "parameter on every rank. The local-gradient stash (fp32, every trainable parameter, from the first "
-          "backward of a step to the exchange) is a transient, `transient_bytes_per_rank."
-          "compression_local_gradient`.", "",
+          "momentum, the local second moment and the squared momentum), fp32 per coordinate of every trainable "
+          "tensor (each rank sends from its whole local gradient), kept packed by the masks with compact state: "
+          "unpruned coordinates only, plus the mask bits of the layout. The local-gradient stash (fp32, every "
+          "trainable parameter, from the first backward of a step to the exchange) is a transient, "
+          "`transient_bytes_per_rank.compression_local_gradient`. Gradient bytes per step: the compressed "
+          "exchange's `comm_bytes_per_step`, or without compression `grad_reduce_bytes_per_step` (compact: the "
+          "packed all-reduce, RigL's dense update steps included).", "",
           "| run | " + " | ".join(CATS) + " | x dense (total) | x dense without residuals | local-gradient stash "
-          "(transient) | gradient bytes sent per step | peak RSS (MB) |",
+          "(transient) | gradient bytes per step | peak RSS (MB) |",
           "|---|" + "---|" * (len(CATS) + 5)]
     for name, s in runs.items():
         sb, tr = s["state_bytes_per_rank"], s["transient_bytes_per_rank"]
         md.append(f"| {name} | " + " | ".join(mib(sb[c]) for c in CATS) +
                   f" | {sb['total'] / base:.3f} | {(sb['total'] - sb['compression_residuals']) / base:.3f} | "
-                  f"{mib(tr.get('compression_local_gradient', 0))} | {mib(s['comm_bytes_per_step'])} | "
+                  f"{mib(tr.get('compression_local_gradient', 0))} | {mib(sent(s))} | "
                   f"{s['peak_rss_mb']:.0f} |")
     ef, mc = runs["compact + top-k 1% + EF"], runs["compact + top-k 1% + EF + momentum correction"]
     params = dense["total_parameters"]
     md += ["", f"The residuals are {ef['state_bytes_per_rank']['compression_residuals'] / params:.2f} bytes per "
            f"parameter (error feedback) and {mc['state_bytes_per_rank']['compression_residuals'] / params:.2f} "
-           f"(with momentum correction) on every rank, while compact state alone keeps "
-           f"{runs['compact']['state_bytes_per_rank']['total'] / params:.2f} bytes per parameter in all at 90% "
-           "sparsity: with compression the residuals are the largest item, and the 0.35x "
-           "target of compact state alone is not met with them. Pruned coordinates are always 0 in the residuals "
-           "(docs/compression.md), so a residual store packed by the mask would need 10% of this; not implemented "
-           "(docs/memory.md, \"Compact state with compression\")."]
+           "(with momentum correction) on every rank, packed by the masks (dense they would be 4 and 16), while "
+           f"compact state alone keeps {runs['compact']['state_bytes_per_rank']['total'] / params:.2f} bytes per "
+           "parameter in all at 90% sparsity."]
     write_section(NAME, "\n".join(md))
 
 

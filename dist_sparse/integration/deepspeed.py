@@ -450,7 +450,7 @@ class SparseEngine:
             # memory accounting (issue 7): gradients exist only between backward and the step, so measure here
             from dist_sparse.integration.accounting import measure
 
-            residuals = None if self.compression is None else self.compression.compression.feedback.state_tensors()
+            residuals = None if self.compression is None else self.compression.compression.feedback.buffers()
             self.__dict__["state_bytes"] = measure(self, residuals)
         return self.engine.step(*args, **kwargs)
 

@@ -131,8 +131,10 @@ class CompressedReduction:
             log.info("compression.momentum_correction: gradient clipping moves before the exchange (DGC local "
                      "clipping at %.4g = gradient_clipping x sqrt(world size))", local_clip)
         beta2 = self.adam.beta2 if self.adam is not None else None
+        # compact state: the residuals (and momentum-correction buffers) are kept packed by the masks, as the
+        # rest of the state is (pruned coordinates are 0 in every one of them)
         self.compression = GradientCompression(cfg, seed, momentum=momentum, ema=ema, local_clip=local_clip,
-                                               precondition_beta2=beta2)
+                                               precondition_beta2=beta2, packed=store is not None)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
         self._full_masks = _PackedMasks({}, {})

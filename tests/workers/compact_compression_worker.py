@@ -15,6 +15,7 @@ import sys
 import deepspeed
 import torch
 
+from dist_sparse.masks.packing import packed_nbytes
 from tests.workers import finish
 from tests.workers.compact_worker import STEPS, build
 
@@ -29,6 +30,19 @@ def active_in_range(engine) -> int:
     return active
 
 
+def expected_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
+    """Error feedback keeps one fp32 buffer per trainable tensor (momentum correction: four), every coordinate of
+    the full tensor; packed (compact state) only the unpruned coordinates of a sparsified tensor, plus its mask
+    bits (the layout)."""
+    total = 0
+    for n, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        kept = int(masks[n].sum()) if packed and n in masks else p.numel()
+        total += 4 * kept * (4 if mc else 1) + (packed_nbytes(p.numel()) if packed and n in masks else 0)
+    return total
+
+
 def residuals(engine) -> dict:
     return {k: t.clone() for k, t in engine.compression.compression.feedback.state_tensors().items()}
 
@@ -41,7 +55,8 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None) -
     engine = build(stage, compact, bf16, "rigl", compression=compression, clipping=0.0 if bf16 else 1.0)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
-    report = {"losses": [], "masked_nonzero": [], "comm_bytes": [], "bytes": [], "packed": [], "skipped": []}
+    report = {"losses": [], "masked_nonzero": [], "comm_bytes": [], "bytes": [], "packed": [], "skipped": [],
+              "residual_expected": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     comp = engine.compression.compression
@@ -62,14 +77,15 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None) -
             report["residual_untouched"] = set(before) == set(after) and all(
                 torch.equal(before[k], after[k]) for k in before)
             report["residual_nonzero"] = sum(int((t != 0).sum()) for k, t in after.items() if "residual" in k)
+        masks = sp.full_masks()
         if not update and not engine.last_step_skipped:
             report["bytes"].append(engine.state_bytes)
+            report["residual_expected"].append(expected_residual_bytes(engine, masks, mc, compact))
         if compact:  # packed master and Adam moments: one value per active weight of the rank's range
             store = engine.compact
             masters = sum(m.numel() for m in store.masters)
             moments = sum(store.opt.state[m]["exp_avg"].numel() for m in store.masters if m in store.opt.state)
             report["packed"].append([masters, moments, active_in_range(engine)])
-        masks = sp.full_masks()
         report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
