@@ -270,13 +270,18 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
 
 
-def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig) -> None:
-    """Both features replace DeepSpeed's partition-gradient path at ZeRO-1/2 (the compressed exchange writes the
-    averaged gradient where DeepSpeed's reduction would; compact state keeps only packed active gradients there);
-    they are not combined yet, so the pair is refused before any process group starts."""
-    _require(not (c.enabled and sparsity.compact_state), "compression.method",
-             "gradient compression cannot be combined with sparsity.compact_state yet (both replace DeepSpeed's "
-             "partition gradients); set compression.method: none or sparsity.compact_state: false")
+def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
+    """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
+    reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused with
+    its own message here (compression's general ZeRO-3 refusal, :func:`check_compression_with_deepspeed`, names
+    only compression), before any process group starts."""
+    if not (c.enabled and sparsity.compact_state):
+        return
+    stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
+    _require(stage in (1, 2), "compression.method",
+             f"gradient compression with sparsity.compact_state needs ZeRO stage 1 or 2, not {stage} (compression "
+             "needs the full local gradient, which ZeRO-3 never holds); use stage 2, or set "
+             "compression.method: none for compact state at ZeRO-3")
 
 
 def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:
@@ -338,6 +343,8 @@ def from_dict(raw: dict) -> Config:
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
+    sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
+    check_compression_with_compact_state(compression, sparsity, ds)  # its ZeRO-3 message before the general one
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
     # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
@@ -350,12 +357,11 @@ def from_dict(raw: dict) -> Config:
         data=_build(DataConfig, raw.get("data"), "data"),
         train=_build(TrainConfig, raw.get("train"), "train"),
         deepspeed=ds,
-        sparsity=_build(SparsityConfig, raw.get("sparsity"), "sparsity"),
+        sparsity=sparsity,
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
         compression=compression,
     )
     check_compact_state(cfg.sparsity, cfg.deepspeed)
-    check_compression_with_compact_state(cfg.compression, cfg.sparsity)
     return cfg
 
 
@@ -453,7 +459,7 @@ def split_deepspeed_json(config) -> tuple:
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
     compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
     _check_deepspeed(raw, "<deepspeed>")
+    check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)
-    check_compression_with_compact_state(compression, sparsity)
     return raw, sparsity, compression

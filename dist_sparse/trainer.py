@@ -290,8 +290,9 @@ def _comm_summary(engine, steps: int) -> dict:
 def state_bytes_summary(engine) -> dict:
     """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
     (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``
-    the dense gradient a compact run materialises on mask-update steps and the packed master a ZeRO-3 fp32
-    compact run materialises inside the step (docs/memory.md). A collective."""
+    the dense gradient a compact run materialises on mask-update steps, the packed master a ZeRO-3 fp32
+    compact run materialises inside the step, compact state's packed exchange buffer and gradient compression's
+    local-gradient stash (docs/memory.md). A collective."""
     store = getattr(engine, "compact", None)
     mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
             # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
@@ -300,6 +301,8 @@ def state_bytes_summary(engine) -> dict:
     reduction = getattr(store, "reduction", None)
     mine["reduce"] = reduction.stats() if reduction is not None else None
     mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
+    # gradient compression (ZeRO-1/2): the fp32 local gradient stashed from backward to the exchange
+    mine["stash"] = getattr(engine.compression, "max_stash_bytes", 0)
     ranks = D.all_gather_object(mine)
     reduce = _grad_reduce_summary(engine, [r["reduce"] for r in ranks])
     measured = [r["state"] for r in ranks if r["state"] is not None]
@@ -311,7 +314,8 @@ def state_bytes_summary(engine) -> dict:
         "state_bytes_by_rank": [r["state"] for r in ranks],
         "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks),
                                      "packed_master_during_step": max(r["master"] for r in ranks),
-                                     "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks)},
+                                     "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks),
+                                     "compression_local_gradient": max(r["stash"] for r in ranks)},
         "compact_state": engine.sparsity.compact_state,
         **reduce,
     }

@@ -529,3 +529,29 @@ def test_second_moment_blend_is_fitted_to_the_energy_of_the_average():
     again = ErrorFeedback(COMPRESSORS["topk"](), density=1.0, momentum=0.5, ema=True, precondition_beta2=0.5, world=2)
     again.load_state_tensors(ef.state_tensors())
     assert again.energy == ef.energy and again.blend == ef.blend
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_packed_buffers_equal_dense_buffers_bit_for_bit(momentum):
+    """``packed=True`` (compact state) keeps each masked tensor's buffers as its unpruned coordinates only; with
+    masks that change between steps (pruned and regrown coordinates), an own range, Adam's preconditioned ranking
+    and the energy fit, everything sent, the second-moment estimate and the checkpoint tensors equal the dense
+    buffers' exactly, and the stored residual has one value per unpruned coordinate."""
+    gen = torch.Generator().manual_seed(3)
+    kw = dict(momentum=momentum, ema=momentum is not None, precondition_beta2=0.999 if momentum else None, world=2)
+    dense, packed = (ErrorFeedback(COMPRESSORS["topk"](seed=0), 0.05, True, packed=p, **kw) for p in (False, True))
+    eligible = torch.rand(400, generator=gen) < 0.3
+    for step in range(8):
+        if step % 3 == 2:  # a mask update: some coordinates pruned, others regrown
+            eligible = eligible ^ (torch.rand(400, generator=gen) < 0.1)
+        g, energy = torch.randn(400, generator=gen), float(torch.rand(1, generator=gen)) * 100
+        outs = [ef.compress("w", g, eligible, step, stream=0, local=(100, 50), energy=energy)
+                for ef in (dense, packed)]
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), step
+        if momentum is not None:
+            assert torch.equal(dense.second_moment_estimate("w", 100, 50), packed.second_moment_estimate("w", 100, 50))
+        assert packed.residual["w"].numel() == int(eligible.sum()) and dense.residual["w"].numel() == 400
+    sd, sp = dense.state_tensors(), packed.state_tensors()
+    assert set(sd) == set(sp) and all(torch.equal(sd[k], sp[k]) for k in sd)
+    assert "w::layout" in packed.buffers() and "w::layout" not in dense.buffers()

@@ -105,6 +105,14 @@ class LocalMomentAdam:
             entry[1][offset: offset + master.numel()].copy_(second)
             entry[2] += float(written.float().square().sum())
 
+    def follow(self, old, new, repack) -> None:
+        """Optimizer param ``old`` was replaced by ``new`` between :meth:`stage` and :meth:`step` (compact state
+        repacks its packed masters at a mask update that does not replace the step, e.g. magnitude pruning):
+        its staged second moment moves to the new layout (``repack``: old layout -> new, a flat tensor)."""
+        entry = self._staged.pop(id(old), None)
+        if entry is not None:
+            self._staged[id(new)] = [new, repack(entry[1]), entry[2]]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

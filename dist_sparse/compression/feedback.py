@@ -24,7 +24,14 @@ chosen outside the range (:meth:`ErrorFeedback.compress`). ``k`` stays ``density
 coordinates, so the bytes are those of the same density without the range.
 
 Mask-aware: ``eligible`` is the set of coordinates the weight mask keeps. Pruned coordinates are zeroed in ``acc``
-before selection, so they are never sent and never enter (or stay in) a residual.
+before selection, so they are never sent and never enter (or stay in) a residual; the same holds for every other
+per-coordinate buffer (DGC momentum, the second moment and the squared momentum of Adam's correction).
+
+Packed buffers (``packed=True``, used with compact state, docs/memory.md): since every buffer is 0 at the pruned
+coordinates after each :meth:`ErrorFeedback.compress`, it is stored between steps as the values of the unpruned
+coordinates only (packed by the mask of that compress, whose bits are kept), and unpacked to a dense transient for
+the next compress of that tensor (one tensor at a time). The arithmetic is that of the dense buffers, bit for bit;
+a dense checkpoint (``state_tensors``) is written either way.
 
 Warm-up (DGC Sec. 3.4): the density ramps exponentially from 1 (dense) to the target over ``warmup_steps``
 optimizer steps: ``density_t = target ** (t / warmup_steps)`` (DGC's 75%, 93.75%, 98.4%, 99.6% sparsity
@@ -34,6 +41,12 @@ schedule is such a geometric ramp).
 import torch
 
 from dist_sparse.compression.base import wire_count
+from dist_sparse.masks.packing import pack_bits, unpack_bits
+
+
+def _unpacked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(mask.numel(), dtype=values.dtype, device=values.device)
+    return out.masked_scatter_(mask.to(values.device), values)
 
 
 class ErrorFeedback:
@@ -41,8 +54,11 @@ class ErrorFeedback:
 
     def __init__(self, compressor, density: float, error_feedback: bool = True, momentum: float | None = None,
                  warmup_steps: int = 0, ema: bool = False, precondition_beta2: float | None = None,
-                 world: int = 1):
+                 world: int = 1, packed: bool = False):
         self.compressor = compressor
+        # keep the per-coordinate buffers of a masked tensor packed by its mask between compress calls
+        self.packed = bool(packed)
+        self.layout: dict = {}  # name -> (packed mask bits, numel): the layout of that tensor's packed buffers
         # Adam momentum correction: this rank estimates Adam's second moment of the *averaged* gradient (see
         # second_moment_estimate) and top-k ranks coordinates by the step they would make, |acc| / sqrt(v)
         # (None: rank by |acc|, as top-k for SGD does)
@@ -66,6 +82,38 @@ class ErrorFeedback:
             return self.target_density
         return self.target_density ** (step / self.warmup_steps)
 
+    def _stores(self) -> tuple:
+        return self.residual, self.velocity_momentum, self.second_moment, self.momentum_square
+
+    def _dense(self, store: dict, name: str) -> torch.Tensor:
+        """``store[name]`` as a dense flat tensor (a new one when it is kept packed)."""
+        layout = self.layout.get(name)
+        return store[name] if layout is None else _unpacked(store[name], unpack_bits(*layout))
+
+    def _unpack(self, name: str) -> None:
+        """Make ``name``'s buffers dense for a compress (a transient of this one tensor)."""
+        if name in self.layout:
+            for store in self._stores():
+                if name in store:
+                    store[name] = self._dense(store, name)
+            del self.layout[name]
+
+    def _pack(self, name: str, eligible: torch.Tensor | None) -> None:
+        """After a compress: keep only the unpruned coordinates of ``name``'s buffers (all 0 elsewhere)."""
+        if not self.packed or eligible is None:
+            return
+        for store in self._stores():
+            if name in store:
+                store[name] = store[name][eligible.to(store[name].device)]
+        self.layout[name] = (pack_bits(eligible), eligible.numel())
+
+    def buffers(self) -> dict:
+        """The tensors this rank keeps, as stored (packed or dense) with the packed layouts' bits (accounting)."""
+        out = {f"{n}::{k}": t for k, store in zip(("residual", "momentum", "second_moment", "momentum_square"),
+                                                 self._stores()) for n, t in store.items()}
+        out.update({f"{n}::layout": bits for n, (bits, _) in self.layout.items()})
+        return out
+
     def _buffer(self, store: dict, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = store.get(name)
         if buf is None or buf.shape != like.shape or buf.device != like.device:
@@ -83,6 +131,7 @@ class ErrorFeedback:
         """The vector to sparsify for ``name``: gradient (+ residual, or DGC velocity), zero where pruned.
 
         With error feedback it *is* the residual buffer (updated in place); call :meth:`sent` after selecting."""
+        self._unpack(name)
         grad = grad.reshape(-1).float()
         if not self.error_feedback:
             acc = grad.clone()
@@ -112,6 +161,8 @@ class ErrorFeedback:
                 t = self.moment_steps[name] = self.moment_steps.get(name, 0) + 1
                 correction = (1 - self.momentum ** t) ** 2 if self.ema else 1.0
                 w = self._buffer(self.momentum_square, name, grad).mul_(b2).addcmul_(u, u, value=(1 - b2) / correction)
+                if eligible is not None:  # as every buffer: nothing of a pruned coordinate stays behind
+                    w.masked_fill_(~eligible, 0)
                 if energy is not None:
                     self.energy[name] = b2 * self.energy.get(name, 0.0) + (1 - b2) * float(energy)
                     self.blend[name] = self._fit_blend(self.energy[name], float(v.sum()), float(w.sum()))
@@ -140,13 +191,13 @@ class ErrorFeedback:
         before the first fit ``lam = 1/N``. N = 1 gives exactly the local (= Adam's) ``v``.
 
         ``start``/``length``: only that range of the flat tensor (a rank's partition), computed on the range only."""
-        v = self.second_moment[name]
+        v = self._dense(self.second_moment, name)
         length = v.numel() - start if length is None else length
         v = v.narrow(0, start, length)
         if self.world == 1 or name not in self.momentum_square:
             return v
         lam = self.blend.get(name, 1.0 / self.world)
-        return v * lam + self.momentum_square[name].narrow(0, start, length) * (1 - lam)
+        return v * lam + self._dense(self.momentum_square, name).narrow(0, start, length) * (1 - lam)
 
     def ranking(self, name: str, acc: torch.Tensor) -> torch.Tensor:
         """What the compressor ranks: ``acc``, or with Adam preconditioning the step each coordinate would make,
@@ -195,6 +246,7 @@ class ErrorFeedback:
         self.sent(name, acc, idx)
         if own is not None and own.numel():
             self._delivered_locally(name, acc, local)
+        self._pack(name, eligible)
         return idx, values, own
 
     def _delivered_locally(self, name: str, acc: torch.Tensor, local: tuple) -> None:
@@ -208,10 +260,11 @@ class ErrorFeedback:
 
     # -- checkpointing: per-rank tensors keyed "{name}::residual" / "::momentum" / "::second_moment" -----------
     def state_tensors(self) -> dict:
-        out = {f"{n}::residual": t for n, t in self.residual.items()}
-        out.update({f"{n}::momentum": t for n, t in self.velocity_momentum.items()})
-        out.update({f"{n}::second_moment": t for n, t in self.second_moment.items()})
-        out.update({f"{n}::momentum_square": t for n, t in self.momentum_square.items()})
+        """Dense tensors (packed buffers are unpacked: the checkpoint format does not depend on ``packed``)."""
+        out = {f"{n}::residual": self._dense(self.residual, n) for n in self.residual}
+        out.update({f"{n}::momentum": self._dense(self.velocity_momentum, n) for n in self.velocity_momentum})
+        out.update({f"{n}::second_moment": self._dense(self.second_moment, n) for n in self.second_moment})
+        out.update({f"{n}::momentum_square": self._dense(self.momentum_square, n) for n in self.momentum_square})
         out.update({f"{n}::moment_steps": torch.tensor([float(t)]) for n, t in self.moment_steps.items()})
         # float64: the running energy and the fitted blend are restored bit for bit
         out.update({f"{n}::energy": torch.tensor([e, self.blend[n]], dtype=torch.float64)
@@ -238,3 +291,4 @@ class ErrorFeedback:
     def reset(self) -> None:
         self.residual, self.velocity_momentum, self.second_moment, self.momentum_square = {}, {}, {}, {}
         self.moment_steps, self.energy, self.blend = {}, {}, {}
+        self.layout = {}

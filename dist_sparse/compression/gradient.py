@@ -53,12 +53,12 @@ def clip_local_(grads: dict, eligible: dict, max_norm: float, skip=()) -> float:
 
 class GradientCompression:
     def __init__(self, cfg, seed: int = 0, group=None, momentum: float | None = None, ema: bool = False,
-                 local_clip: float = 0.0, precondition_beta2: float | None = None):
+                 local_clip: float = 0.0, precondition_beta2: float | None = None, packed: bool = False):
         self.cfg = cfg
         self.compressor = COMPRESSORS[cfg.method](seed)
         self.feedback = ErrorFeedback(self.compressor, cfg.density, cfg.error_feedback,
                                       momentum if cfg.momentum_correction else None, cfg.warmup_steps, ema,
-                                      precondition_beta2, D.world_size(group))
+                                      precondition_beta2, D.world_size(group), packed)
         self.exchange = SparseExchange(group)
         self.seed = seed
         self.last_sketch_bytes = 0  # the count sketches' all-reduce in the last exchange

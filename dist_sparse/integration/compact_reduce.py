@@ -47,6 +47,14 @@ from dist_sparse.masks.replicate import gather_full_masks
 KEY = "sparsity.compact_state"
 
 
+def skip_buckets(zo) -> None:
+    """DeepSpeed's ``setup_buckets`` without allocating its reduction buckets (``reduce_bucket_size`` elements,
+    allocated before each backward): for steps on which nothing enters them, only its bookkeeping runs."""
+    if not zo.ready_for_gradients:
+        zo.micro_step_id += 1
+        zo.ready_for_gradients = True
+
+
 class PackedReduction:
     """Takes over the gradient reduction of one engine with compact state (``store``: its
     :class:`dist_sparse.integration.compact_zero.PackedZeroState`). ``dense_reduce`` is what reduces a gradient
@@ -84,7 +92,7 @@ class PackedReduction:
         self.per_micro_batch = accumulate and self.comm_dtype != torch.float32
         self.buffer_dtype = torch.float32 if accumulate and not self.per_micro_batch else self.comm_dtype
         self._window_reductions = 0  # packed reductions already summed into the stored gradient this window
-        self.stored_dtype = getattr(zo, "gradient_accumulation_dtype", None) or zo.dtype  # DeepSpeed's partition
+        self.stored_dtype = store.reduced_grad_dtype  # DeepSpeed's partition gradient dtype
         self.masks: dict = {}  # name -> (packed full-mask bits on self.device, numel), sparsified parameters
         self.offsets: dict = {}  # name -> (offset in the packed buffer, active count)
         self.sources: dict = {}  # (group index, name) -> where the fragment's active values start in the buffer
@@ -152,11 +160,7 @@ class PackedReduction:
         packed steps nothing enters them, so only its bookkeeping runs."""
         if self.dense_step():
             return self._ds_setup_buckets()
-        zo = self.zo
-        if not zo.ready_for_gradients:
-            zo.micro_step_id += 1
-            zo.ready_for_gradients = True
-        return None
+        return skip_buckets(self.zo)
 
     def _grad(self, param):
         return param.grad if self.stage3 else self.zo.get_gradient_for_reduction(param)
@@ -215,17 +219,13 @@ class PackedReduction:
         store = self.store
         add = self._window_reductions > 0  # as DeepSpeed: copy the first micro-batch's reduction, add later ones
         for i, part in enumerate(store.parts):
-            out = store.grads[i] if add else torch.empty(part.numel, dtype=self.stored_dtype, device=buf.device)
+            if not add:
+                store.grads[i] = None  # a new window: the store allocates the step's packed gradient
             for k, f in enumerate(part.fragments):
                 n = part.offsets[k + 1] - part.offsets[k]
-                if not n:
-                    continue
-                src = buf.narrow(0, self.sources[(i, f.name)], n)
-                if add:
-                    out.narrow(0, part.offsets[k], n).add_(src.to(self.stored_dtype))
-                else:
-                    out.narrow(0, part.offsets[k], n).copy_(src)
-            store.grads[i] = out
+                if n:
+                    src = buf.narrow(0, self.sources[(i, f.name)], n)
+                    store.accept_grad(i, f.name, src, self.stored_dtype, accumulate=add, packed=True)
         self._window_reductions += 1
         self.exchanged = not self.per_micro_batch  # once per step, unless every micro-batch reduces
 

@@ -162,6 +162,9 @@ class PackedZeroState(ABC):
         self.transient_dense_grad_bytes = 0
         self.dense_nonfinite = False  # this step's dense gradient had an inf/NaN (take_grads_fp32)
         self.grad_dtype = None  # dtype of the stored gradients (None: the reduced gradient's own)
+        # called as f(old master, new master, repack) when a mask update repacks a group: state laid out like the
+        # packed master outside this store (gradient compression's staged Adam second moment) follows the layout
+        self.layout_followers: list = []
         self._pending: dict = {}
 
     # -- master weights and moments ----------------------------------------------------------------------------
@@ -210,6 +213,8 @@ class PackedZeroState(ABC):
                 # step's gradient follows the new layout; pruned positions' values are dropped as masked-dense
                 # zeroes them, regrown ones (SET, whose update replaces the step) get 0
                 self.grads[i] = part.repack(self.grads[i], old, new)
+            for follow in self.layout_followers:
+                follow(master, packed, lambda t, part=part, old=old, new=new: part.repack(t, old, new))
             part.relayout(new)
             self._set_group_tensor(i, packed, state)
             # the lp partition: dropped positions become 0 now (the step writes active ones)
@@ -253,6 +258,11 @@ class PackedZeroState(ABC):
         ``grow_grad_steps`` > 1, its growth window): then the dense range is kept (a transient)."""
         return self.sparsifier.uses_dense_grad(self.engine.global_steps)
 
+    @property
+    def reduced_grad_dtype(self) -> torch.dtype:
+        """The dtype DeepSpeed stores a reduced partition gradient in (its accumulation dtype)."""
+        return getattr(self.zo, "gradient_accumulation_dtype", None) or self.zo.dtype
+
     @torch.no_grad()
     def capture_grad(self, param, grad, start: int | None = None, accumulate: bool = False) -> None:
         """Keep this rank's range of a reduced gradient: packed, or dense on a mask-update step. ``grad`` is the
@@ -264,25 +274,43 @@ class PackedZeroState(ABC):
         if where is None or grad is None:
             return
         i, name = where
+        frag = self.parts[i].fragments[self.parts[i].index[name]]
+        dense = grad.reshape(-1).narrow(0, frag.param_start if start is None else start, frag.length)
+        self.accept_grad(i, name, dense, self.grad_dtype or grad.dtype, accumulate=accumulate)
+
+    @torch.no_grad()
+    def accept_grad(self, i: int, name: str, values: torch.Tensor, dtype: torch.dtype, accumulate: bool = False,
+                    packed: bool = False) -> None:
+        """Take this rank's averaged range of parameter ``name`` (group ``i``), stored in ``dtype``: the one way
+        every reduction hands the store a gradient (DeepSpeed's dense one through :meth:`capture_grad`, the packed
+        all-reduce, gradient compression's exchange). ``values``: the dense range (the fragment's ``length``
+        values), kept dense on a step that uses the dense gradient (a transient) and packed by the current mask
+        otherwise; or, with ``packed``, already the active values in the packed layout (a packed step).
+        ``accumulate``: add to what this accumulation window stored so far instead of replacing it."""
         self.dense_grad_step = self._dense_grad_step()
         part = self.parts[i]
-        frag = part.fragments[part.index[name]]
-        dense = grad.reshape(-1).narrow(0, frag.param_start if start is None else start, frag.length)
-        dtype = self.grad_dtype or grad.dtype
-        if self.dense_grad_step:
-            if accumulate and name in self.dense_grads:
-                self.dense_grads[name].add_(dense.to(dtype))
-            else:
-                self.dense_grads[name] = dense.to(dtype, copy=True)
-            return
+        if not packed:
+            if self.dense_grad_step:
+                if accumulate and name in self.dense_grads:
+                    self.dense_grads[name].add_(values.to(dtype))
+                else:
+                    self.dense_grads[name] = values.to(dtype, copy=True)
+                return
+            frag = part.fragments[part.index[name]]
+            values = part.pack_fragment(values, part.mask_of(name).reshape(-1) if frag.sparse else None)
         if self.grads[i] is None:
-            self.grads[i] = torch.zeros(part.numel, dtype=dtype, device=grad.device)
-        mask = part.mask_of(name).reshape(-1) if frag.sparse else None
+            self.grads[i] = torch.zeros(part.numel, dtype=dtype, device=values.device)
         target = part.slice(self.grads[i], name)
         if accumulate:  # as DeepSpeed: the new micro-batch's gradient in the accumulation dtype, added
-            target.add_(part.pack_fragment(dense, mask).to(dtype))
+            target.add_(values.to(dtype))
         else:
-            target.copy_(part.pack_fragment(dense, mask))
+            target.copy_(values)
+
+    def pack_range(self, i: int, name: str, dense: torch.Tensor) -> torch.Tensor:
+        """A dense range of ``name`` packed by the current layout (what the packed master of that range holds)."""
+        part = self.parts[i]
+        frag = part.fragments[part.index[name]]
+        return part.pack_fragment(dense, part.mask_of(name).reshape(-1) if frag.sparse else None)
 
     def grad_of(self, i: int, name: str):
         if self.dense_grad_step:
@@ -332,9 +360,11 @@ class PackedZeroState(ABC):
 
 
 class CompactZeroState(PackedZeroState):
-    """ZeRO-1/2: DeepSpeed's ``DeepSpeedZeroOptimizer``; installed by :func:`enable`."""
+    """ZeRO-1/2: DeepSpeed's ``DeepSpeedZeroOptimizer``; installed by :func:`enable`. ``reduce_gradients``:
+    whether this store takes over the gradient reduction (the packed all-reduce); False when gradient compression
+    owns it (``ds_compression.CompressedReduction`` hands the averaged ranges to :meth:`accept_grad`)."""
 
-    def __init__(self, engine, sparsifier):
+    def __init__(self, engine, sparsifier, reduce_gradients: bool = True):
         check_common(engine, "DeepSpeedZeroOptimizer")
         if not getattr(engine.optimizer, "contiguous_gradients", True):
             raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
@@ -359,7 +389,9 @@ class CompactZeroState(PackedZeroState):
         from dist_sparse.integration.compact_reduce import PackedReduction
 
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
-        self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
+        self.reduction = None
+        if reduce_gradients:
+            self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
         self._patch()
 
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
@@ -397,7 +429,9 @@ class CompactZeroState(PackedZeroState):
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without building dense ``averaged_gradients``: the packed ones are ours
             store.dense_grad_step = store._dense_grad_step()
-            if store.dense_grad_step:
+            if reduction is None:  # gradient compression reduces at the step boundary (and writes accept_grad)
+                pass
+            elif store.dense_grad_step:
                 zo.reduce_ipg_grads()  # DeepSpeed's dense reduction (RigL's growth needs the dense gradient)
             else:  # the packed all-reduce of active gradients (compact_reduce.py)
                 reduction.end_backward(self.engine.is_gradient_accumulation_boundary())
@@ -411,20 +445,26 @@ class CompactZeroState(PackedZeroState):
             zo._clear_param_grad_only()
             zo._epilogue_ran_this_backward = True
 
+        from dist_sparse.integration.compact_reduce import skip_buckets
+
+        # with compression nothing enters DeepSpeed's buckets on any step: only their bookkeeping runs
+        hooks = reduction.install() if reduction is not None else {"setup_buckets": lambda: skip_buckets(zo)}
         self._install_hooks(copy_grads_in_partition=copy_grads_in_partition,
                             independent_gradient_partition_epilogue=independent_gradient_partition_epilogue,
-                            step=self.step, **reduction.install())
+                            step=self.step, **hooks)
 
     def finish_load(self) -> None:
         super().finish_load()
-        self.reduction.masks_changed()  # the loaded masks replace the replicated copy
+        if self.reduction is not None:
+            self.reduction.masks_changed()  # the loaded masks replace the replicated copy
 
     @torch.no_grad()
     def step(self, closure=None):
         """DeepSpeed's ZeRO-1/2 step on packed tensors (fp32, bf16, fp16 with its loss scaler; no offload)."""
         zo = self.zo
         zo.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID
-        self.reduction.end_step(self._dense_grad_step())
+        if self.reduction is not None:  # None: gradient compression reduces
+            self.reduction.end_step(self._dense_grad_step())
         grads = self.take_grads_fp32()
         # the global norm as DeepSpeed's get_grad_norm_direct: per-fragment norms, squared, summed, all-reduced
         norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)
@@ -464,15 +504,19 @@ class CompactZeroState(PackedZeroState):
         self.dense_grad_step = False
 
 
-def enable(engine, sparse_engine) -> PackedZeroState:
-    """Switch an attached engine (masks already drawn and applied) to compact state; replaces its views."""
+def enable(engine, sparse_engine, reduce_gradients: bool = True) -> PackedZeroState:
+    """Switch an attached engine (masks already drawn and applied) to compact state; replaces its views.
+    ``reduce_gradients=False``: gradient compression owns the reduction (ZeRO-1/2 only)."""
     sparsifier = sparse_engine.sparsifier
     if engine.zero_optimization_stage() == 3:
+        if not reduce_gradients:
+            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state needs ZeRO "
+                                                    "stage 1 or 2 (compression does not support stage 3)")
         from dist_sparse.integration.compact_zero3 import CompactZero3State
 
         store = CompactZero3State(engine, sparsifier)
     else:
-        store = CompactZeroState(engine, sparsifier)
+        store = CompactZeroState(engine, sparsifier, reduce_gradients)
     groups = {}
     for i, part in enumerate(store.parts):
         for f in part.fragments:

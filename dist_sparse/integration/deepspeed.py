@@ -487,7 +487,7 @@ class SparseEngine:
             # memory accounting (issue 7): gradients exist only between backward and the step, so measure here
             from dist_sparse.integration.accounting import measure
 
-            residuals = None if self.compression is None else self.compression.compression.feedback.state_tensors()
+            residuals = None if self.compression is None else self.compression.compression.feedback.buffers()
             self.__dict__["state_bytes"] = measure(self, residuals)
         return self.engine.step(*args, **kwargs)
 
@@ -552,17 +552,19 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
     wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
-    if compression is not None and compression.enabled:
-        from dist_sparse.integration.ds_compression import CompressedReduction
-
-        wrapped.__dict__["compression"] = CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
-                                                              compression, seed)
-        if wrapped.compression.adam is not None:  # Adam momentum correction replaces the update rule
-            wrapped.inner_step[0] = wrapped.compression.adam.step
+    compressed = compression is not None and compression.enabled
     if sparsity.compact_state:  # issue 7: masters, moments and gradients only for active weights
         from dist_sparse.integration import compact_zero
 
-        compact_zero.enable(engine, wrapped)
+        # with compression the compressed exchange owns the gradient reduction and writes into the compact store
+        compact_zero.enable(engine, wrapped, reduce_gradients=not compressed)
+    if compressed:
+        from dist_sparse.integration.ds_compression import CompressedReduction
+
+        wrapped.__dict__["compression"] = CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
+                                                              compression, seed, store=wrapped.compact)
+        if wrapped.compression.adam is not None:  # Adam momentum correction replaces the update rule
+            wrapped.inner_step[0] = wrapped.compression.adam.step
     return wrapped
 
 

@@ -93,7 +93,9 @@ class _PackedMasks:
 class CompressedReduction:
     """Owns the per-rank compression state of one engine and replaces its gradient reduction."""
 
-    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0):
+    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None):
+        """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2),
+        which then receives the averaged ranges instead of DeepSpeed's partition fragments."""
         stage = engine.zero_optimization_stage()
         if stage >= 3:
             raise ConfigError("compression.method", "gradient compression supports ZeRO stages 0, 1 and 2, not 3 "
@@ -129,15 +131,23 @@ class CompressedReduction:
             log.info("compression.momentum_correction: gradient clipping moves before the exchange (DGC local "
                      "clipping at %.4g = gradient_clipping x sqrt(world size))", local_clip)
         beta2 = self.adam.beta2 if self.adam is not None else None
+        # compact state: the residuals (and momentum-correction buffers) are kept packed by the masks, as the
+        # rest of the state is (pruned coordinates are 0 in every one of them)
         self.compression = GradientCompression(cfg, seed, momentum=momentum, ema=ema, local_clip=local_clip,
-                                               precondition_beta2=beta2)
+                                               precondition_beta2=beta2, packed=store is not None)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
         self._full_masks = _PackedMasks({}, {})
         self._mask_token = None
         self._mask_epoch = 0
+        # the local gradient of the accumulation window (stages 1/2): full fp32 tensors, from the first backward
+        # of a window to the exchange, then released (a transient: transient_bytes_per_rank)
         self._stash: dict = {}
         self._touched: set = set()
+        self.max_stash_bytes = 0
+        self.store = store
+        if store is not None and self.adam is not None:  # staged second moments follow a repack of the masters
+            store.layout_followers.append(self.adam.follow)
         # stages 1/2: every rank's range of every tensor in its partition (fixed for the run). The average is
         # needed only over the own range, and the own contribution there is added locally, uncompressed
         self._owned = None if stage == 0 else self._partition_ranges()
@@ -181,7 +191,7 @@ class CompressedReduction:
         flat = g.detach().reshape(-1)
         buf = self._stash.get(name)
         if buf is None:
-            buf = self._stash[name] = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+            buf = self._stash[name] = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
         if name in self._touched:
             buf.add_(flat)
         else:
@@ -208,6 +218,12 @@ class CompressedReduction:
 
     def discard(self) -> None:
         """A skipped step: forget the local gradients (the residuals stay untouched)."""
+        self._release_stash()
+
+    def _release_stash(self) -> None:
+        self.max_stash_bytes = max(self.max_stash_bytes, sum(t.numel() * t.element_size()
+                                                             for t in self._stash.values()))
+        self._stash = {}
         self._touched.clear()
 
     # -- masks -------------------------------------------------------------------------------------------------
@@ -248,21 +264,49 @@ class CompressedReduction:
                 skip = [n for n in self.names if n not in dense]
         local = self.local_grads()
         averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned)
+        write = self._write_partition if self.store is None else self._write_compact
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
-            v = self.views[n]
-            g = v.grad()
-            if g is None or g.numel() == 0:
-                continue
-            if self.adam is not None:  # this rank's part of the second-moment estimate the exchange keeps
-                fragments.append((v.master(), self._second_moment(n, local[n], v.mask_start, g.numel()), g))
-            if n in averaged:
-                g.copy_(averaged[n][v.mask_start: v.mask_start + g.numel()].to(g.dtype))
-            else:
-                g.zero_()
+            staged = write(self.views[n], averaged.get(n), local[n])
+            if staged is not None:
+                fragments.append(staged)
         if self.adam is not None:
             self.adam.stage(fragments)
-        self._touched.clear()
+        self._release_stash()
+
+    def _write_partition(self, v, average, local):
+        """Write this rank's range of ``average`` (None: not exchanged this step, zeros) into DeepSpeed's gradient
+        of ``v`` (``param.grad`` at stage 0, the partition fragment at stages 1/2)."""
+        g = v.grad()
+        if g is None or g.numel() == 0:
+            return None
+        # this rank's part of the second-moment estimate the exchange keeps (Adam momentum correction)
+        staged = None if self.adam is None else (v.master(), self._second_moment(v.name, local, v.mask_start,
+                                                                                   g.numel()), g)
+        if average is not None:
+            g.copy_(average[v.mask_start: v.mask_start + g.numel()].to(g.dtype))
+        else:
+            g.zero_()
+        return staged
+
+    def _write_compact(self, v, average, local):
+        """Compact state: hand this rank's range of ``average`` to the store (packed by the mask, or dense on a
+        dense-gradient step); a range not exchanged this step stays zero there. Momentum correction stages the
+        packed master slice with the second moment and the written values packed by the same layout."""
+        if v.group is None or v.mask_len == 0:
+            return None
+        store, i = self.store, v.group
+        if average is not None:
+            store.accept_grad(i, v.name, average.narrow(0, v.mask_start, v.mask_len), store.reduced_grad_dtype)
+        if self.adam is None:
+            return None
+        written = store.grad_of(i, v.name)  # what was stored: packed, or the dense range on a dense step
+        if written is None:
+            written = torch.zeros(0)
+        elif store.dense_grad_step:
+            written = store.pack_range(i, v.name, written)
+        second = self._second_moment(v.name, local, v.mask_start, v.mask_len)
+        return store.packed(i, v.name), store.pack_range(i, v.name, second), written
 
     def _second_moment(self, name: str, local: torch.Tensor, start: int, length: int) -> torch.Tensor:
         """The exchange's estimate of Adam's second moment for ``name`` over ``[start, start + length)``. A tensor

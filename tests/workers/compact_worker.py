@@ -25,7 +25,8 @@ from tests.workers import allow_cpu_fp16, finish, tiny_gpt2
 STEPS = 20
 
 
-def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0):
+def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0,
+          compression: dict | None = None, clipping: float | None = None):
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -34,8 +35,8 @@ def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_
         "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
         # fp16 without clipping: compact state sums the norm without the pruned zeros, so the clip coefficient can
         # differ from DeepSpeed's in the last bit, and rounding the weights to fp16 turns that into loss differences
-        # far above reassociation level (fp32/bf16 keep them below it). Unclipped, fp16 is identical.
-        "gradient_clipping": 0.0 if dtype == "fp16" else 1.0,
+        # far above reassociation level (fp32/bf16 keep them below it here). Unclipped, fp16 is identical.
+        "gradient_clipping": clipping if clipping is not None else (0.0 if dtype == "fp16" else 1.0),
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
     }
@@ -45,6 +46,8 @@ def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_
         # dynamic loss scaling from 2^20: the first steps overflow (skipped, the scale comes down), and a short
         # window raises it again so that it overflows later too (steps are skipped after training has begun)
         config["fp16"] = {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 4}
+    if compression is not None:  # tests/workers/compact_compression_worker.py
+        config["compression"] = compression
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
