@@ -268,6 +268,12 @@ class CompressedReduction:
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
             staged = write(self.views[n], averaged.get(n), local[n])
+            if staged is not None and self.store is None and n in dense and n in self._full_masks:
+                # exchanged dense (a growth-window step that still steps): the optimizer applies the gradient after
+                # before_step masks it, so the written values the second moment is matched to exclude pruned ones
+                v, written = self.views[n], staged[2]
+                keep = self._full_masks.get(n).narrow(0, v.mask_start, written.numel())
+                staged = (*staged[:2], written.masked_fill(~keep.to(written.device), 0))
             if staged is not None:
                 fragments.append(staged)
         if self.adam is not None:

@@ -47,13 +47,13 @@ def residuals(engine) -> dict:
     return {k: t.clone() for k, t in engine.compression.compression.feedback.state_tensors().items()}
 
 
-def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None) -> dict:
+def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, grow: int = 1) -> dict:
     compression = {"method": "topk", "density": 0.01, "error_feedback": True, "momentum_correction": mc}
     # bf16: no clipping. Compact state sums the gradient norm in another order than DeepSpeed (packed fragments,
     # one sum over groups); the last-bit difference in the clip coefficient can flip a bf16 rounding of a weight,
     # which RigL's discrete regrowth then amplifies. Without clipping the two runs are bit-identical.
     engine = build(stage, compact, "bf16" if bf16 else "fp32", "rigl", compression=compression,
-                   clipping=0.0 if bf16 else 1.0)
+                   clipping=0.0 if bf16 else 1.0, grow_grad_steps=grow)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "comm_bytes": [], "bytes": [], "packed": [], "skipped": [],
@@ -101,10 +101,14 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None) -
 
 
 def main():
-    stage, dtype, out, mc = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "mc"
+    # argv[4]: "plain", "mc" (Adam momentum correction) or "mc-grow2" (and RigL grows on the dense gradient summed
+    # over 2 steps: the step before each update exchanges dense and still takes an optimizer step)
+    stage, dtype, out, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    mc, grow = mode.startswith("mc"), 2 if mode.endswith("grow2") else 1
     nan_step = int(sys.argv[5]) if len(sys.argv) > 5 else None
     bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, mc, nan_step), "compact": run(stage, True, bf16, mc, nan_step)}, out)
+    finish({"dense": run(stage, False, bf16, mc, nan_step, grow),
+            "compact": run(stage, True, bf16, mc, nan_step, grow)}, out)
 
 
 if __name__ == "__main__":

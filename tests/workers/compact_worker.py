@@ -26,7 +26,7 @@ STEPS = 20
 
 
 def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_group_size: int = 0,
-          compression: dict | None = None, clipping: float | None = None):
+          compression: dict | None = None, clipping: float | None = None, grow_grad_steps: int = 1):
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -38,7 +38,8 @@ def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_
         # far above reassociation level (fp32/bf16 keep them below it here). Unclipped, fp16 is identical.
         "gradient_clipping": clipping if clipping is not None else (0.0 if dtype == "fp16" else 1.0),
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
-                     "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact},
+                     "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact,
+                     "grow_grad_steps": grow_grad_steps},
     }
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
