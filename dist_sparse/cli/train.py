@@ -104,8 +104,8 @@ def _exit_rank(code: int) -> None:
     """End a launched rank without interpreter teardown. By now every output is committed (atomic writes, a
     barrier) and the process group is destroyed, but C++ destructors of communication threads run at teardown, and
     on a loaded CPU machine they occasionally abort a rank that has finished ("terminate called without an active
-    exception", exit -6: seen 3 times in one session of test runs on a loaded 2-core machine), which fails the whole job. ``os._exit`` skips them
-    after flushing what Python still buffers."""
+    exception", exit -6: seen 3 times in one session of test runs on a loaded 2-core machine), which fails the
+    whole job. ``os._exit`` skips them after flushing what Python still buffers."""
     import logging
 
     logging.shutdown()
