@@ -296,8 +296,7 @@ class PackedZeroState(ABC):
                 else:
                     self.dense_grads[name] = values.to(dtype, copy=True)
                 return
-            frag = part.fragments[part.index[name]]
-            values = part.pack_fragment(values, part.mask_of(name).reshape(-1) if frag.sparse else None)
+            values = self.pack_range(i, name, values)
         if self.grads[i] is None:
             self.grads[i] = torch.zeros(part.numel, dtype=dtype, device=values.device)
         target = part.slice(self.grads[i], name)
@@ -429,11 +428,10 @@ class CompactZeroState(PackedZeroState):
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without building dense ``averaged_gradients``: the packed ones are ours
             store.dense_grad_step = store._dense_grad_step()
-            if reduction is None:  # gradient compression reduces at the step boundary (and writes accept_grad)
-                pass
-            elif store.dense_grad_step:
+            # reduction None: gradient compression reduces at the step boundary (and calls accept_grad)
+            if reduction is not None and store.dense_grad_step:
                 zo.reduce_ipg_grads()  # DeepSpeed's dense reduction (RigL's growth needs the dense gradient)
-            else:  # the packed all-reduce of active gradients (compact_reduce.py)
+            elif reduction is not None:  # the packed all-reduce of active gradients (compact_reduce.py)
                 reduction.end_backward(self.engine.is_gradient_accumulation_boundary())
             for k in range(len(zo.params_already_reduced)):
                 zo.params_already_reduced[k] = False

@@ -463,12 +463,7 @@ class SparseEngine:
         if self.last_step_overflow:
             return self._overflow_step(*args, **kwargs)
         if loss_bad or grads_bad:
-            self.__dict__["consecutive_skips"] += 1
-            self.__dict__["skipped_nonfinite"] += 1
-            if self.consecutive_skips >= self.max_skipped_steps:
-                raise NonFiniteError(
-                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient on some rank "
-                    f"(train.max_skipped_steps={self.max_skipped_steps}); aborting")
+            self._count_failed_step("had a non-finite loss or gradient on some rank", "aborting")
             for v in self.param_views:  # the step still runs (DeepSpeed's own bookkeeping) but changes nothing
                 g = v.grad()
                 if g is not None:
@@ -491,6 +486,13 @@ class SparseEngine:
             self.__dict__["state_bytes"] = measure(self, residuals)
         return self.engine.step(*args, **kwargs)
 
+    def _count_failed_step(self, what: str, advice: str) -> None:
+        """A skipped step that counts against ``train.max_skipped_steps``; raises once that many come in a row."""
+        self.__dict__["consecutive_skips"] += 1
+        self.__dict__["skipped_nonfinite"] += 1
+        if self.consecutive_skips >= self.max_skipped_steps:
+            raise NonFiniteError(f"{self.consecutive_skips} consecutive steps {what} "
+                                 f"(train.max_skipped_steps={self.max_skipped_steps}); {advice}")
 
     def _overflow_step(self, *args, **kwargs):
         """fp16: the loss is finite but the loss-scaled gradient overflowed. That is DeepSpeed's loss scaler's to
@@ -502,13 +504,8 @@ class SparseEngine:
         minimum); with a static scale every overflow is a failed step and counts."""
         self.__dict__["overflow_skips"] += 1
         if not self._dynamic_loss_scale():
-            self.__dict__["consecutive_skips"] += 1
-            self.__dict__["skipped_nonfinite"] += 1
-            if self.consecutive_skips >= self.max_skipped_steps:
-                raise NonFiniteError(
-                    f"{self.consecutive_skips} consecutive steps overflowed with a static fp16 loss scale "
-                    f"(train.max_skipped_steps={self.max_skipped_steps}); lower fp16.loss_scale or use dynamic "
-                    f"scaling (fp16.loss_scale: 0)")
+            self._count_failed_step("overflowed with a static fp16 loss scale",
+                                    "lower fp16.loss_scale or use dynamic scaling (fp16.loss_scale: 0)")
         self.sparsifier.skip_optimizer_step = True
         out = self.engine.step(*args, **kwargs)
         if not getattr(self.engine.optimizer, "overflow", True):  # DeepSpeed must have seen what every rank saw

@@ -267,35 +267,37 @@ class CompressedReduction:
         write = self._write_partition if self.store is None else self._write_compact
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
-            staged = write(self.views[n], averaged.get(n), local[n])
-            if staged is not None and self.store is None and n in dense and n in self._full_masks:
-                # exchanged dense (a growth-window step that still steps): the optimizer applies the gradient after
-                # before_step masks it, so the written values the second moment is matched to exclude pruned ones
-                v, written = self.views[n], staged[2]
-                keep = self._full_masks.get(n).narrow(0, v.mask_start, written.numel())
-                staged = (*staged[:2], written.masked_fill(~keep.to(written.device), 0))
+            staged = write(self.views[n], averaged.get(n), local[n], n in dense)
             if staged is not None:
                 fragments.append(staged)
         if self.adam is not None:
             self.adam.stage(fragments)
         self._release_stash()
 
-    def _write_partition(self, v, average, local):
+    # Both writers return what Adam momentum correction stages for ``v`` (None without it): the master, this
+    # rank's part of the second-moment estimate the exchange keeps, and the written values the optimizer will
+    # apply. ``dense_exchange``: ``v`` was exchanged dense this step (RigL's dense-gradient steps), so the written
+    # values include pruned positions, which the optimizer does not apply (``before_step`` masks them; compact state
+    # packs them away): the staged values exclude them too.
+    def _write_partition(self, v, average, local, dense_exchange: bool):
         """Write this rank's range of ``average`` (None: not exchanged this step, zeros) into DeepSpeed's gradient
         of ``v`` (``param.grad`` at stage 0, the partition fragment at stages 1/2)."""
         g = v.grad()
         if g is None or g.numel() == 0:
             return None
-        # this rank's part of the second-moment estimate the exchange keeps (Adam momentum correction)
-        staged = None if self.adam is None else (v.master(), self._second_moment(v.name, local, v.mask_start,
-                                                                                   g.numel()), g)
         if average is not None:
             g.copy_(average[v.mask_start: v.mask_start + g.numel()].to(g.dtype))
         else:
             g.zero_()
-        return staged
+        if self.adam is None:
+            return None
+        written = g
+        if dense_exchange and v.name in self._full_masks:
+            keep = self._full_masks.get(v.name).narrow(0, v.mask_start, g.numel())
+            written = g.masked_fill(~keep.to(g.device), 0)
+        return v.master(), self._second_moment(v.name, local, v.mask_start, g.numel()), written
 
-    def _write_compact(self, v, average, local):
+    def _write_compact(self, v, average, local, dense_exchange: bool):
         """Compact state: hand this rank's range of ``average`` to the store (packed by the mask, or dense on a
         dense-gradient step); a range not exchanged this step stays zero there. Momentum correction stages the
         packed master slice with the second moment and the written values packed by the same layout."""
@@ -309,7 +311,7 @@ class CompressedReduction:
         written = store.grad_of(i, v.name)  # what was stored: packed, or the dense range on a dense step
         if written is None:
             written = torch.zeros(0)
-        elif store.dense_grad_step:
+        elif dense_exchange:
             written = store.pack_range(i, v.name, written)
         second = self._second_moment(v.name, local, v.mask_start, v.mask_len)
         return store.packed(i, v.name), store.pack_range(i, v.name, second), written

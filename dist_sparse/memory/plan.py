@@ -106,8 +106,17 @@ def predict(setting: Setting) -> list:
         return [_total({"weights": lp * total, "gradients": lp * total, "master_weights": master,
                         "optimizer_state": 8 * total + 4 * len(setting.groups),
                         "masks": math.ceil(sparse_numel / 8)})] * n
-    if setting.zero_stage == 3:
-        return [_total(_stage3_rank(setting, r)) for r in range(n)]
+    ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
+    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+        replicated = sum(math.ceil(p.numel / 8) for p in params if p.sparse)
+        for out in ranks:
+            out["masks"] += replicated
+    return [_total(r) for r in ranks]
+
+
+def _stage12_ranks(setting: Setting) -> list:
+    """What each rank holds at ZeRO-1/2 (see the module docstring)."""
+    n, lp = setting.world_size, LP_BYTES[setting.precision]
     ranks = [dict.fromkeys(CATEGORIES, 0.0) for _ in range(n)]
     for group in setting.groups:
         numel = sum(p.numel for p in group)
@@ -131,10 +140,7 @@ def predict(setting: Setting) -> list:
             out["masks"] += bits
             out["optimizer_state"] += 4  # Adam's step counter of the group
             _add_state(out, setting, act, part, touched)
-    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
-        for out in ranks:
-            out["masks"] += sum(math.ceil(p.numel / 8) for p in params if p.sparse)
-    return [_total(r) for r in ranks]
+    return ranks
 
 
 def _add_state(out: dict, setting: Setting, active: float, extent: int, grad_extent: int,
@@ -172,8 +178,6 @@ def _stage3_rank(setting: Setting, r: int) -> dict:
                        0 if setting.precision == "fp32" else 4)
     if not setting.compact_state:
         out["gradients"] += lp * setting.reduce_bucket_size
-    else:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
-        out["masks"] += sum(math.ceil(p.numel / 8) for g in setting.groups for p in g if p.sparse)
     return out
 
 
