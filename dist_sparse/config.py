@@ -245,7 +245,7 @@ class SparsityConfig:
 
 @dataclass
 class CompressionConfig:
-    """Sparse gradient exchange with error feedback (issue 3, docs/compression.md). The key set is a contract."""
+    """Sparse gradient exchange with error feedback (docs/compression.md). The key set is a contract."""
 
     method: str = "none"  # none | topk | randomk | threshold
     density: float = 0.01  # fraction of the (unpruned) coordinates each rank sends per tensor
@@ -300,12 +300,12 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     key = f"{p}.compact_state"
     zero = ds.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
-    # issue 7: stage 3 added (integration/compact_zero3.py); stage 0 has no partition to pack
+    # stage 0 has no partition to pack
     _require(stage in (1, 2, 3), key, f"is supported with ZeRO stages 1, 2 and 3, not stage {stage} "
                                       "(set deepspeed.zero_optimization.stage)")
     _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
              "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
-    # gradient_accumulation_steps > 1: every stage (issue 7: ZeRO-1/2 sum micro-batches locally, reduce packed)
+    # gradient_accumulation_steps > 1 works at every stage (ZeRO-1/2 sum micro-batches locally, reduce packed)
     _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
     _require(not zero.get("offload_param"), key, "is not supported with zero_optimization.offload_param")
     _require(zero.get("contiguous_gradients", True) is not False, key,

@@ -8,7 +8,7 @@ from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
 
 
 def comm_summary(engine, steps: int) -> dict:
-    """Gradient bytes per optimizer step and rank (issue 3): measured by the compressed exchange; without
+    """Gradient bytes per optimizer step and rank: measured by the compressed exchange; without
     compression DeepSpeed's own reduction moves exactly ``dense_comm_bytes_per_step`` (the same formula)."""
     comp = engine.compression
     if comp is None:
@@ -32,9 +32,9 @@ def state_bytes_summary(engine) -> dict:
     local-gradient stash (docs/memory.md). A collective."""
     store = getattr(engine, "compact", None)
     mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
-            # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
+            # compact state at ZeRO-3 fp32: the packed master exists only inside the step (a transient)
             "master": getattr(store, "transient_master_bytes", 0) if store else 0}
-    # issue 7, compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
+    # compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
     reduction = getattr(store, "reduction", None)
     mine["reduce"] = reduction.stats() if reduction is not None else None
     mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
@@ -59,7 +59,7 @@ def state_bytes_summary(engine) -> dict:
 
 
 def grad_reduce_summary(engine, per_rank: list) -> dict:
-    """``grad_reduce_bytes_per_step`` (issue 7; not the compression keys): bytes a rank hands to the gradient
+    """``grad_reduce_bytes_per_step`` (compact state's packed reduction; not the compression keys): bytes a rank hands to the gradient
     reduction collectives per optimizer step. Measured where compact state reduces packed gradients
     (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
     element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""

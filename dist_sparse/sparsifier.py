@@ -131,7 +131,7 @@ class Sparsifier(Component):
                     raise ValueError(f"init mask for {v.name!r} has {full.numel()} elements, parameter has {v.numel}")
                 self.set_mask(v.name, full[v.mask_start: v.mask_start + v.mask_len])
         elif self.method is not None:
-            self._store_scored(self.method.initial_masks(self._slices(False, False), self.selector))
+            self._store_scored(self.method.initial_masks(self._slices(True, False), self.selector))
         for v in self.views:
             m = self.mask(v.name).to(v.master().device)
             if not self.masked_forward:  # straight-through methods keep the pruned master weights

@@ -1,4 +1,4 @@
-"""Compact state (issue 7) combined with gradient compression (issue 3) at ZeRO-1/2.
+"""Compact state combined with gradient compression at ZeRO-1/2.
 
 - 2 CPU ranks, 20 steps, RigL with mask updates every 4 steps, top-k 1% with error feedback (ZeRO-1 fp32, ZeRO-2
   fp32 and bf16, bf16 without gradient clipping: see the worker; ZeRO-2 fp32 with Adam momentum correction and one

@@ -1,5 +1,5 @@
 """Packed gradient reduction for compact state: outside mask-update steps only active gradients are reduced
-(issue 7, docs/memory.md).
+(docs/memory.md).
 
 DeepSpeed's ZeRO optimizers hand every parameter's gradient to ``reduce_independent_p_g_buckets_and_remove_grads``
 (ZeRO-1/2: ``(param, i)``; stage 2 from its gradient hooks after each micro-batch's backward, stage 1 at the

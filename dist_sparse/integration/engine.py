@@ -238,6 +238,10 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     views = build_views(engine, names)
     method = build_method(sparsity, {v.name: v.shape for v in views}, total_steps,
                           sparsity.seed if sparsity.seed is not None else seed)
+    if method is not None and method.dense_weights and any(v.model_is_master for v in views):
+        raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
+                                             "needs master weights apart from the model's (ZeRO stage >= 1, or "
+                                             "bf16/fp16); at ZeRO-0 in fp32 the model's weights are the masters")
     sparsifier = Sparsifier(method, views, schedule=StepSchedule(method))
     if init_masks is None and sparsity.init_masks is not None:
         from dist_sparse.masks.io import load_masks

@@ -37,11 +37,13 @@ class ParamView(ABC):
     ``master``, ``grad`` and ``state`` cover the mask range, flattened.
 
     ``replicated``: every rank holds the whole tensor (stage 0). ``model_needs_full_mask``: ``zero_model_`` needs
-    the whole parameter's mask (the model copy is replicated while the mask is sharded). ``store``: the object
+    the whole parameter's mask (the model copy is replicated while the mask is sharded). ``model_is_master``: the
+    forward runs on the master weights themselves (ZeRO-0 in fp32), so the model cannot be masked apart from them. ``store``: the object
     that owns this view's packed values and must finish a checkpoint load (None: the values live in DeepSpeed's
     own tensors)."""
 
     model_needs_full_mask = False
+    model_is_master = False  # the forward's weights are the master weights themselves (ZeRO-0 fp32)
     replicated = False
     store = None
 
@@ -107,6 +109,7 @@ class ReplicatedView(ParamView):
     def __init__(self, name, param, master, inner_optimizer, rank, world):
         super().__init__(name, param)
         self.master_param = master
+        self.model_is_master = param is master
         self.inner = inner_optimizer
         self.mask_start, self.mask_len = 0, self.numel
         chunk = math.ceil(self.numel / world)
