@@ -34,8 +34,8 @@ from bench.common import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression"
 TOPK1 = ["compression.method=topk", "compression.density=0.01", "compression.min_tensor_size=0"]
-# torch's AdamW betas, as the training benchmark's reference figures use them (bench_training.py on main); RigL as in the paper
-# (growth scored by the update step's dense gradient)
+# torch's AdamW betas, as the training benchmark's reference figures use them (bench_training.py on main); RigL as
+# in the paper (growth scored by the update step's dense gradient)
 BASE = ["model.n_embd=128", "deepspeed.optimizer.params.betas=[0.9,0.999]"]
 
 EF, NOEF = "compression.error_feedback=true", "compression.error_feedback=false"
@@ -110,7 +110,7 @@ def main() -> None:
     for key, label, _ in RUNS:
         s = results[key]
         base = results["rigl" if key.startswith("rigl") else "dense"]
-        # an uncompressed run moves DeepSpeed's dense bytes (a reused run from before compression existed lacks the keys)
+        # an uncompressed run moves DeepSpeed's dense bytes (a reused run from before compression lacks the keys)
         dense = results["topk_ef_mc"]["dense_comm_bytes_per_step"]
         comm = s.get("comm_bytes_per_step", dense)
         rows.append(f"| {label} | {s['achieved_sparsity']:.3f} | {s['final_val_loss']:.4f} | "

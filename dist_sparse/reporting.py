@@ -59,10 +59,10 @@ def state_bytes_summary(engine) -> dict:
 
 
 def grad_reduce_summary(engine, per_rank: list) -> dict:
-    """``grad_reduce_bytes_per_step`` (compact state's packed reduction; not the compression keys): bytes a rank hands to the gradient
-    reduction collectives per optimizer step. Measured where compact state reduces packed gradients
-    (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
-    element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
+    """``grad_reduce_bytes_per_step`` (compact state's packed reduction; not the compression keys): bytes a rank
+    hands to the gradient reduction collectives per optimizer step. Measured where compact state reduces packed
+    gradients (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every
+    gradient element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     dense = float(dense_comm_bytes_per_step(engine.engine, params))
     if not per_rank or per_rank[0] is None:

@@ -4,7 +4,8 @@ and a compressor under new names (tests/test_engine_components.py)."""
 import torch
 
 from dist_sparse import distributions
-from dist_sparse.compression.base import COMPRESSORS, register as register_compressor
+from dist_sparse.compression.base import COMPRESSORS
+from dist_sparse.compression.base import register as register_compressor
 from dist_sparse.compression.topk import TopK
 from dist_sparse.methods import METHODS, SparseMethod, register
 

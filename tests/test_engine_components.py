@@ -6,9 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 
@@ -73,7 +73,8 @@ def test_every_entry_point_checks_the_version(monkeypatch, capsys):
     """``dist-sparse train`` refuses an untested DeepSpeed before launching ranks; ``import_deepspeed`` (behind
     ``dist_sparse.initialize``, the Trainer and accelerate adapters) and ``attach`` refuse it too."""
     from dist_sparse.cli import train as train_cli
-    from dist_sparse.integration import deepspeed as ds, engine
+    from dist_sparse.integration import deepspeed as ds
+    from dist_sparse.integration import engine
 
     monkeypatch.delenv(patches.ALLOW_UNTESTED_ENV, raising=False)
     monkeypatch.setattr(patches.metadata, "version", lambda name: "0.99.0")
@@ -175,7 +176,7 @@ def test_step_plans_from_the_schedule():
     assert not any(dense.plan(s).mask_update or dense.plan(s).dense_grad for s in range(20))
 
 
-# -- method hooks beyond the scores -------------------------------------------------------------------------------------
+# -- method hooks beyond the scores ---------------------------------------------------------------------------------
 def test_grad_deltas_and_dense_weights_through_the_sparsifier(plugin_method):
     g = torch.Generator().manual_seed(1)
     weight, grad = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
@@ -226,7 +227,7 @@ def test_plugin_straight_through_method_trains_dense_masters_under_deepspeed(tmp
             assert bool((w[~mask.bool()] == 0).all()), f"{name}: the exported model is not masked"
 
 
-# -- imports go downward ------------------------------------------------------------------------------------------------
+# -- imports go downward --------------------------------------------------------------------------------------------
 def test_no_import_circles():
     tool = ROOT.parent / "shared" / "tools" / "import_circles.py"
     if not tool.is_file():

@@ -38,9 +38,9 @@ class ParamView(ABC):
 
     ``replicated``: every rank holds the whole tensor (stage 0). ``model_needs_full_mask``: ``zero_model_`` needs
     the whole parameter's mask (the model copy is replicated while the mask is sharded). ``model_is_master``: the
-    forward runs on the master weights themselves (ZeRO-0 in fp32), so the model cannot be masked apart from them. ``store``: the object
-    that owns this view's packed values and must finish a checkpoint load (None: the values live in DeepSpeed's
-    own tensors)."""
+    forward runs on the master weights themselves (ZeRO-0 in fp32), so the model cannot be masked apart from them.
+    ``store``: the object that owns this view's packed values and must finish a checkpoint load (None: the values
+    live in DeepSpeed's own tensors)."""
 
     model_needs_full_mask = False
     model_is_master = False  # the forward's weights are the master weights themselves (ZeRO-0 fp32)
