@@ -24,6 +24,9 @@ def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
     state = gathered_state_dict(engine)  # collective at ZeRO-3
     if D.rank() != 0:
         return
+    if sparsifier.masked_forward:  # dense master weights trained through a masked forward: export what it ran
+        state = {k: (v * masks[k].to(v.device, v.dtype).reshape(v.shape) if k in masks else v) for k, v in
+                 (state if state is not None else model.state_dict()).items()}
     writers = [data.tokenizer.save]  # tokenizer files next to the weights: from_pretrained finds both
     if masks:
         writers.append(lambda d: save_masks(d, masks))
