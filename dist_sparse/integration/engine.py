@@ -177,7 +177,6 @@ class SparseEngine:
 
     def _skip(self, plan) -> None:
         plan.skipped = plan.skip_optimizer_step = True
-        self.sparsifier.skip_optimizer_step = True
         self._run("skipped_step", plan)
 
     def _count_failed_step(self, what: str, advice: str) -> None:
