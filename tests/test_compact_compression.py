@@ -63,7 +63,8 @@ def test_compact_with_compression_equals_masked_dense_with_compression(stage, dt
     for rank, r in enumerate(per_rank):
         where = f"ZeRO-{stage} {dtype} {mc} rank {rank}"
         dense, compact = r["dense"], r["compact"]
-        torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]), msg=where)
+        # bit for bit, clipped: both compute the norm with DeepSpeed's own function over the same active values
+        assert compact["losses"] == dense["losses"], f"{where}: losses differ"
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
         assert compact["updates"] == dense["updates"] >= 4, where
         # the same compressed exchange: the same bytes every step

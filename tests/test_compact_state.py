@@ -115,8 +115,15 @@ def test_compact_equals_masked_dense(stage, dtype, method, gas, sub_group_size, 
     for rank, r in enumerate(per_rank):
         where = f"ZeRO-{stage} {dtype} {method} gas {gas} sub-groups {sub_group_size} rank {rank}"
         dense, compact = r["dense"], r["compact"]
-        # the trajectory: same losses (the norm is summed in another order: reassociation only)
-        torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
+        # the trajectory: the same losses, bit for bit. Both paths compute the gradient norm with DeepSpeed's own
+        # function over the same active values in the same order, so they clip alike on any CPU. The one exception
+        # is fp32 gradient accumulation at ZeRO-2/3: the packed reduction sums a rank's micro-batches locally in
+        # fp32 and reduces once, DeepSpeed reduces every micro-batch and sums the reductions, so the gradient sums
+        # are reassociated (an ulp per element) and only closeness holds there.
+        if gas > 1 and dtype == "fp32" and stage in (2, 3):
+            torch.testing.assert_close(torch.tensor(compact["losses"]), torch.tensor(dense["losses"]))
+        else:
+            assert compact["losses"] == dense["losses"], f"{where}: losses differ"
         assert compact["final_masks"] == dense["final_masks"], f"{where}: masks diverged"
         # fp16: the same steps overflow and are skipped, and the loss scale follows the same path
         assert compact["skipped"] == dense["skipped"] and compact["loss_scale"] == dense["loss_scale"], where
