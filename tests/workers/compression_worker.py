@@ -66,7 +66,8 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
               "bytes_match": [], "dense_step_sent": []}
     original_before = sp.before_step
 
-    def recording_before_step(step):
+    def recording_before_step(plan):  # the sparsifier's step hook (the engine hands it the step's plan)
+        step = plan.step
         if comp is not None:
             items = comp.compression.last_sent
             masks = comp._full_masks
@@ -90,7 +91,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
             expected = header + 4 * int(longest)
             report["bytes_match"].append([comp.compression.exchange.last_bytes, expected])
             report["dense_step_sent"].append([update, sorted(items)])
-        original_before(step)
+        original_before(plan)
         # what the optimizer step will see (pruned positions zeroed by the sparsifier in both runs)
         report["grads"].append({v.name: v.grad().float().tolist() for v in engine.param_views})
 
