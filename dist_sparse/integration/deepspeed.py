@@ -28,7 +28,6 @@ import torch
 from dist_sparse import distributed as D
 from dist_sparse.config import CompressionConfig, SparsityConfig, split_deepspeed_json
 from dist_sparse.errors import DistSparseError
-from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -539,8 +538,10 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
 
     names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
     views = build_views(engine, names)
-    method = build_method(sparsity, {v.name: v.shape for v in views}, total_steps,
-                          sparsity.seed if sparsity.seed is not None else seed)
+    from dist_sparse.integration.experts import build_layer_method  # fused experts: one layer per expert matrix
+
+    method = build_layer_method(sparsity, {v.name: v.shape for v in views}, total_steps,
+                                sparsity.seed if sparsity.seed is not None else seed)
     sparsifier = Sparsifier(method, views)
     if init_masks is None and sparsity.init_masks is not None:
         from dist_sparse.masks.io import load_masks
