@@ -1,0 +1,130 @@
+"""Any Hugging Face causal LM through ``model.config``: tiny random-init GPT-2, Llama, Mistral, Qwen2, GPT-NeoX,
+OPT, Phi-3 and Mixtral (fused experts) on 2 CPU ranks, all architectures in one launch per ZeRO stage (ZeRO-2 with
+compact state, ZeRO-3 dense); tests/workers/hf_arch_worker.py says what each rank checks. Plus the config rules
+of ``model.config`` (precedence over the size keys, bad files)."""
+
+import json
+
+import pytest
+
+from dist_sparse import config as C
+from dist_sparse.errors import ConfigError
+from tests.distributed_utils import run_torchrun
+from tests.hf_architectures import ARCHITECTURES, build, write_config
+
+# the default choice, per architecture: suffixes of the sparsified names in block 0 (everything else stays dense)
+EXPECTED = {
+    "gpt2": {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"},
+    "llama": {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "gpt_neox": {"attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
+                 "mlp.dense_4h_to_h.weight"},
+    "opt": {f"self_attn.{p}_proj.weight" for p in "qkv"} | {"self_attn.out_proj.weight", "fc1.weight", "fc2.weight"},
+    "phi3": {"self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+             "mlp.down_proj.weight"},
+    "mixtral": {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"},
+}
+EXPECTED["mistral"] = EXPECTED["qwen2"] = EXPECTED["llama"]
+BLOCK0 = {"gpt2": "transformer.h.0.", "gpt_neox": "gpt_neox.layers.0.", "opt": "model.decoder.layers.0."}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,mode", [(2, "compact"), (3, "dense")])
+def test_architectures_sparse_training(stage, mode, tmp_path):
+    out = tmp_path / "report.json"
+    run_torchrun("hf_arch_worker.py", 2, stage, out, mode, tmp_path)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2 and set(per_rank[0]) == set(ARCHITECTURES)
+    for rank, results in enumerate(per_rank):
+        for arch, r in results.items():
+            where = f"ZeRO-{stage} {arch} rank {rank}"
+            prefix = BLOCK0.get(arch, "model.layers.0.")
+            block0 = {n[len(prefix):] for n in r["names"] if n.startswith(prefix)}
+            assert block0 == EXPECTED[arch], f"{where}: sparsified {sorted(block0)}"
+            assert len(r["names"]) == 2 * len(EXPECTED[arch]), f"{where}: {r['names']}"
+            assert r["compact"] == (mode == "compact"), where
+            assert all(r["reference_equal"]) and len(r["reference_equal"]) == 3, f"{where}: masks differ from the " \
+                                                                                  "single-process reference"
+            assert r["updates"] == 2, where
+            assert r["masked_nonzero"] == [0] * 5, f"{where}: pruned model weights not exactly 0"
+            assert r["master_masked_nonzero"] == [0] * 5, f"{where}: pruned master weights not exactly 0"
+            assert all(x == x and x < 10 for x in r["losses"]), where
+            assert abs(r["achieved_sparsity"] - 0.8) < 0.01, where
+            assert r["owned"] < r["total"] and r["mask_bytes"] <= r["owned"] // 8 + 16, f"{where}: masks not sharded"
+            if arch == "mixtral":  # one density per expert: each expert keeps exactly its own layer's count
+                counts = {**r["expert_counts_initial"], **r["expert_counts_final"]}
+                assert len(r["expert_counts_final"]) == 2 * 2 * 4, where
+                assert all(have == want for have, want in counts.values()), f"{where}: {counts}"
+            if rank == 0:
+                assert r["final_masks_equal"] and r["final_pruned_nonzero"] == 0, f"{where}: final/ masks"
+                assert r["final_weights_equal"], f"{where}: final/ weights differ from the engine's"
+                assert r["final_tied"] == r["tied"] == ARCHITECTURES[arch]["tie_word_embeddings"], \
+                    f"{where}: tied embeddings"
+                assert r["final_max_positions"], where
+    assert sum(per_rank[k]["llama"]["owned"] for k in range(2)) == per_rank[0]["llama"]["total"]
+
+
+def test_model_config_builds_the_architecture(tmp_path):
+    path = write_config(tmp_path / "m", "mixtral")
+    cfg = C.load(None, [f"model.config={path.parent}", "model.block_size=32"])  # a directory holding config.json
+    assert cfg.model.config == str(path.parent) and cfg.model.source == "config"
+    again = C.from_dict(cfg.to_dict())  # the saved run config loads again (no size keys next to model.config)
+    assert again.model.config == cfg.model.config
+    from dist_sparse.integration.hf import build_causal_lm
+
+    model = build_causal_lm(cfg.model, 40)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    with pytest.raises(ConfigError) as err:
+        build_causal_lm(cfg.model, 65)  # the data's vocabulary does not fit the config's embedding
+    assert err.value.key == "model.config"
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.n_layer=2"], "model.n_layer"),
+    (["model.type=llama"], "model.type"),
+    (["model.extra={rope_theta: 10.0}"], "model.extra"),
+    (["model.pretrained={dir}"], "model.config"),
+    (["model.block_size=65"], "model.block_size"),  # beyond max_position_embeddings (64)
+])
+def test_model_config_precedence(tmp_path, overrides, key):
+    path = write_config(tmp_path / "m", "llama")
+    overrides = [o.replace("{dir}", str(tmp_path)) for o in overrides]
+    with pytest.raises(ConfigError) as err:
+        C.load(None, [f"model.config={path}", *overrides])
+    assert err.value.key == key, err.value
+
+
+def test_size_keys_with_pretrained_and_null_unsets(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        C.load(None, [f"model.pretrained={tmp_path}", "model.n_embd=64"])
+    assert err.value.key == "model.n_embd"
+    cfg = C.load(None, [f"model.pretrained={tmp_path}", "model.n_embd=null"])  # null unsets a base file's key
+    assert cfg.model.pretrained == str(tmp_path)
+
+
+@pytest.mark.parametrize("content,expect", [
+    (None, "does not exist"),
+    ("{not json", "cannot read"),
+    ('{"model_type": "no_such_model"}', "cannot read"),
+    ('{"model_type": "resnet"}', "no causal LM class"),
+])
+def test_model_config_bad_files(tmp_path, content, expect):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        C.load(None, [f"model.config={path}"])
+    assert err.value.key == "model.config" and expect in str(err.value), err.value
+    assert str(path) in str(err.value)
+
+
+def test_experts_are_one_layer_each_in_flops():
+    from dist_sparse.integration.hf import sparsifiable_parameters, training_flops_per_token
+
+    model = build("mixtral")
+    names = sparsifiable_parameters(model)
+    experts = [n for n in names if n.endswith("experts.gate_up_proj")]
+    dense = training_flops_per_token(model, {}, 16, 2, 32)
+    half = training_flops_per_token(model, {n: 0.5 for n in experts}, 16, 2, 32)
+    # top-2 of 4 experts: a token runs through half of each stacked tensor, so halving its density saves 1/4
+    numel = sum(dict(model.named_parameters())[n].numel() for n in experts)
+    assert dense - half == pytest.approx(3 * 2 * numel * 0.5 * 0.5)
