@@ -128,3 +128,41 @@ def test_experts_are_one_layer_each_in_flops():
     # top-2 of 4 experts: a token runs through half of each stacked tensor, so halving its density saves 1/4
     numel = sum(dict(model.named_parameters())[n].numel() for n in experts)
     assert dense - half == pytest.approx(3 * 2 * numel * 0.5 * 0.5)
+
+
+# configs/demo.yaml describes its built-in model with size keys; with model.config they are unset (null)
+UNSET_SIZES = ["model.type=null", "model.n_layer=null", "model.n_head=null", "model.n_embd=null"]
+
+
+@pytest.mark.slow
+def test_train_cli_with_model_config_mixtral_zero3(tmp_path):
+    """`dist-sparse train` with ``model.config``: a Mixtral config at ZeRO-3 on 2 ranks (fused experts registered
+    as ZeRO-3 leaves, FLOPs from the real shapes), ending in a final/ that loads as a MixtralForCausalLM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dist_sparse.masks import load_masks
+    from tests.distributed_utils import dist_sparse_train
+
+    path = write_config(tmp_path / "mixtral", "mixtral")
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "vocab_size": 256}))  # byte-level data
+    run = tmp_path / "run"
+    dist_sparse_train(run, [*UNSET_SIZES, f"model.config={path}", "model.block_size=32", "data.tokenizer=byte",
+                            "data.max_chars=100000", "train.steps=6", "train.eval_interval=100",
+                            "train.eval_batches=2", "train.progress=false", "sparsity.update_interval=2",
+                            "deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.zero_optimization.stage=3"],
+                      nproc=2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["zero_stage"] == 3 and summary["world_size"] == 2 and summary["mask_updates"] == 1  # step 2
+    assert abs(summary["achieved_sparsity"] - 0.9) < 1e-3
+    assert 0 < summary["flops_relative_to_dense"] < 1
+    assert summary["total_parameters"] == sum(p.numel() for p in build("mixtral").parameters()) + 192 * 32 * 2
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert type(model).__name__ == "MixtralForCausalLM"
+    params, masks = dict(model.named_parameters()), load_masks(run / "final")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in masks and "model.layers.0.mlp.gate.weight" not in masks
+    for name, mask in masks.items():
+        assert torch.all(params[name][~mask] == 0), name
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["config"] == str(path) and "n_layer" not in saved["model"]

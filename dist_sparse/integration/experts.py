@@ -77,19 +77,33 @@ class PerMatrixLayers:
         return self._join(slices, self.method.update(step, self._split(slices), select))
 
 
+def layer_shapes(shapes: dict) -> dict:
+    """The layers decisions see: every 3-D parameter split into its expert matrices (``name[e]``)."""
+    layers = {}
+    for name in sorted(shapes):
+        if len(shapes[name]) == 3:
+            for e in range(shapes[name][0]):
+                layers[expert_layer_name(name, e)] = tuple(shapes[name][1:])
+        else:
+            layers[name] = tuple(shapes[name])
+    return layers
+
+
+def parameter_counts(shapes: dict, layer_counts: dict) -> dict:
+    """Per-layer kept counts (of :func:`layer_shapes`' layers) summed back to parameters."""
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = (sum(layer_counts[expert_layer_name(name, e)] for e in range(shape[0])) if len(shape) == 3
+                     else layer_counts[name])
+    return out
+
+
 def build_layer_method(sparsity, shapes: dict, total_steps, seed: int):
     """``build_method`` where every 3-D parameter (fused experts) counts as one layer per expert matrix."""
     stacks = {name: tuple(shape) for name, shape in shapes.items() if len(shape) == 3}
     if not stacks:
         return build_method(sparsity, shapes, total_steps, seed)
-    layers = {}
-    for name in sorted(shapes):
-        if name in stacks:
-            for e in range(stacks[name][0]):
-                layers[expert_layer_name(name, e)] = stacks[name][1:]
-        else:
-            layers[name] = shapes[name]
-    method = build_method(sparsity, layers, total_steps, seed)
+    method = build_method(sparsity, layer_shapes(shapes), total_steps, seed)
     return None if method is None else PerMatrixLayers(method, shapes, stacks)
 
 
