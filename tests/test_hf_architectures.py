@@ -166,3 +166,20 @@ def test_train_cli_with_model_config_mixtral_zero3(tmp_path):
         assert torch.all(params[name][~mask] == 0), name
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["config"] == str(path) and "n_layer" not in saved["model"]
+
+
+def test_qwen2_moe_default_choice():
+    """Qwen2-MoE (the other fused-expert family): experts and the shared expert sparsified; the router and the
+    one-output shared_expert_gate dense; the expert block is what ZeRO-3 registers as a leaf."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from dist_sparse.integration.hf import expert_module_classes, sparsifiable_parameters
+
+    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+    block0 = {n[len("model.layers.0."):] for n in sparsifiable_parameters(model) if n.startswith("model.layers.0.")}
+    assert block0 == ({f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"mlp.experts.gate_up_proj",
+                      "mlp.experts.down_proj"} | {f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")})
+    assert [c.__name__ for c in expert_module_classes(model)] == ["Qwen2MoeExperts"]
