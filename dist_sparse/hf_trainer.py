@@ -112,10 +112,12 @@ class SparsityCallback(TrainerCallback):
     ``trainer.log`` (our metrics). ``max_skipped_steps``: consecutive non-finite steps before training aborts
     (``train.max_skipped_steps`` of ``dist-sparse train``)."""
 
-    def __init__(self, trainer, max_skipped_steps: int = 5):
+    def __init__(self, trainer=None, max_skipped_steps: int = 5):
         if not hasattr(trainer, "callback_handler") or not hasattr(trainer, "accelerator"):
-            raise TypeError("SparsityCallback(trainer): pass the transformers.Trainer it drives (it must wrap the "
-                            "trainer's engine and save_model, which a callback's events do not expose)")
+            # Trainer(callbacks=[SparsityCallback]) builds it without arguments: a callback's events never see the
+            # trainer's DeepSpeed engine or save_model, which sparse training must reach
+            raise TypeError("SparsityCallback needs the transformers.Trainer it drives: build the trainer, then "
+                            "call SparsityCallback(trainer) (it registers itself; not via callbacks=)")
         if not getattr(trainer, "is_deepspeed_enabled", False):
             raise ConfigError("TrainingArguments.deepspeed", "SparsityCallback needs a DeepSpeed config "
                                                              "(TrainingArguments(deepspeed='ds.json')) carrying the "
@@ -236,26 +238,22 @@ class SparsityCallback(TrainerCallback):
 
     def _refresh_metrics(self, done_step) -> None:
         """Every rank runs this after each optimizer step (the densities are a collective when masks changed); the
-        log wrapper only reads the cached values, so logging adds no collective."""
-        from dist_sparse.integration import hf
-
+        log wrapper only reads the cached values, so logging adds no collective. The step just done counts at the
+        densities it ran with (those before a mask update at its end), as in ``dist-sparse train``."""
         sp = self.engine.sparsifier
         if not sp.views:
             self._metrics = {}
             return
+        if done_step is not None:
+            self._update_flops()  # the sequence length is known from the first forward on
+            # RigL's update step (and its growth window) computes the dense gradient too
+            extra = self._dense_grad_flops if sp.uses_dense_grad(done_step) else 0.0
+            self._flops_sum += (self._sparse_flops + extra) / self._dense_flops
+            self._flops_steps += 1
         if sp.updates_done != self._seen_updates:
             self._seen_updates = sp.updates_done
             self._densities = sp.layer_density()
-        model = self.trainer.model
-        seq = self._seq_len or int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
-        if done_step is not None:
-            dense = hf.training_flops_per_token(model, {}, seq, n_layer, n_embd)
-            sparse = hf.training_flops_per_token(model, self._densities, seq, n_layer, n_embd)
-            if sp.uses_dense_grad(done_step):  # RigL's update step computes the dense gradient too
-                sparse += 2.0 * sum(v.numel * (1.0 - self._densities[v.name]) for v in sp.views)
-            self._flops_sum += sparse / dense
-            self._flops_steps += 1
+        self._update_flops()
         total = sp.sparsified_numel()
         density = sum(self._densities[v.name] * v.numel for v in sp.views) / max(1, total)
         self._metrics = {"sparsity": 1.0 - density, "sparsity/density": density,
@@ -265,6 +263,21 @@ class SparsityCallback(TrainerCallback):
             self._metrics["sparsity/churn"] = sp.last_update["churn"]
         if self._flops_steps:
             self._metrics["sparsity/flops_relative_to_dense"] = self._flops_sum / self._flops_steps
+
+    def _update_flops(self) -> None:
+        """FLOPs per token at the cached densities; they change only with the masks or the sequence length."""
+        from dist_sparse.integration import hf
+
+        sp, model = self.engine.sparsifier, self.trainer.model
+        seq = self._seq_len or int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        key = (seq, self._seen_updates)
+        if getattr(self, "_flops_key", None) == key:
+            return
+        n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
+        self._flops_key = key
+        self._dense_flops = hf.training_flops_per_token(model, {}, seq, n_layer, n_embd)
+        self._sparse_flops = hf.training_flops_per_token(model, self._densities, seq, n_layer, n_embd)
+        self._dense_grad_flops = 2.0 * sum(v.numel * (1.0 - self._densities[v.name]) for v in sp.views)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None and D.rank() == 0:

@@ -36,6 +36,7 @@ def test_trainer_sparse_training_and_resume(stage, mode, tmp_path):
         assert r["logged_updates"] == [0, 0, 1, 1, 2, 2, 2, 2], where
         assert all(abs(s - 0.8) < 0.01 for s in r["logged_sparsity"]), where
         assert all(0.2 < f < 0.6 for f in r["logged_flops"]), where  # 80% sparse layers, dense embeddings/attention
+        assert r["logged_flops"][:3] == pytest.approx(r["expected_flops"], rel=1e-9), where
         assert sorted(r["b"]) == ["5", "6", "7", "8"], where
         assert all(r["resume_masks_equal"].values()), f"{where}: resumed masks differ"
         assert all(r["resume_weights_equal"].values()), f"{where}: resumed weights differ {r['resume_weights_maxdiff']}"

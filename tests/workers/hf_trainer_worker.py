@@ -2,7 +2,7 @@
 config carrying our ``sparsity`` block and :class:`dist_sparse.hf_trainer.SparsityCallback`.
 
 argv: ZeRO stage, report path, mode (``dense``: masked-dense state; ``compact``: ``sparsity.compact_state`` plus
-top-k gradient compression), work directory. In one launch:
+top-k gradient compression; ``compress``: top-k compression on the masked-dense state), work directory. In one launch:
 
 1. run A: 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer checkpoint at step 4. After every
    step a probe checks the model's pruned weights are exactly 0 (gathered at ZeRO-3) and records the mask-update
@@ -75,7 +75,7 @@ def ds_config(stage: int, mode: str, with_block: bool = True) -> dict:
     if with_block:
         cfg["sparsity"] = {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
                            "end_step": 6, "drop_fraction": 0.5, "compact_state": mode == "compact"}
-        if mode == "compact":
+        if mode in ("compact", "compress"):
             cfg["compression"] = {"method": "topk", "density": 0.25}
     return cfg
 
@@ -138,6 +138,16 @@ def main():
     report["logged_updates"] = [h["sparsity/mask_updates"] for h in logged]
     report["logged_sparsity"] = [h["sparsity"] for h in logged]
     report["logged_flops"] = [h["sparsity/flops_relative_to_dense"] for h in logged]
+    # what they must be: RigL keeps every layer's density, so each step is r = sparse / dense, and the update step
+    # at engine step 2 (the Trainer's step 3) also computes the dense gradient of the pruned positions
+    from dist_sparse.integration import hf
+
+    dens = cb.engine.sparsifier.layer_density()
+    cfg = trainer.model.config
+    dense = hf.training_flops_per_token(trainer.model, {}, 16, cfg.num_hidden_layers, cfg.hidden_size)
+    r = hf.training_flops_per_token(trainer.model, dens, 16, cfg.num_hidden_layers, cfg.hidden_size) / dense
+    extra = 2.0 * sum(v.numel * (1.0 - dens[v.name]) for v in cb.engine.sparsifier.views) / dense
+    report["expected_flops"] = [r, r, r + extra / 3]
     final = work / "a" / "final"
     trainer.save_model(str(final))
     D.barrier()
