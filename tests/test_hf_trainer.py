@@ -1,7 +1,8 @@
 """The Hugging Face Trainer with our ``sparsity`` block in its DeepSpeed config and SparsityCallback, on 2 CPU ranks:
 pruned weights 0 after every step, mask updates at the configured steps, our metrics in Trainer's logs, masks in
 every checkpoint and beside ``save_model``'s weights, resume equality (tests/workers/hf_trainer_worker.py). ZeRO-2
-runs compact state with top-k gradient compression, ZeRO-3 the masked-dense state. Plus the config checks."""
+runs compact state with top-k gradient compression on a Llama, ZeRO-3 the masked-dense state on a Mixtral (fused
+experts registered as ZeRO-3 leaves). Plus the config checks."""
 
 import json
 
@@ -24,6 +25,7 @@ def test_trainer_sparse_training_and_resume(stage, mode, tmp_path):
         assert not r["deepspeed_sees_block"] and not r["engine_config_has_block"], f"{where}: DeepSpeed saw our block"
         assert r["compact"] == r["compression"] == (mode == "compact"), where
         assert r["owned"] < r["total"], f"{where}: masks not sharded"
+        assert ("MixtralExperts" in r["leaves"]) == (stage == 3), where
         # RigL every 2 steps until step 6: updates at engine steps 2 and 4 (the Trainer's steps 3 and 5)
         assert {int(s): v["updates"] for s, v in r["a"].items()} == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2, 7: 2, 8: 2}
         for run in ("a", "b"):

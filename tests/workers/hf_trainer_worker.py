@@ -2,11 +2,13 @@
 config carrying our ``sparsity`` block and :class:`dist_sparse.hf_trainer.SparsityCallback`.
 
 argv: ZeRO stage, report path, mode (``dense``: masked-dense state; ``compact``: ``sparsity.compact_state`` plus
-top-k gradient compression; ``compress``: top-k compression on the masked-dense state), work directory. In one launch:
+top-k gradient compression; ``compress``: top-k compression on the masked-dense state), work directory. In one
+launch:
 
-1. run A: 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer checkpoint at step 4. After every
-   step a probe checks the model's pruned weights are exactly 0 (gathered at ZeRO-3) and records the mask-update
-   count; Trainer's log history must carry our metrics; ``save_model`` at the end writes the weights and the masks;
+1. run A (Llama; Mixtral at ZeRO-3): 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer
+   checkpoint at step 4. After every step a probe checks the model's pruned weights are exactly 0 (gathered at
+   ZeRO-3) and records the mask-update count; Trainer's log history must carry our metrics; ``save_model`` at the
+   end writes the weights and the masks;
 2. run B: a fresh model and Trainer resumed from A's ``checkpoint-4`` to step 8: its masks and weights must equal
    A's after every step from 5 on, and at the end;
 3. a DeepSpeed config without the block: SparsityCallback refuses it.
@@ -97,7 +99,8 @@ def make_trainer(out: Path, ds: dict, steps: int = STEPS):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # a new Trainer, a new DeepSpeed plugin (the process group stays)
-    model = build("llama", seed=0)
+    # ZeRO-3 trains the mixture of experts: the callback registers its expert blocks as ZeRO-3 leaves
+    model = build("mixtral" if ds["zero_optimization"]["stage"] == 3 else "llama", seed=0)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, save_steps=4,
                              save_strategy="steps", logging_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
                              weight_decay=0.0, max_grad_norm=1.0, report_to=[], seed=0, deepspeed=ds,
@@ -130,6 +133,7 @@ def main():
     report["engine_config_has_block"] = "sparsity" in cb.engine.engine.config
     report["compact"] = cb.engine.compact is not None
     report["compression"] = cb.engine.compression is not None
+    report["leaves"] = sorted({type(m).__name__ for m in trainer.model.modules() if getattr(m, "_z3_leaf", False)})
     report["owned"] = sum(v.mask_len for v in cb.engine.sparsifier.views)
     report["total"] = cb.engine.sparsifier.sparsified_numel()
     logged = [h for h in trainer.state.log_history if "loss" in h]
@@ -151,22 +155,25 @@ def main():
     final = work / "a" / "final"
     trainer.save_model(str(final))
     D.barrier()
+    # from_pretrained would load through ZeRO-3 (a collective) while the Trainer's DeepSpeed config is registered;
+    # run B registers its own
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if D.rank() == 0:
-        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
 
         from dist_sparse.masks.io import load_masks
 
-        # the file itself: from_pretrained would load through ZeRO-3 (a collective) while the Trainer's DeepSpeed
-        # config is alive in this process
-        loaded = load_file(str(final / "model.safetensors"))
-        report["saved_names_missing"] = sorted(set(probe_a.steps[STEPS]["masks"]) - set(loaded))
-        masks = load_masks(final)
+        # by the loaded model's names: transformers writes fused experts in their per-expert on-disk layout
+        loaded = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(final).named_parameters()}
         end = probe_a.steps[STEPS]
+        masks = load_masks(final)
+        report["saved_names_missing"] = sorted(set(end["masks"]) - set(loaded))
         report["saved_masks_equal"] = set(masks) == set(end["masks"]) and all(
             torch.equal(masks[n], end["masks"][n]) for n in masks)
         report["saved_pruned_nonzero"] = sum(int((loaded[n][~m] != 0).sum()) for n, m in masks.items())
-        report["saved_weights_equal"] = all(torch.equal(loaded[n].float(), end["weights"][n])
-                                            for n in end["weights"] if n in loaded)
+        report["saved_weights_equal"] = all(torch.equal(loaded[n].float(), end["weights"][n]) for n in end["weights"])
         ckpt = work / "a" / "checkpoint-4"
         report["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())
         report["checkpoint_masks_equal"] = all(torch.equal(load_masks(ckpt)[n], probe_a.steps[4]["masks"][n])
