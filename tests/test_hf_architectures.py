@@ -4,6 +4,7 @@ compact state, ZeRO-3 dense); tests/workers/hf_arch_worker.py says what each ran
 of ``model.config`` (precedence over the size keys, bad files)."""
 
 import json
+import math
 
 import pytest
 
@@ -183,3 +184,40 @@ def test_qwen2_moe_default_choice():
     assert block0 == ({f"self_attn.{p}_proj.weight" for p in "qkvo"} | {"mlp.experts.gate_up_proj",
                       "mlp.experts.down_proj"} | {f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")})
     assert [c.__name__ for c in expert_module_classes(model)] == ["Qwen2MoeExperts"]
+
+
+def test_plan_counts_experts_per_matrix(tmp_path, capsys):
+    """`dist-sparse plan` with a Mixtral model.config runs, and the per-parameter kept counts it derives
+    (``layer_shapes`` + ``parameter_counts``: ERK over the 2-D expert matrices) equal the masks training draws."""
+    import torch
+
+    from dist_sparse.cli import plan
+    from dist_sparse.config import SparsityConfig
+    from dist_sparse.distributions import keep_counts, layer_densities
+    from dist_sparse.integration.experts import build_layer_method, layer_shapes, parameter_counts
+    from dist_sparse.integration.hf import sparsifiable_parameters
+    from dist_sparse.masks.select import LocalSelector
+    from dist_sparse.methods import LayerSlice
+
+    path = write_config(tmp_path / "m", "mixtral")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": 256}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{config: {path}, block_size: 32}}\ndata: {{tokenizer: byte, max_chars: 20000}}\n"
+                   "deepspeed: {zero_optimization: {stage: 2}}\nsparsity: {method: rigl, sparsity: 0.9}\n")
+    assert plan.main([str(cfg), "--world-size", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "config"
+
+    model = build("mixtral")
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in sparsifiable_parameters(model)}
+    assert out["sparsified_parameters"] == sum(math.prod(s) for s in shapes.values())
+    layers = layer_shapes(shapes)
+    planned = parameter_counts(shapes, keep_counts({n: math.prod(s) for n, s in layers.items()},
+                                                   layer_densities(layers, 0.9, "erk")))
+    method = build_layer_method(SparsityConfig(method="rigl", sparsity=0.9), shapes, 100, 0)
+    names = sorted(shapes)
+    slices = [LayerSlice(n, i, shapes[n], math.prod(shapes[n]), 0, torch.ones(math.prod(shapes[n]), dtype=torch.bool),
+                         None, None) for i, n in enumerate(names)]
+    drawn = {n: int(m.sum()) for n, m in zip(names, method.initial_masks(slices, LocalSelector()))}
+    assert drawn == planned
