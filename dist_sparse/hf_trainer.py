@@ -92,6 +92,18 @@ def _deepspeed_dicts(trainer) -> list:
     return found
 
 
+def _original_config(given) -> dict | None:
+    """``TrainingArguments.deepspeed`` as the user gave it (a dict, or a JSON file), when it carries the block."""
+    if isinstance(given, dict):
+        return copy.deepcopy(given) if "sparsity" in given else None
+    if isinstance(given, (str, Path)) and Path(given).is_file():
+        from dist_sparse.config import read_file
+
+        raw = read_file(Path(given))
+        return raw if isinstance(raw, dict) and "sparsity" in raw else None
+    return None
+
+
 class _RunConfig:
     """What a dist_sparse checkpoint records of the run's config (``trainer.json``'s ``config``)."""
 
@@ -125,7 +137,9 @@ class SparsityCallback(TrainerCallback):
         if any(isinstance(cb, SparsityCallback) for cb in trainer.callback_handler.callbacks):
             raise ValueError("this trainer already has a SparsityCallback")
         dicts = _deepspeed_dicts(trainer)
-        source = next((d for d in dicts if "sparsity" in d), dicts[0] if dicts else None)
+        source = next((d for d in dicts if "sparsity" in d), None)
+        if source is None:  # TrainingArguments reused after an earlier callback removed the block: the original
+            source = _original_config(trainer.args.deepspeed) or (dicts[0] if dicts else None)
         self.sparsity, self.compression = split_trainer_deepspeed_config(source)
         self.ds_config = {k: v for k, v in source.items() if k not in OUR_BLOCKS}
         for d in dicts:  # DeepSpeed's config parser must never see keys that are not its own

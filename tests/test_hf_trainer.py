@@ -42,6 +42,7 @@ def test_trainer_sparse_training_and_resume(stage, mode, tmp_path):
         assert sorted(r["b"]) == ["5", "6", "7", "8"], where
         assert all(r["resume_masks_equal"].values()), f"{where}: resumed masks differ"
         assert all(r["resume_weights_equal"].values()), f"{where}: resumed weights differ {r['resume_weights_maxdiff']}"
+        assert r["args_reused"] == ["rigl", 0.8], where
         assert r["missing_block"][0] == "sparsity" and "no 'sparsity' block" in r["missing_block"][1], where
     r0 = per_rank[0]
     assert r0["saved_masks_equal"] and r0["saved_pruned_nonzero"] == 0 and r0["saved_weights_equal"]

@@ -195,6 +195,13 @@ def main():
         str(s): max(float((probe_b.steps[s]["weights"][n] - probe_a.steps[s]["weights"][n]).abs().max())
                     for n in probe_a.steps[s]["weights"]) for s in probe_b.steps}
 
+    # TrainingArguments reused for another Trainer: the block (removed from the processed config) is found again
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    reused = SparsityCallback(Trainer(model=build("llama"), args=trainer_b.args, train_dataset=Tokens()))
+    report["args_reused"] = [reused.sparsity.method, reused.sparsity.sparsity]
+
     # a DeepSpeed config without the block: refused
     try:
         SparsityCallback(make_trainer(work / "c", ds_config(stage, mode, with_block=False)))
