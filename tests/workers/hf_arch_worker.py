@@ -8,7 +8,7 @@ Per architecture, built from its config.json through ``model.config`` (``build_c
   weights and dense gradients (LocalSelector); for fused experts, every expert keeps exactly its own layer's
   number of weights (one density per expert, not one top-k over the stack);
 - pruned weights exactly 0 after every step, in the model and in the fp32 master weights;
-- ``compact`` (argv[3] == "compact"): the same run with ``sparsity.compact_state: true``;
+- argv[3]: ``compact`` (``sparsity.compact_state: true``), ``dense`` or ``alternate`` (see :func:`compact_for`);
 - the exported ``final/`` (``trainer.save_final``) loads with ``from_pretrained``: pruned weights 0, masks equal,
   weights equal the engine's, tied embeddings still tied.
 """
@@ -147,11 +147,19 @@ def run(arch: str, stage: int, compact: bool, work: Path) -> dict:
     return r
 
 
+def compact_for(mode: str, stage: int, index: int) -> bool:
+    """``compact``/``dense``: every architecture; ``alternate``: every other one (even ones at ZeRO-2, odd ones at
+    ZeRO-3), so two launches run each architecture once with and once without compact state."""
+    if mode == "alternate":
+        return (index + stage) % 2 == 0
+    return mode == "compact"
+
+
 def main():
     stage, out, mode, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
     archs = sys.argv[5].split(",") if len(sys.argv) > 5 else list(ARCHITECTURES)
     ds_integration.init_distributed()
-    finish({a: run(a, stage, mode == "compact", work) for a in archs}, out)
+    finish({a: run(a, stage, compact_for(mode, stage, i), work) for i, a in enumerate(archs)}, out)
 
 
 if __name__ == "__main__":
