@@ -123,10 +123,16 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A GPT-2- or Llama-style causal LM built from these sizes, or a Hugging Face checkpoint (``pretrained``)."""
+    """A GPT-2- or Llama-style causal LM built from these sizes, any Hugging Face causal LM built from its
+    ``config.json`` (``config``, random init), or a Hugging Face checkpoint (``pretrained``).
+
+    ``config`` and ``pretrained`` exclude each other and the built-in path's keys (:data:`BUILTIN_MODEL_KEYS`):
+    the model is then described by its own config, and a size key next to it would silently mean nothing
+    (checked on the raw keys in :func:`check_model_keys`). ``block_size`` is the training context on every path."""
 
     type: str = "gpt2"  # gpt2 | llama (for models built from scratch)
     pretrained: str | None = None  # local HF checkpoint directory (weights + config); never downloads
+    config: str | None = None  # a HF config.json (or a directory holding one): any causal LM, random init
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -145,6 +151,48 @@ class ModelConfig:
         if self.pretrained is not None:
             _require(Path(self.pretrained).is_dir(), f"{p}.pretrained",
                      f"checkpoint directory not found: {self.pretrained}")
+        _require(self.config is None or self.pretrained is None, f"{p}.config",
+                 "model.config and model.pretrained exclude each other (a config builds a randomly initialised "
+                 "model; a checkpoint brings its own config and weights)")
+        if self.config is not None:
+            from dist_sparse.integration.hf import load_model_config
+
+            hf_config = load_model_config(self.config, f"{p}.config")  # a bad file fails here, before any rank
+            limit = max_positions(hf_config)
+            _require(limit is None or self.block_size <= limit, f"{p}.block_size",
+                     f"{self.block_size} exceeds the model's max_position_embeddings ({limit}) in {self.config}")
+
+    @property
+    def source(self) -> str:
+        """How the model is built: ``config`` (a HF config file), ``pretrained`` or the built-in ``type``."""
+        return "config" if self.config else "pretrained" if self.pretrained else self.type
+
+
+# keys that describe the built-in models only; with model.config or model.pretrained they are errors
+BUILTIN_MODEL_KEYS = ("type", "n_layer", "n_head", "n_embd", "dropout", "intermediate_size", "n_kv_head", "extra")
+
+
+def max_positions(hf_config) -> int | None:
+    """The longest context a Hugging Face config supports (``max_position_embeddings``, GPT-2's ``n_positions``
+    through its attribute map), None when the architecture has no fixed limit."""
+    value = getattr(hf_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_model_keys(raw) -> dict:
+    """With ``model.config`` or ``model.pretrained`` set, a built-in size key is a ConfigError. A key set to null
+    is dropped first (``--set model.n_layer=null`` unsets a key a base config file sets)."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {k: v for k, v in raw.items() if not (v is None and k in BUILTIN_MODEL_KEYS)}
+    for source in ("config", "pretrained"):
+        if raw.get(source) is not None:
+            given = [k for k in BUILTIN_MODEL_KEYS if k in raw]
+            if given:
+                raise ConfigError(f"model.{given[0]}", f"cannot be set together with model.{source}: the model "
+                                  f"is described by {raw[source]} (remove {', '.join('model.' + k for k in given)}"
+                                  f", or set them to null)")
+    return raw
 
 
 @dataclass
@@ -360,6 +408,8 @@ class Config:
 
     def to_dict(self) -> dict:
         out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression")}
+        if self.model.config or self.model.pretrained:  # loadable again: the size keys would be refused
+            out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL_KEYS}
         out["deepspeed"] = copy.deepcopy(self.deepspeed)
         if self.plugins:
             out["plugins"] = list(self.plugins)
@@ -402,7 +452,7 @@ def from_dict(raw: dict) -> Config:
              "with SGD needs a loop that checkpoints SGD, which dist-sparse train does not (Adam-family optimizers "
              "only); use it through dist_sparse.initialize in your own training loop, or use Adam/AdamW")
     cfg = Config(
-        model=_build(ModelConfig, raw.get("model"), "model"),
+        model=_build(ModelConfig, check_model_keys(raw.get("model")), "model"),
         data=_build(DataConfig, raw.get("data"), "data"),
         train=_build(TrainConfig, raw.get("train"), "train"),
         deepspeed=ds,

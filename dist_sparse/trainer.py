@@ -25,6 +25,7 @@ from dist_sparse.faults import Faults
 from dist_sparse.integration import hf
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
 from dist_sparse.integration.engine import attach
+from dist_sparse.integration.experts import register_zero3_leaves
 from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
 
 log = logging.getLogger("dist_sparse")
@@ -137,10 +138,12 @@ def _train(cfg: Config, resume: str | None) -> dict:
     data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained)
     model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
     ds_config = deepspeed_config(cfg)
+    if cfg.zero_stage == 3:  # fused MoE experts are fetched as one unit (before the engine registers its hooks)
+        register_zero3_leaves(model)
     deepspeed = import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
     engine = attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
-                                   max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
+                    max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
     sparsifier = engine.sparsifier
     start_step = 0
     if resume_path is not None:
@@ -164,7 +167,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
     if is_main:
         n_params = hf.count_parameters(model)
         log.info("model %s: %.2fM parameters, %d sparsified tensors (%.2fM weights), method=%s sparsity=%.2f "
-                 "distribution=%s, ZeRO-%d, %d ranks, data: %s", cfg.model.type, n_params / 1e6,
+                 "distribution=%s, ZeRO-%d, %d ranks, data: %s", cfg.model.source, n_params / 1e6,
                  len(sparsifier.views), sparsifier.sparsified_numel() / 1e6, cfg.sparsity.method,
                  cfg.sparsity.sparsity, cfg.sparsity.distribution, engine.zero_optimization_stage(), world,
                  data.source)

@@ -32,7 +32,9 @@ def test_train_from_sparsify_output_keeps_masked_weights_zero(tmp_path):
     assert masks and all(abs(float(m.float().mean()) - 0.5) < 0.01 for m in masks.values())
 
     run = tmp_path / "finetune"
-    dist_sparse_train(run, [f"model.pretrained={out}", "sparsity.method=static", f"sparsity.init_masks={out}",
+    # demo.yaml's size keys describe its built-in model; with model.pretrained they are unset (null)
+    unset = ["model.type=null", "model.n_layer=null", "model.n_head=null", "model.n_embd=null"]
+    dist_sparse_train(run, [*unset, f"model.pretrained={out}", "sparsity.method=static", f"sparsity.init_masks={out}",
                             f"data.path={data}", "model.block_size=32", "train.steps=6", "train.eval_interval=100",
                             "train.eval_batches=2", "train.progress=false",
                             "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.zero_optimization.stage=2"],

@@ -44,11 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _from_config(args) -> tuple:
+    import math
+
     import torch
 
     from dist_sparse import config as config_mod
     from dist_sparse.distributions import keep_counts, layer_densities
     from dist_sparse.integration import hf
+    from dist_sparse.integration.experts import layer_shapes, parameter_counts
     from dist_sparse.trainer import param_groups
 
     cfg = config_mod.load(args.config, args.overrides)
@@ -68,10 +71,12 @@ def _from_config(args) -> tuple:
         names = hf.sparsifiable_parameters(model, cfg.sparsity.params, cfg.sparsity.exclude)
     params = dict(model.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in names}
-    dens = layer_densities(shapes, sparsity, cfg.sparsity.distribution, cfg.sparsity.erk_power_scale) if names \
+    layers = layer_shapes(shapes)  # fused MoE experts: one layer per expert matrix, as in training
+    dens = layer_densities(layers, sparsity, cfg.sparsity.distribution, cfg.sparsity.erk_power_scale) if names \
         else {}
     numels = {n: params[n].numel() for n in names}
-    kept = keep_counts(numels, dens) if names else {}
+    kept = parameter_counts(shapes, keep_counts({n: math.prod(s) for n, s in layers.items()}, dens)) if names \
+        else {}
     densities = {n: kept[n] / numels[n] for n in names}
     zero = ds.get("zero_optimization") or {}
     setting = P.model_setting(model, set(names), densities, param_groups(model), world_size=args.world_size,
@@ -79,7 +84,8 @@ def _from_config(args) -> tuple:
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                                                  zero.get("param_persistence_threshold", 100_000))))
-    described = {"config": args.config, "model": cfg.model.type, "parameters": sum(p.numel() for p in params.values()),
+    described = {"config": args.config, "model": cfg.model.source,
+                 "parameters": sum(p.numel() for p in params.values()),
                  "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
                  "method": cfg.sparsity.method, "vocab_size": vocab}
     return setting, described

@@ -26,8 +26,8 @@ from dist_sparse.errors import DistSparseError
 from dist_sparse.integration import patches
 from dist_sparse.integration.accounting import StateAccounting
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
+from dist_sparse.integration.experts import build_layer_method
 from dist_sparse.integration.views import build_views, inner_optimizer, trainable_names
-from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
 from dist_sparse.step import StepSchedule
 
@@ -235,8 +235,9 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         sparsity.check("sparsity")
     names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
     views = build_views(engine, names)
-    method = build_method(sparsity, {v.name: v.shape for v in views}, total_steps,
-                          sparsity.seed if sparsity.seed is not None else seed)
+    # fused MoE experts: every expert's matrix is its own layer for the method's decisions
+    method = build_layer_method(sparsity, {v.name: v.shape for v in views}, total_steps,
+                                sparsity.seed if sparsity.seed is not None else seed)
     if method is not None and method.dense_weights and any(v.model_is_master for v in views):
         raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
                                              "needs master weights apart from the model's (ZeRO stage >= 1, or "
