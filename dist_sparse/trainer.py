@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dist_sparse import checkpoint
+from dist_sparse import checkpoint, preflight, stopping
 from dist_sparse import distributed as D
 from dist_sparse.config import Config
 from dist_sparse.data import TextData
@@ -126,6 +126,9 @@ def _train(cfg: Config, resume: str | None) -> dict:
     ckpt_root = out_dir / "checkpoints"
     resume_path = _resume_target(cfg, resume, ckpt_root)  # before any work: a bad target fails fast
     faults = Faults.from_env(rank)
+    # multi-node: placement logged per rank, same config and install everywhere, a shared checkpoint directory
+    topology = preflight.run(cfg, ckpt_root)
+    stopper = stopping.Stopper(cfg.train.time_limit)  # SIGTERM/SIGUSR1 from here on stop at a step boundary
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
@@ -140,6 +143,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
     engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
                                    max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
     sparsifier = engine.sparsifier
+    stopper.device = engine.device
     start_step = 0
     if resume_path is not None:
         start_step = restore(engine, resume_path)
@@ -177,9 +181,12 @@ def _train(cfg: Config, resume: str | None) -> dict:
     if progress is not None:
         progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
+    last_saved = start_step
     for step in range(start_step, cfg.train.steps):
         faults.maybe("kill", step)
         faults.maybe("hang", step)
+        faults.maybe("sigterm", step)
+        faults.maybe("sigusr1", step)
         t0 = time.perf_counter()
         is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
         uses_dense_grad = sparsifier.method is not None and sparsifier.uses_dense_grad(step)
@@ -209,7 +216,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            t_save = time.perf_counter()
             save_checkpoint(engine, ckpt_root, done, cfg, faults)
+            stopper.saved(time.perf_counter() - t_save)  # the time limit keeps room for one more save
+            last_saved = done
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.3f}")
@@ -228,6 +238,12 @@ def _train(cfg: Config, resume: str | None) -> dict:
             if sparsifier.last_update is not None:
                 record["mask_update"] = sparsifier.last_update
             metrics.log(done, record)
+        reason = stopper.agree(timer.times[-1])  # a collective: every rank stops at the same step
+        if reason is not None and done != cfg.train.steps:
+            if progress is not None:
+                progress.close()
+            metrics.close()
+            return _stop(engine, ckpt_root, done, cfg, faults, stopper, reason, saved=last_saved == done)
 
     if progress is not None:
         progress.close()
@@ -256,6 +272,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "data": data.source,
         **_comm_summary(engine, cfg.train.steps - start_step),
         **state_bytes_summary(engine),  # issue 7: memory accounting (a collective)
+        **topology,  # nodes, ranks_per_node (host -> rank count)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
@@ -266,6 +283,22 @@ def _train(cfg: Config, resume: str | None) -> dict:
         write_json_atomic(out_dir / "summary.json", summary)
     D.barrier()
     return summary
+
+
+def _stop(engine, ckpt_root: Path, step: int, cfg: Config, faults, stopper, reason: str, saved: bool) -> dict:
+    """A stop every rank agreed on: a committed checkpoint at this step (unless the save interval just wrote one),
+    then rank 0 records the stop in ``stop.json``; the caller exits with the stop's exit code (stopping.py)."""
+    t_save = time.perf_counter()
+    path = checkpoint.step_dir(ckpt_root, step) if saved else save_checkpoint(engine, ckpt_root, step, cfg, faults)
+    ranks = D.all_gather_object(stopper.describe())
+    if D.rank() == 0:
+        record = stopping.write_record(cfg.train.output_dir, reason, step, path, ranks, cfg.train.time_limit)
+        log.warning("stopped at step %d of %d (%s%s): committed checkpoint %s written in %.1fs; continue with "
+                    "--resume auto", step, cfg.train.steps, reason,
+                    f": {', '.join(record['signals'])}" if record["signals"] else "", path,
+                    time.perf_counter() - t_save)
+    D.barrier()
+    return {"stopped": {"reason": reason, "step": step, "checkpoint": str(path)}}
 
 
 def _comm_summary(engine, steps: int) -> dict:
