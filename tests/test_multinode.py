@@ -367,29 +367,28 @@ def test_ranks_per_node_tells_nodes_sharing_a_host_name_apart():
     assert preflight.ranks_per_node([_info(0, "vm", 0), _info(1, "vm", 1)]) == {"vm#0": 1, "vm#1": 1}
 
 
-def _probe(rank, world, dirs, wait_s):
+def _probe(rank, world, shared, local):
     import socket
 
     infos = [_info(r, socket.gethostname(), r) for r in range(world)]
-    try:
-        preflight.probe_shared_dir(dirs[rank], infos, wait_s=wait_s)
-        result = "ok"
-    except preflight.PreflightError as exc:
-        result = str(exc)
-    with open(os.path.join(dirs[rank], f"result_{rank}"), "w") as f:
-        f.write(result)
+    for name, path, wait_s in (("shared", shared, 5.0), ("local", local[rank], 0.5)):
+        try:
+            preflight.probe_shared_dir(path, infos, wait_s=wait_s)
+            result = "ok"
+        except preflight.PreflightError as exc:
+            result = str(exc)
+        with open(os.path.join(path, f"result_{name}_{rank}"), "w") as f:
+            f.write(result)
 
 
 def test_probe_refuses_a_node_local_checkpoint_dir(tmp_path):
     shared = tmp_path / "shared"
-    shared.mkdir()
     local = [tmp_path / "node0", tmp_path / "node1"]  # what each node would see of a node-local path
-    for d in local:
+    for d in (shared, *local):
         d.mkdir()
-    run_spawned(_probe, 2, [str(shared)] * 2, 5.0)
-    assert (shared / "result_0").read_text() == "ok" == (shared / "result_1").read_text()
+    run_spawned(_probe, 2, str(shared), [str(d) for d in local])
+    assert (shared / "result_shared_0").read_text() == "ok" == (shared / "result_shared_1").read_text()
     assert not (shared / preflight.PROBE_DIR).exists()  # probes cleaned up
-    run_spawned(_probe, 2, [str(d) for d in local], 0.5)
     for r, d in enumerate(local):
-        msg = (d / f"result_{r}").read_text()
+        msg = (d / f"result_local_{r}").read_text()
         assert "is not shared by every node" in msg and "node-local" in msg, msg  # on every rank
