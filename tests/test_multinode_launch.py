@@ -323,3 +323,112 @@ def test_hostfile_torchrun_over_ssh_signal_reaches_every_host(ssh_path, tmp_path
         sessions = [line.split("\t") for line in log.read_text().splitlines()]
         assert sorted(h for h, _ in sessions) == ["nodeA", "nodeB"]
         assert all("dist_sparse.cli.node_guard" in c and "DIST_SPARSE_FAULT=nan@2:0" in c for _, c in sessions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hostfile + mpirun over ssh, between two network namespaces
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """Two hosts made of network namespaces joined by a veth pair (10.231.7.1 <-> 10.231.7.2, interface ds0 in
+    both), each with its own sshd and host name (nodeA, nodeB), removed afterwards. Open MPI's runtime refuses a
+    loopback-only network between hosts, so two aliases of 127.0.0.1 cannot carry an mpirun job; namespaces give it
+    a real (private) network that nothing outside this machine can reach."""
+    server, keygen, client, ip = (shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("ssh-keygen"),
+                                  shutil.which("ssh"), shutil.which("ip"))
+    if not (os.path.exists(server) and keygen and client and ip and shutil.which("unshare")):
+        pytest.skip("needs openssh-server, iproute2 and unshare (apt-get install -y openssh-server iproute2)")
+    tag = f"{os.getpid() % 100000}"
+    ns = [f"dsmnA{tag}", f"dsmnB{tag}"]
+    d = tmp_path_factory.mktemp("netns")
+    created, servers = [], []
+
+    def sh(*cmd):
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    try:
+        for n in ns:
+            r = sh(ip, "netns", "add", n)
+            if r.returncode != 0:
+                reason = f"cannot create network namespaces here ({r.stderr.strip()}): mpirun over ssh not tested"
+                print(reason, file=sys.stderr)
+                pytest.skip(reason)
+            created.append(n)
+        steps = [(ip, "link", "add", f"dsv{tag}a", "type", "veth", "peer", "name", f"dsv{tag}b")]
+        for n, end, addr in ((ns[0], "a", "10.231.7.1/24"), (ns[1], "b", "10.231.7.2/24")):
+            steps += [(ip, "link", "set", f"dsv{tag}{end}", "netns", n),
+                      (ip, "-n", n, "link", "set", f"dsv{tag}{end}", "name", "ds0"),
+                      (ip, "-n", n, "addr", "add", addr, "dev", "ds0"),
+                      (ip, "-n", n, "link", "set", "ds0", "up"), (ip, "-n", n, "link", "set", "lo", "up")]
+        for step in steps:
+            r = sh(*step)
+            assert r.returncode == 0, f"{' '.join(step)}: {r.stderr}"
+        for key in ("host_key", "user_key"):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+        (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+        os.chmod(d / "authorized_keys", 0o600)
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)
+        user = os.environ.get("USER") or __import__("getpass").getuser()
+        hosts = ""
+        for n, name, addr in ((ns[0], "nodeA", "10.231.7.1"), (ns[1], "nodeB", "10.231.7.2")):
+            cfg = d / f"sshd_{name}"
+            cfg.write_text(f"Port 2222\nListenAddress {addr}\nHostKey {d / 'host_key'}\nAuthorizedKeysFile "
+                           f"{d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                           f"UsePAM no\nStrictModes no\nPidFile {d / name}.pid\nPermitRootLogin prohibit-password\n"
+                           "LogLevel ERROR\n")
+            # its own UTS namespace: the processes sshd starts see the host name of "their" node
+            servers.append(subprocess.Popen([ip, "netns", "exec", n, "unshare", "--uts", "sh", "-c",
+                                             f"hostname {name} && exec {server} -D -e -f {cfg}"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            hosts += f"Host {name}\n  HostName {addr}\n"
+        (d / "ssh_config").write_text(
+            f"{hosts}Host nodeA nodeB\n  Port 2222\n  User {user}\n  IdentityFile {d / 'user_key'}\n"
+            "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        (d / "bin").mkdir()
+        (d / "bin" / "ssh").write_text(f"#!/bin/sh\nexec {client} -F {d / 'ssh_config'} \"$@\"\n")
+        os.chmod(d / "bin" / "ssh", 0o755)
+        for _ in range(50):
+            r = sh(ip, "netns", "exec", ns[0], str(d / "bin" / "ssh"), "nodeB", "hostname")
+            if r.returncode == 0 and r.stdout.strip() == "nodeB":
+                break
+            time.sleep(0.2)
+        else:
+            reason = f"sshd in the namespaces could not be used: {r.stderr.strip()[-300:]}"
+            print(reason, file=sys.stderr)
+            pytest.skip(reason)
+        yield SimpleNamespace(bin=d / "bin", launch_ns=ns[0], ip=ip)
+    finally:
+        for p in servers:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for n in created:  # removing a namespace removes its end of the veth pair, and with it the other
+            sh(ip, "netns", "del", n)
+
+
+@pytest.mark.slow
+def test_hostfile_mpirun_over_ssh_equals_one_node(two_hosts, ref2, tmp_path):
+    """`--hostfile --launcher mpirun`: one `mpirun -H nodeA:1,nodeB:1` started in nodeA's namespace reaches
+    nodeB through its sshd; the ranks learn rank and world size from mpi4py, rendezvous on nodeA's address, and
+    train exactly like one node (masks bit for bit, losses to 1e-6)."""
+    (tmp_path / "hosts").write_text("nodeA slots=1\nnodeB slots=1\n")
+    out = tmp_path / "run"
+    cmd = [two_hosts.ip, "netns", "exec", two_hosts.launch_ns,
+           *_cmd(out, [*FAST, "deepspeed.zero_optimization.stage=2"], "--hostfile", tmp_path / "hosts",
+                 "--launcher", "mpirun", "--master-addr", "10.231.7.1", "--master-port", 29511)]
+    # the namespaces' link for Open MPI's runtime and MPI traffic, and for gloo (exported to every rank)
+    env = _env(PATH=f"{two_hosts.bin}:{os.environ['PATH']}", PRTE_MCA_oob_tcp_if_include="ds0",
+               OMPI_MCA_btl_tcp_if_include="ds0", GLOO_SOCKET_IFNAME="ds0")
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    (proc,) = _finish([p], 400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nodes"] == 2 and summary["ranks_per_node"] == {"nodeA": 1, "nodeB": 1}
+    assert "rank 0 of 2: host nodeA" in proc.stderr and "rank 1 of 2: host nodeB" in proc.stderr
+    assert "(from mpi)" in proc.stderr
+    _assert_equal_to_one_node(ref2, out)

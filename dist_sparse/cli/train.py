@@ -91,6 +91,11 @@ def _exit_rank(code: int) -> None:
     whole job. ``os._exit`` skips them after flushing what Python still buffers."""
     import logging
 
+    # under mpirun, mpi4py's MPI_Finalize runs at interpreter exit, which os._exit skips; without it mpirun reports
+    # the finished rank as "exiting improperly" and fails the job
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
