@@ -76,6 +76,7 @@ class NodeCommand:
     argv: list  # what this process runs for that node
     env: dict  # variables added to the environment (exported to the remote shell for ssh nodes)
     remote: list | None = None  # for ssh nodes: the command the remote shell runs
+    index: int | None = None  # the node's index in the job, when it is not its place in the plan (--node-rank)
 
 
 @dataclass
@@ -200,7 +201,8 @@ def _build_node(args, launch_id: str, inner: list) -> Plan:
     argv = [_python(), "-m", "torch.distributed.run", "--nnodes", str(args.nnodes), "--node-rank",
             str(args.node_rank), "--master-addr", args.master_addr, "--master-port", str(port),
             "--nproc-per-node", str(n), *_torchrun_flags(args), "-m", RANK_MODULE, *inner]
-    return Plan("torchrun", "node", [NodeCommand(None, n, argv, env)], launch_id)
+    return Plan("torchrun", "node", [NodeCommand(None, n, argv, env, index=args.node_rank)], launch_id,
+                [f"this is node {args.node_rank} of {args.nnodes}: start the other nodes with their --node-rank"])
 
 
 def _build_hostfile(args, launch_id: str, inner: list, output_dir: str) -> Plan:
@@ -314,7 +316,7 @@ def describe(plan: Plan) -> str:
         lines += [f"#   {t}" for t in text.splitlines()]
     for i, node in enumerate(plan.nodes):
         where = f"host {node.host} over ssh" if node.host else "this machine"
-        lines.append(f"## node {i}: {where}, {node.ranks} rank(s)")
+        lines.append(f"## node {node.index if node.index is not None else i}: {where}, {node.ranks} rank(s)")
         kind = "exported to the remote shell" if node.host else "added to this environment"
         lines.append(f"env ({kind}):")
         lines += [f"  {k}={v}" for k, v in node.env.items()]
