@@ -4,7 +4,8 @@ properties (CI has 2 cores):
 - two nodes of one rank each, as two `dist-sparse train --nnodes 2 --node-rank R` process trees rendezvousing on
   127.0.0.1, equal a one-node two-rank run (masks bit for bit, losses to 1e-6) at ZeRO-2 (with a whole node lost
   and restarted by its torchrun agent from the newest committed checkpoint) and ZeRO-3;
-- a node started with another config fails on every rank, naming the key and the hosts;
+- two ranks started like srun's tasks (Slurm variables only) discover each other, and the one whose node
+  resolved another config makes both fail at start, naming the key and the hosts;
 - SIGTERM to one rank, then train.time_limit: clean stops (exit 75, one committed checkpoint at the same step on
   every rank), and the resumed run equals the uninterrupted one exactly;
 - a full disk during a checkpoint (injected ENOSPC) stops every rank, the previous checkpoint stays the newest;
@@ -159,10 +160,24 @@ def test_two_nodes_zero2_lose_a_node_restart_and_equal_one_node(ref2, tmp_path):
 
 @pytest.mark.slow
 def test_a_node_with_another_config_fails_on_every_rank(tmp_path):
-    procs = run_nodes(tmp_path, [*FAST, "train.dist_timeout_s=60"], node_overrides=[[], ["train.seed=1"]],
-                      timeout=300)
+    """Two ranks started the way srun starts them (one process per task, only SLURM_* variables; no srun here):
+    they discover rank, world and master (the first node of SLURM_JOB_NODELIST) themselves. The task of the second
+    node resolved another config: both ranks fail at start, naming the key, both values and the hosts."""
+    port = free_port()
+    procs = []
+    for r in range(2):
+        slurm = {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": str(r),
+                 "SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_TASKS_PER_NODE": "1(x2)",
+                 "SLURM_JOB_ID": "4242", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "dist_sparse.cli.train", str(ROOT / "configs" / "demo.yaml")]
+        for o in (*FAST, "train.dist_timeout_s=60", f"train.output_dir={tmp_path}", *(["train.seed=1"] * r)):
+            cmd += ["--set", o]
+        procs.append(subprocess.Popen(cmd, env=_env(**slurm), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+    procs = _finish(procs, 300)
     for r, p in enumerate(procs):
-        assert p.returncode != 0
+        assert p.returncode == 1
+        assert f"rank {r} of 2: host " in p.stderr and "(from slurm)" in p.stderr, p.stderr[-3000:]
         assert f"error on rank {r}" in p.stderr and "first differing key train.seed: 0 on " in p.stderr, \
             p.stderr[-3000:]
         assert "; 1 on " in p.stderr  # both values with their hosts
