@@ -263,6 +263,7 @@ def test_one_command_per_node_and_flag_errors(hostfile):
             _flag(argv, "--master-port"), _flag(argv, "--nproc-per-node"), _flag(argv, "--max-restarts")) == \
         ("2", "1", "10.0.0.1", "4444", "3", "2")
     assert "--rdzv-backend" not in argv  # torchrun's static rendezvous: ranks follow --node-rank
+    assert plan.nodes[0].env["MY_SETTING"] == "42"  # .deepspeed_env, as every node of a hostfile launch gets it
     for kw, what in [(dict(nnodes=2, node_rank=2, master_addr="h"), "--node-rank"),
                      (dict(nnodes=2, node_rank=0), "--master-addr"),
                      (dict(nnodes=2, node_rank=0, master_addr="h", launcher="mpirun"), "--launcher"),

@@ -195,7 +195,8 @@ def _build_node(args, launch_id: str, inner: list) -> Plan:
         raise ClusterError("--include/--exclude", "need --hostfile")
     n = args.nproc_per_node or args.nproc or 1
     port = args.master_port or cluster.DEFAULT_MASTER_PORT
-    env = _launch_env(args, launch_id, n)
+    # .deepspeed_env applies here too: each node of the job then sees what the hostfile launchers would give it
+    env = {**_env_file_entries(), **_launch_env(args, launch_id, n)}
     # torchrun's static rendezvous (the default with --node-rank and --master-addr): ranks follow --node-rank, so
     # the placement of every rank is what the user wrote, and a node restarted by its agent keeps its ranks
     argv = [_python(), "-m", "torch.distributed.run", "--nnodes", str(args.nnodes), "--node-rank",
@@ -203,6 +204,13 @@ def _build_node(args, launch_id: str, inner: list) -> Plan:
             "--nproc-per-node", str(n), *_torchrun_flags(args), "-m", RANK_MODULE, *inner]
     return Plan("torchrun", "node", [NodeCommand(None, n, argv, env, index=args.node_rank)], launch_id,
                 [f"this is node {args.node_rank} of {args.nnodes}: start the other nodes with their --node-rank"])
+
+
+def _env_file_entries() -> dict:
+    out = {}
+    for f in cluster.env_files():
+        out.update(cluster.parse_env_file(f))
+    return out
 
 
 def _build_hostfile(args, launch_id: str, inner: list, output_dir: str) -> Plan:
