@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -85,31 +86,79 @@ def time_to_stop(time_left: float, last_save_seconds: float, longest_step_second
 
 
 class Stopper:
-    """Installs the signal handlers on construction; ``agree`` is the per-step collective."""
+    """Installs the signal handlers on construction; ``agree`` is the per-step collective.
 
-    def __init__(self, time_limit=None, device=None, signals=STOP_SIGNALS):
+    A rank that got a stop signal but does not reach a step boundary within ``grace_s`` (at least three of the
+    longest step) exits with 128 + the signal: torchrun also sends SIGTERM to tear down a worker group when a peer
+    failed, and a rank hung outside a collective must still go. The signal is seen by a watcher thread through
+    Python's wakeup fd, so this works while the main thread is blocked inside a collective (where Python-level
+    handlers do not run until it returns)."""
+
+    def __init__(self, time_limit=None, device=None, signals=STOP_SIGNALS, grace_s: float = 600.0):
         self.limit = parse_duration(time_limit) if time_limit is not None else None
         self.start = start_time()
         self.device = device
         self.received = None  # name of the first stop signal this process got
         self.last_save_seconds = 0.0
         self.longest_step = 0.0
+        self.grace_s = float(grace_s)
+        self._at_boundary = threading.Event()
+        self._lock = threading.Lock()  # the watcher thread and the Python-level handler may both see a signal
         self._previous = {}
         for name in signals:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(r, {getattr(signal, n) for n in signals}), daemon=True,
+                             name="dist_sparse-stop-watch").start()
 
     def _on_signal(self, signum, frame) -> None:
+        self._note(signum)
+
+    def _note(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if self.received is None:
-            self.received = name
-            # a signal handler must not block: logging takes a lock the interrupted code may hold
+        with self._lock:
+            first = self.received is None
+            if first:
+                self.received = name
+        if first:
+            # no logging here: it takes a lock the interrupted code may hold
             os.write(2, f"[dist_sparse] rank {os.environ.get('RANK', '0')} got {name}: stopping at the next step "
                         "boundary with a checkpoint\n".encode())
+            threading.Thread(target=self._deadline, args=(signum,), daemon=True).start()
+
+    def _watch(self, fd: int, wanted: set) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in wanted:
+                    self._note(signum)
+
+    def _deadline(self, signum: int) -> None:
+        grace = max(self.grace_s, 3.0 * self.longest_step)
+        if self._at_boundary.wait(grace):
+            return
+        os.write(2, f"[dist_sparse] rank {os.environ.get('RANK', '0')}: no step boundary within {grace:g}s of "
+                    f"{signal.Signals(signum).name} (a peer hung or died?): exiting without a checkpoint\n".encode())
+        os._exit(128 + signum)
 
     def restore_handlers(self) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
+        if self._wakeup is not None:
+            r, w, old_fd = self._wakeup
+            signal.set_wakeup_fd(old_fd)
+            os.close(w)  # ends the watcher thread
+            self._wakeup = None
 
     def saved(self, seconds: float) -> None:
         self.last_save_seconds = float(seconds)
@@ -133,7 +182,10 @@ class Stopper:
         self.longest_step = max(self.longest_step, float(step_seconds))
         code = torch.tensor([self.local_code()], dtype=torch.int64, device=self.device)
         D.all_reduce_max(code)
-        return _REASONS[int(code.item())]
+        reason = _REASONS[int(code.item())]
+        if reason is not None:
+            self._at_boundary.set()  # the stop is agreed: the checkpoint's collectives have their own timeout
+        return reason
 
     def describe(self) -> dict:
         """This rank's part of the stop record (gathered from every rank)."""

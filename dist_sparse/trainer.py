@@ -128,7 +128,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
     faults = Faults.from_env(rank)
     # multi-node: placement logged per rank, same config and install everywhere, a shared checkpoint directory
     topology = preflight.run(cfg, ckpt_root)
-    stopper = stopping.Stopper(cfg.train.time_limit)  # SIGTERM/SIGUSR1 from here on stop at a step boundary
+    # SIGTERM/SIGUSR1 from here on stop at a step boundary (or end the rank if none comes within the timeout)
+    stopper = stopping.Stopper(cfg.train.time_limit, grace_s=cfg.train.dist_timeout_s)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())

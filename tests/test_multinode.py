@@ -325,6 +325,34 @@ def test_time_limit_rule_and_stop_signals(monkeypatch):
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
+_GRACE = """
+import os, signal, sys, time
+from dist_sparse.stopping import Stopper
+s = Stopper(grace_s=float(sys.argv[1]))
+os.kill(os.getpid(), signal.SIGTERM)
+if sys.argv[2] == "boundary":
+    s.agree(0.01)  # a single process: reaching the boundary disarms the deadline
+time.sleep(2)
+print("survived", s.received)
+"""
+
+
+@pytest.mark.parametrize("where,grace,code", [("boundary", "30", 0), ("hung", "0.5", 128 + signal.SIGTERM)])
+def test_a_signalled_rank_that_never_reaches_a_step_boundary_exits(where, grace, code):
+    """torchrun also sends SIGTERM to tear a worker group down: a rank hung outside a collective must still end
+    (after the grace period), while one that reaches the boundary stops normally."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _GRACE, grace, where], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.returncode == code, proc.stderr
+    if code:
+        assert "no step boundary within 0.5s of SIGTERM" in proc.stderr and "survived" not in proc.stdout
+    else:
+        assert "survived SIGTERM" in proc.stdout
+
+
 def test_stop_record_and_exit_codes(tmp_path, monkeypatch):
     ranks = [{"rank": 0, "host": "a", "signal": None, "launch_id": "L1"},
              {"rank": 1, "host": "b", "signal": "SIGTERM", "launch_id": "L2"}]
