@@ -11,7 +11,7 @@ properties (CI has 2 cores):
 - a full disk during a checkpoint (injected ENOSPC) stops every rank, the previous checkpoint stays the newest;
 - the hostfile path with torchrun over ssh: a stand-in `ssh` that runs the command locally in a fresh environment,
   and a real sshd on 127.0.0.1 (skipped, with the reason, where openssh-server is missing or cannot start); the
-  launcher's SIGTERM reaches the ranks on every host through the ssh session.
+  launcher's SIGUSR1 reaches the ranks on every host through the ssh session.
 
 Why two-node losses are not bit-identical to one node: DeepSpeed's CPU all-reduce between ranks of one node is its
 shared-memory op, which sums in another order (and precision path) than gloo's all-reduce between nodes; with two
@@ -187,8 +187,9 @@ def test_a_node_with_another_config_fails_on_every_rank(tmp_path):
 @pytest.mark.slow
 def test_sigterm_then_time_limit_stop_cleanly_and_resume_exactly(ref2, tmp_path):
     stage = "deepspeed.zero_optimization.stage=2"
-    # SIGTERM reaches rank 1 only, before step 4: every rank stops after step 5 with one committed checkpoint
-    proc = one_node(tmp_path, stage, fault="sigterm@4:1", expect_ok=False)
+    # SIGTERM reaches rank 1 only, before step 4: every rank stops after step 5 with one committed checkpoint, and
+    # torchrun's --max-restarts does not restart the stop (a restart would run on and finish: exit code 0)
+    proc = one_node(tmp_path, stage, fault="sigterm@4:1", max_restarts=1, expect_ok=False)
     assert proc.returncode == stopping.EXIT_STOPPED, proc.stderr[-3000:]
     record = json.loads((tmp_path / "stop.json").read_text())
     assert record["reason"] == "signal" and record["step"] == 5 and record["signals"][0].startswith("SIGTERM on "
@@ -300,7 +301,7 @@ def ssh_path(request):
 def test_hostfile_torchrun_over_ssh_signal_reaches_every_host(ssh_path, tmp_path):
     """`--hostfile` (nodeA, nodeB: one slot each) with torchrun: one agent per host over ssh, whose remote shell
     has a fresh environment (only the launcher's exports and .deepspeed_env reach the ranks: without PYTHONPATH
-    this worktree's package would not even import there). SIGTERM to the launcher travels through each ssh
+    this worktree's package would not even import there). SIGUSR1 to the launcher travels through each ssh
     session's node guard to the ranks, which stop cleanly; the launcher exits with the stop code."""
     (tmp_path / "hosts").write_text("nodeA slots=1\nnodeB slots=1\n")
     env_file = tmp_path / "job.env"
@@ -320,16 +321,16 @@ def test_hostfile_torchrun_over_ssh_signal_reaches_every_host(ssh_path, tmp_path
                 break
             time.sleep(0.3)
         assert p.poll() is None, p.communicate()[1][-4000:]
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGUSR1)  # what Slurm's --signal=USR1@T sends
         (proc,) = _finish([p], 300)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert proc.returncode == stopping.EXIT_STOPPED, proc.stderr[-4000:]
-    assert "launcher got SIGTERM: forwarding to the ranks" in proc.stderr
+    assert "launcher got SIGUSR1: forwarding to the ranks" in proc.stderr
     record = json.loads((out / "stop.json").read_text())
     assert record["reason"] == "signal" and 3 <= record["step"] < 400
-    assert sorted(s.split(" (")[0] for s in record["signals"]) == ["SIGTERM on rank 0", "SIGTERM on rank 1"]
+    assert sorted(s.split(" (")[0] for s in record["signals"]) == ["SIGUSR1 on rank 0", "SIGUSR1 on rank 1"]
     assert checkpoint.committed_checkpoints(out / "checkpoints")[-1].name == f"step_{record['step']:08d}"
     assert "step 2 skipped on every rank" in proc.stderr  # DS_ENV_FILE's variable reached the ranks
     hosts = {line.split("host ")[1].split(",")[0] for line in proc.stderr.splitlines() if "of 2: host " in line}

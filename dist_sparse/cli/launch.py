@@ -266,7 +266,9 @@ def _build_hostfile(args, launch_id: str, inner: list, output_dir: str) -> Plan:
                                                    "deepspeed (DeepSpeed's runner refuses the pair)")
         argv += ["--num_gpus", str(args.nproc_per_node)]
     argv += ["--module", RANK_MODULE, *inner]
-    runner_env = {"DS_ENV_FILE": str(env_file.resolve()), "DS_ACCELERATOR": env["DS_ACCELERATOR"]}
+    # the runner's own environment too: with one host left after --include it starts the ranks itself, without
+    # reading the file
+    runner_env = {**env, "DS_ENV_FILE": str(env_file.resolve())}
     plan = Plan("deepspeed", "hostfile", [NodeCommand(None, sum(counts.values()), argv, runner_env)], launch_id,
                 files={str(env_file): "".join(f"{k}={v}\n" for k, v in env.items())})
     plan.notes.append(f"DeepSpeed's runner starts {', '.join(f'{n} on {h}' for h, n in counts.items())} with pdsh")
