@@ -405,6 +405,13 @@ def execute(plan: Plan, output_dir: str) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         codes = _wait_all(plan, procs)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole foreground group: the launchers end their ranks
+        for p in procs:
+            try:
+                p.wait(timeout=PEER_GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return 130
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
