@@ -9,14 +9,17 @@ properties (CI has 2 cores):
 - SIGTERM to one rank, then train.time_limit: clean stops (exit 75, one committed checkpoint at the same step on
   every rank), and the resumed run equals the uninterrupted one exactly;
 - a full disk during a checkpoint (injected ENOSPC) stops every rank, the previous checkpoint stays the newest;
-- the hostfile path with torchrun over ssh: a stand-in `ssh` that runs the command locally in a fresh environment,
-  and a real sshd on 127.0.0.1 (skipped, with the reason, where openssh-server is missing or cannot start); the
-  launcher's SIGUSR1 reaches the ranks on every host through the ssh session.
+- the hostfile path with torchrun over ssh: a real sshd on 127.0.0.1, or where openssh-server is missing or cannot
+  start (the reason is printed) a stand-in `ssh` that runs the command locally in a fresh environment; the
+  launcher's SIGUSR1 reaches the ranks on every host through the ssh session;
+- the hostfile path with mpirun over ssh between two network namespaces (skipped, with the reason, where they or
+  sshd are unavailable).
 
-Why two-node losses are not bit-identical to one node: DeepSpeed's CPU all-reduce between ranks of one node is its
-shared-memory op, which sums in another order (and precision path) than gloo's all-reduce between nodes; with two
-ranks the sum a + b is order-free, so masks (decided by exact top-k on the same values) and losses agree to ~1e-7,
-not to the last bit.
+Why two-node losses are only required to agree to 1e-6: the ranks of one node reduce through DeepSpeed's CPU
+shared-memory communication op, ranks on different nodes through gloo over TCP, and the two implementations are not
+guaranteed to round identically (with more than two ranks they also sum in different orders). Measured here: at
+ZeRO-2 (and under mpirun) the 12 losses were identical; at ZeRO-3 one of 12 differed, by 1.2e-7 relative. The
+masks, decided by an exact distributed top-k, are required equal bit for bit.
 """
 
 import json
@@ -290,11 +293,17 @@ def sshd(tmp_path_factory):
             proc.kill()
 
 
-@pytest.fixture(params=["standin", "sshd"])
+@pytest.fixture
 def ssh_path(request):
-    if request.param == "standin":
+    """The real sshd where it runs; otherwise (CI without openssh-server) the stand-in, which tests the same
+    fan-out logic (one launch instead of two: CI has 2 cores). DIST_SPARSE_SSH_STANDIN=1 forces the stand-in."""
+    if os.environ.get("DIST_SPARSE_SSH_STANDIN") == "1":
         return TOOLS
-    return request.getfixturevalue("sshd").bin
+    try:
+        return request.getfixturevalue("sshd").bin
+    except pytest.skip.Exception as exc:
+        print(f"real sshd unavailable ({exc}); using the ssh stand-in", file=sys.stderr)
+        return TOOLS
 
 
 @pytest.mark.slow
