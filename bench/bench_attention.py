@@ -128,7 +128,7 @@ def gpu_section(args) -> str:
     head = f"### GPU: bf16, batch 1, {args.gpu_heads} heads, seq {args.gpu_seq}, head_dim {args.head_dim}"
     if not torch.cuda.is_available():
         return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
-    import kernels.block_sparse_attn as kbsa
+    import dist_sparse.kernels.block_sparse_attn as kbsa
 
     if not kbsa.HAS_TRITON:
         return f"{head}\n\nTriton is not installed: the GPU kernels could not run."

@@ -1,4 +1,4 @@
-"""Issue 3 figures: sparse gradient compression with error feedback inside DeepSpeed (ZeRO-2, 2 ranks).
+"""Gradient compression: sparse gradient compression with error feedback inside DeepSpeed (ZeRO-2, 2 ranks).
 
 The setting of bench_training.py (tinyshakespeare, char-level GPT-2 4 x 128, context 128, batch 8 per rank, AdamW
 lr 1e-3 with torch's default betas 0.9/0.999, 2000 steps), five runs one after another through `dist-sparse train
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_training import COMMON, run  # noqa: E402  (issue 2's runner: its settings, same command)
+from bench.bench_training import COMMON, run  # noqa: E402  (the training benchmark's runner: its settings, same command)
 from bench.common import (  # noqa: E402
     SHAKESPEARE,
     command_line,
@@ -34,8 +34,8 @@ from bench.common import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression"
 TOPK1 = ["compression.method=topk", "compression.density=0.01", "compression.min_tensor_size=0"]
-# torch's AdamW betas, as the issue-2 reference figures use them (bench_training.py on main); RigL as in the paper
-# (growth scored by the update step's dense gradient)
+# torch's AdamW betas, as the training benchmark's reference figures use them (bench_training.py on main); RigL as
+# in the paper (growth scored by the update step's dense gradient)
 BASE = ["model.n_embd=128", "deepspeed.optimizer.params.betas=[0.9,0.999]"]
 
 EF, NOEF = "compression.error_feedback=true", "compression.error_feedback=false"
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--baselines", type=Path, default=ROOT / "bench" / "work" / "training",
                         help="bench_training.py's run folders; identical uncompressed runs there are reused")
     args = parser.parse_args()
-    if skipped_without_shakespeare("30_compression", "Gradient compression with error feedback (issue 3)"):
+    if skipped_without_shakespeare("30_compression", "Gradient compression with error feedback"):
         return
     WORK.mkdir(parents=True, exist_ok=True)
     results, reused = {}, {}
@@ -110,7 +110,7 @@ def main() -> None:
     for key, label, _ in RUNS:
         s = results[key]
         base = results["rigl" if key.startswith("rigl") else "dense"]
-        # an uncompressed run moves DeepSpeed's dense bytes (a reused run from before issue 3 lacks the keys)
+        # an uncompressed run moves DeepSpeed's dense bytes (a reused run from before compression lacks the keys)
         dense = results["topk_ef_mc"]["dense_comm_bytes_per_step"]
         comm = s.get("comm_bytes_per_step", dense)
         rows.append(f"| {label} | {s['achieved_sparsity']:.3f} | {s['final_val_loss']:.4f} | "
@@ -139,7 +139,7 @@ def main() -> None:
         f"`{k}` = `{f}` (an earlier run whose saved config equals this script's, key for key)"
         for k, f in reused.items()) + ".") if reused else "Every row was run by this command."
     md = [
-        "## Gradient compression with error feedback (issue 3)",
+        "## Gradient compression with error feedback",
         "",
         f"Command: `{command_line()}` (each row is one `dist-sparse train configs/demo.yaml --nproc 2 --set ...` "
         "run; the overrides are in `bench/bench_compression.py` and `bench/bench_training.py`).",

@@ -1,4 +1,4 @@
-"""Issue 7 figures: per-rank training-state bytes with compact state vs dense DeepSpeed, and `dist-sparse plan`.
+"""Compact state: per-rank training-state bytes with compact state vs dense DeepSpeed, and `dist-sparse plan`.
 
 Setting: char-level GPT-2 with 8 layers of width 768 (56.8M parameters), context 128, batch 1 per rank, AdamW,
 2 CPU ranks, 90% sparsity with ERK over the attention/MLP projections, RigL updates every 3 steps, 8 steps per
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=1,
                         help="masked-dense / compact bf16 runs alternate this many times for the step-time ratio")
     args = parser.parse_args()
-    section = "## Compact state: memory per rank (issue 7)"
+    section = "## Compact state: memory per rank"
     if not SHAKESPEARE.is_file():
         write_section("60_memory", f"{section}\n\nSkipped: `{SHAKESPEARE}` is absent on this machine.")
         print("tinyshakespeare absent: skipped")

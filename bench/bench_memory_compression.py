@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_memory import CATS, mib, overrides, train  # noqa: E402
 from bench.common import SHAKESPEARE, command_line, machine_line, skipped_without_shakespeare, write_section  # noqa: E402
 
-NAME, TITLE = "61_memory_compression", "Compact state with gradient compression: memory per rank (issue 7)"
+NAME, TITLE = "61_memory_compression", "Compact state with gradient compression: memory per rank"
 TOPK = ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=true"]
 RUNS = {  # name -> (kind in bench_memory.KINDS, extra overrides)
     "dense DeepSpeed": ("dense", []),

@@ -1,4 +1,4 @@
-"""Issue 2 figures: dense vs static vs magnitude vs SET vs RigL at 90% sparsity (ERK) on tinyshakespeare.
+"""Sparse training methods: dense vs static vs magnitude vs SET vs RigL at 90% sparsity (ERK) on tinyshakespeare.
 
 Setting (as in the issue): char-level GPT-2, 4 layers, width 128, context 128, batch 8 per rank, AdamW lr 1e-3,
 2 ranks, ZeRO-2, 2000 steps; plus a small dense model of width 48 (about the same number of nonzero weights in
@@ -84,7 +84,7 @@ def main() -> None:
                         help="dense/RigL timing runs, interleaved A-B-A-B so load changes hit both alike")
     parser.add_argument("--timing-steps", type=int, default=300)
     args = parser.parse_args()
-    if skipped_without_shakespeare("20_training", "Sparse training methods (issue 2)"):
+    if skipped_without_shakespeare("20_training", "Sparse training methods"):
         return
     results = {name: run(name, ov, args.steps, SHAKESPEARE) for name, ov in RUNS}
     # step time: interleaved short runs (the quality runs above are minutes apart, so load drift would bias them)
@@ -123,7 +123,7 @@ def main() -> None:
          rigl_t <= 1.15 * dense_t, f"{rigl_t / dense_t:.3f}x ({rigl_t * 1e3:.1f} vs {dense_t * 1e3:.1f} ms)"),
     ]
     md = [
-        "## Sparse training methods at 90% sparsity (issue 2)",
+        "## Sparse training methods at 90% sparsity",
         "",
         f"Command: `{command_line()}` (each row is one `dist-sparse train configs/demo.yaml --nproc 2 --set ...` "
         "run; the overrides are in `bench/bench_training.py`).",

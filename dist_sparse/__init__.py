@@ -5,12 +5,12 @@ The top-level names are imported lazily, so `import dist_sparse` does not import
 
 __version__ = "0.1.0"
 
-__all__ = ["initialize", "__version__"]
+__all__ = ["attach", "initialize", "__version__"]
 
 
 def __getattr__(name):
-    if name == "initialize":
-        from dist_sparse.integration.deepspeed import initialize
+    if name in ("initialize", "attach"):
+        from dist_sparse.integration import engine
 
-        return initialize
+        return getattr(engine, name)
     raise AttributeError(f"module 'dist_sparse' has no attribute {name!r}")

@@ -19,9 +19,42 @@ import yaml
 
 from dist_sparse.errors import ConfigError
 
-METHOD_NAMES = ("none", "static", "magnitude", "set", "rigl")  # kept in sync with dist_sparse.methods (tested)
-DISTRIBUTIONS = ("uniform", "erk", "global")
-COMPRESSION_METHODS = ("none", "topk", "randomk", "threshold")  # kept in sync with dist_sparse.compression (tested)
+
+# Names are validated against the registries themselves, so that methods, distributions and compressors
+# registered by user code (the config's ``plugins``) are valid names.
+def method_names() -> tuple:
+    from dist_sparse.methods import method_names
+
+    return method_names()
+
+
+def distribution_names() -> tuple:
+    from dist_sparse.distributions import DISTRIBUTIONS
+
+    return tuple(DISTRIBUTIONS)
+
+
+def compression_names() -> tuple:
+    from dist_sparse.compression import randomk, threshold, topk  # noqa: F401  (the built-in compressors)
+    from dist_sparse.compression.base import COMPRESSORS
+
+    return ("none", *COMPRESSORS)
+
+
+def load_plugins(modules, key: str = "plugins") -> None:
+    """Import user modules whose import registers methods, distributions or compressors (``plugins: [...]``).
+    Every process that validates a config imports them first, so their names are valid everywhere."""
+    import importlib
+
+    if modules is None:
+        return
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(key, f"must be a list of module names, got {modules!r}")
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ConfigError(f"{key}[{i}]", f"cannot import plugin module {name!r}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,7 +201,7 @@ class TrainConfig:
 
 @dataclass
 class SparsityConfig:
-    method: str = "none"  # none | static | magnitude | set | rigl
+    method: str | type = "none"  # none | static | magnitude | set | rigl | a registered method (name or class)
     sparsity: float = 0.9  # target fraction of zeros over the sparsified parameters
     distribution: str = "erk"  # uniform | erk | global
     erk_power_scale: float = 1.0
@@ -185,11 +218,21 @@ class SparsityConfig:
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
 
     def check(self, p: str) -> None:
-        _require(self.method in METHOD_NAMES, f"{p}.method",
-                 f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        if isinstance(self.method, type):  # the Python API: a method class, registered under its name
+            from dist_sparse.methods import METHODS, SparseMethod
+
+            _require(issubclass(self.method, SparseMethod) and METHODS.get(self.method.name) is self.method,
+                     f"{p}.method", f"{self.method.__name__} is not a registered SparseMethod (register it with "
+                                    "dist_sparse.methods.register)")
+            self.method = self.method.name
+        names = method_names()
+        _require(self.method in names, f"{p}.method",
+                 f"unknown method {self.method!r}; choose one of {', '.join(names)} (user methods: register them "
+                 "in a module listed under plugins)")
         _require(0.0 <= self.sparsity < 1.0, f"{p}.sparsity", f"must be in [0, 1), got {self.sparsity!r}")
-        _require(self.distribution in DISTRIBUTIONS, f"{p}.distribution",
-                 f"unknown distribution {self.distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+        names = distribution_names()
+        _require(self.distribution in names, f"{p}.distribution",
+                 f"unknown distribution {self.distribution!r}; choose one of {', '.join(names)}")
         _require(self.erk_power_scale > 0, f"{p}.erk_power_scale", "must be > 0")
         _require(self.update_interval >= 1, f"{p}.update_interval", "must be >= 1")
         _require(self.start_step >= 0, f"{p}.start_step", "must be >= 0")
@@ -209,7 +252,7 @@ class SparsityConfig:
 
 @dataclass
 class CompressionConfig:
-    """Sparse gradient exchange with error feedback (issue 3, docs/compression.md). The key set is a contract."""
+    """Sparse gradient exchange with error feedback (docs/compression.md). The key set is a contract."""
 
     method: str = "none"  # none | topk | randomk | threshold
     density: float = 0.01  # fraction of the (unpruned) coordinates each rank sends per tensor
@@ -219,8 +262,9 @@ class CompressionConfig:
     min_tensor_size: int = 0  # tensors with fewer elements are sent dense (0: every tensor is compressed)
 
     def check(self, p: str) -> None:
-        _require(self.method in COMPRESSION_METHODS, f"{p}.method",
-                 f"unknown method {self.method!r}; choose one of {', '.join(COMPRESSION_METHODS)}")
+        names = compression_names()
+        _require(self.method in names, f"{p}.method",
+                 f"unknown method {self.method!r}; choose one of {', '.join(names)}")
         _require(0.0 < self.density <= 1.0, f"{p}.density", f"must be in (0, 1], got {self.density!r}")
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         _require(self.min_tensor_size >= 0, f"{p}.min_tensor_size", "must be >= 0")
@@ -263,12 +307,12 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     key = f"{p}.compact_state"
     zero = ds.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
-    # issue 7: stage 3 added (integration/compact_zero3.py); stage 0 has no partition to pack
+    # stage 0 has no partition to pack
     _require(stage in (1, 2, 3), key, f"is supported with ZeRO stages 1, 2 and 3, not stage {stage} "
                                       "(set deepspeed.zero_optimization.stage)")
     _require(not (stage == 1 and (ds.get("bf16") or {}).get("enabled", False)), key,
              "with bf16 needs ZeRO stage 2 (DeepSpeed runs ZeRO-1 + bf16 through its BF16_Optimizer)")
-    # gradient_accumulation_steps > 1: every stage (issue 7: ZeRO-1/2 sum micro-batches locally, reduce packed)
+    # gradient_accumulation_steps > 1 works at every stage (ZeRO-1/2 sum micro-batches locally, reduce packed)
     _require(not zero.get("offload_optimizer"), key, "is not supported with zero_optimization.offload_optimizer")
     _require(not zero.get("offload_param"), key, "is not supported with zero_optimization.offload_param")
     _require(zero.get("contiguous_gradients", True) is not False, key,
@@ -318,11 +362,14 @@ class Config:
     deepspeed: dict = field(default_factory=dict)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     attention: typing.Any = None  # dist_sparse.attention.config.AttentionConfig
-    compression: CompressionConfig = field(default_factory=CompressionConfig)  # issue 3
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    plugins: list = field(default_factory=list)  # modules imported before validation (user registrations)
 
     def to_dict(self) -> dict:
         out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression")}
         out["deepspeed"] = copy.deepcopy(self.deepspeed)
+        if self.plugins:
+            out["plugins"] = list(self.plugins)
         if self.attention is not None:
             out["attention"] = self.attention.to_dict()
         return out
@@ -333,6 +380,7 @@ class Config:
 
 
 SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression")
+TOP_LEVEL = (*SECTIONS, "plugins")
 
 
 def _attention_from_dict(raw):
@@ -344,9 +392,10 @@ def _attention_from_dict(raw):
 def from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("<root>", "the config must be a mapping of sections")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
     if unknown:
-        raise ConfigError(unknown[0], f"unknown section (known: {', '.join(SECTIONS)})")
+        raise ConfigError(unknown[0], f"unknown section (known: {', '.join(TOP_LEVEL)})")
+    load_plugins(raw.get("plugins"))  # before validation: plugins register names the sections may use
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
@@ -367,6 +416,7 @@ def from_dict(raw: dict) -> Config:
         sparsity=sparsity,
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
         compression=compression,
+        plugins=list(raw.get("plugins") or []),
     )
     check_compact_state(cfg.sparsity, cfg.deepspeed)
     return cfg
@@ -430,8 +480,8 @@ def apply_overrides(raw: dict, overrides) -> dict:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(key, "empty component in key path")
-        if parts[0] not in SECTIONS:
-            raise ConfigError(key, f"unknown section {parts[0]!r} (known: {', '.join(SECTIONS)})")
+        if parts[0] not in TOP_LEVEL:
+            raise ConfigError(key, f"unknown section {parts[0]!r} (known: {', '.join(TOP_LEVEL)})")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
@@ -463,6 +513,7 @@ def split_deepspeed_json(config) -> tuple:
         raw = copy.deepcopy(config)
     else:
         raise ConfigError("<config>", f"expected a path or a dict, got {type(config).__name__}")
+    load_plugins(raw.pop("plugins", None))
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
     compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
     _check_deepspeed(raw, "<deepspeed>")

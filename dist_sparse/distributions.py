@@ -6,20 +6,20 @@
   target; layers that would exceed density 1 are made dense and the scale is solved again for the rest.
 - ``global``: one threshold across all layers; per-layer densities are not fixed (the selection groups all layers
   together), so this returns the uniform density as the *overall* target.
+
+A distribution is a function ``(shapes, sparsity, power_scale) -> {name: density}`` registered by name
+(:func:`register`); the config validates ``sparsity.distribution`` against :data:`DISTRIBUTIONS`.
 """
 
 import math
 
-DISTRIBUTIONS = ("uniform", "erk", "global")
+
+def uniform(shapes: dict, sparsity: float, power_scale: float = 1.0) -> dict:
+    return {name: 1.0 - sparsity for name in shapes}
 
 
-def layer_densities(shapes: dict, sparsity: float, kind: str, power_scale: float = 1.0) -> dict:
-    """Density (fraction kept) per layer name, for layer ``shapes`` (name -> tuple)."""
-    if kind not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {kind!r}; choose one of {DISTRIBUTIONS}")
+def erk(shapes: dict, sparsity: float, power_scale: float = 1.0) -> dict:
     density = 1.0 - sparsity
-    if kind in ("uniform", "global"):
-        return {name: density for name in shapes}
     numel = {n: math.prod(s) for n, s in shapes.items()}
     raw = {n: (sum(s) / math.prod(s)) ** power_scale for n, s in shapes.items()}
     total_keep = density * sum(numel.values())
@@ -34,6 +34,25 @@ def layer_densities(shapes: dict, sparsity: float, kind: str, power_scale: float
             break
         dense.update(over)
     return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+DISTRIBUTIONS: dict = {"uniform": uniform, "erk": erk, "global": uniform}
+
+
+def register(name: str, fn) -> None:
+    """Register a per-layer density function under ``name`` (usable as ``sparsity.distribution``)."""
+    if not callable(fn):
+        raise TypeError("register() expects a function (shapes, sparsity, power_scale) -> {name: density}")
+    if DISTRIBUTIONS.get(name, fn) is not fn:
+        raise ValueError(f"a distribution named {name!r} is already registered")
+    DISTRIBUTIONS[name] = fn
+
+
+def layer_densities(shapes: dict, sparsity: float, kind: str, power_scale: float = 1.0) -> dict:
+    """Density (fraction kept) per layer name, for layer ``shapes`` (name -> tuple)."""
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {kind!r}; choose one of {tuple(DISTRIBUTIONS)}")
+    return DISTRIBUTIONS[kind](shapes, sparsity, power_scale)
 
 
 def keep_counts(numels: dict, densities: dict) -> dict:

@@ -1,20 +1,26 @@
 """The sparsifier: owns this rank's masks and applies a method's decisions to sharded training state.
 
-It is model- and framework-agnostic: it talks to parameters through *views* (see
-:mod:`dist_sparse.integration.deepspeed`), one per sparsified parameter, each describing which contiguous range of
+It is model- and framework-agnostic: it talks to parameters through *views* (:class:`ParamView` in
+:mod:`dist_sparse.integration.views`), one per sparsified parameter, each describing which contiguous range of
 the flattened parameter this rank holds (``mask_start``/``mask_len``: its ZeRO partition; the whole tensor at
 stage 0) and which part it scores for mask updates (``score_start``/``score_len``: equal to the mask range when the
 state is partitioned; an even split at stage 0, where the new bits are then exchanged so every rank holds the same
 full masks). Masks are stored bit-packed.
 
-One optimizer step, as seen from here (the integration calls these hooks):
-1. ``before_step(step)``: on a mask-update step, score this rank's slices (|w|, |dense grad| or random), select
+It is a step component (:mod:`dist_sparse.step`); one optimizer step, as seen from here:
+0. ``before_forward`` / after the gradient: a method that trains dense weights through a masked forward
+   (``SparseMethod.forward_masks``) gets the model's weights masked before each forward, and a method may rewrite
+   the reduced gradient (``SparseMethod.adjust_grads``) before anything else reads it.
+1. ``before_step(plan)``: on a mask-update step, score this rank's slices (|w|, |dense grad| or random), select
    globally (exact top-k across ranks), store the new masks, zero dropped weights, start regrown weights at 0 with
    zeroed optimizer moments. Then zero the gradients of pruned positions, so they neither count in gradient
    clipping nor reach the optimizer.
 2. the optimizer step (skipped on update steps of methods whose update replaces the step, like RigL).
 3. ``after_optimizer_step()``: multiply the master weights by the mask, so pruned weights are exactly 0 whatever
    the optimizer did (Adam momentum cannot revive them). DeepSpeed then copies master weights to the model.
+
+Where the masked values live is the *storage*'s business (:class:`DenseStorage`: DeepSpeed's dense tensors, whose
+pruned positions are zeroed; compact state's packed store, which repacks instead).
 """
 
 import torch
@@ -23,24 +29,52 @@ from dist_sparse import distributed as D
 from dist_sparse.masks.packing import pack_bits, unpack_bits
 from dist_sparse.masks.select import DistributedSelector
 from dist_sparse.methods.base import LayerSlice
+from dist_sparse.step import Component, StepPlan, StepSchedule
 
 
-class Sparsifier:
-    def __init__(self, method, views: list, group=None):
+class DenseStorage:
+    """Masked values stored densely (DeepSpeed's own tensors): pruned positions hold zeros, which the sparsifier
+    writes after every optimizer step and at every mask change. Compact state's store replaces this with packed
+    storage (``PackedZeroState``), where pruned positions are not stored at all."""
+
+    @torch.no_grad()
+    def masks_changed(self, sparsifier, old: dict) -> None:
+        """After a mask update: regrown weights start at 0 with zero moments, dropped ones are zeroed."""
+        for v in sparsifier.views:
+            changed = (sparsifier.mask(v.name) ^ old[v.name]).to(v.master().device)
+            v.mul_master_(~changed)
+            v.zero_state_(changed)
+
+    @torch.no_grad()
+    def enforce(self, sparsifier) -> None:
+        """After the optimizer step: pruned master weights back to exactly 0."""
+        for v in sparsifier.views:
+            v.mul_master_(sparsifier.mask(v.name).to(v.master().device))
+
+
+class Sparsifier(Component):
+    name = "sparsifier"
+
+    def __init__(self, method, views: list, group=None, schedule: StepSchedule | None = None):
         self.method = method
+        self.schedule = schedule if schedule is not None else StepSchedule(method)
         self.views = sorted(views, key=lambda v: v.name)
         self.group = group
         self.order = {v.name: i for i, v in enumerate(self.views)}
         self.packed = {v.name: pack_bits(torch.ones(v.mask_len, dtype=torch.bool)) for v in self.views}
         self.selector = DistributedSelector(group)
-        self.skip_optimizer_step = False
+        self.skip_optimizer_step = False  # of the latest before_step: its plan's decision
         self.grad_sums: dict = {}  # name -> sum of dense gradients (score range) over the growth window
         self.grad_sum_steps = 0
         self.last_update: dict | None = None  # churn etc. of the latest mask update
         self.updates_done = 0
-        # compact state (issue 7): called with the old masks after an update; it repacks master weights and
-        # moments (replacing the per-view zeroing below, which assumes dense storage)
-        self.repack = None
+        self.storage = DenseStorage()
+        # the model's weights are masked for the forward while the master weights stay dense
+        self.masked_forward = method is not None and method.dense_weights
+
+    def store_in(self, storage) -> None:
+        """Keep the masked values in ``storage`` from now on (compact state's packed store)."""
+        self.storage = storage
 
     # -- mask storage ------------------------------------------------------------------------------------------
     def mask(self, name: str) -> torch.Tensor:
@@ -53,20 +87,24 @@ class Sparsifier:
     def mask_bytes(self) -> int:
         return sum(p.numel() for p in self.packed.values())
 
-    def _slices(self, with_weight: bool, with_grad: bool) -> list:
+    def _slices(self, with_weight: bool, with_grad: bool, current_grad: bool = False,
+                stored_range: bool = False) -> list:
+        """This rank's score range of every view as :class:`LayerSlice` (``stored_range``: the whole range it
+        stores instead; ``current_grad``: this step's gradient, not the growth window's mean)."""
         out = []
         for v in self.views:
-            lo = v.score_start - v.mask_start
-            sl = slice(lo, lo + v.score_len)
+            lo = 0 if stored_range else v.score_start - v.mask_start
+            n = v.mask_len if stored_range else v.score_len
+            sl = slice(lo, lo + n)
             w = v.master()[sl].detach().float() if with_weight else None
             g = None
-            if with_grad and v.name in self.grad_sums:
+            if with_grad and v.name in self.grad_sums and not current_grad:
                 g = self.grad_sums[v.name] / self.grad_sum_steps
             elif with_grad:
                 grad = v.grad()
                 g = grad[sl].detach().float() if grad is not None else None
             m = self.mask(v.name)[sl].to(w.device if w is not None else "cpu")
-            out.append(LayerSlice(v.name, self.order[v.name], tuple(v.shape), v.numel, v.score_start, m, w, g))
+            out.append(LayerSlice(v.name, self.order[v.name], tuple(v.shape), v.numel, v.mask_start + lo, m, w, g))
         return out
 
     def _store_scored(self, new_slices: list) -> None:
@@ -93,34 +131,59 @@ class Sparsifier:
                     raise ValueError(f"init mask for {v.name!r} has {full.numel()} elements, parameter has {v.numel}")
                 self.set_mask(v.name, full[v.mask_start: v.mask_start + v.mask_len])
         elif self.method is not None:
-            self._store_scored(self.method.initial_masks(self._slices(False, False), self.selector))
+            self._store_scored(self.method.initial_masks(self._slices(True, False), self.selector))
         for v in self.views:
             m = self.mask(v.name).to(v.master().device)
-            v.mul_master_(m)
+            if not self.masked_forward:  # straight-through methods keep the pruned master weights
+                v.mul_master_(m)
+            v.zero_model_(m, self.full_mask(v.name) if v.model_needs_full_mask else None)
+
+    # -- step hooks ---------------------------------------------------------------------------------------------
+    def _plan(self, plan) -> StepPlan:
+        """A plan, or a bare step number (the sparsifier used on its own, without an engine)."""
+        return self.schedule.plan(plan) if isinstance(plan, int) else plan
+
+    @torch.no_grad()
+    def before_forward(self, plan) -> None:
+        """Methods that train dense weights (``SparseMethod.dense_weights``, straight-through estimators): the
+        forward runs on the masked weights, so the model's copy is masked before it; the master weights the
+        optimizer steps stay dense, and the gradient of the masked weights is applied to them as it is."""
+        if not self.masked_forward:
+            return
+        for v in self.views:
+            m = self.mask(v.name).to(v.master().device)
             v.zero_model_(m, self.full_mask(v.name) if v.model_needs_full_mask else None)
 
     @torch.no_grad()
-    def before_step(self, step: int) -> None:
-        """Between backward and the optimizer step; ``step`` = number of optimizer steps completed so far."""
-        self.skip_optimizer_step = False
-        if self.method is not None and self.uses_dense_grad(step) and getattr(self.method, "grow_grad_steps", 1) > 1:
+    def before_step(self, plan) -> None:
+        """Between backward and the optimizer step, at the accumulation boundary (after the reduction)."""
+        plan = self._plan(plan)
+        method = self.method
+        if method is not None and method.adjusts_grads:
+            self._add_grad_deltas(plan.step)
+        if method is not None and plan.dense_grad and method.grow_window() > 1:
             self._accumulate_grads()
-        if self.method is not None and self.method.is_update_step(step):
-            self._update(step)
+        if plan.mask_update:
+            self._update(plan.step)
             self.grad_sums, self.grad_sum_steps = {}, 0
-            self.skip_optimizer_step = self.method.replaces_optimizer_step
+        self.skip_optimizer_step = plan.skip_optimizer_step
+        if method is not None and method.dense_weights:
+            return  # straight-through: pruned positions keep their gradient
         for v in self.views:
             if v.grad() is not None:
                 v.mul_grad_(self.mask(v.name))
 
     def uses_dense_grad(self, step: int) -> bool:
-        """Whether the gradient of *pruned* positions is used at ``step``: on mask-update steps of methods that
-        grow by gradient (RigL), and on the ``grow_grad_steps - 1`` steps before them when the growth score is the
-        mean gradient of a window. On every other step only active coordinates' gradients matter."""
-        if self.method is None or not self.method.needs_dense_grad:
-            return False
-        k = getattr(self.method, "grow_grad_steps", 1)
-        return any(self.method.is_update_step(step + j) for j in range(k))
+        """Whether the gradient of pruned positions is used at ``step`` (the schedule decides)."""
+        return self.schedule.uses_dense_grad(step)
+
+    def _add_grad_deltas(self, step: int) -> None:
+        """A method's gradient rule (``SparseMethod.grad_deltas``), added to the reduced gradient of every position
+        this rank stores (at stage 0 the whole tensor: every rank holds the same reduced gradient)."""
+        slices = self._slices(True, True, current_grad=True, stored_range=True)
+        for v, delta in zip(self.views, self.method.grad_deltas(step, slices)):
+            if delta is not None and v.grad() is not None:
+                v.add_grad_(delta)
 
     def _accumulate_grads(self) -> None:
         for v in self.views:
@@ -136,11 +199,10 @@ class Sparsifier:
         self.grad_sum_steps += 1
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        if self.repack is not None:  # compact state: only active positions are stored, nothing to zero
-            return
-        for v in self.views:
-            v.mul_master_(self.mask(v.name).to(v.master().device))
+    def after_optimizer_step(self, plan=None) -> None:
+        if self.method is not None and self.method.dense_weights:
+            return  # the masters stay dense; the forward is masked
+        self.storage.enforce(self)
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
@@ -152,16 +214,11 @@ class Sparsifier:
         for i, v in enumerate(self.views):
             new = self.mask(v.name)
             born, died = new & ~old[v.name], old[v.name] & ~new
-            # regrown weights start at 0 with zero moments; dropped ones are zeroed (and their moments cleared)
-            if self.repack is None:
-                changed = (born | died).to(v.master().device)
-                v.mul_master_(~changed)
-                v.zero_state_(changed)
             lo = v.score_start - v.mask_start  # count on score ranges only: they partition the tensor across ranks
             grown[i] = int(born[lo: lo + v.score_len].sum())
             pruned[i] = int(died[lo: lo + v.score_len].sum())
-        if self.repack is not None:
-            self.repack(old)
+        # regrown weights start at 0 with zero moments; dropped ones are gone (zeroed, or repacked away)
+        self.storage.masks_changed(self, old)
         D.all_reduce_sum(grown, self.group)
         D.all_reduce_sum(pruned, self.group)
         active = self.active_counts()
@@ -213,6 +270,9 @@ class Sparsifier:
 
     def full_masks(self) -> dict:
         return {v.name: self.full_mask(v.name) for v in self.views}
+
+    def bytes_held(self) -> dict:
+        return {"masks": self.mask_bytes()}
 
     def state_dict(self) -> dict:
         # grad_sums themselves are per-rank tensors: the checkpoint saves them beside the masks

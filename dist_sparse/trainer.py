@@ -1,7 +1,8 @@
 """The training loop, top to bottom: data -> engine forward/backward/step -> sparsifier -> metrics -> checkpoint.
 
 Run on every rank (``dist-sparse train`` starts the ranks). All mask logic happens inside ``engine.step()`` (see
-:class:`dist_sparse.integration.deepspeed.SparseEngine`); this file only drives the loop and reports.
+:class:`dist_sparse.integration.engine.SparseEngine` and its step components); this file only drives the loop.
+Checkpoints are :mod:`dist_sparse.checkpointing`, the end-of-run byte counts :mod:`dist_sparse.reporting`.
 """
 
 import copy
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from dist_sparse import checkpoint, preflight, stopping
+from dist_sparse import checkpoint, preflight, reporting, stopping
 from dist_sparse import distributed as D
+from dist_sparse.checkpointing import restore, save_checkpoint, save_final
 from dist_sparse.config import Config
 from dist_sparse.data import TextData
-from dist_sparse.errors import CheckpointError, DistSparseError
+from dist_sparse.errors import DistSparseError
 from dist_sparse.faults import Faults
-from dist_sparse.integration import deepspeed as ds_integration
 from dist_sparse.integration import hf
-from dist_sparse.masks.io import save_masks
+from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
+from dist_sparse.integration.engine import attach
 from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
 
 log = logging.getLogger("dist_sparse")
@@ -89,7 +91,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     # DeepSpeed's ZeRO all-gathers call torch's deprecated all_gather_into_tensor every step, and torch warns on
     # every call: thousands of identical lines per rank that bury the training log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    ds_integration.init_distributed(cfg.train.dist_timeout_s)
+    init_distributed(cfg.train.dist_timeout_s)
     try:
         summary = _train(cfg, resume)
         D.shutdown()
@@ -139,9 +141,9 @@ def _train(cfg: Config, resume: str | None) -> dict:
     data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained)
     model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
     ds_config = deepspeed_config(cfg)
-    deepspeed = ds_integration._import_deepspeed()
+    deepspeed = import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
-    engine = ds_integration.attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
+    engine = attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
                                    max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
     sparsifier = engine.sparsifier
     stopper.device = engine.device
@@ -189,8 +191,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         faults.maybe("sigterm", step)
         faults.maybe("sigusr1", step)
         t0 = time.perf_counter()
-        is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
-        uses_dense_grad = sparsifier.method is not None and sparsifier.uses_dense_grad(step)
+        plan = engine.schedule.plan(step)  # what kind of step this is (the step's components decide the same way)
         loss_sum = 0.0
         for m in range(accum):
             x = data.batch("train", step, rank, m, micro).to(engine.device)
@@ -210,8 +211,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
         # estimated training FLOPs of this step relative to dense (a RigL update step, and with grow_grad_steps > 1
         # the steps of its window, compute a dense gradient)
-        flops_sum += sparse_flops + (dense_grad_extra if uses_dense_grad else 0.0)
-        if is_update:
+        flops_sum += sparse_flops + (dense_grad_extra if plan.dense_grad else 0.0)
+        if plan.mask_update:
             densities = sparsifier.layer_density()
             sparse_flops, dense_grad_extra = flops_for(densities)
 
@@ -271,8 +272,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
         "data": data.source,
-        **_comm_summary(engine, cfg.train.steps - start_step),
-        **state_bytes_summary(engine),  # issue 7: memory accounting (a collective)
+        **reporting.comm_summary(engine, cfg.train.steps - start_step),
+        **reporting.state_bytes_summary(engine),  # memory accounting (a collective)
         **topology,  # nodes, ranks_per_node (host -> rank count)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
@@ -300,168 +301,3 @@ def _stop(engine, ckpt_root: Path, step: int, cfg: Config, faults, stopper, reas
                     time.perf_counter() - t_save)
     D.barrier()
     return {"stopped": {"reason": reason, "step": step, "checkpoint": str(path)}}
-
-
-def _comm_summary(engine, steps: int) -> dict:
-    """Gradient bytes per optimizer step and rank (issue 3): measured by the compressed exchange; without
-    compression DeepSpeed's own reduction moves exactly ``dense_comm_bytes_per_step`` (the same formula)."""
-    from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
-
-    comp = engine.compression
-    if comp is None:
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        dense = float(dense_comm_bytes_per_step(engine.engine, params)) if D.world_size() > 1 else 0.0
-        return {"comm_bytes_per_step": dense, "dense_comm_bytes_per_step": dense, "compression": "none"}
-    stats = comp.stats(steps)
-    totals = torch.tensor([stats["comm_bytes_per_step"], stats["mask_sync_bytes_per_step"]], dtype=torch.float64)
-    D.all_reduce_sum(totals)  # mean over ranks (equal for top-k/random-k; threshold pads to the longest anyway)
-    return {"comm_bytes_per_step": float(totals[0]) / D.world_size(),
-            "dense_comm_bytes_per_step": stats["dense_comm_bytes_per_step"],
-            "mask_sync_bytes_per_step": float(totals[1]) / D.world_size(),
-            "compression": comp.compression.cfg.method}
-
-
-def state_bytes_summary(engine) -> dict:
-    """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
-    (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``
-    the dense gradient a compact run materialises on mask-update steps, the packed master a ZeRO-3 fp32
-    compact run materialises inside the step, compact state's packed exchange buffer and gradient compression's
-    local-gradient stash (docs/memory.md). A collective."""
-    store = getattr(engine, "compact", None)
-    mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
-            # issue 7, ZeRO-3 fp32: the packed master exists only inside the step (a transient)
-            "master": getattr(store, "transient_master_bytes", 0) if store else 0}
-    # issue 7, compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
-    reduction = getattr(store, "reduction", None)
-    mine["reduce"] = reduction.stats() if reduction is not None else None
-    mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
-    # gradient compression (ZeRO-1/2): the fp32 local gradient stashed from backward to the exchange
-    mine["stash"] = getattr(engine.compression, "max_stash_bytes", 0)
-    ranks = D.all_gather_object(mine)
-    reduce = _grad_reduce_summary(engine, [r["reduce"] for r in ranks])
-    measured = [r["state"] for r in ranks if r["state"] is not None]
-    if not measured:
-        return {"state_bytes_per_rank": None, "state_bytes_by_rank": None, "transient_bytes_per_rank": None,
-                "compact_state": engine.sparsity.compact_state, **reduce}
-    return {
-        "state_bytes_per_rank": {k: max(r[k] for r in measured) for k in measured[0]},
-        "state_bytes_by_rank": [r["state"] for r in ranks],
-        "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks),
-                                     "packed_master_during_step": max(r["master"] for r in ranks),
-                                     "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks),
-                                     "compression_local_gradient": max(r["stash"] for r in ranks)},
-        "compact_state": engine.sparsity.compact_state,
-        **reduce,
-    }
-
-
-def _grad_reduce_summary(engine, per_rank: list) -> dict:
-    """``grad_reduce_bytes_per_step`` (issue 7; not the compression keys): bytes a rank hands to the gradient
-    reduction collectives per optimizer step. Measured where compact state reduces packed gradients
-    (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every gradient
-    element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
-    from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
-
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    dense = float(dense_comm_bytes_per_step(engine.engine, params))
-    if not per_rank or per_rank[0] is None:
-        return {"grad_reduce_bytes_per_step": dense,
-                "grad_reduce": {"measured": False, "dense_deepspeed_bytes_per_step": dense}}
-    worst = max(per_rank, key=lambda r: r["grad_reduce_bytes_per_step"])
-    return {"grad_reduce_bytes_per_step": worst["grad_reduce_bytes_per_step"],
-            "grad_reduce": {"measured": True, **{k: v for k, v in worst.items() if k != "grad_reduce_bytes_per_step"},
-                            "dense_deepspeed_bytes_per_step": dense}}
-
-
-def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
-    """Rank 0 writes a Hugging Face checkpoint (safetensors), the tokenizer and the masks; atomically."""
-    masks = sparsifier.full_masks()  # collective
-    state = ds_integration.gathered_state_dict(engine)  # collective at ZeRO-3
-    if D.rank() != 0:
-        return
-    writers = [data.tokenizer.save]  # tokenizer files next to the weights: from_pretrained finds both
-    if masks:
-        writers.append(lambda d: save_masks(d, masks))
-    hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
-
-
-def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> Path:
-    """Every rank writes its shard; rank 0 the model, trainer state, manifest and commit marker (see checkpoint)."""
-    state_keys = ds_integration.ensure_optimizer_state(engine)
-    model_state = None
-    if engine.zero_optimization_stage() < 3 and D.rank() == 0:
-        model_state = engine.module.state_dict()
-    scheduler = getattr(engine, "lr_scheduler", None)
-    trainer_state = {
-        "world_size": D.world_size(),
-        "zero_stage": engine.zero_optimization_stage(),
-        "optimizer_step": ds_integration.optimizer_step_count(engine),
-        "engine": ds_integration.engine_counters(engine),
-        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "sparsifier": engine.sparsifier.state_dict(),
-        "consecutive_skips": engine.consecutive_skips,
-        "skipped_nonfinite": engine.skipped_nonfinite,
-        "overflow_skips": engine.overflow_skips,
-        "loss_scaler": ds_integration.loss_scaler_state(engine),  # fp16: resume at the same scale
-        "config": cfg.to_dict(),
-    }
-    extra = None
-    if engine.compression is not None:  # issue 3: this rank's error-feedback residuals
-        extra = {compression_file(D.rank()): (engine.compression.state_tensors(),
-                                              {"world_size": str(D.world_size()), "rank": str(D.rank())})}
-    return checkpoint.save(root, step, engine.param_views, engine.sparsifier, state_keys, model_state,
-                           trainer_state, fault=faults, extra_files=extra)
-
-
-def compression_file(rank: int) -> str:
-    return f"compression_rank_{rank:05d}.safetensors"
-
-
-def _restore_compression(engine, path: Path, saved_world: int) -> None:
-    """Residuals are per-rank sums of what that rank did not send: they cannot be resharded meaningfully. On the
-    same world size each rank reloads its own; otherwise (or when the checkpoint has none) they restart at 0."""
-    comp = engine.compression
-    comp.masks_changed()  # the masks were just loaded: refresh the replicated copy the sender uses
-    name = compression_file(D.rank())
-    has = torch.tensor([1 if (path / name).is_file() else 0], dtype=torch.int64)
-    D.all_reduce_sum(has)
-    if saved_world != D.world_size() or int(has[0]) != D.world_size():
-        log.warning("error-feedback residuals restart at 0: the checkpoint %s (written by %d ranks, resumed on %d)",
-                    "has none" if int(has[0]) == 0 else "cannot be resharded", saved_world, D.world_size())
-        return
-    checkpoint.verify(path, [name])
-    from safetensors.torch import load_file
-
-    comp.load_state_tensors(load_file(str(path / name)))
-
-
-def restore(engine, path: Path) -> int:
-    """Load a committed checkpoint into a freshly initialised engine; returns the step to continue from."""
-    state_keys = ds_integration.ensure_optimizer_state(engine)
-    state = checkpoint.load(path, engine.param_views, engine.sparsifier, state_keys)
-    if engine.zero_optimization_stage() < 3:
-        missing, unexpected = engine.module.load_state_dict(checkpoint.load_model_state(path), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(path / checkpoint.MODEL_FILE, f"model weights do not match the model: missing "
-                                  f"{missing[:3]}, unexpected {unexpected[:3]}")
-    else:
-        ds_integration.refresh_partitioned_model(engine.param_views)
-    if state["world_size"] != D.world_size():
-        log.warning("checkpoint written by %d ranks, resuming on %d: masks, master weights and Adam moments are "
-                    "resharded by range (exact); per-rank RNG states are not carried over", state["world_size"],
-                    D.world_size())
-    else:
-        checkpoint.restore_rng(state)
-    ds_integration.set_optimizer_step_count(engine, state["optimizer_step"])
-    ds_integration.set_engine_counters(engine, state["engine"])
-    scheduler = getattr(engine, "lr_scheduler", None)
-    if scheduler is not None and state.get("lr_scheduler") is not None:
-        scheduler.load_state_dict(state["lr_scheduler"])
-    engine.sparsifier.load_state_dict(state["sparsifier"])
-    if engine.compression is not None:
-        _restore_compression(engine, path, int(state["world_size"]))
-    engine.consecutive_skips = state.get("consecutive_skips", 0)
-    engine.skipped_nonfinite = state.get("skipped_nonfinite", 0)
-    engine.overflow_skips = state.get("overflow_skips", 0)
-    ds_integration.set_loss_scaler_state(engine, state.get("loss_scaler"))
-    return int(state["step"])

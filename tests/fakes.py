@@ -7,7 +7,11 @@ views whole tensors and scores the slice [score_start, score_start + score_len),
 
 
 class TensorView:
+    """Like ZeRO-0 in fp32 (``ReplicatedView``): the model's weights are the master weights."""
+
     model_needs_full_mask = False
+    model_is_master = True
+    store = None
 
     def __init__(self, name, weight, grad=None, state=None, start=0, length=None, score=None, replicated=False):
         self.name = name
@@ -39,4 +43,7 @@ class TensorView:
             s.masked_fill_(positions, 0)
 
     def zero_model_(self, mask, full_mask=None):
-        self.w.masked_fill_(~mask, 0)
+        pass  # the model's weights are the master weights, which mul_master_ masks
+
+    def add_grad_(self, delta):
+        self.g.add_(delta.reshape(-1))

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.block_sparse_attn as bsa
+import dist_sparse.kernels.block_sparse_attn as bsa
 from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, local_layout
 from dist_sparse.attention.cpu import _build_plan, cpu_block_sparse_attention
-from kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
+from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 
 TOL = 1e-5
 gpu = pytest.mark.gpu

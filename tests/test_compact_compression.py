@@ -1,8 +1,8 @@
-"""Compact state (issue 7) combined with gradient compression (issue 3) at ZeRO-1/2.
+"""Compact state combined with gradient compression at ZeRO-1/2.
 
 - 2 CPU ranks, 20 steps, RigL with mask updates every 4 steps, top-k 1% with error feedback (ZeRO-1 fp32, ZeRO-2
-  fp32 and bf16, bf16 without gradient clipping: see the worker; ZeRO-2 fp32 with Adam momentum correction and one
-  step whose gradient is non-finite on one rank):
+  fp32 and bf16, all with gradient clipping; ZeRO-2 fp32 with Adam momentum correction and one step whose gradient
+  is non-finite on one rank):
   compact + compression equals masked-dense + compression (losses, final masks bit for bit, bytes exchanged), pruned
   model weights are exactly 0, the store is packed (one master value and one moment per active weight of the rank's
   range), compression owns the reduction (compact state's packed all-reduce is not installed), the residuals are

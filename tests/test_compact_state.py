@@ -1,4 +1,4 @@
-"""Compact state (issue 7): packed master weights, moments and gradients for active weights only.
+"""Compact state: packed master weights, moments and gradients for active weights only.
 
 - packing: pack/unpack/repack on one process (survivors exact, regrown 0, dropped gone, no index tensors);
 - 2 CPU ranks, ZeRO-1/2/3, fp32, bf16 and fp16 (ZeRO-3 also with 2 accumulation micro-batches and sub-groups):

@@ -24,7 +24,7 @@ def select(method, values, density, eligible=None, step=0, stream=0):
 
 
 def test_registry_matches_config_names():
-    assert set(C.COMPRESSION_METHODS) == {"none", *COMPRESSORS}
+    assert set(C.compression_names()) == {"none", *COMPRESSORS}
 
 
 def test_keep_count_is_ceil_and_at_least_one():

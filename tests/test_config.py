@@ -80,7 +80,7 @@ def test_demo_config_is_valid():
 def test_plain_deepspeed_json_with_sparsity_block(tmp_path):
     p = write(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
                                     "sparsity": {"method": "rigl", "sparsity": 0.8}}), "ds.json")
-    ds, sp, comp = C.split_deepspeed_json(p)  # (compression: issue 3, off unless the file has a block)
+    ds, sp, comp = C.split_deepspeed_json(p)  # (compression: off unless the file has a block)
     assert "sparsity" not in ds and ds["zero_optimization"]["stage"] == 1
     assert sp.method == "rigl" and sp.sparsity == 0.8 and comp.method == "none"
     with pytest.raises(ConfigError) as err:

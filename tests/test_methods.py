@@ -6,7 +6,7 @@ import torch
 from dist_sparse.config import SparsityConfig, from_dict
 from dist_sparse.errors import ConfigError
 from dist_sparse.masks.select import LocalSelector
-from dist_sparse.methods import METHOD_NAMES, METHODS, LayerSlice, RigL, build_method, register
+from dist_sparse.methods import METHODS, LayerSlice, RigL, build_method, method_names, register
 from dist_sparse.methods.base import SparseMethod
 from dist_sparse.schedules import ConstantFraction, CosineFraction, CubicSparsity, UpdateTimes
 from dist_sparse.sparsifier import Sparsifier
@@ -73,10 +73,10 @@ def test_schedules():
 
 
 def test_method_registry_and_config_agree():
-    assert set(METHOD_NAMES) == {"none", "static", "magnitude", "set", "rigl"}
+    assert set(method_names()) == {"none", "static", "magnitude", "set", "rigl"}
     from dist_sparse import config
 
-    assert set(config.METHOD_NAMES) == set(METHOD_NAMES)
+    assert set(config.method_names()) == set(method_names())
 
     class Mine(SparseMethod):
         name = "mine"

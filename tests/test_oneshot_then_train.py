@@ -1,5 +1,5 @@
 """One-shot output -> `dist-sparse train`: fine-tuning from a `dist-sparse sparsify` directory keeps its masks and
-keeps the pruned weights at exactly 0 (issue 5's hand-off to the sparse trainer), on 2 ranks under ZeRO-2."""
+keeps the pruned weights at exactly 0 (one-shot's hand-off to the sparse trainer), on 2 ranks under ZeRO-2."""
 
 import os
 import subprocess

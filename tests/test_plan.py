@@ -1,4 +1,4 @@
-"""`dist-sparse plan` (issue 7): the per-rank byte formula, its CLI output and its errors."""
+"""`dist-sparse plan`: the per-rank byte formula, its CLI output and its errors."""
 
 import json
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.block_sparse_attn import effective_layout
+from dist_sparse.kernels.block_sparse_attn import effective_layout
 
 __all__ = ["cpu_block_sparse_attention"]
 

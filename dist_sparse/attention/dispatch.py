@@ -13,7 +13,7 @@ import os
 
 import torch
 
-import kernels.block_sparse_attn as _kernels
+import dist_sparse.kernels.block_sparse_attn as _kernels
 
 from .cpu import cpu_block_sparse_attention
 

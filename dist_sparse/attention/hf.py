@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from kernels.block_sparse_attn import expand_layout_to_tokens, masked_attention
+from dist_sparse.kernels.block_sparse_attn import expand_layout_to_tokens, masked_attention
 
 from .config import AttentionConfig
 from .dispatch import block_sparse_attention

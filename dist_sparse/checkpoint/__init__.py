@@ -352,26 +352,18 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
             if v.mask_len == 0:
                 continue
             p = pieces[v.name]
-            if hasattr(v, "load_dense"):  # compact state (issue 7): the view packs by the loaded mask
-                _load_packed(path, v, p, sparsifier if v.name in masked else None, state_keys)
-                continue
-            master = v.master()
-            master.copy_(_assemble(p, "master", v.mask_start, v.mask_len, torch.float32).to(master.dtype))
-            for key in state_keys:
-                target = v.state(key)
-                value = _assemble(p, key, v.mask_start, v.mask_len, torch.float32)
-                if target is None or value is None:
-                    raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
-                target.copy_(value.to(target.dtype))
-                if hasattr(v, "opt"):  # ZeRO-3: write through the optimizer's own setter as well
-                    v.opt.set_local_hp_param(_pad_to_shard(v, target), v.param, optim_state_key=key)
-            if hasattr(v, "opt"):
-                v.opt.set_local_hp_param(_pad_to_shard(v, master), v.param)
-            if v.name in masked:
+            if v.name in masked:  # the mask first: packed views lay out their values by it
                 mask = _assemble(p, "mask", v.mask_start, v.mask_len, torch.bool)
                 if mask is None:
                     raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
                 sparsifier.set_mask(v.name, mask)
+            master = _assemble(p, "master", v.mask_start, v.mask_len, torch.float32)
+            states = {}
+            for key in state_keys:
+                states[key] = _assemble(p, key, v.mask_start, v.mask_len, torch.float32)
+                if states[key] is None or (v.store is None and v.state(key) is None):
+                    raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
+            v.load(master, states)
     # an open RigL growth window (grow_grad_steps > 1): its gradient sums, over this rank's score range
     window_steps = int((trainer.get("sparsifier") or {}).get("grad_sum_steps", 0))
     if sparsifier is not None:
@@ -387,35 +379,10 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
         for v in sparsifier.views:
             if v.mask_len == 0:
                 sparsifier.set_mask(v.name, torch.zeros(0, dtype=torch.bool))
-    stores = {id(v.compact): v.compact for v in views if hasattr(v, "load_dense")}
+    stores = {id(v.store): v.store for v in views if v.store is not None}  # packed values: install them now
     for store in stores.values():
         store.finish_load()
     return trainer
-
-
-def _load_packed(path: Path, v, pieces: list, sparsifier, state_keys: list) -> None:
-    """Compact state: the mask first (it addresses the packed values), then master and moments, dense, to the
-    view, which keeps only the active values (checkpoints are dense either way: compact and dense runs resume
-    from each other's)."""
-    if sparsifier is not None:
-        mask = _assemble(pieces, "mask", v.mask_start, v.mask_len, torch.bool)
-        if mask is None:
-            raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
-        sparsifier.set_mask(v.name, mask)
-    master = _assemble(pieces, "master", v.mask_start, v.mask_len, torch.float32)
-    states = {}
-    for key in state_keys:
-        states[key] = _assemble(pieces, key, v.mask_start, v.mask_len, torch.float32)
-        if states[key] is None:
-            raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
-    v.load_dense(master, states)
-
-
-def _pad_to_shard(v, values: torch.Tensor) -> torch.Tensor:
-    shard = v.param.ds_tensor.numel()
-    out = torch.zeros(shard, dtype=values.dtype, device=values.device)
-    out[: v.mask_len] = values.reshape(-1)[: v.mask_len]
-    return out
 
 
 def load_model_state(path: Path) -> dict:

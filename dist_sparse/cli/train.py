@@ -46,6 +46,13 @@ def main(argv=None) -> int:
     except DistSparseError as exc:
         print(f"dist-sparse train: config error: {exc}", file=sys.stderr)
         return 2
+    from dist_sparse.integration.patches import UntestedDeepSpeedError, check_deepspeed_version
+
+    try:  # before any rank starts: the DeepSpeed patches are written for specific releases
+        check_deepspeed_version()
+    except UntestedDeepSpeedError as exc:
+        print(f"dist-sparse train: {exc}", file=sys.stderr)
+        return 2
     if args.nproc is not None and args.nproc < 1:
         print("dist-sparse train: --nproc must be >= 1", file=sys.stderr)
         return 2

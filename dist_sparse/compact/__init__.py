@@ -1,4 +1,4 @@
-"""Compact (packed) storage of training state for active weights only (issue 7); see docs/memory.md."""
+"""Compact (packed) storage of training state for active weights only; see docs/memory.md."""
 
 from dist_sparse.compact.packed import Fragment, PackedPartition
 

@@ -1,4 +1,4 @@
-"""Sparse gradient compression with error feedback (issue 3; docs/compression.md).
+"""Sparse gradient compression with error feedback (docs/compression.md).
 
 - :mod:`.base`: the compressor interface and registry; :mod:`.topk`, :mod:`.randomk`, :mod:`.threshold`.
 - :mod:`.feedback`: per-rank residuals (Stich et al. 2018), DGC momentum correction and warm-up (Lin et al. 2018).

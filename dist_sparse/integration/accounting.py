@@ -17,7 +17,9 @@ import warnings
 
 import torch
 
-from dist_sparse.integration.deepspeed import inner_optimizer
+from dist_sparse.integration.patches import STAGE3_GRAD_PARTITIONS
+from dist_sparse.integration.views import inner_optimizer
+from dist_sparse.step import Component
 
 CATEGORIES = ("weights", "gradients", "master_weights", "optimizer_state", "masks", "compression_residuals")
 
@@ -53,9 +55,10 @@ class _Counter:
             self.bytes[category] += storage.nbytes()
 
 
-def measure(sparse_engine, residuals=None) -> dict:
+def measure(sparse_engine) -> dict:
     """The bytes this rank holds now, by category. Call it between backward and the optimizer step (the
-    gradients exist then); ``residuals``: extra tensors kept by a gradient compressor."""
+    gradients exist then). DeepSpeed's buffers are found here; what the step's components keep, they report
+    (``Component.bytes_held``: bytes, or tensors counted once per storage)."""
     engine = sparse_engine.engine
     zo = engine.optimizer
     opt = inner_optimizer(engine)
@@ -82,26 +85,32 @@ def measure(sparse_engine, residuals=None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             c.add("gradients", [p.grad for p in group["params"]])
-    for attr in ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
-                 "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
+    for attr in ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer", STAGE3_GRAD_PARTITIONS):
         c.add("gradients", getattr(zo, attr, None))
     for bucket in (getattr(zo, "ipg_buckets", None) or {}).values():
         c.add("gradients", getattr(bucket, "buffer", None))
-    store = getattr(sparse_engine, "compact", None)
-    if store is not None:
-        c.add("gradients", store.grads)
-        c.add("gradients", list(store.dense_grads.values()))
-    # masks and compression residuals
-    c.bytes["masks"] = sparse_engine.sparsifier.mask_bytes()
-    compression = getattr(sparse_engine, "compression", None)
-    if compression is not None:  # gradient compression's replicated copy of the masks (packed)
-        c.bytes["masks"] += compression.mask_bytes()
-    reduction = getattr(store, "reduction", None)
-    if reduction is not None:  # compact state's packed reduction: the replicated full masks (packed)
-        c.bytes["masks"] += reduction.mask_bytes()
-        c.add("gradients", reduction.buffer)  # the local packed gradient, while a window is open
-    if residuals is not None:
-        c.add("compression_residuals", residuals)
+    # what the step's components keep: compact state's packed gradients, replicated masks, residuals, ...
+    for component in sparse_engine.components:
+        for category, held in component.bytes_held().items():
+            if isinstance(held, int):
+                c.bytes[category] += held
+            else:
+                c.add(category, held)
     out = dict(c.bytes)
     out["total"] = sum(out[k] for k in CATEGORIES)
     return out
+
+
+class StateAccounting(Component):
+    """Measures ``state_bytes_per_rank`` once per step, between the reduction and the optimizer step (gradients
+    exist only then); not on mask-update steps, whose transient dense gradients are reported separately."""
+
+    name = "accounting"
+
+    def __init__(self, sparse_engine):
+        self.sparse_engine = sparse_engine
+        self.last = None
+
+    def before_step(self, plan) -> None:
+        if not plan.mask_update:
+            self.last = measure(self.sparse_engine)

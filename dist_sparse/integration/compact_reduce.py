@@ -1,5 +1,5 @@
 """Packed gradient reduction for compact state: outside mask-update steps only active gradients are reduced
-(issue 7, docs/memory.md).
+(docs/memory.md).
 
 DeepSpeed's ZeRO optimizers hand every parameter's gradient to ``reduce_independent_p_g_buckets_and_remove_grads``
 (ZeRO-1/2: ``(param, i)``; stage 2 from its gradient hooks after each micro-batch's backward, stage 1 at the
@@ -8,7 +8,7 @@ from its hooks after each micro-batch, the whole gradient of a gathered paramete
 replaces that bound method on the optimizer *instance* (the idea ``ds_compression.py`` uses for gradient
 compression):
 
-- on a step whose dense gradient is not used (``Sparsifier.uses_dense_grad(step)`` is False: no RigL update and
+- on a step whose dense gradient is not used (``StepSchedule.uses_dense_grad(step)`` is False: no RigL update and
   no growth window) the active coordinates of the parameter's *local* gradient are added into one packed buffer
   for the whole model and the dense gradient is dropped at once; nothing enters DeepSpeed's buckets (they are not
   even allocated: ZeRO-1/2's ``setup_buckets`` is replaced too, ZeRO-3's bucket stays released). The buffer
@@ -119,7 +119,7 @@ class PackedReduction:
     # -- which path ------------------------------------------------------------------------------------------------
     def dense_step(self) -> bool:
         """Whether this step's gradients of pruned positions are used (then DeepSpeed reduces densely)."""
-        return self.sparsifier.uses_dense_grad(self.engine.global_steps)
+        return self.store.schedule.uses_dense_grad(self.engine.global_steps)
 
     def masks_changed(self) -> None:
         """The masks were replaced outside a mask update (checkpoint load): refresh the replicated copy."""

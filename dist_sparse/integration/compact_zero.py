@@ -38,24 +38,27 @@ import torch.distributed as dist
 
 from dist_sparse.compact.packed import Fragment, PackedPartition
 from dist_sparse.config import ConfigError
-from dist_sparse.integration.deepspeed import _ADAM_KEYS, _View, inner_optimizer
+from dist_sparse.integration import patches
+from dist_sparse.integration.compact_reduce import PackedReduction, skip_buckets
+from dist_sparse.integration.views import ADAM_KEYS, ParamView, inner_optimizer
+from dist_sparse.step import Component
 
 KEY = "sparsity.compact_state"
 
 
-class CompactView(_View):
+class CompactView(ParamView):
     """A parameter's range in this rank's partition, stored packed. Same interface as the view it replaces
     (:class:`FragmentView` at ZeRO-1/2, :class:`Stage3View` at ZeRO-3), same mask and score ranges;
     ``master()``/``state()`` materialise the dense range (a new tensor: reads only), ``grad()`` is the dense range
     on mask-update steps and the packed active values otherwise."""
 
-    def __init__(self, base: _View, store, group: int | None):
+    def __init__(self, base: ParamView, store, group: int | None):
         super().__init__(base.name, base.param)
         self.base = base  # model-side operations (zero_model_, model) stay the replaced view's
         self.model_needs_full_mask = base.model_needs_full_mask
         self.mask_start, self.mask_len = base.mask_start, base.mask_len
         self.score_start, self.score_len = base.score_start, base.score_len
-        self.compact = store
+        self.compact = self.store = store
         self.group = group
         if group is None:
             self._empty = torch.zeros(0, dtype=torch.float32, device=base.param.device)
@@ -115,16 +118,39 @@ class CompactView(_View):
     def zero_state_(self, positions):
         if self.group is None:
             return
-        for key in _ADAM_KEYS:
+        for key in ADAM_KEYS:
             values = self._packed(key)
             if values is not None:
                 values.masked_fill_(self._keep(positions).to(values.device), 0)
 
-    def load_dense(self, master, states: dict):
+    def add_grad_(self, delta):
+        """A method's gradient term: on a dense-gradient step added to the dense range, otherwise packed by the
+        mask (pruned positions are not stored)."""
+        if self.group is None:
+            return
+        g = self.grad()
+        if g is not None:
+            delta = delta.reshape(-1).to(g.device, g.dtype)
+            g.add_(delta if self.compact.dense_grad_step else self._keep_values(delta))
+
+    def _keep_values(self, values):
+        layout = self._layout()
+        return values if layout is None else values[layout.to(values.device)]
+
+    def load(self, master, states: dict):
         """Checkpoint load: take the dense fragment (the sparsifier already holds the loaded mask); the store
-        packs it and installs all groups in :meth:`CompactZeroState.finish_load`."""
+        packs it and installs all groups in :meth:`PackedZeroState.finish_load`."""
         if self.group is not None:
             self.compact.stage_load(self.group, self.name, master, states)
+
+
+def combine_grad_norm_groups(norm_groups: list) -> torch.Tensor:
+    """DeepSpeed's ``combine_grad_norm_groups``: the L2 norm of the group norms; a negative (DeepSpeed's -1
+    sentinel for inf/NaN) or non-finite one makes the result +inf."""
+    stacked = torch.stack([n if torch.is_tensor(n) else torch.tensor(float(n)) for n in norm_groups])
+    combined = torch.linalg.vector_norm(stacked, ord=2)
+    invalid = (~torch.isfinite(stacked) | (stacked < 0)).any()
+    return torch.where(invalid, torch.full_like(combined, float("inf")), combined)
 
 
 def check_common(engine, kind: str) -> None:
@@ -141,17 +167,26 @@ def check_common(engine, kind: str) -> None:
         raise ConfigError(KEY, f"supports Adam/AdamW, not {name}")
 
 
-class PackedZeroState(ABC):
+class PackedZeroState(Component, ABC):
     """Packed master weights, moments and gradients of one engine, one :class:`PackedPartition` per optimizer
     (sub-)group of this rank's partition. A stage's subclass fills ``parts`` (the layout), ``lp_parts`` (the
     low-precision partition each part maps onto: what the model's weights are refreshed from) and ``where``
-    (id(param) -> (group, name)), installs the packed masters (:meth:`_set_group_tensor`) and hooks DeepSpeed."""
+    (id(param) -> (group, name)), installs the packed masters (:meth:`_set_group_tensor`), hooks DeepSpeed and
+    ends with :meth:`_make_views`.
+
+    It is the sparsifier's storage (``masks_changed`` repacks, ``enforce`` has nothing to zero: pruned positions
+    are not stored) and a step component (it reports what it holds; its work happens inside DeepSpeed's hooks,
+    which it replaced)."""
+
+    name = "compact"
 
     def __init__(self, engine, sparsifier):
         self.engine = engine
         self.zo = engine.optimizer
         self.opt = inner_optimizer(engine)
         self.sparsifier = sparsifier
+        self.schedule = sparsifier.schedule
+        self.views: dict = {}  # name -> CompactView, every trainable parameter
         self.parts: list = []
         self.lp_parts: list = []
         self.where: dict = {}
@@ -166,6 +201,27 @@ class PackedZeroState(ABC):
         # packed master outside this store (gradient compression's staged Adam second moment) follows the layout
         self.layout_followers: list = []
         self._pending: dict = {}
+
+    def _make_views(self, param_views: list) -> None:
+        """Views of every trainable parameter over the packed values (same names and ranges as ``param_views``)."""
+        groups = {f.name: i for i, part in enumerate(self.parts) for f in part.fragments}
+        self.views = {v.name: CompactView(v, self, groups.get(v.name)) for v in param_views}
+
+    # -- as the sparsifier's storage ---------------------------------------------------------------------------
+    def masks_changed(self, sparsifier, old: dict) -> None:
+        self.repack(old)
+
+    def enforce(self, sparsifier) -> None:
+        pass  # only active positions are stored: nothing to zero after the optimizer step
+
+    # -- as a step component -------------------------------------------------------------------------------------
+    def bytes_held(self) -> dict:
+        held = {"gradients": [*self.grads, *self.dense_grads.values()]}
+        reduction = getattr(self, "reduction", None)
+        if reduction is not None:  # the packed reduction's replicated full masks and its open local buffer
+            held["masks"] = reduction.mask_bytes()
+            held["gradients"].append(reduction.buffer)
+        return held
 
     # -- master weights and moments ----------------------------------------------------------------------------
     @abstractmethod
@@ -204,7 +260,7 @@ class PackedZeroState(ABC):
             new = part.masks()
             master = self.master_tensor(i)
             state = dict(self.opt.state.get(master, {}))
-            for key in _ADAM_KEYS:
+            for key in ADAM_KEYS:
                 if key in state:
                     state[key] = part.repack(state[key], old, new)
             packed = part.repack(master.detach(), old, new)
@@ -256,7 +312,7 @@ class PackedZeroState(ABC):
     def _dense_grad_step(self) -> bool:
         """Whether this step uses the gradients of pruned positions (RigL's update step and, with
         ``grow_grad_steps`` > 1, its growth window): then the dense range is kept (a transient)."""
-        return self.sparsifier.uses_dense_grad(self.engine.global_steps)
+        return self.schedule.uses_dense_grad(self.engine.global_steps)
 
     @property
     def reduced_grad_dtype(self) -> torch.dtype:
@@ -351,7 +407,7 @@ class PackedZeroState(ABC):
     def _install_hooks(self, **methods) -> None:
         """Replace bound methods on the ZeRO optimizer *instance* (DeepSpeed calls them through ``self``)."""
         for name, fn in methods.items():
-            setattr(self.zo, name, fn)
+            patches.replace(self.zo, name, fn, by=f"compact state ({type(self).__name__})")
 
     # -- accounting --------------------------------------------------------------------------------------------
     def packed_numel(self) -> int:
@@ -363,7 +419,7 @@ class CompactZeroState(PackedZeroState):
     whether this store takes over the gradient reduction (the packed all-reduce); False when gradient compression
     owns it (``ds_compression.CompressedReduction`` hands the averaged ranges to :meth:`accept_grad`)."""
 
-    def __init__(self, engine, sparsifier, reduce_gradients: bool = True):
+    def __init__(self, engine, sparsifier, param_views: list, reduce_gradients: bool = True):
         check_common(engine, "DeepSpeedZeroOptimizer")
         if not getattr(engine.optimizer, "contiguous_gradients", True):
             raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
@@ -385,13 +441,12 @@ class CompactZeroState(PackedZeroState):
         self.grads = [None] * len(self.parts)
         self.masters = [self.opt.param_groups[i]["params"][0] for i in range(len(self.parts))]
         self._install_master()
-        from dist_sparse.integration.compact_reduce import PackedReduction
-
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
         self.reduction = None
         if reduce_gradients:
             self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
         self._patch()
+        self._make_views(param_views)
 
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
         self.opt.param_groups[i]["params"] = [packed]
@@ -443,8 +498,6 @@ class CompactZeroState(PackedZeroState):
             zo._clear_param_grad_only()
             zo._epilogue_ran_this_backward = True
 
-        from dist_sparse.integration.compact_reduce import skip_buckets
-
         # with compression nothing enters DeepSpeed's buckets on any step: only their bookkeeping runs
         hooks = reduction.install() if reduction is not None else {"setup_buckets": lambda: skip_buckets(zo)}
         self._install_hooks(copy_grads_in_partition=copy_grads_in_partition,
@@ -464,20 +517,22 @@ class CompactZeroState(PackedZeroState):
         if self.reduction is not None:  # None: gradient compression reduces
             self.reduction.end_step(self._dense_grad_step())
         grads = self.take_grads_fp32()
-        # the global norm as DeepSpeed's get_grad_norm_direct: per-fragment norms, squared, summed, all-reduced
-        norms = [torch.linalg.vector_norm(part.slice(g, f.name), 2)
-                 for part, g in zip(self.parts, grads) for f in part.fragments]
-        total = torch.stack(norms).pow(2).sum().float() if norms else torch.zeros((), dtype=torch.float32)
-        if self.dense_nonfinite:
-            total = torch.full_like(total, float("inf"))
-        total = total.to(self.lp_parts[0].device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zo.dp_process_group)
-        total = total.pow(0.5)
-        # An inf/NaN anywhere in the (fp16: loss-scaled) gradients makes the all-reduced norm non-finite on every
-        # rank, so all ranks agree on the overflow, as with DeepSpeed's all-reduced overflow flag; DeepSpeed's
-        # condition (bf16 checks only with check_grad_overflow). The loss scaler is updated before unscaling, in
-        # DeepSpeed's order (a scale raised this step already divides this step's gradients, as in DeepSpeed).
-        # bf16/fp32 have a static scaler of 1, whose update does nothing.
+        # the global norm exactly as DeepSpeed's scaled_global_norm computes it (its own get_grad_norm_direct per
+        # group, in its norm dtype, then the groups combined), handed the packed gradients: masked-dense runs hand
+        # it the same active values in the same order (engine._install_masked_grad_norm), so both clip alike
+        norm_groups = [zo.get_grad_norm_direct([part.slice(g, f.name) for f in part.fragments], params)
+                       for part, g, params in zip(self.parts, grads, zo.params_in_partition)]
+        total = combine_grad_norm_groups(norm_groups)
+        if self._dense_grad_step():  # an inf/NaN at a pruned position is not in the packed gradients: all ranks
+            bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=total.device)  # learn of it
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=zo.dp_process_group)
+            if bad.item():
+                total = torch.full_like(total, float("inf"))
+        # An inf/NaN anywhere in the (fp16: loss-scaled) gradients makes the norm non-finite on every rank, so all
+        # ranks agree on the overflow, as with DeepSpeed's all-reduced overflow flag; DeepSpeed's condition (bf16
+        # checks only with check_grad_overflow). The loss scaler is updated before unscaling, in DeepSpeed's order
+        # (a scale raised this step already divides this step's gradients, as in DeepSpeed). bf16/fp32 have a
+        # static scaler of 1, whose update does nothing.
         check = zo.dtype != torch.bfloat16 or getattr(zo, "check_grad_overflow", False)
         zo.overflow = bool(check and not torch.isfinite(total))
         prev_scale = zo.loss_scale
@@ -500,28 +555,3 @@ class CompactZeroState(PackedZeroState):
             if hasattr(zo, "_update_model_bit16_weights"):
                 zo._update_model_bit16_weights(i)
         self.dense_grad_step = False
-
-
-def enable(engine, sparse_engine, reduce_gradients: bool = True) -> PackedZeroState:
-    """Switch an attached engine (masks already drawn and applied) to compact state; replaces its views.
-    ``reduce_gradients=False``: gradient compression owns the reduction (ZeRO-1/2 only)."""
-    sparsifier = sparse_engine.sparsifier
-    if engine.zero_optimization_stage() == 3:
-        if not reduce_gradients:
-            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state needs ZeRO "
-                                                    "stage 1 or 2 (compression does not support stage 3)")
-        from dist_sparse.integration.compact_zero3 import CompactZero3State
-
-        store = CompactZero3State(engine, sparsifier)
-    else:
-        store = CompactZeroState(engine, sparsifier, reduce_gradients)
-    groups = {}
-    for i, part in enumerate(store.parts):
-        for f in part.fragments:
-            groups[f.name] = i
-    views = {v.name: CompactView(v, store, groups.get(v.name)) for v in sparse_engine.param_views}
-    sparsifier.views = [views[v.name] for v in sparsifier.views]
-    sparsifier.repack = store.repack
-    sparse_engine.__dict__["param_views"] = [views[v.name] for v in sparse_engine.param_views]
-    sparse_engine.__dict__["compact"] = store
-    return store

@@ -38,26 +38,17 @@ import torch.distributed as dist
 
 from dist_sparse.compact.packed import Fragment, PackedPartition
 from dist_sparse.config import ConfigError
-from dist_sparse.integration.compact_zero import KEY, PackedZeroState, check_common
-
-_GRAD_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
-_REDUCE_IPG = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"
-
-
-def _combine(norm_groups: list) -> torch.Tensor:
-    """DeepSpeed's ``combine_grad_norm_groups``: the L2 norm of the sub-group norms; a negative (DeepSpeed's -1
-    sentinel for inf/NaN) or non-finite one makes the result +inf."""
-    stacked = torch.stack([n.float() for n in norm_groups])
-    combined = torch.linalg.vector_norm(stacked, ord=2)
-    invalid = (~torch.isfinite(stacked) | (stacked < 0)).any()
-    return torch.where(invalid, torch.full_like(combined, float("inf")), combined)
+from dist_sparse.integration import patches
+from dist_sparse.integration.compact_reduce import PackedReduction
+from dist_sparse.integration.compact_zero import KEY, PackedZeroState, check_common, combine_grad_norm_groups
+from dist_sparse.integration.patches import STAGE3_GRAD_PARTITIONS, STAGE3_REDUCE_IPG
 
 
 class CompactZero3State(PackedZeroState):
     """ZeRO-3: DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3``; installed by
     :func:`dist_sparse.integration.compact_zero.enable`."""
 
-    def __init__(self, engine, sparsifier):
+    def __init__(self, engine, sparsifier, param_views: list):
         check_common(engine, "DeepSpeedZeroOptimizer_Stage3")
         zo = engine.optimizer
         if getattr(zo, "offload_param", False) or getattr(zo, "swap_optimizer", False):
@@ -89,6 +80,7 @@ class CompactZero3State(PackedZeroState):
         self._install_master()
         self._free_dense_gradients()
         self._patch()
+        self._make_views(param_views)
 
     # -- master weights ----------------------------------------------------------------------------------------
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
@@ -176,7 +168,7 @@ class CompactZero3State(PackedZeroState):
         zo = self.zo
         buf = zo.grad_partitions_flat_buffer
         zo.grad_partitions_flat_buffer = torch.zeros(0, dtype=buf.dtype, device=buf.device)
-        setattr(zo, _GRAD_PARTITIONS, {})
+        patches.assign(zo, STAGE3_GRAD_PARTITIONS, {}, by="compact state: gradient shards are kept packed")
         zo.averaged_gradients = {}
         self._bucket_specs = {}
         for dtype, bucket in zo.ipg_buckets.items():
@@ -203,8 +195,6 @@ class CompactZero3State(PackedZeroState):
             return reduce_param(param)
 
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's reduce-scatter on those)
-        from dist_sparse.integration.compact_reduce import PackedReduction
-
         self.reduction = reduction = PackedReduction(self, reduce_param_grad)
 
         def partition_grads(params_to_release, grad_partitions):
@@ -221,7 +211,7 @@ class CompactZero3State(PackedZeroState):
             store.dense_grad_step = store._dense_grad_step()
             if store.dense_grad_step:
                 for dtype in sorted(zo.ipg_buckets.keys(), key=str):  # DeepSpeed's sort_dtypes order
-                    getattr(zo, _REDUCE_IPG)(dtype)
+                    getattr(zo, STAGE3_REDUCE_IPG)(dtype)
             else:  # the packed all-reduce of active gradients (compact_reduce.py)
                 reduction.end_backward(store.engine.is_gradient_accumulation_boundary())
             stream = getattr(zo, "reduce_and_partition_stream", None)
@@ -250,7 +240,7 @@ class CompactZero3State(PackedZeroState):
         for i, part in enumerate(self.parts):  # DeepSpeed's norm, one piece per parameter (as averaged_gradients)
             pieces = [part.slice(grads[i], f.name) for f in part.fragments]
             norm_groups.append(zo.get_grad_norm_direct(pieces, zo.fp16_groups[i]))
-        scaled_norm = _combine(norm_groups)
+        scaled_norm = combine_grad_norm_groups(norm_groups)
         if self._dense_grad_step():  # an inf/NaN at a pruned position is not in the packed gradients: all ranks
             bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=scaled_norm.device)  # learn of it
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=zo.dp_process_group)

@@ -11,9 +11,9 @@ How DeepSpeed's own reduction is replaced (``docs/compression.md``):
   instance: it adds the gradient to this rank's local accumulator and puts nothing in DeepSpeed's buckets, so no
   collective runs; DeepSpeed's epilogue still builds its partition-gradient views (``averaged_gradients``) at the
   boundary, now holding local values.
-- at the boundary, :meth:`CompressedReduction.reduce` (called by ``SparseEngine.step`` after the finiteness check,
-  before the sparsifier) runs the compressed exchange and writes each parameter's average into exactly the storage
-  DeepSpeed's reduction would have filled: ``param.grad`` at stage 0, the rank's partition fragment
+- at the boundary, :meth:`CompressedReduction.reduce_gradients` (the first step component: after the finiteness
+  check, before the sparsifier) runs the compressed exchange and writes each parameter's average into exactly the
+  storage DeepSpeed's reduction would have filled: ``param.grad`` at stage 0, the rank's partition fragment
   (``param._hp_mapping.get_lp_grad_fragment``) at stages 1/2. Gradient clipping, the norm and the optimizer step
   then proceed unchanged.
 
@@ -29,8 +29,10 @@ from dist_sparse import distributed as D
 from dist_sparse.compression import GradientCompression
 from dist_sparse.compression.adam import LocalMomentAdam, is_adam
 from dist_sparse.errors import ConfigError
+from dist_sparse.integration import patches
 from dist_sparse.masks.packing import unpack_bits
 from dist_sparse.masks.replicate import gather_full_masks
+from dist_sparse.step import Component
 
 log = logging.getLogger("dist_sparse")
 
@@ -90,12 +92,16 @@ class _PackedMasks:
         return sum(bits.numel() for bits, _ in self.packed.values())
 
 
-class CompressedReduction:
-    """Owns the per-rank compression state of one engine and replaces its gradient reduction."""
+class CompressedReduction(Component):
+    """Owns the per-rank compression state of one engine and replaces its gradient reduction (a step component:
+    ``reduce_gradients`` runs the exchange, a skipped step drops the local gradients, residuals stay)."""
 
-    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None):
+    name = "compression"
+
+    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None, sparsifier=None):
         """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2),
-        which then receives the averaged ranges instead of DeepSpeed's partition fragments."""
+        which then receives the averaged ranges instead of DeepSpeed's partition fragments; ``sparsifier``: whose
+        masks the senders respect (None: dense training)."""
         stage = engine.zero_optimization_stage()
         if stage >= 3:
             raise ConfigError("compression.method", "gradient compression supports ZeRO stages 0, 1 and 2, not 3 "
@@ -106,6 +112,7 @@ class CompressedReduction:
                                                     f"parallel size {dp} != world size {D.world_size()})")
         self.engine = engine
         self.stage = stage
+        self.sparsifier = sparsifier
         self.views = {v.name: v for v in param_views}
         self.names = sorted(self.views)
         params = dict(engine.module.named_parameters())
@@ -125,9 +132,10 @@ class CompressedReduction:
             # DGC local clipping: the gradient is clipped on each rank before it enters the local momentum, and
             # DeepSpeed's own clipping (which would clip the exchanged momentum) is switched off for this engine
             local_clip = engine.gradient_clipping() * D.world_size() ** 0.5
-            engine._config.gradient_clipping = 0.0
+            why = "compression momentum correction: clipping moves before the exchange (DGC local clipping)"
+            patches.assign(engine._config, "gradient_clipping", 0.0, by=why)
             if hasattr(engine.optimizer, "clip_grad"):
-                engine.optimizer.clip_grad = 0.0
+                patches.assign(engine.optimizer, "clip_grad", 0.0, by=why)
             log.info("compression.momentum_correction: gradient clipping moves before the exchange (DGC local "
                      "clipping at %.4g = gradient_clipping x sqrt(world size))", local_clip)
         beta2 = self.adam.beta2 if self.adam is not None else None
@@ -152,14 +160,16 @@ class CompressedReduction:
         # needed only over the own range, and the own contribution there is added locally, uncompressed
         self._owned = None if stage == 0 else self._partition_ranges()
         if stage == 0:
-            engine.enable_backward_allreduce = False
+            patches.assign(engine, "enable_backward_allreduce", False,
+                           by="gradient compression: the compressed exchange replaces the backward all-reduce")
         else:
             opt = engine.optimizer
             if not hasattr(opt, "reduce_independent_p_g_buckets_and_remove_grads"):
                 raise ConfigError("compression.method", f"cannot take over the gradient reduction of "
                                                         f"{type(opt).__name__} (not a ZeRO 1/2 optimizer)")
             self._grad_for_reduction = getattr(opt, "get_gradient_for_reduction", lambda p: p.grad)
-            opt.reduce_independent_p_g_buckets_and_remove_grads = self._take_local_grad
+            patches.replace(opt, "reduce_independent_p_g_buckets_and_remove_grads", self._take_local_grad,
+                            by="gradient compression: keep the local gradient, the exchange reduces it")
 
     def _device(self) -> torch.device:
         return next(iter(self.params.values())).device
@@ -213,10 +223,11 @@ class CompressedReduction:
                 out[n] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
         return out
 
-    def local_finite(self) -> bool:
+    def grads_finite(self) -> bool:
+        """The step's finiteness check, on the full local gradient (before it can enter a residual)."""
         return all(bool(torch.isfinite(g).all()) for g in self.local_grads().values())
 
-    def discard(self) -> None:
+    def skipped_step(self, plan) -> None:
         """A skipped step: forget the local gradients (the residuals stay untouched)."""
         self._release_stash()
 
@@ -249,19 +260,17 @@ class CompressedReduction:
 
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reduce(self, step: int, sparsifier) -> None:
+    def reduce_gradients(self, plan) -> None:
         """Exchange compressed gradients and write the averages where DeepSpeed's reduction would have."""
+        step, sparsifier = plan.step, self.sparsifier
         self._refresh_masks(sparsifier)
         dense, skip = (), ()
-        method = sparsifier.method
-        if method is not None:
-            update = method.is_update_step(step)
-            # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the
-            # steps before it too): exchange the sparsified tensors uncompressed
-            if sparsifier.uses_dense_grad(step):
-                dense = {v.name for v in sparsifier.views}
-            if update and method.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
-                skip = [n for n in self.names if n not in dense]
+        # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the steps
+        # before it too): exchange the sparsified tensors uncompressed
+        if plan.dense_grad:
+            dense = {v.name for v in sparsifier.views}
+        if plan.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
+            skip = [n for n in self.names if n not in dense]
         local = self.local_grads()
         averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned)
         write = self._write_partition if self.store is None else self._write_compact
@@ -332,6 +341,9 @@ class CompressedReduction:
         return {"comm_bytes_per_step": self.compression.total_bytes / steps,
                 "dense_comm_bytes_per_step": float(self.dense_bytes_per_step),
                 "mask_sync_bytes_per_step": self.mask_sync_bytes / steps}
+
+    def bytes_held(self) -> dict:
+        return {"masks": self.mask_bytes(), "compression_residuals": self.compression.feedback.buffers()}
 
     def mask_bytes(self) -> int:
         """Bytes of the replicated packed masks this rank keeps for sending (at stage 0 they are the sparsifier's

@@ -1,4 +1,8 @@
-"""Sparse training methods, registered by name. ``none`` is the dense baseline (no method object)."""
+"""Sparse training methods, registered by name. ``none`` is the dense baseline (no method object).
+
+The config validates ``sparsity.method`` against :data:`METHODS`, so a method registered by user code (a module
+named in the config's ``plugins`` list, imported before validation) is usable from a config by its name.
+"""
 
 from dist_sparse.distributions import layer_densities
 from dist_sparse.errors import ConfigError
@@ -10,11 +14,16 @@ from dist_sparse.methods.static import Static
 from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
 
 METHODS = {cls.name: cls for cls in (Static, Magnitude, SET, RigL)}
-METHOD_NAMES = ("none", *METHODS)
+
+
+def method_names() -> tuple:
+    """Every valid ``sparsity.method``: ``none`` and the registered methods (built-in and user)."""
+    return ("none", *METHODS)
 
 
 def register(cls) -> type:
-    """Register a user method class (a :class:`SparseMethod` subclass with a unique ``name``)."""
+    """Register a user method class (a :class:`SparseMethod` subclass with a unique ``name``); it is then valid as
+    ``sparsity.method`` in configs (list its module under ``plugins``) and as a class in the Python API."""
     if not (isinstance(cls, type) and issubclass(cls, SparseMethod)):
         raise TypeError("register() expects a SparseMethod subclass")
     if cls.name in METHODS or cls.name == "none":
@@ -39,13 +48,13 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int):
     densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
     cls = METHODS[sparsity.method]
     kwargs = {}
-    if sparsity.method in ("set", "rigl"):
-        kind = sparsity.drop_fraction_schedule or ("cosine" if sparsity.method == "rigl" else "constant")
+    if issubclass(cls, SET):  # drop-and-grow methods (a user subclass of SET or RigL too)
+        kind = sparsity.drop_fraction_schedule or ("cosine" if issubclass(cls, RigL) else "constant")
         kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
-    if sparsity.method == "rigl":
+    if issubclass(cls, RigL):
         kwargs["grow_grad_steps"] = sparsity.grow_grad_steps
     return cls(densities, sparsity.distribution == "global", times, seed, **kwargs)
 
 
-__all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "METHOD_NAMES", "register", "Static", "Magnitude",
-           "SET", "RigL"]
+__all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",
+           "Magnitude", "SET", "RigL"]

@@ -7,7 +7,17 @@ through the selector, a method's masks are identical whether the tensors live in
 or are sharded over many ranks (``DistributedSelector``).
 
 Subclasses override one hook each (as in jaxpruner): ``drop_scores`` (which active weights to remove),
-``grow_scores`` (which inactive weights to add), or the schedule objects they are given.
+``grow_scores`` (which inactive weights to add), or the schedule objects they are given. Beyond the two scores a
+method can act at two more points of the step:
+
+- before the forward: ``dense_weights = True`` trains dense weights through a masked forward (straight-through
+  estimators): the sparsifier masks the model's weights before every forward, keeps the master weights dense and
+  does not zero the gradients of pruned positions;
+- after the gradient: ``grad_deltas`` (with ``adjusts_grads = True``) returns a term added to the reduced gradient
+  of each slice before anything else reads it (a regulariser on pruned weights, say).
+
+How scores become masks is the *pattern*'s job (:mod:`dist_sparse.patterns`; unstructured by default): a method
+calls :meth:`SparseMethod.select`, never the selector's ``topk`` directly.
 """
 
 from dataclasses import dataclass
@@ -17,6 +27,7 @@ import torch
 from dist_sparse.distributions import keep_counts
 from dist_sparse.masks import random as counter_random
 from dist_sparse.masks.select import Piece
+from dist_sparse.patterns import SparsityPattern, Unstructured
 
 
 @dataclass
@@ -39,12 +50,16 @@ class SparseMethod:
     replaces_optimizer_step = False  # True: an update step changes connections instead of taking an optimizer step
     needs_dense_grad = False  # True: update steps need the gradient of pruned positions too
     dense_start = False  # True: start from a dense network (gradual pruning)
+    dense_weights = False  # True: the optimizer steps dense weights, the forward sees them masked
+    adjusts_grads = False  # True: grad_deltas is added to the reduced gradient every step
 
-    def __init__(self, densities: dict, global_selection: bool, times, seed: int):
+    def __init__(self, densities: dict, global_selection: bool, times, seed: int,
+                 pattern: SparsityPattern | None = None):
         self.densities = densities
         self.global_selection = global_selection
         self.times = times  # schedules.UpdateTimes
         self.seed = seed
+        self.pattern = pattern if pattern is not None else Unstructured()
 
     # -- helpers shared by all methods -------------------------------------------------------------------------
     def group_of(self, s: LayerSlice) -> int:
@@ -74,6 +89,11 @@ class SparseMethod:
     def pieces(self, slices: list, scores: list, eligible: list) -> list:
         return [Piece(sc, el, self.group_of(s), s.order, s.start) for s, sc, el in zip(slices, scores, eligible)]
 
+    def select(self, slices: list, scores: list, eligible: list, keep: dict, select) -> list:
+        """Masks keeping ``keep[group]`` weights by ``scores`` among the ``eligible`` ones, in this method's
+        pattern (exact across ranks: ``select`` is the selector)."""
+        return self.pattern.select(self, slices, scores, eligible, keep, select)
+
     def random_scores(self, s: LayerSlice, stream: int) -> torch.Tensor:
         return counter_random.uniform(self.seed, stream * 100_003 + s.order, s.start, s.mask.numel(),
                                       device=s.mask.device)
@@ -84,10 +104,19 @@ class SparseMethod:
         if self.dense_start:
             return [torch.ones_like(s.mask) for s in slices]
         scores = [self.random_scores(s, stream=0) for s in slices]
-        return select.topk(self.pieces(slices, scores, [None] * len(slices)), self.target_keep(slices, self.densities))
+        return self.select(slices, scores, [None] * len(slices), self.target_keep(slices, self.densities), select)
 
     def is_update_step(self, step: int) -> bool:
         return self.updates_masks and self.times.is_update(step)
+
+    def grow_window(self) -> int:
+        """How many steps, ending at an update, contribute the dense gradient the growth scores (1: the update
+        step's own; only read when ``needs_dense_grad``)."""
+        return 1
+
+    def grad_deltas(self, step: int, slices: list) -> list:
+        """Per slice (the whole range a rank stores), a tensor added to its reduced gradient, or None."""
+        return [None] * len(slices)
 
     def update(self, step: int, slices: list, select) -> list:
         raise NotImplementedError(f"method {self.name!r} does not update masks")

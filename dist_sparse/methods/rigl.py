@@ -20,6 +20,9 @@ class RigL(SET):
         super().__init__(*args, **kwargs)
         self.grow_grad_steps = grow_grad_steps  # 1: the paper's gradient of the update step's batch
 
+    def grow_window(self) -> int:
+        return self.grow_grad_steps
+
     def grow_scores(self, s, step: int) -> torch.Tensor:
         if s.grad is None:
             raise RuntimeError(f"RigL needs the dense gradient of {s.name} on mask-update steps; none is available")

@@ -31,7 +31,7 @@ class SET(SparseMethod):
         n_drop = {g: int(round(frac * a)) for g, a in active.items()}
         keep = {g: active[g] - n_drop[g] for g in active}
         drop_scores = [self.drop_scores(s) for s in slices]
-        kept = select.topk(self.pieces(slices, drop_scores, [s.mask for s in slices]), keep)
+        kept = self.select(slices, drop_scores, [s.mask for s in slices], keep, select)
         grow_scores = [self.grow_scores(s, step) for s in slices]
-        grown = select.topk(self.pieces(slices, grow_scores, [~k for k in kept]), n_drop)
+        grown = self.select(slices, grow_scores, [~k for k in kept], n_drop, select)
         return [k | g for k, g in zip(kept, grown)]

@@ -49,11 +49,10 @@ def residuals(engine) -> dict:
 
 def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, grow: int = 1) -> dict:
     compression = {"method": "topk", "density": 0.01, "error_feedback": True, "momentum_correction": mc}
-    # bf16: no clipping. Compact state sums the gradient norm in another order than DeepSpeed (packed fragments,
-    # one sum over groups); the last-bit difference in the clip coefficient can flip a bf16 rounding of a weight,
-    # which RigL's discrete regrowth then amplifies. Without clipping the two runs are bit-identical.
-    engine = build(stage, compact, "bf16" if bf16 else "fp32", "rigl", compression=compression,
-                   clipping=0.0 if bf16 else 1.0, grow_grad_steps=grow)
+    # clipped at every precision: compact state and masked-dense compute the gradient norm with DeepSpeed's own
+    # function over the same active values in the same order, so the clip coefficient is bit-identical
+    engine = build(stage, compact, "bf16" if bf16 else "fp32", "rigl", compression=compression, clipping=1.0,
+                   grow_grad_steps=grow)
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "comm_bytes": [], "bytes": [], "packed": [], "skipped": [],

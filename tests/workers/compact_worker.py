@@ -33,10 +33,9 @@ def build(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_
         "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": stage, **({"sub_group_size": sub_group_size} if sub_group_size else {})},
-        # fp16 without clipping: compact state sums the norm without the pruned zeros, so the clip coefficient can
-        # differ from DeepSpeed's in the last bit, and rounding the weights to fp16 turns that into loss differences
-        # far above reassociation level (fp32/bf16 keep them below it here). Unclipped, fp16 is identical.
-        "gradient_clipping": clipping if clipping is not None else (0.0 if dtype == "fp16" else 1.0),
+        # clipped at every precision (fp16 included): compact state and masked-dense compute the norm with
+        # DeepSpeed's own function over the same active values, so they clip identically
+        "gradient_clipping": clipping if clipping is not None else 1.0,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
                      "start_step": 0, "end_step": 17, "drop_fraction": 0.5, "compact_state": compact,
                      "grow_grad_steps": grow_grad_steps},

@@ -1,0 +1,341 @@
+"""The sparse engine: a DeepSpeed engine whose step runs a list of components (:mod:`dist_sparse.step`).
+
+:class:`SparseEngine` wraps an initialised DeepSpeed engine. It decides, once per step, what kind of step it is
+(its :class:`~dist_sparse.step.StepSchedule` makes the :class:`~dist_sparse.step.StepPlan`), runs its components'
+hooks at fixed points of DeepSpeed's step, and owns only the policy for steps that change nothing (a non-finite
+loss or gradient on some rank; an fp16 overflow, which is DeepSpeed's loss scaler's to handle). The components:
+
+========================  ==========================================================================================
+``compression``           the compressed gradient exchange (optional; it owns the reduction: ``reduce_gradients``)
+``sparsifier``            the masks: mask updates and gradient masking (``before_step``), masked masters after the
+                          optimizer step, the masked forward of straight-through methods (``before_forward``)
+``compact``               compact state's packed store (optional; it replaces DeepSpeed's ZeRO step itself, so it
+                          acts through DeepSpeed's hooks and only reports here)
+``accounting``            ``state_bytes_per_rank``, measured between the reduction and the step
+========================  ==========================================================================================
+
+:func:`attach` builds them on an engine (in that order), :func:`initialize` is ``deepspeed.initialize`` plus
+:func:`attach` for a DeepSpeed config that carries a ``sparsity`` block.
+"""
+
+import torch
+
+from dist_sparse import distributed as D
+from dist_sparse.config import CompressionConfig, ConfigError, SparsityConfig, split_deepspeed_json
+from dist_sparse.errors import DistSparseError
+from dist_sparse.integration import patches
+from dist_sparse.integration.accounting import StateAccounting
+from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
+from dist_sparse.integration.views import build_views, inner_optimizer, trainable_names
+from dist_sparse.methods import build_method
+from dist_sparse.sparsifier import Sparsifier
+from dist_sparse.step import StepSchedule
+
+
+class NonFiniteError(DistSparseError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient on some rank."""
+
+
+class SparseEngine:
+    """A DeepSpeed engine whose ``step()`` keeps the weights sparse and skips non-finite steps on all ranks.
+
+    Everything else is the engine's own. ``param_views`` are views of every trainable parameter (checkpointing
+    and the finiteness check use them); ``sparsifier.views`` those of the sparsified ones; ``components`` the
+    step components in the order their hooks run.
+    """
+
+    def __init__(self, engine, sparsifier: Sparsifier, sparsity: SparsityConfig, max_skipped_steps: int = 5):
+        sparse = {v.name: v for v in sparsifier.views}
+        others = build_views(engine, [n for n in trainable_names(engine) if n not in sparse])
+        self.__dict__.update(engine=engine, sparsifier=sparsifier, sparsity=sparsity, schedule=sparsifier.schedule,
+                             param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
+                             max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
+                             _loss_finite=True, last_step_skipped=False, overflow_skips=0,
+                             last_step_overflow=False, compact=None, compression=None, _plan=None)
+        self.__dict__["accounting"] = StateAccounting(self)
+        self.__dict__["components"] = [sparsifier, self.accounting]
+        self.__dict__["inner_step"] = self._wrap_inner_step()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.engine, name, value)
+
+    # -- the components ------------------------------------------------------------------------------------------
+    def add_component(self, component, before=None) -> None:
+        """Insert ``component`` before the component ``before`` (default: before accounting, which measures what
+        the others hold)."""
+        anchor = self.accounting if before is None else before
+        self.components.insert(self.components.index(anchor), component)
+
+    def set_compact(self, store) -> None:
+        """Compact state: its views replace the dense ones (same names, same ranges), its store holds the masked
+        values (the sparsifier repacks through it) and is a component."""
+        views = store.views
+        self.sparsifier.views = [views[v.name] for v in self.sparsifier.views]
+        self.sparsifier.store_in(store)
+        self.__dict__["param_views"] = [views[v.name] for v in self.param_views]
+        self.__dict__["compact"] = store
+        self.add_component(store)
+
+    def set_compression(self, reduction) -> None:
+        """Gradient compression owns the reduction: first in the list, so the masks see averaged gradients."""
+        self.__dict__["compression"] = reduction
+        self.components.insert(0, reduction)
+        if reduction.adam is not None:  # Adam momentum correction replaces the update rule
+            self.inner_step[0] = reduction.adam.step
+
+    @property
+    def state_bytes(self):
+        return self.accounting.last
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """What a checkpoint keeps of the step: each component's ``state_dict`` (under its name) and the skip
+        policy's counters. Plain values; per-rank tensors are saved through the views."""
+        out = {"consecutive_skips": self.consecutive_skips, "skipped_nonfinite": self.skipped_nonfinite,
+               "overflow_skips": self.overflow_skips}
+        for c in self.components:
+            state = c.state_dict()
+            if state:
+                out[c.name] = state
+        return out
+
+    def load_training_state(self, state: dict) -> None:
+        for c in self.components:
+            if c.name in state:
+                c.load_state_dict(state[c.name])
+        for key in ("consecutive_skips", "skipped_nonfinite", "overflow_skips"):
+            self.__dict__[key] = int(state.get(key, 0))
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def plan(self):
+        """The :class:`StepPlan` of the step in progress (``global_steps`` optimizer steps done so far)."""
+        step = self.engine.global_steps
+        if self._plan is None or self._plan.step != step:
+            self.__dict__["_plan"] = self.schedule.plan(step)
+        return self._plan
+
+    def _run(self, hook: str, plan) -> None:
+        for c in self.components:
+            getattr(c, hook)(plan)
+
+    def __call__(self, *args, **kwargs):
+        self._run("before_forward", self.plan())
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss, *args, **kwargs):
+        self.__dict__["_loss_finite"] &= bool(torch.isfinite(loss.detach()).all())
+        self._run("before_backward", self.plan())
+        return self.engine.backward(loss, *args, **kwargs)
+
+    def _grads_finite(self) -> bool:
+        for c in self.components:  # a component that holds the local gradients (compression) checks them
+            finite = getattr(c, "grads_finite", None)
+            if finite is not None:
+                return finite()
+        for v in self.param_views:
+            g = v.grad()
+            if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
+                return False
+        return True
+
+    def _dynamic_loss_scale(self) -> bool:
+        """fp16 with DeepSpeed's dynamic loss scaler: a gradient overflow is routine (the scaler lowers the scale)."""
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        return bool(self.engine.fp16_enabled() and getattr(scaler, "dynamic", False))
+
+    def step(self, *args, **kwargs):
+        if not self.engine.is_gradient_accumulation_boundary():
+            return self.engine.step(*args, **kwargs)
+        plan = self.plan()
+        # every rank learns whether any rank saw a non-finite loss or gradient, so all skip the same steps
+        flags = torch.tensor([0 if self._loss_finite else 1, 0 if self._grads_finite() else 1], dtype=torch.int64)
+        D.all_reduce_max(flags)
+        loss_bad, grads_bad = bool(flags[0]), bool(flags[1])
+        self.__dict__["_loss_finite"] = True
+        self.__dict__["last_step_skipped"] = loss_bad or grads_bad
+        self.__dict__["last_step_overflow"] = grads_bad and not loss_bad and self.engine.fp16_enabled()
+        if self.last_step_overflow:
+            return self._overflow_step(plan, *args, **kwargs)
+        if loss_bad or grads_bad:
+            self._count_failed_step("had a non-finite loss or gradient on some rank", "aborting")
+            for v in self.param_views:  # the step still runs (DeepSpeed's own bookkeeping) but changes nothing
+                g = v.grad()
+                if g is not None:
+                    g.zero_()
+            self._skip(plan)
+            return self.engine.step(*args, **kwargs)
+        self.__dict__["consecutive_skips"] = 0
+        self._run("reduce_gradients", plan)
+        self._run("before_step", plan)
+        return self.engine.step(*args, **kwargs)
+
+    def _skip(self, plan) -> None:
+        plan.skipped = plan.skip_optimizer_step = True
+        self._run("skipped_step", plan)
+
+    def _count_failed_step(self, what: str, advice: str) -> None:
+        """A skipped step that counts against ``train.max_skipped_steps``; raises once that many come in a row."""
+        self.__dict__["consecutive_skips"] += 1
+        self.__dict__["skipped_nonfinite"] += 1
+        if self.consecutive_skips >= self.max_skipped_steps:
+            raise NonFiniteError(f"{self.consecutive_skips} consecutive steps {what} "
+                                 f"(train.max_skipped_steps={self.max_skipped_steps}); {advice}")
+
+    def _overflow_step(self, plan, *args, **kwargs):
+        """fp16: the loss is finite but the loss-scaled gradient overflowed. That is DeepSpeed's loss scaler's to
+        handle: the gradients are left as they are, so DeepSpeed's step (or compact state's, which checks the same
+        way) sees the overflow, skips the update and lowers the scale. Zeroing them, as a non-finite loss does,
+        would hide the overflow from the scaler and the scale would never come down. The step changes nothing
+        here either: no mask update (the components' ``before_step`` does not run), no optimizer step. With
+        dynamic scaling the skips do not count against ``train.max_skipped_steps`` (DeepSpeed raises when the
+        scale reaches its minimum); with a static scale every overflow is a failed step and counts."""
+        self.__dict__["overflow_skips"] += 1
+        if not self._dynamic_loss_scale():
+            self._count_failed_step("overflowed with a static fp16 loss scale",
+                                    "lower fp16.loss_scale or use dynamic scaling (fp16.loss_scale: 0)")
+        self._skip(plan)
+        out = self.engine.step(*args, **kwargs)
+        if not getattr(self.engine.optimizer, "overflow", True):  # DeepSpeed must have seen what every rank saw
+            raise RuntimeError("a gradient overflow on some rank was not seen by DeepSpeed's loss scaler")
+        return out
+
+    def _wrap_inner_step(self) -> list:
+        """Wrap the inner optimizer's ``step`` (skipped when the plan says so; the components' after-step hooks
+        after it). Returns the one-element list holding the update rule the wrapper calls, so a component can
+        replace the rule itself while the wrapping stays (compression's Adam momentum correction does)."""
+        opt = inner_optimizer(self.engine)
+        base = [opt.step]
+
+        def step(*args, **kwargs):
+            plan = self.plan()
+            if plan.skip_optimizer_step:
+                return None
+            out = base[0](*args, **kwargs)
+            self._run("after_optimizer_step", plan)
+            return out
+
+        patches.replace(opt, "step", step, by="sparsifier: skip replaced steps, mask the masters after each step")
+        return base
+
+
+def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
+           max_skipped_steps: int = 5, compression: CompressionConfig | None = None) -> SparseEngine:
+    """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now), compact state when
+    ``sparsity.compact_state`` and the compressed gradient exchange when ``compression`` is enabled."""
+    from dist_sparse.integration.hf import sparsifiable_parameters
+
+    patches.check_deepspeed_version()
+    if isinstance(sparsity.method, type):  # the Python API may pass a registered method class
+        sparsity.check("sparsity")
+    names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
+    views = build_views(engine, names)
+    method = build_method(sparsity, {v.name: v.shape for v in views}, total_steps,
+                          sparsity.seed if sparsity.seed is not None else seed)
+    if method is not None and method.dense_weights and any(v.model_is_master for v in views):
+        raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
+                                             "needs master weights apart from the model's (ZeRO stage >= 1, or "
+                                             "bf16/fp16); at ZeRO-0 in fp32 the model's weights are the masters")
+    sparsifier = Sparsifier(method, views, schedule=StepSchedule(method))
+    if init_masks is None and sparsity.init_masks is not None:
+        from dist_sparse.masks.io import load_masks
+
+        init_masks = load_masks(sparsity.init_masks)
+    if method is not None or init_masks is not None:
+        sparsifier.initialize(init_masks)
+    wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    compressed = compression is not None and compression.enabled
+    if sparsity.compact_state:  # master weights, moments and gradients only for active weights
+        wrapped.set_compact(_compact_store(engine, wrapped, reduce_gradients=not compressed))
+    elif method is not None:
+        # masked-dense: DeepSpeed's gradient norm over the active values only, summed the way compact state sums
+        # them, so the two compute the same clip coefficient bit for bit on any CPU
+        _install_masked_grad_norm(engine, sparsifier)
+    if compressed:
+        from dist_sparse.integration.ds_compression import CompressedReduction
+
+        wrapped.set_compression(CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
+                                                    compression, seed, store=wrapped.compact,
+                                                    sparsifier=sparsifier))
+    return wrapped
+
+
+def _compact_store(engine, sparse_engine, reduce_gradients: bool):
+    """Compact state's store for the engine's ZeRO stage (masks already drawn and applied). ``reduce_gradients``
+    False: gradient compression owns the reduction (ZeRO-1/2 only)."""
+    if engine.zero_optimization_stage() == 3:
+        if not reduce_gradients:  # also refused by the config check; this guards attach() called directly
+            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state needs ZeRO "
+                                                    "stage 1 or 2 (compression does not support stage 3)")
+        from dist_sparse.integration.compact_zero3 import CompactZero3State
+
+        return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views)
+    from dist_sparse.integration.compact_zero import CompactZeroState
+
+    return CompactZeroState(engine, sparse_engine.sparsifier, sparse_engine.param_views, reduce_gradients)
+
+
+def _install_masked_grad_norm(engine, sparsifier) -> None:
+    """Replace the ZeRO optimizer's ``get_grad_norm_direct`` with one that hands DeepSpeed's own norm only the
+    active values of each sparsified gradient (in mask order, the layout compact state packs them in) and each
+    parameter's shard without ZeRO-3's padding. The pruned values are zeros, so the norm is the same number up to
+    the order of the summation; what changes is that the order no longer depends on where the zeros sit, which on
+    CPUs with wide bf16/fp32 kernels is what made masked-dense and compact state clip differently."""
+    zo = engine.optimizer
+    if not hasattr(zo, "get_grad_norm_direct"):
+        return  # stage 0 / DeepSpeed's bf16 optimizer: no partitioned norm to align with compact state
+    masked = {id(v.param): v for v in sparsifier.views}
+    lengths = {id(v.param): v.mask_len for v in build_views(engine, trainable_names(engine)) if v.mask_len}
+
+    def active(g, p):
+        v = masked.get(id(p))
+        n = lengths.get(id(p))
+        flat = g.reshape(-1)
+        if n is not None and flat.numel() > n:  # ZeRO-3's padded last shard
+            flat = flat.narrow(0, 0, n)
+        if v is None or flat.numel() != v.mask_len:
+            return flat
+        return flat[sparsifier.mask(v.name).to(flat.device)]
+
+    original = zo.get_grad_norm_direct
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        # ZeRO-1/2 interleaves alignment padding (``_zero_padding``) with the parameters' gradients; DeepSpeed
+        # skips it when it pairs gradients with parameters, and so must this
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
+        return original([active(g, p) for g, p in zip(grads, params)], params, norm_type)
+
+    patches.replace(zo, "get_grad_norm_direct", get_grad_norm_direct,
+                    by="masked-dense sparsity: the norm over active values, as compact state computes it")
+
+
+def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,
+               total_steps=None, seed=0, **kwargs):
+    """Like ``deepspeed.initialize``, for a DeepSpeed config (path or dict) that also carries a ``sparsity`` block
+    (and optionally a ``compression`` block).
+
+    The ``sparsity`` (and ``compression``) block is validated and stripped before DeepSpeed sees the config. Returns
+    ``(engine, optimizer, training_dataloader, lr_scheduler)`` where ``engine`` is a :class:`SparseEngine`: use it
+    exactly like a DeepSpeed engine (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
+    """
+    ds_config, sparsity, compression = split_deepspeed_json(config)
+    deepspeed = import_deepspeed()
+    init_distributed()
+    engine, opt, loader, sched = deepspeed.initialize(
+        model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
+        optimizer=optimizer, lr_scheduler=lr_scheduler, training_data=training_data, config=ds_config, **kwargs)
+    return (attach(engine, model, sparsity, total_steps=total_steps, seed=seed, compression=compression), opt, loader,
+            sched)
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """The full model state dict on rank 0 (``None`` elsewhere); at stage 3 the shards are gathered."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return sd if D.rank() == 0 else None
+    return engine.module.state_dict() if D.rank() == 0 else None
