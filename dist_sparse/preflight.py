@@ -46,7 +46,8 @@ def discovery_source() -> str:
 
 
 def node_index():
-    for name in ("GROUP_RANK", "SLURM_NODEID"):
+    # torchrun's GROUP_RANK, Slurm's SLURM_NODEID, DeepSpeed's launcher's CROSS_RANK
+    for name in ("GROUP_RANK", "SLURM_NODEID", "CROSS_RANK"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return None
@@ -139,7 +140,7 @@ def compare(infos: list, configs: list | None = None) -> str | None:
 def describe_rank(cfg_flat: dict) -> dict:
     return {"rank": D.rank(), "host": host_name(), "node": node_index(),
             "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1"))),
             "config_hash": _digest(cfg_flat), "versions": versions(), "nonce": uuid.uuid4().hex}
 
 
