@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from a committed checkpoint directory, or the newest one under "
                         "<train.output_dir>/checkpoints (auto); a missing or uncommitted target is an error")
     p.add_argument("--max-restarts", type=int, default=0,
-                   help="with --nproc (torchrun): restart all ranks this many times after a failure; a restart "
-                        "resumes from the newest committed checkpoint")
+                   help="with torchrun (--nproc, --nnodes, --hostfile): restart all ranks this many times after a "
+                        "failure; a restart resumes from the newest committed checkpoint (a clean stop, exit code "
+                        "75, is never restarted)")
     p.add_argument("--launcher", choices=launch.LAUNCHERS, default="torchrun",
                    help="launcher used with --nproc / --hostfile (default: torchrun)")
     # the deepspeed launcher passes --local_rank to each rank (the env var LOCAL_RANK says the same)
