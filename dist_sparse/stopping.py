@@ -151,6 +151,11 @@ class Stopper:
                     f"{signal.Signals(signum).name} (a peer hung or died?): exiting without a checkpoint\n".encode())
         os._exit(128 + signum)
 
+    def finishing(self) -> None:
+        """The last step is done: the run's final evaluation and save follow either way, so a signal from now on
+        arms no deadline (they may take longer than the grace period)."""
+        self._at_boundary.set()
+
     def restore_handlers(self) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)

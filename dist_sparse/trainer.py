@@ -247,6 +247,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             metrics.close()
             return _stop(engine, ckpt_root, done, cfg, faults, stopper, reason, saved=last_saved == done)
 
+    stopper.finishing()  # the run ends anyway: a late signal neither stops it nor ends it before its final save
     if progress is not None:
         progress.close()
     val_loss = evaluate(engine, data, cfg.train.eval_batches, micro)

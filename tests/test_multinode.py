@@ -329,6 +329,8 @@ _GRACE = """
 import os, signal, sys, time
 from dist_sparse.stopping import Stopper
 s = Stopper(grace_s=float(sys.argv[1]))
+if sys.argv[2] == "finishing":
+    s.finishing()  # after the last step: a late signal arms no deadline
 os.kill(os.getpid(), signal.SIGTERM)
 if sys.argv[2] == "boundary":
     s.agree(0.01)  # a single process: reaching the boundary disarms the deadline
@@ -337,7 +339,8 @@ print("survived", s.received)
 """
 
 
-@pytest.mark.parametrize("where,grace,code", [("boundary", "30", 0), ("hung", "0.5", 128 + signal.SIGTERM)])
+@pytest.mark.parametrize("where,grace,code", [("boundary", "30", 0), ("finishing", "0.5", 0),
+                                              ("hung", "0.5", 128 + signal.SIGTERM)])
 def test_a_signalled_rank_that_never_reaches_a_step_boundary_exits(where, grace, code):
     """torchrun also sends SIGTERM to tear a worker group down: a rank hung outside a collective must still end
     (after the grace period), while one that reaches the boundary stops normally."""
