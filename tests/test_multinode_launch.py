@@ -259,7 +259,8 @@ def sshd(tmp_path_factory):
     user = os.environ.get("USER") or __import__("getpass").getuser()
     (d / "ssh_config").write_text(
         f"Host nodeA nodeB\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {d / 'user_key'}\n"
-        "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        "  BatchMode yes\n  ConnectTimeout 10\n")
     (d / "bin").mkdir()
     (d / "bin" / "ssh").write_text(f"#!/bin/sh\nexec {client} -F {d / 'ssh_config'} \"$@\"\n")
     os.chmod(d / "bin" / "ssh", 0o755)
@@ -410,7 +411,8 @@ def two_hosts(tmp_path_factory):
             hosts += f"Host {name}\n  HostName {addr}\n"
         (d / "ssh_config").write_text(
             f"{hosts}Host nodeA nodeB\n  Port 2222\n  User {user}\n  IdentityFile {d / 'user_key'}\n"
-            "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+            "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        "  BatchMode yes\n  ConnectTimeout 10\n")
         (d / "bin").mkdir()
         (d / "bin" / "ssh").write_text(f"#!/bin/sh\nexec {client} -F {d / 'ssh_config'} \"$@\"\n")
         os.chmod(d / "bin" / "ssh", 0o755)
