@@ -229,6 +229,9 @@ class TrainConfig:
     max_skipped_steps: int = 5
     save_final_model: bool = True
     threads: int | None = None  # torch intra-op threads per rank (default: cores / local ranks)
+    # stop cleanly (checkpoint, exit code 75) before this much time has passed since the start: '3h50m', '90m',
+    # or seconds; see dist_sparse/stopping.py and docs/multinode.md
+    time_limit: str | float | None = None
 
     def check(self, p: str) -> None:
         _require(self.steps >= 1, f"{p}.steps", "must be >= 1")
@@ -238,6 +241,10 @@ class TrainConfig:
         _require(self.dist_timeout_s > 0, f"{p}.dist_timeout_s", "must be > 0")
         _require(self.max_skipped_steps >= 1, f"{p}.max_skipped_steps", "must be >= 1")
         _require(self.threads is None or self.threads >= 1, f"{p}.threads", "must be >= 1")
+        if self.time_limit is not None:
+            from dist_sparse.stopping import parse_duration
+
+            parse_duration(self.time_limit, f"{p}.time_limit")
 
 
 @dataclass

@@ -49,6 +49,9 @@ def discover_mpi_env() -> bool:
     os.environ["WORLD_SIZE"] = str(comm.Get_size())
     local = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0"))
     os.environ["LOCAL_RANK"] = str(local)
+    # ranks on this node (threads per rank, and the log line of every rank, read it)
+    local_size = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", "1"))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_size))
     os.environ.setdefault("MASTER_ADDR", master)
     os.environ.setdefault("MASTER_PORT", "29500")
     return True

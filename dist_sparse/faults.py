@@ -2,7 +2,9 @@
 
 Kinds: ``kill`` (SIGKILL this rank before the step), ``hang`` (stop responding before the step), ``nan`` (make
 this rank's loss NaN at the step), ``save_before_commit`` (SIGKILL rank 0 after every shard of the checkpoint at
-that step is written, before the manifest and commit marker). Under torchrun a fault fires only in the first
+that step is written, before the manifest and commit marker), ``enospc`` (this rank's shard of the checkpoint at
+that step fails part-way with "no space left on device"), ``sigterm`` / ``sigusr1`` (this rank sends itself that
+signal before the step: a preemption notice reaching one rank). Under torchrun a fault fires only in the first
 attempt (TORCHELASTIC_RESTART_COUNT=0), so a restarted run can finish. Unset, this module does nothing.
 """
 
@@ -32,7 +34,8 @@ class Faults:
         return any(k == kind and s == step and r == self.rank for k, s, r in self.plan)
 
     def maybe(self, kind: str, step: int) -> None:
-        """Act out ``kill``, ``hang`` or ``save_before_commit`` if planned for this step and rank."""
+        """Act out ``kill``, ``hang``, ``save_before_commit``, ``sigterm`` or ``sigusr1`` if planned for this step
+        and rank."""
         if not self.active(kind, step):
             return
         if kind in ("kill", "save_before_commit"):
@@ -40,3 +43,5 @@ class Faults:
         if kind == "hang":
             while True:
                 time.sleep(3600)
+        if kind in ("sigterm", "sigusr1"):
+            os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dist_sparse import checkpoint, reporting
+from dist_sparse import checkpoint, preflight, reporting, stopping
 from dist_sparse import distributed as D
 from dist_sparse.checkpointing import restore, save_checkpoint, save_final
 from dist_sparse.config import Config
@@ -129,6 +129,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
     ckpt_root = out_dir / "checkpoints"
     resume_path = _resume_target(cfg, resume, ckpt_root)  # before any work: a bad target fails fast
     faults = Faults.from_env(rank)
+    # multi-node: placement logged per rank, same config and install everywhere, a shared checkpoint directory
+    topology = preflight.run(cfg, ckpt_root)
+    # SIGTERM/SIGUSR1 from here on stop at a step boundary (or end the rank if none comes within the timeout)
+    stopper = stopping.Stopper(cfg.train.time_limit, grace_s=cfg.train.dist_timeout_s)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
@@ -145,6 +149,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
     engine = attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
                     max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
     sparsifier = engine.sparsifier
+    stopper.device = engine.device
     start_step = 0
     if resume_path is not None:
         start_step = restore(engine, resume_path)
@@ -182,9 +187,12 @@ def _train(cfg: Config, resume: str | None) -> dict:
     if progress is not None:
         progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
+    last_saved = start_step
     for step in range(start_step, cfg.train.steps):
         faults.maybe("kill", step)
         faults.maybe("hang", step)
+        faults.maybe("sigterm", step)
+        faults.maybe("sigusr1", step)
         t0 = time.perf_counter()
         plan = engine.schedule.plan(step)  # what kind of step this is (the step's components decide the same way)
         loss_sum = 0.0
@@ -213,7 +221,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            t_save = time.perf_counter()
             save_checkpoint(engine, ckpt_root, done, cfg, faults)
+            stopper.saved(time.perf_counter() - t_save)  # the time limit keeps room for one more save
+            last_saved = done
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.3f}")
@@ -232,7 +243,14 @@ def _train(cfg: Config, resume: str | None) -> dict:
             if sparsifier.last_update is not None:
                 record["mask_update"] = sparsifier.last_update
             metrics.log(done, record)
+        reason = stopper.agree(timer.times[-1])  # a collective: every rank stops at the same step
+        if reason is not None and done != cfg.train.steps:
+            if progress is not None:
+                progress.close()
+            metrics.close()
+            return _stop(engine, ckpt_root, done, cfg, faults, stopper, reason, saved=last_saved == done)
 
+    stopper.finishing()  # the run ends anyway: a late signal neither stops it nor ends it before its final save
     if progress is not None:
         progress.close()
     val_loss = evaluate(engine, data, cfg.train.eval_batches, micro)
@@ -260,6 +278,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "data": data.source,
         **reporting.comm_summary(engine, cfg.train.steps - start_step),
         **reporting.state_bytes_summary(engine),  # memory accounting (a collective)
+        **topology,  # nodes, ranks_per_node (host -> rank count)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
@@ -270,3 +289,19 @@ def _train(cfg: Config, resume: str | None) -> dict:
         write_json_atomic(out_dir / "summary.json", summary)
     D.barrier()
     return summary
+
+
+def _stop(engine, ckpt_root: Path, step: int, cfg: Config, faults, stopper, reason: str, saved: bool) -> dict:
+    """A stop every rank agreed on: a committed checkpoint at this step (unless the save interval just wrote one),
+    then rank 0 records the stop in ``stop.json``; the caller exits with the stop's exit code (stopping.py)."""
+    t_save = time.perf_counter()
+    path = checkpoint.step_dir(ckpt_root, step) if saved else save_checkpoint(engine, ckpt_root, step, cfg, faults)
+    ranks = D.all_gather_object(stopper.describe())
+    if D.rank() == 0:
+        record = stopping.write_record(cfg.train.output_dir, reason, step, path, ranks, cfg.train.time_limit)
+        log.warning("stopped at step %d of %d (%s%s): committed checkpoint %s written in %.1fs; continue with "
+                    "--resume auto", step, cfg.train.steps, reason,
+                    f": {', '.join(record['signals'])}" if record["signals"] else "", path,
+                    time.perf_counter() - t_save)
+    D.barrier()
+    return {"stopped": {"reason": reason, "step": step, "checkpoint": str(path)}}

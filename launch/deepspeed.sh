@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N ranks with the deepspeed launcher:   launch/deepspeed.sh N CONFIG [--set key=value ...]
-# Multi-node: give the launcher a hostfile (--hostfile hosts --num_nodes M) instead of --num_gpus.
+# Multi-node: `dist-sparse train CONFIG --hostfile hosts --launcher deepspeed` (docs/multinode.md).
 # On a CPU-only machine export DS_ACCELERATOR=cpu first.
 set -euo pipefail
 N=${1:?usage: launch/deepspeed.sh NPROC CONFIG [--set key=value ...]}; shift

@@ -21,6 +21,7 @@ with ``weights_only=False``, which is why dist_sparse does not use them. :func:`
 dist_sparse reads a torch file (``weights_only=True``).
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -54,17 +55,62 @@ def step_dir(root, step: int) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
-def _atomic_save_file(tensors: dict, path: Path, metadata: dict) -> None:
+def _atomic_save_file(tensors: dict, path: Path, metadata: dict, inject_enospc: bool = False) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        if inject_enospc:  # fault injection: a disk that fills up part-way through the file
+            tmp.write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_problem(exc: OSError, path: Path, needed: int) -> tuple:
+    """One line naming the file, what it needed and what was free (a full disk or a quota is the usual cause)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    cause = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+        exc.errno, exc.strerror or str(exc))
+    return str(path), f"{cause} writing about {needed} bytes ({free})"
+
+
+def _agree(problem: tuple | None, out: Path, needed_total: int | None = None) -> None:
+    """Every rank learns whether any rank failed to write its part (one all-gather) and then all raise together:
+    a rank that raised alone would leave its peers waiting in the next collective. The unfinished directory is
+    removed (it has no commit marker, so it is never resumed from either way)."""
+    _raise_if_failed(D.all_gather_object(problem), out, needed_total)
+
+
+def _raise_if_failed(problems: list, out: Path, needed_total: int | None = None) -> None:
+    failed = [(r, p) for r, p in enumerate(problems) if p]
+    if not failed:
+        return
+    if D.rank() == 0 and not is_committed(out):
+        shutil.rmtree(out, ignore_errors=True)
+    r, (path, message) = failed[0]
+    total = f"; the whole checkpoint needs about {needed_total} bytes" if needed_total else ""
+    raise CheckpointError(path, f"checkpoint not written (rank {r}): {message}{total}; the previous committed "
+                          "checkpoint stays the newest")
 
 
 def sha256(path: Path) -> str:
@@ -127,28 +173,50 @@ def save(root, step: int, views: list, sparsifier, state_keys: list, model_state
             tensors[f"{v.name}::mask"] = pack_bits(sparsifier.mask(v.name)[cut].cpu())
             if v.name in sparsifier.grad_sums:  # RigL's growth window is open: its gradient sum (score range)
                 tensors[f"{v.name}::grow_grad_sum"] = sparsifier.grad_sums[v.name].detach().float().cpu().clone()
-    _atomic_save_file(tensors, out / rank_file(rank), {"ranges": json.dumps(ranges), "rank": str(rank)})
-    for name, (extra, metadata) in (extra_files or {}).items():
-        _atomic_save_file(extra, out / name, metadata)
+    # a full disk or a quota (ENOSPC, EDQUOT) on any rank stops every rank with the file and the bytes named
+    needed = _nbytes(tensors) + sum(_nbytes(t) for t, _ in (extra_files or {}).values())
+    problem, path = None, out / rank_file(rank)
+    try:
+        _atomic_save_file(tensors, path, {"ranges": json.dumps(ranges), "rank": str(rank)},
+                          inject_enospc=fault is not None and fault.active("enospc", step))
+        for name, (extra, metadata) in (extra_files or {}).items():
+            path = out / name
+            _atomic_save_file(extra, path, metadata)
+    except OSError as exc:
+        problem = _write_problem(exc, path, needed)
 
-    rng = D.all_gather_object(_rng_state())
+    gathered = D.all_gather_object((_rng_state(), problem, needed))
+    rng = [g[0] for g in gathered]
+    total = sum(g[2] for g in gathered)
+    _raise_if_failed([g[1] for g in gathered], out, total)
     if rank == 0:
-        if model_state is not None:
-            # clone: tied weights share storage, which safetensors refuses to write twice
-            _atomic_save_file({k: v.detach().cpu().clone() for k, v in model_state.items()}, out / MODEL_FILE,
-                              {"format": "dist_sparse.model.v1"})
-        _atomic_write_text(out / TRAINER_STATE, json.dumps({**trainer_state, "step": step, "rng": rng}))
-    D.barrier()  # every rank's shard is on disk
+        try:
+            path = out / MODEL_FILE
+            if model_state is not None:
+                # clone: tied weights share storage, which safetensors refuses to write twice
+                model = {k: v.detach().cpu().clone() for k, v in model_state.items()}
+                _atomic_save_file(model, path, {"format": "dist_sparse.model.v1"})
+            path = out / TRAINER_STATE
+            _atomic_write_text(path, json.dumps({**trainer_state, "step": step, "rng": rng}))
+        except OSError as exc:
+            problem = _write_problem(exc, path, total)
+    _agree(problem if rank == 0 else None, out, total)  # also the barrier: every rank's shard is on disk
     if fault is not None:
         fault.maybe("save_before_commit", step)
     if rank == 0:
-        files = sorted(p.name for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
-        manifest = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files}
-        _atomic_write_text(out / MANIFEST, json.dumps({"step": step, "world_size": D.world_size(),
-                                                       "files": manifest}, indent=1))
-        _atomic_write_text(out / COMMIT_MARKER, f"{step}\n")
-        _atomic_write_text(root / LATEST, out.name + "\n")
-    D.barrier()
+        try:
+            files = sorted(p.name for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
+            manifest = {name: {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size} for name in files}
+            path = out / MANIFEST
+            _atomic_write_text(path, json.dumps({"step": step, "world_size": D.world_size(),
+                                                 "files": manifest}, indent=1))
+            path = out / COMMIT_MARKER
+            _atomic_write_text(path, f"{step}\n")
+            path = root / LATEST
+            _atomic_write_text(path, out.name + "\n")
+        except OSError as exc:
+            problem = _write_problem(exc, path, 4096)
+    _agree(problem if rank == 0 else None, out)
     return out
 
 

@@ -1,19 +1,21 @@
-"""`dist-sparse train CONFIG [--set key=value ...] [--nproc N] [--launcher torchrun|deepspeed]`.
+"""`dist-sparse train CONFIG [--set key=value ...] [--nproc N | --nnodes N --node-rank R | --hostfile FILE]`.
 
 The config is loaded and validated here, before any rank starts, so a bad key fails fast with its key path.
-With ``--nproc N`` this command starts N local ranks itself (torchrun by default, or the deepspeed launcher) and
-each rank runs this same command under the launcher; under an existing launcher (RANK/WORLD_SIZE set, or mpirun
-with mpi4py discovery) it trains directly.
+With ``--nproc``, ``--nnodes`` or ``--hostfile`` this command starts the ranks itself (torchrun by default, the
+deepspeed runner or mpirun; dist_sparse/cli/launch.py) and each rank runs this module under the launcher; under an
+existing launcher (RANK/WORLD_SIZE set, a Slurm task, or mpirun with mpi4py discovery) it trains directly.
+Exit codes: 0 done, 1 an error during training, 2 bad input, 75 stopped cleanly with a checkpoint (a signal or
+train.time_limit; continue with --resume auto).
 """
 
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 
+from dist_sparse import cluster, stopping
 from dist_sparse import config as config_mod
+from dist_sparse.cli import launch
 from dist_sparse.errors import DistSparseError
 
 
@@ -27,36 +29,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from a committed checkpoint directory, or the newest one under "
                         "<train.output_dir>/checkpoints (auto); a missing or uncommitted target is an error")
     p.add_argument("--max-restarts", type=int, default=0,
-                   help="with --nproc (torchrun): restart all ranks this many times after a failure; a restart "
-                        "resumes from the newest committed checkpoint")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
-                   help="launcher used with --nproc (default: torchrun)")
+                   help="with torchrun (--nproc, --nnodes, --hostfile): restart all ranks this many times after a "
+                        "failure; a restart resumes from the newest committed checkpoint (a clean stop, exit code "
+                        "75, is never restarted)")
+    p.add_argument("--launcher", choices=launch.LAUNCHERS, default="torchrun",
+                   help="launcher used with --nproc / --hostfile (default: torchrun)")
     # the deepspeed launcher passes --local_rank to each rank (the env var LOCAL_RANK says the same)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    launch.add_arguments(p)
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _under_launcher() -> bool:
-    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "OMPI_COMM_WORLD_SIZE" in os.environ \
-        or "PMI_SIZE" in os.environ
-
-
-def launch_command(args, n: int) -> list:
-    inner = [args.config] + [f"--set={o}" for o in args.overrides]
-    if args.resume is not None:
-        inner += ["--resume", args.resume]
-    if args.launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port",
-                str(_free_port()), "--module", "dist_sparse.cli.train", *inner]
-    # --standalone: a single-node rendezvous on a port torchrun picks itself
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-            "--max-restarts", str(args.max_restarts), "-m", "dist_sparse.cli.train", *inner]
 
 
 def main(argv=None) -> int:
@@ -76,11 +57,17 @@ def main(argv=None) -> int:
     if args.nproc is not None and args.nproc < 1:
         print("dist-sparse train: --nproc must be >= 1", file=sys.stderr)
         return 2
-    if args.nproc is not None and not _under_launcher():
-        env = dict(os.environ)
-        env.setdefault("DS_ACCELERATOR", "cpu" if _no_cuda() else "cuda")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        return subprocess.call(launch_command(args, args.nproc), env=env)
+    # launch flags start ranks, unless this process already is one (our own launcher's child carries the torch or
+    # MPI variables; a Slurm task given --nproc starts torchrun on its node, whose workers then train)
+    if launch.requested(args) and not cluster.under_launcher():
+        return launch.main(args, cfg)
+    try:
+        placement = cluster.apply_discovery()  # Slurm -> torch variables -> MPI (inside init_distributed)
+    except DistSparseError as exc:
+        print(f"dist-sparse train: {exc}", file=sys.stderr)
+        return 2
+    if placement is not None and placement.source == "slurm" and not os.environ.get("DIST_SPARSE_START_TIME"):
+        os.environ["DIST_SPARSE_START_TIME"] = f"{stopping.start_time():.3f}"
 
     from dist_sparse.trainer import train
 
@@ -89,6 +76,12 @@ def main(argv=None) -> int:
     except DistSparseError as exc:
         print(f"dist-sparse train: error on rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
         return 1
+    if "stopped" in summary:
+        s = summary["stopped"]
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dist-sparse train: stopped ({s['reason']}) at step {s['step']}; checkpoint {s['checkpoint']}; "
+                  f"continue with --resume auto (exit code {stopping.EXIT_STOPPED})", file=sys.stderr)
+        return stopping.rank_exit_code(True)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("final_val_loss", "achieved_sparsity", "median_step_seconds", "tokens_per_second", "peak_rss_mb")
         print(json.dumps({k: summary[k] for k in keys}))
@@ -96,15 +89,6 @@ def main(argv=None) -> int:
               f"metrics: {os.path.join(cfg.train.output_dir, 'metrics.jsonl')}  "
               f"model: {os.path.join(cfg.train.output_dir, 'final')}")
     return 0
-
-
-def _no_cuda() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except ImportError:
-        return True
 
 
 def _exit_rank(code: int) -> None:
@@ -115,6 +99,11 @@ def _exit_rank(code: int) -> None:
     whole job. ``os._exit`` skips them after flushing what Python still buffers."""
     import logging
 
+    # under mpirun, mpi4py's MPI_Finalize runs at interpreter exit, which os._exit skips; without it mpirun reports
+    # the finished rank as "exiting improperly" and fails the job
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -123,6 +112,6 @@ def _exit_rank(code: int) -> None:
 
 if __name__ == "__main__":
     rc = main()
-    if _under_launcher():
+    if cluster.under_launcher():
         _exit_rank(rc)
     sys.exit(rc)
