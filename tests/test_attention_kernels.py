@@ -13,14 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_sparse.kernels.block_sparse_attn as bsa
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 
-import dist_sparse.kernels.block_sparse_attn as bsa
 from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, local_layout
 from dist_sparse.attention.cpu import _build_plan, cpu_block_sparse_attention
-from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 
 TOL = 1e-5
 gpu = pytest.mark.gpu

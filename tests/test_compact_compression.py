@@ -16,7 +16,6 @@
 import json
 
 import pytest
-import torch
 
 from dist_sparse import config as C
 from dist_sparse.errors import ConfigError

@@ -219,7 +219,6 @@ def test_plugin_straight_through_method_trains_dense_masters_under_deepspeed(tmp
         for name in masks:
             master = shard[f"{name}::master"]
             bits = shard[f"{name}::mask"]
-            from dist_sparse.masks.packing import unpack_bits
 
             keep = unpack_bits(bits, master.numel())
             pruned_masters += int((master[~keep] != 0).sum())
