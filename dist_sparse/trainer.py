@@ -24,6 +24,7 @@ from dist_sparse.integration import deepspeed as ds_integration
 from dist_sparse.integration import hf
 from dist_sparse.masks.io import save_masks
 from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
+from dist_sparse.prepared import WindowSampler, training_data, vocab_size
 
 log = logging.getLogger("dist_sparse")
 
@@ -132,8 +133,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
     # same seed on every rank: identical initial weights everywhere (ZeRO partitions them afterwards)
     torch.manual_seed(cfg.train.seed)
-    data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained)
-    model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
+    data = training_data(cfg)  # prepared shards (memory-mapped) or text
+    model = hf.build_causal_lm(cfg.model, vocab_size(data), cfg.attention)
     ds_config = deepspeed_config(cfg)
     deepspeed = ds_integration._import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
@@ -147,6 +148,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
             log.info("resumed from %s at step %d", resume_path, start_step)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     tokens_per_step = world * micro * accum * cfg.model.block_size
+    # which windows each (step, rank, micro-batch) reads; its position is saved with every checkpoint
+    sampler = WindowSampler(data, cfg.data.sampling, cfg.model.block_size, cfg.train.seed, world, micro, accum)
+    sampler.load_state_dict(checkpoint.read_trainer_state(resume_path).get("data") if resume_path else None,
+                            start_step)
 
     densities = sparsifier.layer_density() if sparsifier.views else {}
     # sizes from the model itself (a pretrained checkpoint overrides the model section's sizes)
@@ -185,7 +190,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         uses_dense_grad = sparsifier.method is not None and sparsifier.uses_dense_grad(step)
         loss_sum = 0.0
         for m in range(accum):
-            x = data.batch("train", step, rank, m, micro).to(engine.device)
+            x = sampler.batch(step, rank, m).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
             if faults.active("nan", step):
                 loss = loss * float("nan")
@@ -209,7 +214,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
-            save_checkpoint(engine, ckpt_root, done, cfg, faults)
+            save_checkpoint(engine, ckpt_root, done, cfg, faults, data_state=sampler.state_dict(done))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.3f}")
@@ -220,7 +225,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             record = {"loss": last_loss, "lr": engine.get_lr()[0], "step_seconds": timer.times[-1],
                       "tokens_per_second": tokens_per_step / timer.times[-1],
                       "flops_relative_to_dense": flops_sum / ((done - start_step) * dense_flops),
-                      "peak_rss_mb": peak_rss_mb()}
+                      "peak_rss_mb": peak_rss_mb(), "tokens_seen": sampler.tokens_seen(done)}
             if sparsifier.views:
                 record["sparsity"] = 1.0 - sum(densities[v.name] * v.numel for v in sparsifier.views) / max(
                     1, sparsifier.sparsified_numel())
@@ -254,12 +259,15 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
         "data": data.source,
+        "data_sampling": cfg.data.sampling,
+        "tokens_seen": sampler.tokens_seen(cfg.train.steps),  # training tokens read, over all runs of a resume chain
+        "data_epochs": sampler.epochs(cfg.train.steps),  # passes over the training tokens (fractional)
         **_comm_summary(engine, cfg.train.steps - start_step),
         **state_bytes_summary(engine),  # issue 7: memory accounting (a collective)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
-    save_checkpoint(engine, ckpt_root, cfg.train.steps, cfg, faults)
+    save_checkpoint(engine, ckpt_root, cfg.train.steps, cfg, faults, data_state=sampler.state_dict(cfg.train.steps))
     if cfg.train.save_final_model:
         save_final(engine, model, sparsifier, data, out_dir / "final")
     if is_main:
@@ -351,7 +359,7 @@ def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
     hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
 
 
-def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> Path:
+def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None, data_state=None) -> Path:
     """Every rank writes its shard; rank 0 the model, trainer state, manifest and commit marker (see checkpoint)."""
     state_keys = ds_integration.ensure_optimizer_state(engine)
     model_state = None
@@ -370,6 +378,7 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> 
         "overflow_skips": engine.overflow_skips,
         "loss_scaler": ds_integration.loss_scaler_state(engine),  # fp16: resume at the same scale
         "config": cfg.to_dict(),
+        "data": data_state,  # the data position (WindowSampler.state_dict): a resume continues the same sequence
     }
     extra = None
     if engine.compression is not None:  # issue 3: this rank's error-feedback residuals
