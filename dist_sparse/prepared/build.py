@@ -326,13 +326,17 @@ def _text_bytes(table):
 
 
 def tokenize_batch(table, indices, tokenizer, eos_id: int, seed: int, val_fraction: float, force: dict,
-                   decoded_on_load: bool):
+                   decoded_on_load: bool, paragraphs: bool):
     """One map() batch: token ids per document (EOS appended; empty records give none), the split flag, and the
     counts the closing line reports. ``decoded_on_load``: text and csv files were decoded (and undecodable bytes
-    replaced, counted per file) when loaded, so a record holding U+FFFD counts as one with undecodable bytes."""
+    replaced, counted per file) when loaded, so a record holding U+FFFD counts as one with undecodable bytes.
+    ``paragraphs``: plain text split at blank lines, where newlines at either end of a record are separators
+    (``datasets`` leaves the file's final newline, and the third of three, on a paragraph)."""
     import pyarrow as pa
 
     texts, bad = decode(_text_bytes(table))
+    if paragraphs:
+        texts = [t.strip("\n") for t in texts]
     if decoded_on_load:
         bad = [max(b, 1) if "\ufffd" in t else b for t, b in zip(texts, bad)]
     keep = [i for i, t in enumerate(texts) if t]
@@ -638,7 +642,8 @@ def _prepare_into(tmp: Path, opts: Options, sources, kind, arg, hf_tok, key, log
                               keep_in_memory=True, remove_columns=["text"],
                               fn_kwargs={"tokenizer": encoder, "eos_id": eos_id, "seed": opts.seed,
                                          "val_fraction": opts.val_fraction, "force": _shift(force, offset + lo),
-                                         "decoded_on_load": fmt in ("text", "text-document", "csv")},
+                                         "decoded_on_load": fmt in ("text", "text-document", "csv"),
+                                         "paragraphs": fmt == "text"},
                               new_fingerprint=f"prepare-{offset + lo}")
             for batch in mapped.data.to_batches(max_chunksize=4096):
                 ids, val = batch.column("ids"), batch.column("val").to_numpy(zero_copy_only=False)
@@ -727,12 +732,14 @@ def _iter_texts(groups, train_only=None):
     """Decoded texts in batches (for the char vocabulary and BPE training); ``train_only``: (seed, val fraction,
     forced) to skip the val documents, as BPE is trained on the training split only."""
     offset = 0
-    for _, _, ds in groups:
+    for fmt, _, ds in groups:
         for batch in ds.data.to_batches(max_chunksize=2048):
             import pyarrow as pa
 
             before = _BAD_BYTES[0]
             texts, _ = decode(_text_bytes(pa.Table.from_batches([batch])))
+            if fmt == "text":  # as tokenize_batch reads paragraphs
+                texts = [t.strip("\n") for t in texts]
             if train_only is not None:
                 seed, frac, force = train_only
                 idx = np.arange(offset, offset + len(texts))

@@ -35,12 +35,9 @@ class PreparedData:
         return int(self.index["vocab_size"])
 
     @property
-    def tokenizer(self):
-        """The prepared tokenizer as a :class:`dist_sparse.data.Tokenizer` (saved with the final model)."""
+    def tokenizer(self) -> "PreparedTokenizer":
         if self._tokenizer is None:
-            from dist_sparse.data import Tokenizer
-
-            self._tokenizer = Tokenizer.from_pretrained(self.directory / TOKENIZER_DIR)
+            self._tokenizer = PreparedTokenizer(self.directory / TOKENIZER_DIR, self.vocab_size)
         return self._tokenizer
 
     def train_tokens(self) -> int:
@@ -56,6 +53,42 @@ class PreparedData:
         stream = self.streams[split]
         starts = random_starts(self.seed, split, step, rank, micro, batch_size, len(stream), self.block_size)
         return torch.from_numpy(np.stack([stream.read(int(s), self.block_size) for s in starts.tolist()]))
+
+
+class PreparedTokenizer:
+    """The prepared set's tokenizer. ``save`` copies its files byte for byte (not a re-serialization), so the final
+    model's tokenizer has the SHA-256 recorded in the data's index and the checks between model and data hold."""
+
+    def __init__(self, directory: Path, vocab_size: int):
+        self.directory, self.vocab_size = Path(directory), vocab_size
+        self._hf = None
+
+    @property
+    def hf(self):
+        if self._hf is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        return self._hf
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.hf(text)["input_ids"], dtype=torch.int64)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids])
+
+    def save(self, directory) -> None:
+        import json
+        import shutil
+
+        from dist_sparse.prepared.format import TOKENIZER_COPY
+
+        directory = Path(directory)
+        for name in TOKENIZER_COPY:
+            # config.json (kept for AutoTokenizer with some tokenizer directories) would replace the model's own
+            if name != "config.json" and (self.directory / name).is_file():
+                shutil.copyfile(self.directory / name, directory / name)
+        (directory / "dist_sparse_tokenizer.json").write_text(json.dumps({"kind": "hf", "chars": []}))
 
 
 def training_data(cfg):
