@@ -23,7 +23,7 @@ from dist_sparse.faults import Faults
 from dist_sparse.integration import deepspeed as ds_integration
 from dist_sparse.integration import hf
 from dist_sparse.masks.io import save_masks
-from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
+from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, rss_anon_mb, write_json_atomic
 from dist_sparse.prepared import WindowSampler, training_data, vocab_size
 
 log = logging.getLogger("dist_sparse")
@@ -182,15 +182,18 @@ def _train(cfg: Config, resume: str | None) -> dict:
     if progress is not None:
         progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
+    fetch_timer = StepTimer()  # the data loader's share of each step, timed directly
     for step in range(start_step, cfg.train.steps):
         faults.maybe("kill", step)
         faults.maybe("hang", step)
         t0 = time.perf_counter()
         is_update = sparsifier.method is not None and sparsifier.method.is_update_step(step)
         uses_dense_grad = sparsifier.method is not None and sparsifier.uses_dense_grad(step)
-        loss_sum = 0.0
+        loss_sum, fetch = 0.0, 0.0
         for m in range(accum):
+            t_fetch = time.perf_counter()
             x = sampler.batch(step, rank, m).to(engine.device)
+            fetch += time.perf_counter() - t_fetch
             loss = engine(input_ids=x, labels=x).loss
             if faults.active("nan", step):
                 loss = loss * float("nan")
@@ -203,6 +206,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)", step,
                         engine.consecutive_skips)
         timer.add(time.perf_counter() - t0)
+        fetch_timer.add(fetch)
         last_loss = loss_sum / accum
 
         # estimated training FLOPs of this step relative to dense (a RigL update step, and with grow_grad_steps > 1
@@ -262,6 +266,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "data_sampling": cfg.data.sampling,
         "tokens_seen": sampler.tokens_seen(cfg.train.steps),  # training tokens read, over all runs of a resume chain
         "data_epochs": sampler.epochs(cfg.train.steps),  # passes over the training tokens (fractional)
+        "median_data_fetch_seconds": fetch_timer.median(),  # rank 0's batch fetch per step (all micro-batches)
+        "rss_anon_mb": max_over_ranks(rss_anon_mb()),  # anonymous resident memory at the end, max over ranks
         **_comm_summary(engine, cfg.train.steps - start_step),
         **state_bytes_summary(engine),  # issue 7: memory accounting (a collective)
     }
