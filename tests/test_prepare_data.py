@@ -391,6 +391,9 @@ def test_config_precedence_and_model_checks(corpus, tmp_path):
     index = run([paths["jsonl"]], out, hf_dir)
     cfg = load_cfg(**{"data.prepared": out, "data.sampling": "epoch"})
     assert cfg.data.prepared == str(out) and cfg.data.sampling == "epoch"
+    from dist_sparse import config as C
+
+    assert C.load(ROOT / "configs" / "prepared.yaml", [f"data.prepared={out}"]).data.prepared == str(out)
     for key, value in (("data.path", paths["text"]), ("data.tokenizer", "char"), ("data.val_fraction", 0.2),
                        ("data.max_chars", 5000)):
         with pytest.raises(ConfigError) as err:
