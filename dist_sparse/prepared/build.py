@@ -638,7 +638,9 @@ def _prepare_into(tmp: Path, opts: Options, sources, kind, arg, hf_tok, key, log
         for lo in range(0, n, chunk):
             part = ds.select(range(lo, min(n, lo + chunk))).with_format("arrow")
             mapped = part.map(tokenize_batch, batched=True, batch_size=500, with_indices=True,
-                              num_proc=opts.num_proc if len(part) >= 2 * opts.num_proc else None,
+                              # None: in this process (datasets would start a pool even for num_proc=1)
+                              num_proc=opts.num_proc if opts.num_proc > 1 and len(part) >= 2 * opts.num_proc
+                              else None,
                               keep_in_memory=True, remove_columns=["text"],
                               fn_kwargs={"tokenizer": encoder, "eos_id": eos_id, "seed": opts.seed,
                                          "val_fraction": opts.val_fraction, "force": _shift(force, offset + lo),
