@@ -162,6 +162,16 @@ def test_empty_and_undecodable_records_are_counted(tmp_path):
     assert index["skipped"] == {"empty_records": 0, "undecodable_records": 1, "undecodable_bytes": 1}
 
 
+def test_text_document_format_reads_one_document_per_file(tmp_path):
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    files[0].write_text("def f():\n    return 1\n\n\ndef g():\n    pass\n")
+    files[1].write_text("x = 1\n\ny = 2\n")
+    index = run([tmp_path / "*.py"], tmp_path / "out", "byte", format="text-document", val_fraction=0.5)
+    assert [s["path"] for s in index["sources"]] == [str(f.resolve()) for f in files]
+    tokens = np.concatenate([split_tokens(tmp_path / "out", s) for s in ("train", "val")])
+    assert sorted(tokens.tolist()) == sorted([*files[0].read_bytes(), 256, *files[1].read_bytes(), 256])
+
+
 def test_up_to_date_refused_and_overwrite(corpus, tmp_path):
     docs, paths, _ = corpus
     out = tmp_path / "out"
