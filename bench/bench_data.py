@@ -248,7 +248,8 @@ def main() -> None:
         "a byte-level BPE on the training documents first (its seconds are apart from tokens/s); \"saved "
         "tokenizer\" is that BPE saved as a Hugging Face tokenizer directory and passed as `--tokenizer DIR`. "
         "tokens/s: the tokenizing and writing phase (index.json's `stats`); peak RSS: the whole process tree "
-        "(main process + map workers), sampled every 0.2 s.",
+        "(main process + map workers), sampled every 0.2 s; each process's RSS is summed, so pages the forked "
+        "workers share with the main process count once per process (an upper bound).",
         "",
         "| run | corpus (MB) | documents | tokens | tokens/s | BPE training (s) | wall (s) | peak RSS (MB) | "
         "load start / end |",
