@@ -221,10 +221,10 @@ def main() -> None:
     def prow(label, r, c):
         st = r["index"]["stats"]
         bpe = f"{st['tokenizer_seconds']:.0f}" if r["config"]["tokenizer"].startswith("bpe") else "-"
-        return (f"| {label} | {c['file_bytes'] / 1e6:.0f} | {r['documents']:,} | {r['tokens']:,} | "
-                f"{st['tokens_per_second'] / 1e3:,.0f}k | {bpe} | {r['wall_seconds']:.0f} | "
-                f"{r['peak_tree_rss_mb']:,.0f} | {r['load_start']:.1f} / {r['load_end']:.1f} |"
-                f"{' reused' if r.get('reused') else ''}")
+        return (f"| {label}{' (reused)' if r.get('reused') else ''} | {c['file_bytes'] / 1e6:.0f} | "
+                f"{r['documents']:,} | {r['tokens']:,} | {st['tokens_per_second'] / 1e3:,.0f}k | {bpe} | "
+                f"{r['wall_seconds']:.0f} | {r['peak_tree_rss_mb']:,.0f} | {r['load_start']:.1f} / "
+                f"{r['load_end']:.1f} |")
 
     fetch_ratio = t_base["median_data_fetch_seconds"] / t_base["median_step_seconds"]
     fetch_ratio_small = t_small["median_data_fetch_seconds"] / t_small["median_step_seconds"]
@@ -270,7 +270,9 @@ def main() -> None:
         *[f"| {name} | {r['data'].split('(')[1].split(' train')[0]} | {r['median_data_fetch_seconds'] * 1e6:.0f} | "
           f"{r['median_step_seconds'] * 1e3:.0f} | {r['median_data_fetch_seconds'] / r['median_step_seconds']:.4%} "
           f"| {r['rss_anon_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['final_val_loss']:.3f} | "
-          f"{r['load_start']:.1f} / {r['load_end']:.1f} |" for name, r in ((sm, t_small), (b, t_base))],
+          f"{r['load_start']:.1f} / {r['load_end']:.1f} |"
+          for name, r in ((sm + (" (reused)" if t_small.get("reused") else ""), t_small),
+                          (b + (" (reused)" if t_base.get("reused") else ""), t_base))],
         "",
         "| target | reached | measured |",
         "|---|---|---|",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_sparse.errors import ConfigError, DataError
+from dist_sparse.prepared import build
 from dist_sparse.prepared import format as fmt
 from dist_sparse.prepared import sampler as S
 from dist_sparse.prepared.build import Options, prepare
@@ -124,9 +125,12 @@ def test_tokens_equal_a_direct_tokenization(corpus, tmp_path, source, tokenizer)
         assert (index["vocab_size"], index["eos_id"], index["bos_id"]) == (300, 0, None)
 
 
-def test_num_proc_and_shard_size_do_not_change_the_tokens(corpus, tmp_path):
+def test_num_proc_chunking_and_shard_size_do_not_change_the_tokens(corpus, tmp_path, monkeypatch):
     docs, paths, hf_dir = corpus
     run([paths["jsonl"]], tmp_path / "a", hf_dir, val_fraction=0.2)
+    # chunks of a few documents (one map() call each): the split is by global document index, not per chunk
+    monkeypatch.setattr(build, "MIN_CHUNK_DOCS", 1)
+    monkeypatch.setattr(build, "CHUNK_BYTES", 300)
     index = run([paths["jsonl"]], tmp_path / "b", hf_dir, val_fraction=0.2, num_proc=2, shard_tokens=100)
     assert len(index["splits"]["train"]["shards"]) > 3
     assert all(s["tokens"] <= 100 for s in index["splits"]["train"]["shards"])

@@ -46,6 +46,7 @@ EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": 
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard
 CHUNK_BYTES = 16 << 20  # text bytes per map() call and process (progress granularity)
+MIN_CHUNK_DOCS = 1000  # documents per map() call at least (a call starts a process pool)
 
 # undecodable bytes become U+FFFD and are counted (the counter is per process: map's workers return their counts)
 _BAD_BYTES = [0]
@@ -326,10 +327,12 @@ def _text_bytes(table):
 
 
 def tokenize_batch(table, indices, tokenizer, eos_id: int, seed: int, val_fraction: float, force: dict,
-                   decoded_on_load: bool, paragraphs: bool):
+                   decoded_on_load: bool, paragraphs: bool, offset: int):
     """One map() batch: token ids per document (EOS appended; empty records give none), the split flag, and the
     counts the closing line reports. ``decoded_on_load``: text and csv files were decoded (and undecodable bytes
     replaced, counted per file) when loaded, so a record holding U+FFFD counts as one with undecodable bytes.
+    ``indices`` count from the start of the chunk being mapped; ``offset`` makes them global document indices,
+    which decide the split (so it does not depend on the chunking or ``--num-proc``).
     ``paragraphs``: plain text split at blank lines, where newlines at either end of a record are separators
     (``datasets`` leaves the file's final newline, and the third of three, on a paragraph)."""
     import pyarrow as pa
@@ -352,7 +355,7 @@ def tokenize_batch(table, indices, tokenizer, eos_id: int, seed: int, val_fracti
             if not seq or seq[-1] != eos_id:
                 seq.append(eos_id)
             encoded[i] = seq
-    idx = np.asarray(indices, dtype=np.int64)
+    idx = np.asarray(indices, dtype=np.int64) + offset
     val = _val_flags(idx, seed, val_fraction)
     for j, i in enumerate(idx):
         if int(i) == force.get("val"):
@@ -634,7 +637,7 @@ def _prepare_into(tmp: Path, opts: Options, sources, kind, arg, hf_tok, key, log
     for fmt, _, ds in groups:
         n = len(ds)
         per_doc = max(1.0, ds.data.nbytes / max(1, n))
-        chunk = max(1000, int(CHUNK_BYTES * opts.num_proc / per_doc))
+        chunk = max(MIN_CHUNK_DOCS, int(CHUNK_BYTES * opts.num_proc / per_doc))
         for lo in range(0, n, chunk):
             part = ds.select(range(lo, min(n, lo + chunk))).with_format("arrow")
             mapped = part.map(tokenize_batch, batched=True, batch_size=500, with_indices=True,
@@ -643,7 +646,7 @@ def _prepare_into(tmp: Path, opts: Options, sources, kind, arg, hf_tok, key, log
                               else None,
                               keep_in_memory=True, remove_columns=["text"],
                               fn_kwargs={"tokenizer": encoder, "eos_id": eos_id, "seed": opts.seed,
-                                         "val_fraction": opts.val_fraction, "force": _shift(force, offset + lo),
+                                         "val_fraction": opts.val_fraction, "force": force, "offset": offset + lo,
                                          "decoded_on_load": fmt in ("text", "text-document", "csv"),
                                          "paragraphs": fmt == "text"},
                               new_fingerprint=f"prepare-{offset + lo}")
@@ -723,11 +726,6 @@ def _forced_split(n_docs: int, seed: int, val_fraction: float) -> dict:
     if n_val == n_docs:
         return {"train": hi_i}
     return {}
-
-
-def _shift(force: dict, offset: int) -> dict:
-    """map() passes indices relative to the chunk; the forced documents are global indices."""
-    return {k: v - offset for k, v in force.items()}
 
 
 def _iter_texts(groups, train_only=None):
