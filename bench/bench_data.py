@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import command_line, machine_line, write_section  # noqa: E402
+from dist_sparse.prepared.format import tokenizer_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "data"
@@ -139,8 +140,16 @@ def prepare_run(results: dict, key: str, corpus: dict, tokenizer: str, nproc: in
     out = WORK / "prepared" / key
     config = {"corpus": corpus["want"], "corpus_bytes": corpus["file_bytes"], "tokenizer": tokenizer,
               "num_proc": nproc}
-    found = cached(results, key, config, lambda r: (out / "index.json").is_file()
-                   and json.loads((out / "index.json").read_text())["created"] == r["index"]["created"])
+    def still_valid(r) -> bool:
+        """The run's output is still there, and a tokenizer directory still holds the tokenizer it used."""
+        if not (out / "index.json").is_file():
+            return False
+        index = json.loads((out / "index.json").read_text())
+        if Path(tokenizer).is_dir() and index["tokenizer"]["sha256"] != tokenizer_sha256(tokenizer):
+            return False
+        return index["created"] == r["index"]["created"]
+
+    found = cached(results, key, config, still_valid)
     if found:
         print(f"{key}: reused", flush=True)
         return found
