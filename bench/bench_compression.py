@@ -55,8 +55,10 @@ RUNS = [  # key, label, overrides
 
 
 BASELINE_RUNS = {"dense": "dense", "rigl": "rigl__paper_"}  # bench_training.py's output folders for these runs
-# keys that one of the two configs may lack (added later), with the default that makes it the same run
-BASELINE_EXTRA_OK = {("sparsity", "grow_grad_steps"): 1, ("sparsity", "compact_state"): False}
+# keys that one of the two configs may lack (added later), with the default that makes it the same run (a tuple:
+# values that all mean the default, e.g. data.val_fraction written as 0.1 before it defaulted to null)
+BASELINE_EXTRA_OK = {("sparsity", "grow_grad_steps"): 1, ("sparsity", "compact_state"): False,
+                     ("data", "prepared"): None, ("data", "sampling"): "random", ("data", "val_fraction"): (None, 0.1)}
 
 
 def expected_config(overrides: list, steps: int) -> dict:
@@ -80,7 +82,8 @@ def reusable(folder: Path, overrides: list, steps: int) -> dict | None:
     for cfg in (saved, ours):
         cfg["train"].pop("output_dir")
     for (section, key), value in BASELINE_EXTRA_OK.items():  # missing on either side means the default value
-        if saved.get(section, {}).get(key, value) != value or ours.get(section, {}).get(key, value) != value:
+        same = value if isinstance(value, tuple) else (value,)
+        if saved.get(section, {}).get(key, same[0]) not in same or ours.get(section, {}).get(key, same[0]) not in same:
             return None
         saved.get(section, {}).pop(key, None)
         ours.get(section, {}).pop(key, None)

@@ -33,7 +33,7 @@ def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
     hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
 
 
-def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> Path:
+def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None, data_state=None) -> Path:
     """Every rank writes its shard; rank 0 the model, trainer state, manifest and commit marker (see checkpoint)."""
     state_keys = optim_state.ensure_optimizer_state(engine)
     model_state = None
@@ -49,6 +49,7 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None) -> 
         **engine.training_state(),  # the step components' state_dict and the skip counters
         "loss_scaler": optim_state.loss_scaler_state(engine),  # fp16: resume at the same scale
         "config": cfg.to_dict(),
+        "data": data_state,  # the data position (WindowSampler.state_dict): a resume continues the same sequence
     }
     extra = None
     if engine.compression is not None:  # this rank's error-feedback residuals (per-rank files)

@@ -197,21 +197,46 @@ def check_model_keys(raw) -> dict:
 
 @dataclass
 class DataConfig:
-    """Character- or byte-level text. ``path: null`` uses the embedded corpus (the Python standard library source)."""
+    """Character- or byte-level text (``path``; null = the embedded corpus, the Python standard library source), or
+    token shards written by ``dist-sparse prepare-data`` (``prepared``, read through memory maps; docs/data.md)."""
 
     path: str | None = None
-    tokenizer: str = "char"  # char | byte
-    val_fraction: float = 0.1
+    prepared: str | None = None  # a dist-sparse prepare-data directory; excludes path
+    tokenizer: str | None = None  # char | byte, for path / the embedded corpus (default char)
+    val_fraction: float | None = None  # of the text's tokens, for path / the embedded corpus (default 0.1)
     max_chars: int | None = None  # cap on corpus size (the embedded corpus is large)
+    sampling: str = "random"  # random (windows drawn per step, rank, micro-batch) | epoch (each window once per epoch)
 
     def check(self, p: str) -> None:
-        _require(self.tokenizer in ("char", "byte"), f"{p}.tokenizer", f"must be 'char' or 'byte', got "
-                                                                       f"{self.tokenizer!r}")
-        _require(0.0 < self.val_fraction < 1.0, f"{p}.val_fraction", "must be in (0, 1)")
+        _require(self.sampling in ("random", "epoch"), f"{p}.sampling",
+                 f"must be 'random' or 'epoch', got {self.sampling!r}")
+        if self.prepared is not None:
+            # the prepared set carries its own tokenizer and split: a second source of either would be ignored
+            _require(self.path is None, f"{p}.path", "data.path and data.prepared exclude each other; set one")
+            for key in ("tokenizer", "val_fraction", "max_chars"):
+                _require(getattr(self, key) is None, f"{p}.{key}",
+                         f"is decided by the prepared data (data.prepared: {self.prepared}), not by the config; "
+                         f"remove it (or set it to null)")
+            from dist_sparse.prepared.format import read_index
+
+            read_index(self.prepared, f"{p}.prepared")
+            return
+        _require(self.tokenizer in (None, "char", "byte"), f"{p}.tokenizer", f"must be 'char' or 'byte', got "
+                                                                             f"{self.tokenizer!r}")
+        if self.val_fraction is not None:
+            _require(0.0 < self.val_fraction < 1.0, f"{p}.val_fraction", "must be in (0, 1)")
         if self.path is not None:
             _require(Path(self.path).is_file(), f"{p}.path", f"data file not found: {self.path}")
         if self.max_chars is not None:
             _require(self.max_chars >= 1000, f"{p}.max_chars", "must be >= 1000")
+
+    @property
+    def text_tokenizer(self) -> str:
+        return self.tokenizer or "char"
+
+    @property
+    def text_val_fraction(self) -> float:
+        return 0.1 if self.val_fraction is None else self.val_fraction
 
 
 @dataclass
@@ -469,6 +494,10 @@ def from_dict(raw: dict) -> Config:
         plugins=list(raw.get("plugins") or []),
     )
     check_compact_state(cfg.sparsity, cfg.deepspeed)
+    if cfg.data.prepared is not None or cfg.model.pretrained is not None:
+        from dist_sparse.prepared.data import check_with_model
+
+        check_with_model(cfg)  # vocabulary, tokenizer and context against the model, before any process group
     return cfg
 
 

@@ -119,14 +119,21 @@ class TextData:
         has_tokenizer = pretrained_dir is not None and any(
             (Path(pretrained_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         self.tokenizer = (Tokenizer.from_pretrained(pretrained_dir) if has_tokenizer
-                          else Tokenizer.for_text(data_cfg.tokenizer, text))
+                          else Tokenizer.for_text(data_cfg.text_tokenizer, text))
         ids = self.tokenizer.encode(text)
-        n_val = int(len(ids) * data_cfg.val_fraction)
+        n_val = int(len(ids) * data_cfg.text_val_fraction)
         self.train_ids, self.val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
         if min(len(self.train_ids), len(self.val_ids)) <= block_size + 1:
             raise ConfigError("data.path", f"the text is too short for block_size {block_size}")
         self.block_size = block_size
         self.seed = seed
+
+    def train_tokens(self) -> int:
+        return len(self.train_ids)
+
+    def read_train(self, start: int, length: int):
+        """Training tokens ``[start, start + length)`` as int64 numpy (the epoch sampler's reads)."""
+        return self.train_ids[start: start + length].numpy()
 
     def batch(self, split: str, step: int, rank: int, micro: int, batch_size: int) -> torch.Tensor:
         """A (batch_size, block_size) tensor of token ids, a pure function of its arguments."""

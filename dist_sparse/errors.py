@@ -27,3 +27,13 @@ class CheckpointError(DistSparseError, RuntimeError):
 
 class UnsupportedModelError(DistSparseError, ValueError):
     """The model architecture has no layers dist_sparse knows how to sparsify."""
+
+
+class DataError(DistSparseError, ValueError):
+    """Input data that cannot be prepared: no files match, an unknown format, a missing text column, an unusable
+    tokenizer. ``where`` names the file, column or command-line option at fault."""
+
+    def __init__(self, where: str, message: str):
+        self.where = str(where)
+        self.message = message
+        super().__init__(f"{where}: {message}")

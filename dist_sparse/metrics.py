@@ -16,6 +16,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_anon_mb() -> float:
+    """This process's anonymous resident memory (``RssAnon``: heap and the like, not file-backed pages such as
+    memory-mapped token shards, which the kernel can drop); NaN where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def max_over_ranks(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     return float(D.all_reduce_max(t)[0])

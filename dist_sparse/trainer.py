@@ -26,7 +26,8 @@ from dist_sparse.integration import hf
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
 from dist_sparse.integration.engine import attach
 from dist_sparse.integration.experts import register_zero3_leaves
-from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, write_json_atomic
+from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, rss_anon_mb, write_json_atomic
+from dist_sparse.prepared import WindowSampler, training_data, vocab_size
 
 log = logging.getLogger("dist_sparse")
 
@@ -139,8 +140,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
 
     # same seed on every rank: identical initial weights everywhere (ZeRO partitions them afterwards)
     torch.manual_seed(cfg.train.seed)
-    data = TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained)
-    model = hf.build_causal_lm(cfg.model, data.tokenizer.vocab_size, cfg.attention)
+    data = training_data(cfg)  # prepared shards (memory-mapped) or text
+    model = hf.build_causal_lm(cfg.model, vocab_size(data), cfg.attention)
     ds_config = deepspeed_config(cfg)
     if cfg.zero_stage == 3:  # fused MoE experts are fetched as one unit (before the engine registers its hooks)
         register_zero3_leaves(model)
@@ -157,6 +158,10 @@ def _train(cfg: Config, resume: str | None) -> dict:
             log.info("resumed from %s at step %d", resume_path, start_step)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     tokens_per_step = world * micro * accum * cfg.model.block_size
+    # which windows each (step, rank, micro-batch) reads; its position is saved with every checkpoint
+    sampler = WindowSampler(data, cfg.data.sampling, cfg.model.block_size, cfg.train.seed, world, micro, accum)
+    sampler.load_state_dict(checkpoint.read_trainer_state(resume_path).get("data") if resume_path else None,
+                            start_step)
 
     densities = sparsifier.layer_density() if sparsifier.views else {}
     # sizes from the model itself (a pretrained checkpoint overrides the model section's sizes)
@@ -188,6 +193,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
     last_saved = start_step
+    fetch_timer = StepTimer()  # the data loader's share of each step, timed directly
     for step in range(start_step, cfg.train.steps):
         faults.maybe("kill", step)
         faults.maybe("hang", step)
@@ -195,9 +201,11 @@ def _train(cfg: Config, resume: str | None) -> dict:
         faults.maybe("sigusr1", step)
         t0 = time.perf_counter()
         plan = engine.schedule.plan(step)  # what kind of step this is (the step's components decide the same way)
-        loss_sum = 0.0
+        loss_sum, fetch = 0.0, 0.0
         for m in range(accum):
-            x = data.batch("train", step, rank, m, micro).to(engine.device)
+            t_fetch = time.perf_counter()
+            x = sampler.batch(step, rank, m).to(engine.device)
+            fetch += time.perf_counter() - t_fetch
             loss = engine(input_ids=x, labels=x).loss
             if faults.active("nan", step):
                 loss = loss * float("nan")
@@ -210,6 +218,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row)", step,
                         engine.consecutive_skips)
         timer.add(time.perf_counter() - t0)
+        fetch_timer.add(fetch)
         last_loss = loss_sum / accum
 
         # estimated training FLOPs of this step relative to dense (a RigL update step, and with grow_grad_steps > 1
@@ -222,7 +231,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
             t_save = time.perf_counter()
-            save_checkpoint(engine, ckpt_root, done, cfg, faults)
+            save_checkpoint(engine, ckpt_root, done, cfg, faults, data_state=sampler.state_dict(done))
             stopper.saved(time.perf_counter() - t_save)  # the time limit keeps room for one more save
             last_saved = done
         if progress is not None:
@@ -235,7 +244,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             record = {"loss": last_loss, "lr": engine.get_lr()[0], "step_seconds": timer.times[-1],
                       "tokens_per_second": tokens_per_step / timer.times[-1],
                       "flops_relative_to_dense": flops_sum / ((done - start_step) * dense_flops),
-                      "peak_rss_mb": peak_rss_mb()}
+                      "peak_rss_mb": peak_rss_mb(), "tokens_seen": sampler.tokens_seen(done)}
             if sparsifier.views:
                 record["sparsity"] = 1.0 - sum(densities[v.name] * v.numel for v in sparsifier.views) / max(
                     1, sparsifier.sparsified_numel())
@@ -248,7 +257,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
             if progress is not None:
                 progress.close()
             metrics.close()
-            return _stop(engine, ckpt_root, done, cfg, faults, stopper, reason, saved=last_saved == done)
+            return _stop(engine, ckpt_root, done, cfg, faults, stopper, reason, saved=last_saved == done,
+                         data_state=sampler.state_dict(done))
 
     stopper.finishing()  # the run ends anyway: a late signal neither stops it nor ends it before its final save
     if progress is not None:
@@ -276,13 +286,18 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
         "data": data.source,
+        "data_sampling": cfg.data.sampling,
+        "tokens_seen": sampler.tokens_seen(cfg.train.steps),  # training tokens read, over all runs of a resume chain
+        "data_epochs": sampler.epochs(cfg.train.steps),  # passes over the training tokens (fractional)
+        "median_data_fetch_seconds": fetch_timer.median(),  # rank 0's batch fetch per step (all micro-batches)
+        "rss_anon_mb": max_over_ranks(rss_anon_mb()),  # anonymous resident memory at the end, max over ranks
         **reporting.comm_summary(engine, cfg.train.steps - start_step),
         **reporting.state_bytes_summary(engine),  # memory accounting (a collective)
         **topology,  # nodes, ranks_per_node (host -> rank count)
     }
     metrics.log(cfg.train.steps, {"final_val_loss": val_loss})
     metrics.close()
-    save_checkpoint(engine, ckpt_root, cfg.train.steps, cfg, faults)
+    save_checkpoint(engine, ckpt_root, cfg.train.steps, cfg, faults, data_state=sampler.state_dict(cfg.train.steps))
     if cfg.train.save_final_model:
         save_final(engine, model, sparsifier, data, out_dir / "final")
     if is_main:
@@ -291,11 +306,13 @@ def _train(cfg: Config, resume: str | None) -> dict:
     return summary
 
 
-def _stop(engine, ckpt_root: Path, step: int, cfg: Config, faults, stopper, reason: str, saved: bool) -> dict:
+def _stop(engine, ckpt_root: Path, step: int, cfg: Config, faults, stopper, reason: str, saved: bool,
+          data_state=None) -> dict:
     """A stop every rank agreed on: a committed checkpoint at this step (unless the save interval just wrote one),
     then rank 0 records the stop in ``stop.json``; the caller exits with the stop's exit code (stopping.py)."""
     t_save = time.perf_counter()
-    path = checkpoint.step_dir(ckpt_root, step) if saved else save_checkpoint(engine, ckpt_root, step, cfg, faults)
+    path = checkpoint.step_dir(ckpt_root, step) if saved else save_checkpoint(engine, ckpt_root, step, cfg, faults,
+                                                                              data_state=data_state)
     ranks = D.all_gather_object(stopper.describe())
     if D.rank() == 0:
         record = stopping.write_record(cfg.train.output_dir, reason, step, path, ranks, cfg.train.time_limit)

@@ -1,4 +1,5 @@
-"""`dist-sparse eval MODEL_DIR --data TEXT [--seqlen 512]`: prints JSON with `perplexity` and `sparsity`."""
+"""`dist-sparse eval MODEL_DIR (--data TEXT | --prepared DIR) [--seqlen 512]`: prints JSON with `perplexity` and
+`sparsity`."""
 
 import argparse
 import json
@@ -13,8 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity (causal LMs; strided windows as in the SparseGPT/Wanda evaluations) and weight "
                     "sparsity of a Hugging Face checkpoint. Prints one JSON object.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--data", required=True, metavar="TEXT",
-                   help="evaluation text file, or a `datasets` directory (save_to_disk) with a text column")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="TEXT",
+                        help="evaluation text file, or a `datasets` directory (save_to_disk) with a text column")
+    source.add_argument("--prepared", metavar="DIR",
+                        help="a dist-sparse prepare-data directory (its tokens, memory-mapped; see --split)")
+    p.add_argument("--split", default="val", choices=("val", "train"), help="split of --prepared (default val)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, help="window start every STRIDE tokens (default: --seqlen, no overlap)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
@@ -31,7 +36,8 @@ def main(argv=None) -> int:
     try:
         result = evaluate_checkpoint(args.model_dir, args.data, seqlen=args.seqlen, stride=args.stride,
                                      batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                     text_column=args.text_column, device=args.device)
+                                     text_column=args.text_column, device=args.device, prepared=args.prepared,
+                                     split=args.split)
     except DistSparseError as exc:
         print(f"dist-sparse eval: error: {exc}", file=sys.stderr)
         return 2

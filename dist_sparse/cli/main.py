@@ -9,12 +9,13 @@ COMMANDS = {
     "sparsify": ("dist_sparse.cli.sparsify", "one-shot sparsify a Hugging Face checkpoint"),
     "eval": ("dist_sparse.cli.evaluate", "perplexity and sparsity of a checkpoint"),
     "plan": ("dist_sparse.cli.plan", "predicted per-rank training-state bytes (before launching)"),
+    "prepare-data": ("dist_sparse.cli.prepare_data", "tokenize a corpus into memory-mapped shards (data.prepared)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: dist-sparse COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

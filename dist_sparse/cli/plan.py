@@ -92,11 +92,11 @@ def _from_config(args) -> tuple:
 
 
 def _vocab_size(cfg) -> int:
-    """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own)."""
-    from dist_sparse.data import TextData
+    """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own; prepared
+    data says it in its index)."""
+    from dist_sparse.prepared import training_data, vocab_size
 
-    return TextData(cfg.data, cfg.model.block_size, cfg.train.seed, pretrained_dir=cfg.model.pretrained) \
-        .tokenizer.vocab_size
+    return vocab_size(training_data(cfg))
 
 
 def _from_params(args) -> tuple:

@@ -73,9 +73,13 @@ def weight_sparsity(model: nn.Module) -> dict:
 
 
 def evaluate_checkpoint(model_dir, data, seqlen: int = 512, stride: int | None = None, batch_size: int = 4,
-                        max_tokens: int | None = None, text_column: str | None = None, device=None) -> dict:
+                        max_tokens: int | None = None, text_column: str | None = None, device=None,
+                        prepared=None, split: str = "val") -> dict:
     """What ``dist-sparse eval`` prints: ``perplexity`` (None for models that are not causal LMs), ``sparsity``
-    (zero fraction of the block Linear/Conv1D weights) and the window bookkeeping."""
+    (zero fraction of the block Linear/Conv1D weights) and the window bookkeeping.
+
+    ``prepared``: a ``dist-sparse prepare-data`` directory instead of ``data``; its ``split`` is evaluated, read
+    through memory maps (no tokenizing)."""
     from dist_sparse.oneshot.calibration import load_text, tokenize_text
     from dist_sparse.oneshot.pipeline import load_model, load_tokenizer, max_positions
 
@@ -92,10 +96,34 @@ def evaluate_checkpoint(model_dir, data, seqlen: int = 512, stride: int | None =
     limit = max_positions(model.config)
     if limit is not None and seqlen > limit:
         raise ConfigError("--seqlen", f"{seqlen} exceeds the model's {limit} positions")
-    tok = load_tokenizer(model_dir, model.get_input_embeddings().num_embeddings)
-    ids = tokenize_text(tok, load_text(data, "--data", text_column))
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    if prepared is not None:
+        ids = _prepared_tokens(prepared, split, model_dir, model.get_input_embeddings().num_embeddings, max_tokens)
+        out.update(prepared=str(prepared), split=split)
+    else:
+        tok = load_tokenizer(model_dir, model.get_input_embeddings().num_embeddings)
+        ids = tokenize_text(tok, load_text(data, "--data", text_column))
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
     out.update(perplexity(model, ids, seqlen, stride, batch_size, device))
     out.update(seqlen=seqlen, stride=stride or seqlen)
     return out
+
+
+def _prepared_tokens(directory, split: str, model_dir, rows: int, max_tokens: int | None):
+    """A prepared split as the perplexity loop's token sequence, after checking it belongs to this model: its ids
+    must index the embedding and, where the checkpoint has a tokenizer, it must be the one the data was
+    tokenized with (same SHA-256)."""
+    from dist_sparse.prepared.data import PreparedData
+    from dist_sparse.prepared.format import read_index, tokenizer_sha256
+
+    if split not in ("train", "val"):
+        raise ConfigError("--split", f"must be 'train' or 'val', got {split!r}")
+    index = read_index(directory, "--prepared")
+    if index["max_token_id"] >= rows:
+        raise ConfigError("--prepared", f"{directory} holds token ids up to {index['max_token_id']}, beyond the "
+                                        f"{rows}-row embedding of {model_dir}")
+    theirs = tokenizer_sha256(model_dir)
+    if theirs is not None and theirs != index["tokenizer"]["sha256"]:
+        raise ConfigError("--prepared", f"{directory} was tokenized with {index['tokenizer'].get('name')}, not with "
+                                        f"the tokenizer of {model_dir} (tokenizer sha256 differs)")
+    return PreparedData(directory, 1, 0, key="--prepared").tokens(split, max_tokens)
