@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_data import WORK as CORPUS_WORK  # noqa: E402
 from bench.bench_data import build_corpus  # noqa: E402
 from bench.common import command_line, machine_line, write_section  # noqa: E402
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=100.0, help="corpus size in MB")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
+    CORPUS_WORK.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus("base", args.mb)
     prepared = WORK / "data"
     # prepare-data itself says "up to date" and does nothing when the same inputs were already prepared

@@ -97,6 +97,10 @@ def test_model_config_precedence(tmp_path, overrides, key):
 
 
 def test_size_keys_with_pretrained_and_null_unsets(tmp_path):
+    from transformers import GPT2Config
+
+    # a checkpoint directory's config.json (the config check reads its max_position_embeddings)
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as err:
         C.load(None, [f"model.pretrained={tmp_path}", "model.n_embd=64"])
     assert err.value.key == "model.n_embd"
