@@ -289,8 +289,8 @@ def main() -> None:
         f"{fetch_ratio:.4%} ({b}), {fetch_ratio_small:.4%} ({sm}) |",
         f"| RssAnon with a 10x larger corpus <= 1.02x | {'yes' if anon_ratio <= 1.02 else 'NO'} | "
         f"{anon_ratio:.4f}x ({token_ratio:.1f}x the tokens) |",
-        "| end to end: prepare-data bpe:8192, dense vs RigL 90% from a `model.config` Llama config | not run | "
-        "needs `model.config` (built in another branch); not measured here |",
+        "| end to end: prepare-data bpe:8192, dense vs RigL 90% from a `model.config` Llama config | see below | "
+        "its own section, `bench/bench_pretrain.py` |",
     ]
     write_section("70_data", "\n".join(md))
     print("\n".join(md))
