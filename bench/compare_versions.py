@@ -109,6 +109,7 @@ def main() -> None:
     if skipped_without_shakespeare("70_compare_versions", "Behaviour and step time against an earlier commit"):
         return
     before = checkout(args.before)
+    load_start = os.getloadavg()[0]
     rows, same_by_name, reused_any = [], {}, False
     by_name = {}  # name -> {side: losses of the first repeat}
     for name, overrides in RUNS:
@@ -147,7 +148,9 @@ def main() -> None:
         f"{args.steps} steps, explicit configs. Losses: `summary.json`'s final validation and training loss and "
         f"every step's training loss in `metrics.jsonl`, compared for equality; masks: "
         f"`final/sparsity_masks.safetensors`, `torch.equal`. Step time: median over {args.repeats} interleaved "
-        f"run pairs of each run's median step time.",
+        f"run pairs of each run's median step time; load average (1 min) {load_start:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (a shared machine: ratios within that load's noise are no speed "
+        f"claim).",
         "",
         "| run | val loss (after) | losses identical | masks identical | step ms before | step ms after | ratio |",
         "|---|---|---|---|---|---|---|",
