@@ -101,6 +101,16 @@ class ParamView(ABC):
         holds the loaded mask)."""
 
 
+def _copy_into(view: ParamView, master: torch.Tensor, states: dict) -> None:
+    """Checkpoint load for views whose ``master()`` and ``state()`` are writable views of DeepSpeed's tensors."""
+    view.master().copy_(master.to(view.master().dtype))
+    for key, value in states.items():
+        target = view.state(key)
+        if target is None:
+            raise KeyError(key)
+        target.copy_(value.to(target.dtype))
+
+
 class ReplicatedView(ParamView):
     """ZeRO stage 0: full tensors on every rank."""
 
@@ -150,12 +160,7 @@ class ReplicatedView(ParamView):
         return self.param.data.view(-1)
 
     def load(self, master, states):
-        self.master().copy_(master.to(self.master().dtype))
-        for key, value in states.items():
-            target = self.state(key)
-            if target is None:
-                raise KeyError(key)
-            target.copy_(value.to(target.dtype))
+        _copy_into(self, master, states)
 
 
 class FragmentView(ParamView):
@@ -232,12 +237,7 @@ class FragmentView(ParamView):
         return self.param.data.view(-1)
 
     def load(self, master, states):
-        self.master().copy_(master.to(self.master().dtype))
-        for key, value in states.items():
-            target = self.state(key)
-            if target is None:
-                raise KeyError(key)
-            target.copy_(value.to(target.dtype))
+        _copy_into(self, master, states)
 
 
 class Stage3View(ParamView):
