@@ -374,6 +374,15 @@ class PackedZeroState(Component, ABC):
             return None
         return self.parts[i].slice(self.grads[i], name)
 
+    def _with_dense_nonfinite(self, norm: torch.Tensor) -> torch.Tensor:
+        """``norm``, or +inf on every rank when some rank's dense-step gradient had an inf/NaN at a pruned position
+        (not in the packed gradients the norm was computed from; DeepSpeed's check sees every position)."""
+        if not self._dense_grad_step():
+            return norm
+        bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=norm.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.zo.dp_process_group)
+        return torch.full_like(norm, float("inf")) if bad.item() else norm
+
     def _packed_grads_fp32(self) -> list:
         out = []
         for i, part in enumerate(self.parts):
@@ -522,12 +531,7 @@ class CompactZeroState(PackedZeroState):
         # it the same active values in the same order (engine._install_masked_grad_norm), so both clip alike
         norm_groups = [zo.get_grad_norm_direct([part.slice(g, f.name) for f in part.fragments], params)
                        for part, g, params in zip(self.parts, grads, zo.params_in_partition)]
-        total = combine_grad_norm_groups(norm_groups)
-        if self._dense_grad_step():  # an inf/NaN at a pruned position is not in the packed gradients: all ranks
-            bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=total.device)  # learn of it
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=zo.dp_process_group)
-            if bad.item():
-                total = torch.full_like(total, float("inf"))
+        total = self._with_dense_nonfinite(combine_grad_norm_groups(norm_groups))
         # An inf/NaN anywhere in the (fp16: loss-scaled) gradients makes the norm non-finite on every rank, so all
         # ranks agree on the overflow, as with DeepSpeed's all-reduced overflow flag; DeepSpeed's condition (bf16
         # checks only with check_grad_overflow). The loss scaler is updated before unscaling, in DeepSpeed's order

@@ -240,12 +240,7 @@ class CompactZero3State(PackedZeroState):
         for i, part in enumerate(self.parts):  # DeepSpeed's norm, one piece per parameter (as averaged_gradients)
             pieces = [part.slice(grads[i], f.name) for f in part.fragments]
             norm_groups.append(zo.get_grad_norm_direct(pieces, zo.fp16_groups[i]))
-        scaled_norm = combine_grad_norm_groups(norm_groups)
-        if self._dense_grad_step():  # an inf/NaN at a pruned position is not in the packed gradients: all ranks
-            bad = torch.tensor([1.0 if self.dense_nonfinite else 0.0], device=scaled_norm.device)  # learn of it
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=zo.dp_process_group)
-            if bad.item():
-                scaled_norm = torch.full_like(scaled_norm, float("inf"))
+        scaled_norm = self._with_dense_nonfinite(combine_grad_norm_groups(norm_groups))
         if not bool(torch.isfinite(scaled_norm)):
             zo.overflow = True
         if zo._loss_scale_update_and_overflow_cleanup():
