@@ -51,6 +51,8 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None, dat
         "config": cfg.to_dict(),
         "data": data_state,  # the data position (WindowSampler.state_dict): a resume continues the same sequence
     }
+    if engine.compression is not None:  # the residuals below belong to this scope and node layout
+        trainer_state["compression_layout"] = engine.compression.layout_signature()
     extra = None
     if engine.compression is not None:  # this rank's error-feedback residuals (per-rank files)
         extra = {compression_file(D.rank()): (engine.compression.state_tensors(),
@@ -63,9 +65,10 @@ def compression_file(rank: int) -> str:
     return f"compression_rank_{rank:05d}.safetensors"
 
 
-def _restore_compression(engine, path: Path, saved_world: int) -> None:
+def _restore_compression(engine, path: Path, saved_world: int, saved_layout: str) -> None:
     """Residuals are per-rank sums of what that rank did not send: they cannot be resharded meaningfully. On the
-    same world size each rank reloads its own; otherwise (or when the checkpoint has none) they restart at 0."""
+    same world size, scope and node layout each rank reloads its own; otherwise (or when the checkpoint has none)
+    they restart at 0."""
     comp = engine.compression
     comp.masks_changed()  # the masks were just loaded: refresh the replicated copy the sender uses
     name = compression_file(D.rank())
@@ -74,6 +77,10 @@ def _restore_compression(engine, path: Path, saved_world: int) -> None:
     if saved_world != D.world_size() or int(has[0]) != D.world_size():
         log.warning("error-feedback residuals restart at 0: the checkpoint %s (written by %d ranks, resumed on %d)",
                     "has none" if int(has[0]) == 0 else "cannot be resharded", saved_world, D.world_size())
+        return
+    if saved_layout != comp.layout_signature():
+        log.warning("error-feedback residuals restart at 0: the checkpoint's were kept for compression scope %s, "
+                    "this run exchanges as %s", saved_layout, comp.layout_signature())
         return
     checkpoint.verify(path, [name])
     from safetensors.torch import load_file
@@ -105,6 +112,7 @@ def restore(engine, path: Path) -> int:
         scheduler.load_state_dict(state["lr_scheduler"])
     engine.load_training_state(state)
     if engine.compression is not None:
-        _restore_compression(engine, path, int(state["world_size"]))
+        # checkpoints from before the inter-node scope hold flat-scope residuals
+        _restore_compression(engine, path, int(state["world_size"]), state.get("compression_layout", "all"))
     optim_state.set_loss_scaler_state(engine, state.get("loss_scaler"))
     return int(state["step"])

@@ -333,6 +333,7 @@ class CompressionConfig:
     momentum_correction: bool = False  # Lin et al. 2018 (DGC): accumulate momentum locally, before selection
     warmup_steps: int = 0  # DGC warm-up: density ramps exponentially from 1 to `density` over these steps
     min_tensor_size: int = 0  # tensors with fewer elements are sent dense (0: every tensor is compressed)
+    scope: str = "all"  # all: one exchange over every rank | inter_node: dense within a node, compressed across
 
     def check(self, p: str) -> None:
         names = compression_names()
@@ -341,6 +342,8 @@ class CompressionConfig:
         _require(0.0 < self.density <= 1.0, f"{p}.density", f"must be in (0, 1], got {self.density!r}")
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         _require(self.min_tensor_size >= 0, f"{p}.min_tensor_size", "must be >= 0")
+        _require(self.scope in ("all", "inter_node"), f"{p}.scope",
+                 f"must be 'all' or 'inter_node', got {self.scope!r}")
         _require(not self.momentum_correction or self.error_feedback, f"{p}.momentum_correction",
                  "needs error_feedback: true (DGC corrects momentum on the accumulated, not-yet-sent velocity)")
 

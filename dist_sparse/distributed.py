@@ -73,6 +73,41 @@ def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_flat(tensors: list, group=None, bucket_elements: int = 1 << 24) -> int:
+    """Sum 1-D fp32 tensors across ``group`` in place, concatenated into buckets of at most ``bucket_elements``
+    (one collective per bucket instead of one per tensor). Returns the bytes handed to the collectives."""
+    if world_size(group) == 1 or not tensors:
+        return 0
+    handed, i = 0, 0
+    while i < len(tensors):
+        j, n = i, 0
+        while j < len(tensors) and (j == i or n + tensors[j].numel() <= bucket_elements):
+            n += tensors[j].numel()
+            j += 1
+        bucket = torch.cat([t.reshape(-1) for t in tensors[i:j]])
+        dist.all_reduce(bucket, op=dist.ReduceOp.SUM, group=group)
+        handed += bucket.numel() * bucket.element_size()
+        offset = 0
+        for t in tensors[i:j]:
+            t.copy_(bucket[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+        i = j
+    return handed
+
+
+def subgroup(members: list):
+    """The process group of this rank among ``members`` (a partition of all ranks into lists, the same on every
+    rank): every rank creates every group, in the same order, as torch.distributed requires."""
+    if not is_initialized():
+        return None
+    mine = None
+    for ranks in members:
+        g = dist.new_group(ranks=sorted(ranks))
+        if rank() in ranks:
+            mine = g
+    return mine
+
+
 def all_gather_equal(t: torch.Tensor, group=None) -> list:
     """All-gather tensors of identical shape; returns a list indexed by rank."""
     n = world_size(group)

@@ -153,6 +153,13 @@ def node_names(infos: list) -> list:
     return [i["host"] if len(nodes_of_host[i["host"]]) == 1 else f"{i['host']}#{i['node']}" for i in infos]
 
 
+def node_layout(group=None) -> list:
+    """Per rank, the name of its node (:func:`node_names`), from one all-gather (a collective). Gradient
+    compression's inter-node scope groups ranks by it, summary.json's ``ranks_per_node`` counts it."""
+    mine = {"host": host_name(), "node": node_index()}
+    return node_names(D.all_gather_object(mine, group))
+
+
 def ranks_per_node(infos: list) -> dict:
     out: dict = {}
     for name in node_names(infos):

@@ -4,6 +4,7 @@ from the engine's components. Every function here is a collective (all ranks cal
 import torch
 
 from dist_sparse import distributed as D
+from dist_sparse import preflight
 from dist_sparse.integration.ds_compression import dense_comm_bytes_per_step
 
 
@@ -14,14 +15,21 @@ def comm_summary(engine, steps: int) -> dict:
     if comp is None:
         params = [p for p in engine.module.parameters() if p.requires_grad]
         dense = float(dense_comm_bytes_per_step(engine.engine, params)) if D.world_size() > 1 else 0.0
-        return {"comm_bytes_per_step": dense, "dense_comm_bytes_per_step": dense, "compression": "none"}
+        # DeepSpeed's reduction is one collective over the world: between nodes as soon as there are two
+        crosses = len(set(preflight.node_layout())) > 1
+        return {"comm_bytes_per_step": dense, "dense_comm_bytes_per_step": dense,
+                "intra_node_comm_bytes_per_step": 0.0 if crosses else dense,
+                "inter_node_comm_bytes_per_step": dense if crosses else 0.0,
+                "dense_inter_node_comm_bytes_per_step": dense if crosses else 0.0, "compression": "none"}
     stats = comp.stats(steps)
-    totals = torch.tensor([stats["comm_bytes_per_step"], stats["mask_sync_bytes_per_step"]], dtype=torch.float64)
+    keys = ("comm_bytes_per_step", "intra_node_comm_bytes_per_step", "inter_node_comm_bytes_per_step",
+            "mask_sync_bytes_per_step")
+    totals = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
     D.all_reduce_sum(totals)  # mean over ranks (equal for top-k/random-k; threshold pads to the longest anyway)
-    return {"comm_bytes_per_step": float(totals[0]) / D.world_size(),
+    return {**{k: float(t) / D.world_size() for k, t in zip(keys, totals)},
             "dense_comm_bytes_per_step": stats["dense_comm_bytes_per_step"],
-            "mask_sync_bytes_per_step": float(totals[1]) / D.world_size(),
-            "compression": comp.compression.cfg.method}
+            "dense_inter_node_comm_bytes_per_step": stats["dense_inter_node_comm_bytes_per_step"],
+            "compression": comp.compression.cfg.method, "compression_scope": comp.scope}
 
 
 def state_bytes_summary(engine) -> dict:

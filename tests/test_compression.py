@@ -480,7 +480,7 @@ def test_compression_config_defaults_and_overrides():
     assert not C.load(None, []).compression.enabled
     assert set(C.CompressionConfig.__dataclass_fields__) == {"method", "density", "error_feedback",
                                                              "momentum_correction", "warmup_steps",
-                                                             "min_tensor_size"}
+                                                             "min_tensor_size", "scope"}
     # ZeRO-3 without compression stays fine
     assert C.load(None, ["deepspeed.zero_optimization.stage=3"]).zero_stage == 3
     assert math.isclose(C.load(None, ["compression.density=1"]).compression.density, 1.0)

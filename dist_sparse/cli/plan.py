@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from dist_sparse.compression.traffic import predict as predict_traffic
 from dist_sparse.errors import DistSparseError
 from dist_sparse.memory import plan as P
 
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="predict with sparsity.compact_state (default: the config's value)")
     p.add_argument("--device-memory-gib", type=float, default=None,
                    help="say whether the largest rank's training state fits in this many GiB")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes the ranks are spread over (evenly): gradient bytes per step are split into intra- and "
+                        "inter-node traffic (compression.scope: inter_node compresses only the latter)")
+    p.add_argument("--compression-density", type=float, default=None,
+                   help="without a config: predict top-k gradient compression at this density (error feedback on)")
+    p.add_argument("--compression-scope", choices=("all", "inter_node"), default="all",
+                   help="without a config: the compression scope (with --compression-density)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -84,11 +92,20 @@ def _from_config(args) -> tuple:
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                                                  zero.get("param_persistence_threshold", 100_000))))
+    # what the gradient traffic prediction needs: the compression block, the mask-update schedule, accumulation
+    from dist_sparse.methods import build_method
+    from dist_sparse.step import StepSchedule
+
+    method = build_method(cfg.sparsity, shapes, cfg.train.steps, cfg.train.seed) if names else None
+    opt = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
+    traffic = {"compression": cfg.compression, "steps": cfg.train.steps,
+                       "schedule": StepSchedule(method) if method is not None else None,
+                       "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw")}
     described = {"config": args.config, "model": cfg.model.source,
                  "parameters": sum(p.numel() for p in params.values()),
                  "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
                  "method": cfg.sparsity.method, "vocab_size": vocab}
-    return setting, described
+    return setting, described, traffic
 
 
 def _vocab_size(cfg) -> int:
@@ -105,9 +122,19 @@ def _from_params(args) -> tuple:
     setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
                                 zero_stage=stage, precision=args.precision or "fp32",
                                 compact_state=bool(args.compact_state))
+    compression = None
+    if args.compression_density is not None:
+        from dist_sparse.config import CompressionConfig
+
+        compression = CompressionConfig(method="topk", density=args.compression_density, scope=args.compression_scope)
+        try:
+            compression.check("--compression-density")
+        except Exception as exc:
+            raise P.PlanError("--compression-density", str(exc)) from None
+    traffic = {"compression": compression, "steps": 1, "schedule": None, "gas": 1, "adam": True}
     described = {"parameters": int(round(args.params)),
                  "sparsified_parameters": int(round(args.params * args.sparsified_fraction)), "sparsity": sparsity}
-    return setting, described
+    return setting, described, traffic
 
 
 def _fmt(n: float) -> str:
@@ -124,9 +151,12 @@ def main(argv=None) -> int:
             raise P.PlanError("plan", "give either a CONFIG or --params (not both)")
         if args.world_size < 1:
             raise P.PlanError("--world-size", f"must be >= 1, got {args.world_size}")
-        setting, described = _from_config(args) if args.config else _from_params(args)
+        setting, described, traffic_setting = _from_config(args) if args.config else _from_params(args)
+        if args.nodes < 1 or args.world_size % args.nodes:
+            raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
         per_rank = P.predict(setting)
         dense = P.predict(P.dense_baseline(setting))
+        traffic = predict_traffic(setting, args.nodes, **traffic_setting)
     except DistSparseError as exc:
         print(f"dist-sparse plan: error: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +164,8 @@ def main(argv=None) -> int:
     out = {**described, "world_size": setting.world_size, "zero_stage": setting.zero_stage,
            "precision": setting.precision, "compact_state": setting.compact_state,
            "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
-           "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None}
+           "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None,
+           "nodes": args.nodes, "comm_bytes_per_step": traffic}
     if args.device_memory_gib is not None:
         out["fits"] = mine["total"] <= args.device_memory_gib * 2**30
     if args.json:
@@ -147,6 +178,12 @@ def main(argv=None) -> int:
     for key in (*P.CATEGORIES, "total"):
         print(f"{key:<26}{_fmt(mine[key]):>14}{_fmt(base[key]):>18}")
     print(f"{'ratio to dense':<26}{out['ratio_to_dense']:>14.3f}")
+    t = traffic
+    scope = f", scope {t['compression_scope']}" if t["compression"] != "none" else ""
+    print(f"gradient bytes per step and rank over {args.nodes} node(s) (compression {t['compression']}{scope}): "
+          f"intra-node {_fmt(t['intra_node_comm_bytes_per_step'])}, inter-node "
+          f"{_fmt(t['inter_node_comm_bytes_per_step'])}; dense DeepSpeed {_fmt(t['dense_comm_bytes_per_step'])}, "
+          f"of it inter-node {_fmt(t['dense_inter_node_comm_bytes_per_step'])}")
     if "fits" in out:
         print(f"fits in {args.device_memory_gib:g} GiB: {'yes' if out['fits'] else 'no'} (training state only; "
               "activations, buckets and the framework come on top)")

@@ -51,6 +51,23 @@ def clip_local_(grads: dict, eligible: dict, max_norm: float, skip=()) -> float:
     return norm
 
 
+class _Restricted:
+    """The coordinates a rank may select from: the weight masks (``eligible``), within this exchange's slice
+    (``within``, None: everything). ``get`` returns None where both are unrestricted, as a mask dict does."""
+
+    def __init__(self, eligible, within):
+        self.eligible, self.within = eligible, within
+
+    def scope(self, name: str):
+        return None if self.within is None else self.within.get(name)
+
+    def get(self, name: str, default=None):
+        mask, scope = self.eligible.get(name), self.scope(name)
+        if mask is None or scope is None:
+            return mask if scope is None else scope
+        return mask & scope.to(mask.device)
+
+
 class GradientCompression:
     def __init__(self, cfg, seed: int = 0, group=None, momentum: float | None = None, ema: bool = False,
                  local_clip: float = 0.0, precondition_beta2: float | None = None, packed: bool = False):
@@ -68,18 +85,24 @@ class GradientCompression:
         self.exchanges = 0
         self.last_sent: dict = {}  # name -> sorted indices this rank sent in the last exchange (for inspection)
 
-    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None) -> dict:
+    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None,
+            within=None) -> dict:
         """Averaged gradients for every name in ``grads`` except ``skip`` (same names and order on every rank).
 
         ``grads``: name -> this rank's full local gradient; ``eligible``: name -> bool mask of kept coordinates
         (absent or None: all coordinates). ``owned`` (ZeRO stages 1/2): name -> every rank's ``(start, length)``
         range of that tensor in its partition. A rank needs the average only over its own range, and its own
         contribution there never crosses the wire, so it is added uncompressed and only the rest is selected
-        from (:meth:`ErrorFeedback.compress`); outside its own range the returned average is incomplete."""
+        from (:meth:`ErrorFeedback.compress`); outside its own range the returned average is incomplete.
+        ``within``: name -> bool mask of the coordinates this exchange covers (the same on every rank of the
+        group; None: all). The inter-node scope (:mod:`dist_sparse.compression.hierarchical`) gives each group its
+        slice of every tensor: nothing outside it is selected, sent or kept in a residual, and the result is 0
+        there. DGC's local clipping still measures the whole gradient (``eligible``)."""
         rank = D.rank(self.group)
         dense, skip = set(dense), set(skip)
         if self.local_clip > 0:
             clip_local_(grads, eligible, self.local_clip, skip)
+        eligible = _Restricted(eligible, within)
         energies = self._sketched_energies(grads, eligible, step, dense, skip)
         items = []
         rank_counts = None if owned is None else [[] for _ in range(D.world_size(self.group))]
@@ -88,19 +111,21 @@ class GradientCompression:
             if name in skip:
                 continue
             flat = g.reshape(-1)
-            mask = None if name in dense else eligible.get(name)
+            # a dense exchange covers every coordinate of the slice, pruned ones included
+            mask = eligible.scope(name) if name in dense else eligible.get(name)
             positions = None if mask is None else torch.nonzero(mask).reshape(-1)
             own, own_start = None, 0
             ranges = None if owned is None else owned[name]
             if name in dense:
-                idx = torch.arange(flat.numel(), device=flat.device)
-                values = flat.float().clone()
-                counts = [] if ranges is None else [flat.numel() - length for _, length in ranges]
+                keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device) if mask is None else mask.clone()
+                n_covered = int(keep.sum())
+                counts = [] if ranges is None else [n_covered - length for _, length in ranges]
                 if ranges is not None and ranges[rank][1]:  # the own range is added locally, not sent
                     own_start, length = ranges[rank]
-                    own = values[own_start: own_start + length].clone()
-                    keep = (idx < own_start) | (idx >= own_start + length)
-                    idx, values = idx[keep], values[keep]
+                    own = flat[own_start: own_start + length].float().clone()
+                    keep[own_start: own_start + length] = False
+                idx = torch.nonzero(keep).reshape(-1)
+                values = flat[idx].float()
             else:
                 d = 1.0 if flat.numel() < self.cfg.min_tensor_size else self.feedback.density(step)
                 local = None if ranges is None else ranges[rank]

@@ -26,7 +26,8 @@ import logging
 import torch
 
 from dist_sparse import distributed as D
-from dist_sparse.compression import GradientCompression
+from dist_sparse import preflight
+from dist_sparse.compression import hierarchical
 from dist_sparse.compression.adam import LocalMomentAdam, is_adam
 from dist_sparse.errors import ConfigError
 from dist_sparse.integration import patches
@@ -127,22 +128,29 @@ class CompressedReduction(Component):
             momentum, ema = self.adam.beta1, True
         elif cfg.momentum_correction:
             momentum = _optimizer_momentum(inner_optimizer)
+        # which node each rank runs on: the inter-node scope groups ranks by it; both scopes split their bytes
+        # into intra- and inter-node traffic by it (one all-gather at start)
+        self.layout = hierarchical.NodeLayout(tuple(preflight.node_layout()))
+        self.scope = cfg.scope
+        # the workers of the compressed exchange: every rank, or (inter-node scope) every node
+        workers = self.layout.nodes if cfg.scope == "inter_node" else D.world_size()
         local_clip = 0.0
         if cfg.momentum_correction and engine.gradient_clipping() > 0:
-            # DGC local clipping: the gradient is clipped on each rank before it enters the local momentum, and
+            # DGC local clipping: the gradient is clipped on each worker before it enters the local momentum, and
             # DeepSpeed's own clipping (which would clip the exchanged momentum) is switched off for this engine
-            local_clip = engine.gradient_clipping() * D.world_size() ** 0.5
+            local_clip = engine.gradient_clipping() * workers ** 0.5
             why = "compression momentum correction: clipping moves before the exchange (DGC local clipping)"
             patches.assign(engine._config, "gradient_clipping", 0.0, by=why)
             if hasattr(engine.optimizer, "clip_grad"):
                 patches.assign(engine.optimizer, "clip_grad", 0.0, by=why)
             log.info("compression.momentum_correction: gradient clipping moves before the exchange (DGC local "
-                     "clipping at %.4g = gradient_clipping x sqrt(world size))", local_clip)
+                     "clipping at %.4g = gradient_clipping x sqrt(%d workers))", local_clip, workers)
         beta2 = self.adam.beta2 if self.adam is not None else None
         # compact state: the residuals (and momentum-correction buffers) are kept packed by the masks, as the
         # rest of the state is (pruned coordinates are 0 in every one of them)
-        self.compression = GradientCompression(cfg, seed, momentum=momentum, ema=ema, local_clip=local_clip,
-                                               precondition_beta2=beta2, packed=store is not None)
+        self.compression = hierarchical.build(cfg, seed, self.layout, momentum=momentum, ema=ema,
+                                              local_clip=local_clip, precondition_beta2=beta2,
+                                              packed=store is not None)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
         self._full_masks = _PackedMasks({}, {})
@@ -338,9 +346,18 @@ class CompressedReduction(Component):
     def stats(self, steps: int) -> dict:
         """Per-rank means over ``steps`` optimizer steps (skipped steps move nothing)."""
         steps = max(1, steps)
+        intra, inter = hierarchical.split_bytes(self.compression, self.layout)
+        # DeepSpeed's dense reduction is one collective over the whole world: it crosses nodes when there are two
+        dense_inter = float(self.dense_bytes_per_step) if self.layout.nodes > 1 else 0.0
         return {"comm_bytes_per_step": self.compression.total_bytes / steps,
                 "dense_comm_bytes_per_step": float(self.dense_bytes_per_step),
+                "intra_node_comm_bytes_per_step": intra / steps, "inter_node_comm_bytes_per_step": inter / steps,
+                "dense_inter_node_comm_bytes_per_step": dense_inter,
                 "mask_sync_bytes_per_step": self.mask_sync_bytes / steps}
+
+    def layout_signature(self) -> str:
+        """What this rank's residuals belong to: the scope and, between nodes, the node layout."""
+        return "all" if self.scope == "all" else f"inter_node:{self.layout.signature()}"
 
     def bytes_held(self) -> dict:
         return {"masks": self.mask_bytes(), "compression_residuals": self.compression.feedback.buffers()}

@@ -15,6 +15,15 @@ def tiny_gpt2():
                                       bos_token_id=0, eos_token_id=0))
 
 
+def tiny_step(engine, g: torch.Generator) -> float:
+    """One training step of :func:`tiny_gpt2` on a random batch of 2 x 16 tokens drawn from ``g``; the loss."""
+    x = torch.randint(0, 48, (2, 16), generator=g)
+    loss = engine(input_ids=x, labels=x).loss
+    engine.backward(loss)
+    engine.step()
+    return float(loss)
+
+
 def allow_cpu_fp16() -> None:
     """Let DeepSpeed's CPU accelerator run fp16. It declines fp16 unless oneDNN reports fp16 hardware (CPUs with
     AVX512-FP16 / AMX-FP16; this machine has neither), although torch computes fp16 on any CPU, in software. The

@@ -1,0 +1,172 @@
+"""Inter-node gradient compression: 2 simulated nodes x 2 ranks (4 processes on this machine).
+
+Each run is two `dist-sparse train --nnodes 2 --node-rank R --nproc-per-node 2` invocations rendezvousing on
+127.0.0.1 (what a user runs with one command per node), the training benchmark's tinyshakespeare setting
+(bench_training.py's COMMON: char GPT-2 4 x 128, context 128, batch 8 per rank, AdamW lr 1e-3, betas 0.9/0.999,
+ZeRO-2), 1000 steps: uncompressed vs `compression.scope: all` vs `scope: inter_node` (top-k 1%, error feedback,
+momentum correction), dense and RigL 90%. The bytes are summary.json's: what a rank hands to collectives per
+optimizer step, split by whether the collective's group spans nodes; `dense_inter_node_comm_bytes_per_step` is
+DeepSpeed's dense reduction (one all-reduce over the world: every gradient element crosses). `plan --nodes`
+predicts the same keys from the config; the section compares them.
+
+    python bench/bench_internode.py [--steps 1000]
+
+Resumable: a run directory whose `bench_args.json` equals this run's arguments and that holds a summary.json is
+reused (the section says which).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_training import COMMON  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHAKESPEARE,
+    command_line,
+    machine_line,
+    skipped_without_shakespeare,
+    write_section,
+)
+from tests.distributed_utils import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work" / "internode"
+COMPRESS = ["compression.method=topk", "compression.density=0.01", "compression.error_feedback=true",
+            "compression.momentum_correction=true", "compression.min_tensor_size=0"]
+RUNS = [  # key, label, overrides
+    ("dense", "dense, uncompressed", ["sparsity.method=none"]),
+    ("dense_all", "dense, top-k 1%, scope all", ["sparsity.method=none", *COMPRESS, "compression.scope=all"]),
+    ("dense_inter", "dense, top-k 1%, scope inter_node",
+     ["sparsity.method=none", *COMPRESS, "compression.scope=inter_node"]),
+    ("rigl", "RigL 90%, uncompressed", ["sparsity.method=rigl"]),
+    ("rigl_all", "RigL 90%, top-k 1%, scope all", ["sparsity.method=rigl", *COMPRESS, "compression.scope=all"]),
+    ("rigl_inter", "RigL 90%, top-k 1%, scope inter_node",
+     ["sparsity.method=rigl", *COMPRESS, "compression.scope=inter_node"]),
+]
+NODES, PER_NODE = 2, 2
+
+
+def overrides(extra: list, steps: int, out: Path) -> list:
+    return [*COMMON, "model.n_embd=128", *extra, f"train.steps={steps}", f"train.eval_interval={steps}",
+            f"train.log_interval={max(1, steps // 20)}", f"data.path={SHAKESPEARE}", f"train.output_dir={out}"]
+
+
+def run(key: str, extra: list, steps: int) -> tuple:
+    """(summary, reused) of one two-node run."""
+    out = WORK / key
+    args = overrides(extra, steps, out)
+    marker = out / "bench_args.json"
+    same = [a for a in args if not a.startswith("train.output_dir=")]  # the run, wherever its folder lies
+    if (out / "summary.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == same:
+        print(f"{key}: reused {out}", flush=True)
+        return json.loads((out / "summary.json").read_text()), True
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    procs, t0 = [], time.time()
+    for r in range(NODES):
+        cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(ROOT / "configs" / "demo.yaml"),
+               "--nnodes", str(NODES), "--node-rank", str(r), "--nproc-per-node", str(PER_NODE),
+               "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        for o in args:
+            cmd += ["--set", o]
+        log = open(out / f"node{r}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
+    codes = [p.wait() for p, _ in procs]
+    for _, log in procs:
+        log.close()
+    if any(codes):
+        raise SystemExit(f"{key} failed ({codes}); see {out}/node*.log")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall_seconds"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    marker.write_text(json.dumps(same))
+    print(f"{key}: val {summary['final_val_loss']:.4f} inter-node {summary['inter_node_comm_bytes_per_step']:.0f} "
+          f"B/step ({summary['wall_seconds']:.0f} s)", flush=True)
+    return summary, False
+
+
+def predicted(extra: list, steps: int) -> dict:
+    """`dist-sparse plan CONFIG --nodes 2 --world-size 4 --json` for the run's config."""
+    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "plan", str(ROOT / "configs" / "demo.yaml"),
+           "--world-size", str(NODES * PER_NODE), "--nodes", str(NODES), "--json"]
+    for o in overrides(extra, steps, WORK / "plan"):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    if proc.returncode != 0:
+        raise SystemExit(f"plan failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)["comm_bytes_per_step"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=1000)
+    args = parser.parse_args()
+    title = "Inter-node gradient compression (2 nodes x 2 ranks)"
+    if skipped_without_shakespeare("80_internode", title):
+        return
+    results, reused = {}, []
+    for key, _, extra in RUNS:
+        results[key], was_reused = run(key, extra, args.steps)
+        if was_reused:
+            reused.append(key)
+    rows, checks = [], []
+    for key, label, extra in RUNS:
+        s = results[key]
+        base = results["rigl" if key.startswith("rigl") else "dense"]
+        dense_inter = s["dense_inter_node_comm_bytes_per_step"]
+        ratio = s["inter_node_comm_bytes_per_step"] / dense_inter if dense_inter else float("nan")
+        pred = predicted(extra, args.steps)
+        kb = {k: s.get(k, 0.0) / 1e3 for k in ("intra_node_comm_bytes_per_step", "inter_node_comm_bytes_per_step",
+                                                 "mask_sync_bytes_per_step")}
+        rows.append(f"| {label} | {s['final_val_loss']:.4f} | {s['final_val_loss'] / base['final_val_loss']:.4f} | "
+                    f"{kb['intra_node_comm_bytes_per_step']:.1f} | {kb['inter_node_comm_bytes_per_step']:.2f} | "
+                    f"{pred['inter_node_comm_bytes_per_step'] / 1e3:.2f} | {kb['mask_sync_bytes_per_step']:.2f} | "
+                    f"{dense_inter / 1e3:.1f} | 1/{1 / ratio:.0f} | {s['median_step_seconds'] * 1e3:.0f} |")
+        if key.endswith("_inter"):
+            limit = 50 if key.startswith("dense") else 100
+            checks.append((f"{label}: inter-node bytes <= 1/{limit} of dense DeepSpeed's", ratio <= 1 / limit,
+                           f"1/{1 / ratio:.0f}"))
+            gap = s["final_val_loss"] / base["final_val_loss"]
+            checks.append((f"{label}: validation loss within 2% of uncompressed", gap <= 1.02,
+                           f"{gap:.4f}x ({s['final_val_loss']:.4f} vs {base['final_val_loss']:.4f})"))
+    lines = [
+        f"## {title}",
+        "",
+        f"Command: `{command_line()}`",
+        machine_line(),
+        "",
+        f"Setting: `tinyshakespeare.txt`, char GPT-2 (4 layers, width 128, context 128), batch 8 per rank, AdamW lr "
+        f"1e-3 (betas 0.9/0.999, weight decay 0.01), ZeRO-2, {args.steps} steps, 2 nodes x 2 ranks simulated on this "
+        "machine (two `dist-sparse train --nnodes 2 --node-rank R --nproc-per-node 2` on 127.0.0.1). Compression: "
+        "top-k 1%, error feedback, Adam momentum correction. RigL: 90% ERK, update every 100 steps (the update steps "
+        "exchange the sparsified tensors' gradient dense, as growth needs it). Bytes per optimizer step and rank, "
+        "as summary.json reports them (kB = 1000 B); `inter-node (plan)` is `dist-sparse plan --nodes 2` for the "
+        "same config.",
+        "",
+        "| run | final val loss | x uncompressed | intra-node kB/step | inter-node kB/step | inter-node (plan) | "
+        "mask sync kB/step | dense DeepSpeed inter-node kB/step | inter / dense | median step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "| target | reached | measured |",
+        "|---|---|---|",
+        *[f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in checks],
+        "",
+        "Reused finished runs: " + (", ".join(reused) if reused else "none") + f" (from `{WORK.relative_to(ROOT)}`).",
+        "",
+        "Intra-node bytes are the dense fp32 all-reduce inside each node (the whole gradient, every step) plus, for "
+        "the flat scope on one node, nothing: with `scope: all` every collective spans both nodes. Step times come "
+        "from 4 processes sharing 2 cores and are not a network measurement (loopback only).",
+    ]
+    write_section("80_internode", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
