@@ -21,7 +21,7 @@ TOPK = ["compression.method=topk", "compression.density=0.01", "compression.erro
 RUNS = {  # name -> (kind in bench_memory.KINDS, extra overrides)
     "dense DeepSpeed": ("dense", []),
     "compact": ("compact", []),
-    "compact + top-k 1% + EF": ("compact", TOPK),
+    "compact + top-k 1% + EF": ("compact", TOPK + ["compression.momentum_correction=false"]),
     "compact + top-k 1% + EF + momentum correction": ("compact", TOPK + ["compression.momentum_correction=true"]),
 }
 

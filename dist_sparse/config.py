@@ -330,7 +330,9 @@ class CompressionConfig:
     method: str = "none"  # none | topk | randomk | threshold
     density: float = 0.01  # fraction of the (unpruned) coordinates each rank sends per tensor
     error_feedback: bool = True  # Stich et al. 2018: what was not sent is added to the next step's gradient
-    momentum_correction: bool = False  # Lin et al. 2018 (DGC): accumulate momentum locally, before selection
+    # Lin et al. 2018 (DGC): accumulate momentum locally, before selection. None (the default) follows the optimizer
+    # (resolved_for): on for Adam/AdamW with error feedback, the best measured recipe (docs/compression.md), off else
+    momentum_correction: bool | None = None
     warmup_steps: int = 0  # DGC warm-up: density ramps exponentially from 1 to `density` over these steps
     min_tensor_size: int = 0  # tensors with fewer elements are sent dense (0: every tensor is compressed)
     scope: str = "all"  # all: one exchange over every rank | inter_node: dense within a node, compressed across
@@ -350,6 +352,16 @@ class CompressionConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    def resolved_for(self, optimizer_type: str) -> "CompressionConfig":
+        """This config with ``momentum_correction`` decided when it was left unset: on for Adam/AdamW with
+        error feedback (top-k 1% + error feedback with AdamW reaches 0.999x the uncompressed loss with it, 1.04x
+        without: docs/compression.md); off for SGD (DGC's SGD momentum correction needs a loop that checkpoints
+        SGD, which dist-sparse train does not) and whenever error feedback is off. An explicit value is kept."""
+        if self.momentum_correction is not None:
+            return self
+        adam = str(optimizer_type).lower() in ("adam", "adamw")
+        return dataclasses.replace(self, momentum_correction=bool(self.enabled and self.error_feedback and adam))
 
 
 def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "compression") -> None:
@@ -476,13 +488,13 @@ def from_dict(raw: dict) -> Config:
     load_plugins(raw.get("plugins"))  # before validation: plugins register names the sections may use
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
-    compression = _build(CompressionConfig, raw.get("compression"), "compression")
+    opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
+    compression = _build(CompressionConfig, raw.get("compression"), "compression").resolved_for(opt_type)
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
     check_compression_with_compact_state(compression, sparsity, ds)  # its ZeRO-3 message before the general one
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
     # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
-    opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
     _require(not (compression.momentum_correction and opt_type == "sgd"), "compression.momentum_correction",
              "with SGD needs a loop that checkpoints SGD, which dist-sparse train does not (Adam-family optimizers "
              "only); use it through dist_sparse.initialize in your own training loop, or use Adam/AdamW")
@@ -598,6 +610,9 @@ def split_deepspeed_json(config) -> tuple:
     load_plugins(raw.pop("plugins", None))
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
     compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
+    # the optimizer DeepSpeed will build from this config; one passed to initialize() in code is checked at attach
+    if (raw.get("optimizer") or {}).get("type") is not None:
+        compression = compression.resolved_for(raw["optimizer"]["type"])
     _check_deepspeed(raw, "<deepspeed>")
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)

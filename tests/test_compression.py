@@ -461,8 +461,9 @@ def test_bad_compression_config_names_its_key(overrides, key):
 def test_compression_config_defaults_and_overrides():
     cfg = C.load(None, ["compression.method=randomk", "compression.density=0.02", "compression.warmup_steps=10"])
     c = cfg.compression
+    # momentum correction follows the optimizer: the CLI's default optimizer is AdamW, so it is on
     assert (c.method, c.density, c.error_feedback, c.momentum_correction, c.warmup_steps, c.min_tensor_size) == (
-        "randomk", 0.02, True, False, 10, 0)
+        "randomk", 0.02, True, True, 10, 0)
     assert cfg.to_dict()["compression"]["density"] == 0.02
     # momentum correction: SGD only; through dist_sparse.initialize (the CLI checkpoints Adam only, refused there)
     sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}
@@ -555,3 +556,25 @@ def test_packed_buffers_equal_dense_buffers_bit_for_bit(momentum):
     sd, sp = dense.state_tensors(), packed.state_tensors()
     assert set(sd) == set(sp) and all(torch.equal(sd[k], sp[k]) for k in sd)
     assert "w::layout" in packed.buffers() and "w::layout" not in dense.buffers()
+
+
+def test_momentum_correction_default_follows_the_optimizer():
+    """Unset, momentum correction is on for Adam/AdamW with error feedback (the best measured recipe), off for SGD
+    and without error feedback; an explicit value is kept; an optimizer built in code decides at attach."""
+    def mc(*over, ds=None):
+        return C.load(None, list(over)).compression.momentum_correction if ds is None else \
+            C.split_deepspeed_json({**ds, "compression": dict(o.split("=") for o in over)})[2].momentum_correction
+
+    assert mc("compression.method=topk") is True
+    assert mc("compression.method=topk", "deepspeed.optimizer={type: Adam, params: {lr: 0.001}}") is True
+    assert mc("compression.method=topk", "compression.error_feedback=false") is False
+    assert mc("compression.method=topk", "compression.momentum_correction=false") is False
+    assert mc("compression.method=topk", "deepspeed.optimizer={type: SGD, params: {lr: 0.1, momentum: 0.9}}") is False
+    assert mc() is False  # no compression: nothing to correct
+    assert mc("method=topk", ds={"optimizer": {"type": "AdamW"}}) is True
+    assert mc("method=topk", ds={"optimizer": {"type": "SGD"}}) is False
+    assert mc("method=topk", ds={}) is None  # the optimizer comes from code: resolved_for() at attach
+    c = C.CompressionConfig(method="topk")
+    assert c.resolved_for("adamw").momentum_correction and not c.resolved_for("SGD").momentum_correction
+    assert C.CompressionConfig(method="topk", momentum_correction=False).resolved_for("adamw").momentum_correction \
+        is False

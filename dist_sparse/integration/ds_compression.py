@@ -121,6 +121,8 @@ class CompressedReduction(Component):
         self._name_of = {id(p): n for n, p in self.params.items()}
         # momentum correction: SGD (DGC) moves the optimizer's momentum into the exchange; Adam/AdamW also keeps
         # its second moment on the local gradient (dist_sparse.compression.adam)
+        # an unset momentum_correction follows the optimizer actually built (the config may not name one)
+        cfg = cfg.resolved_for("adamw" if is_adam(inner_optimizer) else type(inner_optimizer).__name__)
         self.adam = None
         momentum, ema = None, False
         if cfg.momentum_correction and is_adam(inner_optimizer):
