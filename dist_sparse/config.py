@@ -376,10 +376,12 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
     _require(not zero.get("offload_optimizer"), f"{p}.method",
              "gradient compression does not support deepspeed.zero_optimization.offload_optimizer (the offloaded "
              "gradient path bypasses the partition gradients the compressed exchange writes)")
-    _require(not (ds.get("fp16") or {}).get("enabled", False), f"{p}.method",
-             "gradient compression does not support fp16 (deepspeed.fp16): the local gradients are loss-scaled, so "
-             "error-feedback residuals would carry a stale scale whenever the loss scaler changes it, and an "
-             "overflow would enter the exchange; use bf16 or fp32")
+    # fp16: residuals and momentum buffers are kept unscaled (ds_compression.py, docs/compression.md); at ZeRO-0
+    # DeepSpeed 0.19.8 hands the loss to backward unscaled (only ZeRO optimizers scale it), so the exchange could not
+    # know which scale the gradients carry
+    _require(not ((ds.get("fp16") or {}).get("enabled", False) and int(zero.get("stage", 0)) == 0), f"{p}.method",
+             "gradient compression with fp16 needs ZeRO stage 1 or 2 (at stage 0 DeepSpeed's fp16 optimizer does "
+             "not scale the loss the way the exchange unscales it); use stage 1/2, or bf16")
     if c.momentum_correction:
         opt = (ds.get("optimizer") or {}).get("type", "AdamW")
         _require(str(opt).lower() in ("sgd", "adam", "adamw"), f"{p}.momentum_correction",
@@ -421,6 +423,9 @@ def check_compression_with_compact_state(c: CompressionConfig, sparsity: Sparsit
              f"gradient compression with sparsity.compact_state needs ZeRO stage 1 or 2, not {stage} (compression "
              "needs the full local gradient, which ZeRO-3 never holds); use stage 2, or set "
              "compression.method: none for compact state at ZeRO-3")
+    _require(not (ds.get("fp16") or {}).get("enabled", False), "compression.method",
+             "gradient compression with sparsity.compact_state does not support fp16 (the packed gradient store "
+             "keeps loss-scaled values the exchange does not write); use bf16, or compression without compact state")
 
 
 def _check_deepspeed(ds: dict, p: str = "deepspeed") -> None:

@@ -41,6 +41,7 @@ class StepPlan:
     replaces_optimizer_step: bool = False
     skip_optimizer_step: bool = False
     skipped: bool = False  # skipped on every rank (non-finite, fp16 overflow): nothing changes
+    overflow: bool = False  # skipped for an fp16 overflow: DeepSpeed's loss scaler must see it (and lower the scale)
     notes: dict = field(default_factory=dict)
 
 

@@ -450,7 +450,11 @@ def test_adam_momentum_correction_refuses_what_it_does_not_cover():
     (["compression.method=topk", "deepspeed.zero_optimization.stage=3"], "compression.method"),
     (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
      "compression.method"),
-    (["compression.method=topk", "deepspeed.fp16={enabled: true}"], "compression.method"),  # loss-scaled residuals
+    # fp16: at ZeRO-0 DeepSpeed does not scale the loss as the exchange unscales it; compact state's packed store
+    (["compression.method=topk", "deepspeed.fp16={enabled: true}", "deepspeed.zero_optimization.stage=0"],
+     "compression.method"),
+    (["compression.method=topk", "deepspeed.fp16={enabled: true}", "deepspeed.zero_optimization.stage=2",
+      "sparsity.method=rigl", "sparsity.compact_state=true"], "compression.method"),
 ])
 def test_bad_compression_config_names_its_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -169,3 +169,41 @@ def test_adam_momentum_correction_matches_its_reference_when_local_equals_averag
         assert sparse["dgc"]["local_clip"] == pytest.approx(2 ** 0.5) and sparse["dgc"]["ds_clipping"] == 0, where
         assert all(loss == loss and abs(loss) < 100 for loss in sparse["losses"]), where
         assert sparse["stats"]["comm_bytes_per_step"] < sparse["stats"]["dense_comm_bytes_per_step"], where
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def fp16_report(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"fp16_zero{request.param}") / "report.json"
+    run_torchrun("fp16_compression_worker.py", 2, request.param, out)
+    return request.param, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_fp16_compression_keeps_residuals_unscaled_and_overflows_cleanly(fp16_report):
+    """fp16 with top-k + error feedback (+ Adam momentum correction, the default): an overflow (local, or of the
+    exchanged average) leaves the residuals untouched, skips the step on every rank, is seen by DeepSpeed's loss
+    scaler and, with dynamic scaling, halves the scale; residuals are unscaled (two static scales agree)."""
+    stage, ranks = fp16_report
+    for rank, runs in enumerate(ranks):
+        where = f"ZeRO-{stage} rank {rank}"
+        dyn = runs["dynamic"]
+        assert dyn["mc"], where  # momentum correction is on by default with AdamW
+        assert dyn["overflow"][0] and not all(dyn["overflow"]), where  # 2^20 overflows at first, then trains
+        for step, over in enumerate(dyn["overflow"][:-1]):
+            if over:  # untouched residuals, DeepSpeed saw it, and the scale halved (hysteresis 1)
+                assert dyn["residual_unchanged"][step] and dyn["ds_overflow"][step], (where, step)
+                assert dyn["scale"][step + 1] * 2 == dyn["scale"][step], (where, step, dyn["scale"])
+        assert not all(dyn["residual_unchanged"]), where  # the steps that did not overflow compressed
+        inj = runs["inject"]
+        assert inj["overflow"] == [s == 3 for s in range(len(inj["overflow"]))], (where, inj["overflow"])
+        assert inj["residual_unchanged"][3] and inj["ds_overflow"][3], where
+        assert inj["scale"] == [256.0] * len(inj["scale"]), where  # static: the scale stays
+        # residuals are unscaled: 16x apart in the loss scale, the same up to fp16 rounding of the gradients
+        a, b = runs["static256"], runs["static4096"]
+        assert not any(a["overflow"]) and not any(b["overflow"]), where
+        # (the first two steps: later, Adam's normalised steps let the two rounding paths drift apart)
+        for step, (ra, rb) in enumerate(zip(a["residuals"][:2], b["residuals"][:2])):
+            ta = torch.cat([torch.tensor(ra[k]) for k in sorted(ra)])
+            tb = torch.cat([torch.tensor(rb[k]) for k in sorted(ra)])
+            assert float(ta.norm()) > 0, (where, step)  # (a rank's own range leaves no residual: some are 0)
+            assert float((ta - tb).norm()) <= 0.05 * float(ta.norm()), (where, step, float((ta - tb).norm()))

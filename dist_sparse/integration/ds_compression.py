@@ -19,6 +19,16 @@ How DeepSpeed's own reduction is replaced (``docs/compression.md``):
 
 The sender must know which coordinates of its *full* local gradient are pruned, while masks are stored sharded:
 a replicated copy of the full masks is gathered (bit-packed, 1 bit per weight) whenever the masks change.
+
+fp16 (DeepSpeed's loss scaler): the local gradients are loss-scaled, and the scale changes during training. The
+exchange divides them by the current scale before they enter a residual or momentum buffer (so those buffers hold
+unscaled values and a scale change cannot corrupt them) and writes ``average x scale`` back, which DeepSpeed's step
+unscales as usual. Two ways a step overflows: a rank's local gradient is not finite (the engine's agreement sees it
+before the exchange; the residuals are untouched) or the average would not fit fp16 at the current scale (error
+feedback can release larger values than one step's gradient). For the latter every rank agrees after the exchange,
+restores its buffers from the copy taken before it (a transient of the buffers' size, fp16 runs only) and the
+step is skipped. Either way the partition gradients get an inf, so DeepSpeed's loss scaler sees the overflow,
+skips and lowers the scale.
 """
 
 import logging
@@ -113,6 +123,11 @@ class CompressedReduction(Component):
                                                     f"parallel size {dp} != world size {D.world_size()})")
         self.engine = engine
         self.stage = stage
+        self.fp16 = bool(engine.fp16_enabled())
+        if self.fp16 and store is not None:
+            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state does not "
+                                                    "support fp16; use bf16, or compression without compact state")
+        self.exchange_overflowed = False  # fp16: the last exchange's average did not fit the loss scale
         self.sparsifier = sparsifier
         self.views = {v.name: v for v in param_views}
         self.names = sorted(self.views)
@@ -156,6 +171,7 @@ class CompressedReduction(Component):
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         self.mask_sync_bytes = 0
         self._full_masks = _PackedMasks({}, {})
+        self._scale = 1.0  # the loss scale the last written averages carry (fp16)
         self._mask_token = None
         self._mask_epoch = 0
         # the local gradient of the accumulation window (stages 1/2): full fp32 tensors, from the first backward
@@ -238,8 +254,21 @@ class CompressedReduction(Component):
         return all(bool(torch.isfinite(g).all()) for g in self.local_grads().values())
 
     def skipped_step(self, plan) -> None:
-        """A skipped step: forget the local gradients (the residuals stay untouched)."""
+        """A skipped step: forget the local gradients (the residuals stay untouched). An fp16 overflow is shown to
+        DeepSpeed's loss scaler: the gradients it reads were never filled from the local ones."""
         self._release_stash()
+        if plan.overflow:
+            self._show_overflow()
+
+    def _show_overflow(self) -> None:
+        for v in self.views.values():  # one inf per rank: DeepSpeed reduces its overflow flag over the ranks
+            g = v.grad()
+            if g is not None and g.numel():
+                g.view(-1)[0] = float("inf")
+                return
+
+    def _loss_scale(self) -> float:
+        return float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0
 
     def _release_stash(self) -> None:
         self.max_stash_bytes = max(self.max_stash_bytes, sum(t.numel() * t.element_size()
@@ -282,7 +311,19 @@ class CompressedReduction(Component):
         if plan.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
             skip = [n for n in self.names if n not in dense]
         local = self.local_grads()
+        self.exchange_overflowed = False
+        scale = self._loss_scale()
+        if scale != 1.0:  # fp16: residuals and momenta see unscaled values (the module docstring)
+            local = {n: (g.div_(scale) if g.dtype == torch.float32 and self.stage else g.float().div_(scale))
+                     for n, g in local.items()}
+            saved = {k: t.clone() for k, t in self.compression.feedback.state_tensors().items()}
         averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned)
+        if scale != 1.0 and self._overflows(averaged, scale):
+            self.compression.feedback.load_state_tensors(saved, self._device())
+            self.exchange_overflowed = True
+            self._release_stash()
+            return
+        self._scale = scale
         write = self._write_partition if self.store is None else self._write_compact
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
         for n in self.names:
@@ -305,16 +346,31 @@ class CompressedReduction(Component):
         if g is None or g.numel() == 0:
             return None
         if average is not None:
-            g.copy_(average[v.mask_start: v.mask_start + g.numel()].to(g.dtype))
+            mine = average[v.mask_start: v.mask_start + g.numel()]
+            g.copy_((mine * self._scale if self._scale != 1.0 else mine).to(g.dtype))
         else:
             g.zero_()
         if self.adam is None:
             return None
-        written = g
+        written = g if self._scale == 1.0 else g.float() / self._scale  # as the optimizer will see it, unscaled
         if dense_exchange and v.name in self._full_masks:
             keep = self._full_masks.get(v.name).narrow(0, v.mask_start, g.numel())
             written = g.masked_fill(~keep.to(g.device), 0)
         return v.master(), self._second_moment(v.name, local, v.mask_start, g.numel()), written
+
+    def _overflows(self, averaged: dict, scale: float) -> bool:
+        """fp16: whether, on any rank, the average over its own range times the loss scale leaves fp16's range
+        (one all-reduce: all ranks then skip together)."""
+        limit = torch.finfo(torch.float16).max / scale
+        bad = 0
+        for n, avg in averaged.items():
+            v = self.views[n]
+            mine = avg if self.stage == 0 else avg[v.mask_start: v.mask_start + v.mask_len]
+            if mine.numel() and not bool((mine.abs() <= limit).all()):  # NaN fails the comparison too
+                bad = 1
+                break
+        flag = torch.tensor([bad], dtype=torch.int64, device=self._device())
+        return bool(D.all_reduce_max(flag)[0])
 
     def _write_compact(self, v, average, local, dense_exchange: bool):
         """Compact state: hand this rank's range of ``average`` to the store (packed by the mask, or dense on a

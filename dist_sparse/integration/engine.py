@@ -170,8 +170,12 @@ class SparseEngine:
                     g.zero_()
             self._skip(plan)
             return self.engine.step(*args, **kwargs)
-        self.__dict__["consecutive_skips"] = 0
         self._run("reduce_gradients", plan)
+        if any(getattr(c, "exchange_overflowed", False) for c in self.components):
+            # fp16: the exchanged gradient does not fit the loss scale on some rank (compression agreed on it)
+            self.__dict__["last_step_skipped"] = self.__dict__["last_step_overflow"] = True
+            return self._overflow_step(plan, *args, **kwargs)
+        self.__dict__["consecutive_skips"] = 0
         self._run("before_step", plan)
         return self.engine.step(*args, **kwargs)
 
@@ -199,6 +203,7 @@ class SparseEngine:
         if not self._dynamic_loss_scale():
             self._count_failed_step("overflowed with a static fp16 loss scale",
                                     "lower fp16.loss_scale or use dynamic scaling (fp16.loss_scale: 0)")
+        plan.overflow = True  # a component holding the gradients (compression) shows it to DeepSpeed
         self._skip(plan)
         out = self.engine.step(*args, **kwargs)
         if not getattr(self.engine.optimizer, "overflow", True):  # DeepSpeed must have seen what every rank saw

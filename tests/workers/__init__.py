@@ -15,6 +15,16 @@ def tiny_gpt2():
                                       bos_token_id=0, eos_token_id=0))
 
 
+def tiny_rigl_config(stage: int, **extra) -> dict:
+    """The workers' ``dist_sparse.initialize`` config: micro-batch 2, AdamW, RigL 80% updating every 2 steps until
+    step 5, ZeRO ``stage``; ``extra`` adds or replaces top-level blocks (fp16, compression, ...)."""
+    return {"train_micro_batch_size_per_gpu": 2,
+            "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
+            "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
+            "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
+                         "start_step": 0, "end_step": 5, "drop_fraction": 0.5}, **extra}
+
+
 def tiny_step(engine, g: torch.Generator) -> float:
     """One training step of :func:`tiny_gpt2` on a random batch of 2 x 16 tokens drawn from ``g``; the loss."""
     x = torch.randint(0, 48, (2, 16), generator=g)

@@ -16,21 +16,14 @@ import dist_sparse  # noqa: E402
 from dist_sparse.compression import traffic  # noqa: E402
 from dist_sparse.memory import plan as P  # noqa: E402
 from dist_sparse.step import StepSchedule  # noqa: E402
-from tests.workers import finish, tiny_gpt2, tiny_step  # noqa: E402
+from tests.workers import finish, tiny_gpt2, tiny_rigl_config, tiny_step  # noqa: E402
 
 STEPS = 6
 
 
 def run(stage: int, compression: dict | None) -> dict:
     model = tiny_gpt2()
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage},
-        "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
-                     "start_step": 0, "end_step": 5, "drop_fraction": 0.5},
-    }
+    config = tiny_rigl_config(stage)
     if compression is not None:
         config["compression"] = compression
     engine, _, _, _ = dist_sparse.initialize(model=model, config=config, total_steps=STEPS, seed=3)
