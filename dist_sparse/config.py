@@ -369,10 +369,6 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
     if not c.enabled:
         return
     zero = ds.get("zero_optimization", {}) or {}
-    _require(int(zero.get("stage", 0)) < 3, f"{p}.method",
-             "gradient compression supports ZeRO stages 0, 1 and 2, not 3: stage 3 reduce-scatters each gradient "
-             "during backward and frees it, so the full local gradient that error feedback accumulates never "
-             "exists at the step boundary")
     _require(not zero.get("offload_optimizer"), f"{p}.method",
              "gradient compression does not support deepspeed.zero_optimization.offload_optimizer (the offloaded "
              "gradient path bypasses the partition gradients the compressed exchange writes)")
@@ -413,16 +409,16 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
 
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
     """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
-    reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused with
-    its own message here (compression's general ZeRO-3 refusal, :func:`check_compression_with_deepspeed`, names
-    only compression), before any process group starts."""
+    reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused here,
+    before any process group starts: compact ZeRO-3 owns the reduction hooks compression would take (compression
+    alone works at ZeRO-3)."""
     if not (c.enabled and sparsity.compact_state):
         return
     stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
     _require(stage in (1, 2), "compression.method",
-             f"gradient compression with sparsity.compact_state needs ZeRO stage 1 or 2, not {stage} (compression "
-             "needs the full local gradient, which ZeRO-3 never holds); use stage 2, or set "
-             "compression.method: none for compact state at ZeRO-3")
+             f"gradient compression with sparsity.compact_state needs ZeRO stage 1 or 2, not {stage} (at ZeRO-3 "
+             "compact state's packed reduction and the compressed exchange would both own DeepSpeed's gradient "
+             "hooks); use stage 2, compression without compact state at ZeRO-3, or compression.method: none")
     _require(not (ds.get("fp16") or {}).get("enabled", False), "compression.method",
              "gradient compression with sparsity.compact_state does not support fp16 (the packed gradient store "
              "keeps loss-scaled values the exchange does not write); use bf16, or compression without compact state")
@@ -496,7 +492,7 @@ def from_dict(raw: dict) -> Config:
     opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
     compression = _build(CompressionConfig, raw.get("compression"), "compression").resolved_for(opt_type)
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
-    check_compression_with_compact_state(compression, sparsity, ds)  # its ZeRO-3 message before the general one
+    check_compression_with_compact_state(compression, sparsity, ds)
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
     # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it

@@ -447,7 +447,8 @@ def test_adam_momentum_correction_refuses_what_it_does_not_cover():
      "compression.momentum_correction"),
     (["compression.method=topk", "compression.momentum_correction=true",
       "deepspeed.optimizer={type: Lamb, params: {lr: 0.1}}"], "compression.momentum_correction"),
-    (["compression.method=topk", "deepspeed.zero_optimization.stage=3"], "compression.method"),
+    (["compression.method=topk", "deepspeed.zero_optimization.stage=3", "sparsity.method=rigl",
+      "sparsity.compact_state=true"], "compression.method"),  # compact ZeRO-3 owns the reduction hooks
     (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
      "compression.method"),
     # fp16: at ZeRO-0 DeepSpeed does not scale the loss as the exchange unscales it; compact state's packed store
@@ -488,6 +489,8 @@ def test_compression_config_defaults_and_overrides():
                                                              "min_tensor_size", "scope"}
     # ZeRO-3 without compression stays fine
     assert C.load(None, ["deepspeed.zero_optimization.stage=3"]).zero_stage == 3
+    # compression alone works at ZeRO-3
+    assert C.load(None, ["compression.method=topk", "deepspeed.zero_optimization.stage=3"]).compression.enabled
     assert math.isclose(C.load(None, ["compression.density=1"]).compression.density, 1.0)
 
 
@@ -582,3 +585,22 @@ def test_momentum_correction_default_follows_the_optimizer():
     assert c.resolved_for("adamw").momentum_correction and not c.resolved_for("SGD").momentum_correction
     assert C.CompressionConfig(method="topk", momentum_correction=False).resolved_for("adamw").momentum_correction \
         is False
+
+
+def test_adam_momentum_correction_floors_the_second_moment_where_this_rank_saw_no_gradient():
+    """The rank owning a coordinate may have seen no gradient there while the others did (an embedding row of a
+    token only they had): its local second moment is ~0 while the received first moment is not. Adam's own moments
+    obey m^2 <= v (1 - b1)^2 / ((1 - b2)(1 - b1^2 / b2)); as a floor on v it keeps the step a few lr, where
+    dividing by the local estimate would step by ~lr * m / eps."""
+    ref, ours, _, opt = _adam_pair(torch.optim.Adam)  # (no weight decay: the step is Adam's alone)
+    adam = LocalMomentAdam(opt)
+    b1, b2 = adam.beta1, adam.beta2
+    avg = torch.linspace(-1, 1, 12)  # the averaged gradient; this rank's own was 0
+    ours.grad = (1 - b1) * avg  # first step: the received first moment
+    before = ours.data.clone()
+    adam.stage([(ours.data, torch.zeros(12), ours.grad.clone())])
+    adam.step()
+    step = (ours.data - before).abs()
+    bound = 0.01 / (1 - b1 ** 2 / b2) ** 0.5  # lr / sqrt(1 - b1^2 / b2): Adam's largest first step
+    assert float(step.max()) <= bound * (1 + 1e-5) and float(step.min()) >= 0
+    assert float(step.max()) > 0.01  # (not the local estimate's: that would be ~1e5 lr)

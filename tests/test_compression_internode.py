@@ -186,7 +186,7 @@ def test_scope_is_validated():
         CompressionConfig(method="topk", scope="rack").check("compression")
 
 
-@pytest.fixture(scope="module", params=[0, 2])
+@pytest.fixture(scope="module", params=[0, 2, 3])
 def deepspeed_report(request, tmp_path_factory):
     import json
 
@@ -199,7 +199,8 @@ def deepspeed_report(request, tmp_path_factory):
 
 @pytest.mark.slow
 def test_inter_node_inside_deepspeed(deepspeed_report):
-    """Through dist_sparse.initialize on 2 nodes x 2 ranks: density 1.0 reproduces uncompressed DeepSpeed (only
+    """Through dist_sparse.initialize on 2 nodes x 2 ranks (ZeRO-0, 2 and 3: compression at ZeRO-3 reduces into
+    each rank's ZeRO-3 shards): density 1.0 reproduces uncompressed DeepSpeed (only
     the summation order differs: node sums, then the sum over nodes, instead of one sum over 4 ranks), top-k
     never sends a pruned coordinate, and the planner predicts the measured inter-node bytes."""
     stage, ranks = deepspeed_report

@@ -15,7 +15,9 @@ update is linear in.
   (``u <- b1 u + (1 - b1) g``, then error feedback on ``u``, without momentum factor masking; see
   :mod:`dist_sparse.compression.feedback`), and the optimizer applies the averaged, already momentum-filtered
   values without a second momentum: ``m_t`` is the received value, bias-corrected by ``1 - b1^t`` like Adam's.
-- second moment: each rank estimates the second moment of the *averaged* gradient from its local statistics,
+- second moment: each rank estimates the second moment of the *averaged* gradient from its local statistics
+  (never below the bound Adam's own moments obey, ``v >= m^2 (1 - b2)(1 - b1^2/b2) / (1 - b1)^2`` for the
+  received first moment ``m``: a rank that saw no gradient where others did would otherwise divide by almost 0),
   a blend ``lam v_local + (1 - lam) avg(u^2)`` whose weight is fitted per tensor to the running energy of the
   averaged gradient, measured by count sketches for 64 bytes per tensor and step
   (:meth:`~dist_sparse.compression.feedback.ErrorFeedback.second_moment_estimate`,
@@ -89,11 +91,14 @@ class LocalMomentAdam:
         raise RuntimeError("a master fragment lies outside every optimizer parameter")
 
     @torch.no_grad()
-    def stage(self, fragments) -> None:
+    def stage(self, fragments, params: list | None = None) -> None:
         """Before the step: ``fragments`` lists ``(master fragment, second moment, averaged gradient written)``,
         flat tensors of equal length, for every fragment this rank steps; the second moment is the estimate the
-        exchange keeps (:meth:`ErrorFeedback.second_moment_estimate`), a running average not yet bias-corrected."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        exchange keeps (:meth:`ErrorFeedback.second_moment_estimate`), a running average not yet bias-corrected.
+        ``params``: the tensors the optimizer will step, where its param groups do not list them until the step
+        (DeepSpeed's ZeRO-3 hands each sub-group's flat master to the optimizer only for its step)."""
+        if params is None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._staged = {}
         for master, second, written in fragments:
             if master.numel() == 0:
@@ -147,7 +152,13 @@ class LocalMomentAdam:
                     flat.mul_(1 - lr * wd)
                 m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 m.copy_(grad)  # the first moment was accumulated before compression (no second momentum here)
-                v.copy_(second)  # kept by the exchange (a running average with this beta2), stored for checkpoints
+                # Adam's own moments satisfy m^2 <= v (1 - b1)^2 / ((1 - b2)(1 - b1^2 / b2)) (Cauchy-Schwarz on the
+                # two exponential averages, b1^2 < b2): its step never exceeds a few lr. The local estimate of v can
+                # fall far below that where this rank saw (almost) no gradient but others did (an embedding row of
+                # a token only they had), and the step would approach lr * m / eps; the bound, as a floor on v,
+                # keeps it where Adam's would be (a floor true Adam never crosses)
+                floor = grad.square().mul_(max(0.0, (1 - beta2) * (1 - beta1 ** 2 / beta2)) / (1 - beta1) ** 2)
+                v.copy_(torch.maximum(second, floor))  # stored in the optimizer state, for checkpoints
                 denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
                 flat.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
         return loss

@@ -1,4 +1,4 @@
-"""Compressed gradient exchange inside DeepSpeed's loop (ZeRO stages 0, 1, 2): where the local gradients come from
+"""Compressed gradient exchange inside DeepSpeed's loop (ZeRO stages 0-3): where the local gradients come from
 and where the averaged gradients go. Receives the engine; never imports deepspeed.
 
 How DeepSpeed's own reduction is replaced (``docs/compression.md``):
@@ -11,6 +11,13 @@ How DeepSpeed's own reduction is replaced (``docs/compression.md``):
   instance: it adds the gradient to this rank's local accumulator and puts nothing in DeepSpeed's buckets, so no
   collective runs; DeepSpeed's epilogue still builds its partition-gradient views (``averaged_gradients``) at the
   boundary, now holding local values.
+- stage 3: the same bound method of ``DeepSpeedZeroOptimizer_Stage3`` (called from each gathered parameter's
+  gradient hook, every micro-batch) is replaced alike; the full local gradient is stashed and ``param.grad``
+  released, as DeepSpeed's bucketing releases it. The rank's ranges are its ZeRO-3 shards (``[r n, (r + 1) n)`` of
+  every flattened parameter), and the averages go into DeepSpeed's gradient shards through
+  ``set_local_grad_for_param`` (:meth:`~dist_sparse.integration.views.ParamView.set_grad_`). The stash is a full
+  fp32 local gradient per rank between backward and the exchange (``transient_bytes_per_rank``), which error
+  feedback needs anyway: the residual is per rank and full-size by construction.
 - at the boundary, :meth:`CompressedReduction.reduce_gradients` (the first step component: after the finiteness
   check, before the sparsifier) runs the compressed exchange and writes each parameter's average into exactly the
   storage DeepSpeed's reduction would have filled: ``param.grad`` at stage 0, the rank's partition fragment
@@ -60,6 +67,11 @@ def dense_comm_bytes_per_step(engine, params: list) -> int:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     reductions = engine.gradient_accumulation_steps() if engine.zero_optimization_stage() >= 2 else 1
     return sum(getattr(p, "ds_numel", p.numel()) for p in params) * itemsize * reductions
+
+
+def _numel(p) -> int:
+    """A parameter's full size (ZeRO-3 partitions it: its local ``numel`` is 0)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def _optimizer_momentum(inner) -> float:
@@ -114,9 +126,9 @@ class CompressedReduction(Component):
         which then receives the averaged ranges instead of DeepSpeed's partition fragments; ``sparsifier``: whose
         masks the senders respect (None: dense training)."""
         stage = engine.zero_optimization_stage()
-        if stage >= 3:
-            raise ConfigError("compression.method", "gradient compression supports ZeRO stages 0, 1 and 2, not 3 "
-                                                    "(see docs/compression.md)")
+        if stage >= 3 and store is not None:
+            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state supports ZeRO "
+                                                    "stages 1 and 2, not 3 (see docs/compression.md)")
         dp = getattr(engine, "dp_world_size", D.world_size())
         if dp != D.world_size():
             raise ConfigError("compression.method", f"gradient compression needs pure data parallelism (data-"
@@ -192,7 +204,7 @@ class CompressedReduction(Component):
             opt = engine.optimizer
             if not hasattr(opt, "reduce_independent_p_g_buckets_and_remove_grads"):
                 raise ConfigError("compression.method", f"cannot take over the gradient reduction of "
-                                                        f"{type(opt).__name__} (not a ZeRO 1/2 optimizer)")
+                                                        f"{type(opt).__name__} (not a ZeRO 1/2/3 optimizer)")
             self._grad_for_reduction = getattr(opt, "get_gradient_for_reduction", lambda p: p.grad)
             patches.replace(opt, "reduce_independent_p_g_buckets_and_remove_grads", self._take_local_grad,
                             by="gradient compression: keep the local gradient, the exchange reduces it")
@@ -211,19 +223,26 @@ class CompressedReduction(Component):
             ranges = [tuple(r[i]) for r in gathered]
             covered = sorted((s, s + ln) for s, ln in ranges if ln)
             ends = [0] + [e for _, e in covered]
-            if [s for s, _ in covered] != ends[:-1] or ends[-1] != self.params[n].numel():
+            if [s for s, _ in covered] != ends[:-1] or ends[-1] != _numel(self.params[n]):
                 raise RuntimeError(f"ZeRO partitions of {n} do not tile it: {ranges}")
             owned[n] = ranges
         return owned
 
     # -- collecting the local gradient (stages 1/2) ------------------------------------------------------------
     @torch.no_grad()
-    def _take_local_grad(self, param, i) -> None:
-        """Replaces DeepSpeed's bucketing + reduction: accumulate this rank's gradient, communicate nothing."""
+    def _take_local_grad(self, param, *_) -> None:
+        """Replaces DeepSpeed's bucketing + reduction: accumulate this rank's gradient, communicate nothing. At
+        ZeRO-3 the hook sees the gathered parameter's full gradient; it is released here, as DeepSpeed's bucketing
+        would release it (the stash is the rank's only copy until the exchange)."""
         name = self._name_of.get(id(param))
         g = self._grad_for_reduction(param)
-        if name is None or g is None or param.numel() == 0:
+        if name is None or g is None or _numel(param) == 0:
             return
+        self._stash_grad(name, g)
+        if self.stage >= 3:
+            param.grad = None
+
+    def _stash_grad(self, name: str, g) -> None:
         flat = g.detach().reshape(-1)
         buf = self._stash.get(name)
         if buf is None:
@@ -246,7 +265,7 @@ class CompressedReduction(Component):
             elif n in self._touched:
                 out[n] = self._stash[n]
             else:
-                out[n] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                out[n] = torch.zeros(_numel(p), dtype=torch.float32, device=p.device)
         return out
 
     def grads_finite(self) -> bool:
@@ -264,7 +283,9 @@ class CompressedReduction(Component):
         for v in self.views.values():  # one inf per rank: DeepSpeed reduces its overflow flag over the ranks
             g = v.grad()
             if g is not None and g.numel():
-                g.view(-1)[0] = float("inf")
+                g = g.clone()
+                g[0] = float("inf")
+                v.set_grad_(g)
                 return
 
     def _loss_scale(self) -> float:
@@ -330,8 +351,9 @@ class CompressedReduction(Component):
             staged = write(self.views[n], averaged.get(n), local[n], n in dense)
             if staged is not None:
                 fragments.append(staged)
-        if self.adam is not None:
-            self.adam.stage(fragments)
+        if self.adam is not None:  # ZeRO-3 lends the optimizer each sub-group's flat master only for its step
+            self.adam.stage(fragments, getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None)
+                            if self.stage >= 3 else None)
         self._release_stash()
 
     # Both writers return what Adam momentum correction stages for ``v`` (None without it): the master, this
@@ -347,9 +369,10 @@ class CompressedReduction(Component):
             return None
         if average is not None:
             mine = average[v.mask_start: v.mask_start + g.numel()]
-            g.copy_((mine * self._scale if self._scale != 1.0 else mine).to(g.dtype))
+            v.set_grad_(mine * self._scale if self._scale != 1.0 else mine)
         else:
-            g.zero_()
+            v.set_grad_(torch.zeros_like(g))
+        g = v.grad()  # (a ZeRO-3 view hands out a copy)
         if self.adam is None:
             return None
         written = g if self._scale == 1.0 else g.float() / self._scale  # as the optimizer will see it, unscaled

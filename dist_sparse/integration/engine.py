@@ -277,7 +277,7 @@ def _compact_store(engine, sparse_engine, reduce_gradients: bool):
     if engine.zero_optimization_stage() == 3:
         if not reduce_gradients:  # also refused by the config check; this guards attach() called directly
             raise ConfigError("compression.method", "gradient compression with sparsity.compact_state needs ZeRO "
-                                                    "stage 1 or 2 (compression does not support stage 3)")
+                                                    "stage 1 or 2 (at stage 3 both would own the gradient hooks)")
         from dist_sparse.integration.compact_zero3 import CompactZero3State
 
         return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views)

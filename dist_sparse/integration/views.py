@@ -74,6 +74,11 @@ class ParamView(ABC):
     def mul_grad_(self, mask) -> None:
         """Zero the gradient where ``mask`` is False."""
 
+    def set_grad_(self, values) -> None:
+        """Replace the reduced gradient of the mask range with ``values`` (a gradient exchange's result)."""
+        g = self.grad()
+        g.copy_(values.reshape(-1).to(g.dtype))
+
     @abstractmethod
     def add_grad_(self, delta) -> None:
         """Add ``delta`` (over the mask range) to the reduced gradient (a method's gradient term)."""
@@ -269,6 +274,12 @@ class Stage3View(ParamView):
     def add_grad_(self, delta):
         g = self.opt.get_local_fp32_grad_for_param(self.param).view(-1)
         g[: self.mask_len].add_(delta.reshape(-1).to(g.device, g.dtype))
+        self.opt.set_local_grad_for_param(g, self.param)
+
+    def set_grad_(self, values):
+        # get_local_fp32_grad_for_param hands out an fp32 copy of a bf16/fp16 shard: write back through the setter
+        g = self.opt.get_local_fp32_grad_for_param(self.param).view(-1)
+        g[: self.mask_len].copy_(values.reshape(-1).to(g.device, g.dtype))
         self.opt.set_local_grad_for_param(g, self.param)
 
     def mul_master_(self, mask):

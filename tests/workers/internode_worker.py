@@ -64,7 +64,8 @@ def run(stage: int, compression: dict | None) -> dict:
 def main():
     stage, out = int(sys.argv[1]), sys.argv[2]
     runs = {"rigl": run(stage, None),
-            "inter1": run(stage, {"method": "topk", "density": 1.0, "scope": "inter_node"}),
+            "inter1": run(stage, {"method": "topk", "density": 1.0, "scope": "inter_node",
+                                  "momentum_correction": False}),
             "inter": run(stage, {"method": "topk", "density": 0.1, "scope": "inter_node",
                                  "momentum_correction": True})}
     finish(runs, out)
