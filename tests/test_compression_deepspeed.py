@@ -171,7 +171,7 @@ def test_adam_momentum_correction_matches_its_reference_when_local_equals_averag
         assert sparse["stats"]["comm_bytes_per_step"] < sparse["stats"]["dense_comm_bytes_per_step"], where
 
 
-@pytest.fixture(scope="module", params=[1, 2])
+@pytest.fixture(scope="module", params=[1, 2, 3])
 def fp16_report(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"fp16_zero{request.param}") / "report.json"
     run_torchrun("fp16_compression_worker.py", 2, request.param, out)

@@ -7,7 +7,7 @@ The counting rules are the measured ones (:mod:`dist_sparse.compression.exchange
 - dense DeepSpeed: every gradient element once per reduction in the model's precision, ``gradient_accumulation_steps``
   reductions per step at ZeRO-2/3; one collective over the world, so it crosses nodes when there are two.
 - compressed: per tensor a rank sends ``k = ceil(density x unpruned)`` coordinates of those it may send (ZeRO-1/2:
-  outside its own partition range), as indices + fp32 values (``8 k`` bytes) or, when not larger, dense over its
+  outside its own partition range or ZeRO-3 shard), as indices + fp32 values (``8 k`` bytes) or, when not larger, dense over its
   sendable coordinates (``4 n``); all tensors go into one all-gather padded to the group's longest payload. On a
   dense-gradient step (RigL's mask update) the sparsified tensors go dense over all their coordinates, and on an
   update that replaces the optimizer step the other tensors are not sent. Adam momentum correction adds a count
@@ -29,7 +29,8 @@ from dist_sparse.memory.plan import LP_BYTES, Setting
 
 def _tensors(setting: Setting) -> list:
     """(numel, density, sparse, [per-rank (start, length) range]) of every parameter, ranges as DeepSpeed's ZeRO-1/2
-    partitions cut the flattened groups (``None`` at ZeRO-0: every rank holds everything)."""
+    partitions cut the flattened groups, or ZeRO-3 shards each parameter (``[r s, (r + 1) s)``, ``s = ceil(numel /
+    world)``); ``None`` at ZeRO-0 (every rank holds everything)."""
     n = setting.world_size
     out = []
     for group in setting.groups:
@@ -38,7 +39,10 @@ def _tensors(setting: Setting) -> list:
         offset = 0
         for p in group:
             ranges = None
-            if setting.zero_stage in (1, 2):
+            if setting.zero_stage == 3:
+                shard = math.ceil(p.numel / n)
+                ranges = [(min(p.numel, r * shard), max(0, min(shard, p.numel - r * shard))) for r in range(n)]
+            elif setting.zero_stage in (1, 2):
                 ranges = []
                 for r in range(n):
                     lo, hi = max(offset, r * part), min(offset + p.numel, (r + 1) * part)
