@@ -104,12 +104,13 @@ def _residuals(ckpt) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("momentum_correction", [False, True])
-def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, momentum_correction):
+# ZeRO-2 without and ZeRO-3 with Adam momentum correction (ZeRO-2 with it: test_compact_with_compression_resume_exact)
+@pytest.mark.parametrize("stage,momentum_correction", [(2, False), (3, True)])
+def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, stage, momentum_correction):
     from dist_sparse import checkpoint
     from tests.test_checkpoint_resume import losses, train
 
-    over = ["deepspeed.zero_optimization.stage=2", "compression.method=topk", "compression.density=0.05",
+    over = [f"deepspeed.zero_optimization.stage={stage}", "compression.method=topk", "compression.density=0.05",
             "train.save_interval=10", f"compression.momentum_correction={str(momentum_correction).lower()}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *over)

@@ -7,11 +7,11 @@ The counting rules are the measured ones (:mod:`dist_sparse.compression.exchange
 - dense DeepSpeed: every gradient element once per reduction in the model's precision, ``gradient_accumulation_steps``
   reductions per step at ZeRO-2/3; one collective over the world, so it crosses nodes when there are two.
 - compressed: per tensor a rank sends ``k = ceil(density x unpruned)`` coordinates of those it may send (ZeRO-1/2:
-  outside its own partition range or ZeRO-3 shard), as indices + fp32 values (``8 k`` bytes) or, when not larger, dense over its
-  sendable coordinates (``4 n``); all tensors go into one all-gather padded to the group's longest payload. On a
-  dense-gradient step (RigL's mask update) the sparsified tensors go dense over all their coordinates, and on an
-  update that replaces the optimizer step the other tensors are not sent. Adam momentum correction adds a count
-  sketch of 16 fp32 values per compressed tensor (one all-reduce).
+  outside its own partition range; ZeRO-3: outside its shard), as indices + fp32 values (``8 k`` bytes) or, when
+  not larger, dense over its sendable coordinates (``4 n``); all tensors go into one all-gather padded to the
+  group's longest payload. On a dense-gradient step (RigL's mask update) the sparsified tensors go dense over all
+  their coordinates, and on an update that replaces the optimizer step the other tensors are not sent. Adam
+  momentum correction adds a count sketch of 16 fp32 values per compressed tensor (one all-reduce).
 - ``inter_node``: the node's dense fp32 all-reduce of the whole gradient (intra), then the exchange above among the
   N ranks with one local index, over their slice of every tensor (intra again at ZeRO-0 to share the slices).
 
