@@ -296,19 +296,26 @@ class SparsityConfig:
     # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
     # blocks of H output rows x W input columns); dist_sparse/patterns.py
     pattern: str = "unstructured"
+    srste_decay: float = 2e-4  # sr_ste: lambda_W, the sparse-refined decay on pruned weights (Zhou et al. 2021)
+    init_batches: int = 1  # snip, grasp: training batches per rank scored at step 0 (SNIP's one mini-batch)
+    init_rounds: int = 100  # synflow: pruning rounds of the exponential density schedule (the paper's 100)
 
     @staticmethod
     def implied_defaults(raw: dict) -> dict:
-        """An N:M pattern fixes the sparsity at 1 - N/M: it is the default when ``sparsity`` is not given."""
+        """An N:M pattern fixes the sparsity at 1 - N/M: it is the default when ``sparsity`` is not given. Pruning
+        at initialization selects globally, as its papers do, unless ``distribution`` is given."""
         from dist_sparse.patterns import parse_pattern
 
+        implied = {}
+        if raw.get("method") in PAI_METHODS and "distribution" not in raw:
+            implied["distribution"] = "global"
         if "sparsity" in raw or not isinstance(raw.get("pattern"), str):
-            return {}
+            return implied
         try:
             density = parse_pattern(raw["pattern"]).fixed_density
         except ConfigError:  # reported by check() with the key
-            return {}
-        return {} if density is None else {"sparsity": 1.0 - density}
+            return implied
+        return implied if density is None else {**implied, "sparsity": 1.0 - density}
 
     def check(self, p: str) -> None:
         if isinstance(self.method, type):  # the Python API: a method class, registered under its name
@@ -346,10 +353,62 @@ class SparsityConfig:
         pattern = parse_pattern(self.pattern, f"{p}.pattern")
         _require(self.method != "none" or pattern.spec == "unstructured", f"{p}.pattern",
                  f"{pattern.spec!r} needs a sparse method (sparsity.method is 'none')")
+        for key in ("init_batches", "init_rounds"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{p}.{key}",
+                     f"must be an integer >= 1, got {v!r}")
+        _require(self.srste_decay >= 0, f"{p}.srste_decay", f"must be >= 0, got {self.srste_decay!r}")
+        _require(self.method != "sr_ste" or pattern.nm is not None, f"{p}.pattern",
+                 f"sr_ste trains N:M sparsity (Zhou et al. 2021): set sparsity.pattern to N:M, e.g. 2:4 (got "
+                 f"{pattern.spec!r})")
         if pattern.fixed_density is not None:
             _require(abs((1.0 - self.sparsity) - pattern.fixed_density) < 1e-9, f"{p}.sparsity",
                      f"pattern {pattern.spec} fixes the sparsity at {1.0 - pattern.fixed_density:g} (density N/M); "
                      f"got {self.sparsity!r}: remove sparsity.sparsity or set it to {1.0 - pattern.fixed_density:g}")
+
+
+@dataclass
+class FreezeConfig:
+    """Weights kept but never trained (dist_sparse/freezing.py, docs/methods.md)."""
+
+    fraction: float = 0.0  # of each sparsified layer's unpruned weights, frozen at their initial value (FreezeNet)
+    select: str = "random"  # which are frozen: random | magnitude (lowest |w|) | saliency (lowest |g * w|)
+    modules: list[str] = field(default_factory=list)  # globs of module names: no gradient at all, not sparsified
+    schedule: list[dict] = field(default_factory=list)  # [{modules: glob, step: N}]: frozen from step N
+
+    def check(self, p: str) -> None:
+        _require(0.0 <= self.fraction < 1.0, f"{p}.fraction", f"must be in [0, 1), got {self.fraction!r}")
+        _require(self.select in ("random", "magnitude", "saliency"), f"{p}.select",
+                 f"must be 'random', 'magnitude' or 'saliency', got {self.select!r}")
+        for i, entry in enumerate(self.schedule):
+            key = f"{p}.schedule[{i}]"
+            _require(isinstance(entry, dict) and set(entry) == {"modules", "step"}, key,
+                     f"must be a mapping {{modules: glob, step: N}}, got {entry!r}")
+            _require(isinstance(entry["modules"], str), f"{key}.modules", "must be a glob string")
+            step = entry["step"]
+            _require(isinstance(step, int) and not isinstance(step, bool) and step >= 0, f"{key}.step",
+                     f"must be an integer >= 0, got {step!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 or bool(self.modules) or bool(self.schedule)
+
+
+def check_freeze(freeze: FreezeConfig, sparsity: SparsityConfig) -> None:
+    """What freezing cannot be combined with, refused before any process group starts."""
+    if freeze.fraction <= 0:
+        return
+    _require(sparsity.method != "none", "freeze.fraction", "freezes a fraction of the sparsified layers' unpruned "
+                                                           "weights: it needs a sparse method (sparsity.method)")
+    _require(not sparsity.compact_state, "freeze.fraction", "is not supported with sparsity.compact_state yet")
+    from dist_sparse.methods import METHODS
+    from dist_sparse.patterns import parse_pattern
+
+    _require(not METHODS[sparsity.method].dense_weights, "freeze.fraction",
+             f"{sparsity.method!r} re-decides its masks from dense weights: a frozen set of unpruned weights is "
+             "not defined for it")
+    _require(parse_pattern(sparsity.pattern).spec == "unstructured", "freeze.fraction",
+             f"is defined for unstructured sparsity; sparsity.pattern is {sparsity.pattern!r}")
 
 
 @dataclass
@@ -423,6 +482,37 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
 
 
+PAI_METHODS = ("snip", "grasp", "synflow")
+
+
+def check_pai_with_deepspeed(sparsity: SparsityConfig, ds: dict) -> None:
+    """Pruning at initialization scores whole parameters with torch autograd (GraSP: double backward, SynFlow:
+    |θ| in float64): ZeRO-3, whose parameters exist whole only inside each module's forward/backward, is refused."""
+    stage = int((ds.get("zero_optimization", {}) or {}).get("stage", 0))
+    _require(not (sparsity.method in PAI_METHODS and stage == 3), "sparsity.method",
+             f"{sparsity.method!r} needs ZeRO stage 0, 1 or 2, not 3: its initial scores are computed with torch "
+             "autograd on whole parameters (GraSP's Hessian-gradient product by double backward, SynFlow's |θ| "
+             "network in float64), and ZeRO-3 holds each parameter whole only inside its module's forward and "
+             "backward (docs/methods.md)")
+
+
+def check_dense_weights(sparsity: SparsityConfig, compression: CompressionConfig) -> None:
+    """Methods that train dense weights through a masked forward (``dense_weights``: sr_ste) need every master
+    weight and the gradient of every position: compact state stores only the kept masters, and gradient
+    compression never sends the gradients of pruned positions. Refused here, before any process group starts."""
+    from dist_sparse.methods import METHODS
+
+    cls = METHODS.get(sparsity.method)
+    if cls is None or not cls.dense_weights:
+        return
+    _require(not sparsity.compact_state, "sparsity.compact_state",
+             f"{sparsity.method!r} keeps dense master weights (pruned ones included); compact state stores only the "
+             "kept ones: set sparsity.compact_state: false")
+    _require(not compression.enabled, "compression.method",
+             f"{sparsity.method!r} applies the straight-through gradient of pruned weights, which gradient "
+             "compression never sends: set compression.method: none")
+
+
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
     """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
     reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused with
@@ -466,9 +556,11 @@ class Config:
     attention: typing.Any = None  # dist_sparse.attention.config.AttentionConfig
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     plugins: list = field(default_factory=list)  # modules imported before validation (user registrations)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def to_dict(self) -> dict:
-        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression")}
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression",
+                                                                 "freeze")}
         if self.model.config or self.model.pretrained:  # loadable again: the size keys would be refused
             out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL_KEYS}
         out["deepspeed"] = copy.deepcopy(self.deepspeed)
@@ -483,7 +575,7 @@ class Config:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
-SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression")
+SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression", "freeze")
 TOP_LEVEL = (*SECTIONS, "plugins")
 
 
@@ -504,6 +596,8 @@ def from_dict(raw: dict) -> Config:
     _check_deepspeed(ds)
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
+    check_dense_weights(sparsity, compression)
+    check_pai_with_deepspeed(sparsity, ds)
     check_compression_with_compact_state(compression, sparsity, ds)  # its ZeRO-3 message before the general one
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
@@ -521,7 +615,9 @@ def from_dict(raw: dict) -> Config:
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
         compression=compression,
         plugins=list(raw.get("plugins") or []),
+        freeze=_build(FreezeConfig, raw.get("freeze"), "freeze"),
     )
+    check_freeze(cfg.freeze, cfg.sparsity)
     check_compact_state(cfg.sparsity, cfg.deepspeed)
     if cfg.data.prepared is not None or cfg.model.pretrained is not None:
         from dist_sparse.prepared.data import check_with_model
@@ -631,6 +727,8 @@ def split_deepspeed_json(config) -> tuple:
     sparsity = _build(SparsityConfig, raw.pop("sparsity", None), "sparsity")
     compression = _build(CompressionConfig, raw.pop("compression", None), "compression")
     _check_deepspeed(raw, "<deepspeed>")
+    check_dense_weights(sparsity, compression)
+    check_pai_with_deepspeed(sparsity, raw)
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)

@@ -8,13 +8,15 @@ from dist_sparse.distributions import layer_densities
 from dist_sparse.errors import ConfigError
 from dist_sparse.methods.base import LayerSlice, SparseMethod
 from dist_sparse.methods.magnitude import Magnitude
+from dist_sparse.methods.pai import SNIP, GraSP, PruningAtInit, SynFlow
 from dist_sparse.methods.rigl import RigL
 from dist_sparse.methods.set import SET
+from dist_sparse.methods.srste import SRSTE
 from dist_sparse.methods.static import Static
 from dist_sparse.patterns import parse_pattern
 from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
 
-METHODS = {cls.name: cls for cls in (Static, Magnitude, SET, RigL)}
+METHODS = {cls.name: cls for cls in (Static, Magnitude, SET, RigL, SRSTE, SNIP, GraSP, SynFlow)}
 
 
 def method_names() -> tuple:
@@ -59,8 +61,14 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
         kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
     if issubclass(cls, RigL):
         kwargs["grow_grad_steps"] = sparsity.grow_grad_steps
+    if issubclass(cls, SRSTE):
+        kwargs["decay"] = sparsity.srste_decay
+    if issubclass(cls, PruningAtInit):
+        kwargs["init_batches"] = sparsity.init_batches
+    if issubclass(cls, SynFlow):
+        kwargs["init_rounds"] = sparsity.init_rounds
     return cls(densities, sparsity.distribution == "global", times, seed, pattern=pattern, **kwargs)
 
 
 __all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",
-           "Magnitude", "SET", "RigL"]
+           "Magnitude", "SET", "RigL", "SRSTE", "PruningAtInit", "SNIP", "GraSP", "SynFlow"]

@@ -33,11 +33,14 @@ class SET(SparseMethod):
         frac = self.fraction(step)
         active = self.global_counts(slices, [int(s.mask.sum()) for s in slices], select)
         unit = self.pattern.granule  # whole blocks under a block pattern (1 otherwise)
-        n_drop = {g: unit * int(round(frac * a / unit)) for g, a in active.items()}
+        frozen = self.frozen_of(slices)
+        # frozen weights neither leave (active) nor enter (pruned): only the others are dropped and regrown
+        movable = self.global_counts(slices, [int((s.mask & ~f).sum()) for s, f in zip(slices, frozen)], select)
+        n_drop = {g: min(movable[g], unit * int(round(frac * a / unit))) for g, a in active.items()}
         keep = {g: active[g] - n_drop[g] for g in active}
         drop_scores = [self.drop_scores(s) for s in slices]
-        kept = self.select(slices, drop_scores, [s.mask for s in slices], keep, select)
+        kept = self.select_survivors(slices, drop_scores, keep, select)
         grow_scores = [self.grow_scores(s, step) for s in slices]
         # under N:M the survivors count against their cell, so regrowth refills every cell to exactly N
-        grown = self.select(slices, grow_scores, [~k for k in kept], n_drop, select, held=kept)
+        grown = self.select(slices, grow_scores, [~k & ~f for k, f in zip(kept, frozen)], n_drop, select, held=kept)
         return [k | g for k, g in zip(kept, grown)]
