@@ -16,6 +16,9 @@ method can act at two more points of the step:
 - after the gradient: ``grad_deltas`` (with ``adjusts_grads = True``) returns a term added to the reduced gradient
   of each slice before anything else reads it (a regulariser on pruned weights, say).
 
+Frozen weights (``freeze``; ``LayerSlice.frozen``) never change state: a method that drops weights keeps them
+through :meth:`SparseMethod.select_survivors` and never regrows a frozen pruned position.
+
 How scores become masks is the *pattern*'s job (:mod:`dist_sparse.patterns`; unstructured by default): a method
 calls :meth:`SparseMethod.select`, never the selector's ``topk`` directly.
 """
