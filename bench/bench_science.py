@@ -23,17 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (  # noqa: E402
-    RESULTS,
-    SHAKESPEARE,
-    command_line,
-    machine_line,
-    skipped_without_shakespeare,
-    write_section,
-)
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
+from bench.common import RESULTS, SHAKESPEARE  # noqa: E402
+
 WORK = ROOT / "bench" / "work" / "science"
 SECTION = "80_science"
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -135,7 +129,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", default=None, help="comma-separated row names (a screening subset)")
     args = parser.parse_args()
-    if skipped_without_shakespeare(SECTION, "Science table"):
+    if common.skipped_without_shakespeare(SECTION, "Science table"):
         return
     only = set(args.only.split(",")) if args.only else None
     vals, reused, dirs, control = {}, [], [], None
@@ -184,9 +178,9 @@ def main() -> None:
     md = [
         "## Science table: every family of sparse training, one setting",
         "",
-        f"Command: `{command_line()}` (each row is `dist-sparse train configs/demo.yaml --nproc 2 --set ...`, IMP is "
-        "`dist-sparse lottery`; the overrides are in `bench/bench_science.py`).",
-        f"Machine: {machine_line()}.",
+        f"Command: `{common.command_line()}` (each row is `dist-sparse train configs/demo.yaml --nproc 2 --set "
+        "...`, IMP is `dist-sparse lottery`; the overrides are in `bench/bench_science.py`).",
+        f"Machine: {common.machine_line()}.",
         "",
         f"Setting: `{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks, ZeRO-2, "
         f"{args.steps} steps, the demo's AdamW recipe (lr 1e-3, betas 0.9/0.95, weight decay 0.1), 90% sparsity "
@@ -208,7 +202,7 @@ def main() -> None:
     ]
     if dirs:
         md += ["", f"![report of these runs]({os.path.relpath(figure, ROOT / 'docs')})"]
-    write_section(SECTION, "\n".join(md))
+    common.write_section(SECTION, "\n".join(md))
 
 
 if __name__ == "__main__":
