@@ -394,8 +394,12 @@ class FreezeConfig:
         return self.fraction > 0 or bool(self.modules) or bool(self.schedule)
 
 
-def check_freeze(freeze: FreezeConfig, sparsity: SparsityConfig) -> None:
+def check_freeze(freeze: FreezeConfig, sparsity: SparsityConfig, compression: "CompressionConfig") -> None:
     """What freezing cannot be combined with, refused before any process group starts."""
+    if freeze.schedule:  # their masters are written back through the dense views after every step
+        _require(not sparsity.compact_state, "freeze.schedule", "is not supported with sparsity.compact_state yet")
+        _require(not compression.enabled, "freeze.schedule", "is not supported with gradient compression yet (the "
+                                                             "compressed exchange expects every gradient)")
     if freeze.fraction <= 0:
         return
     _require(sparsity.method != "none", "freeze.fraction", "freezes a fraction of the sparsified layers' unpruned "
@@ -617,7 +621,7 @@ def from_dict(raw: dict) -> Config:
         plugins=list(raw.get("plugins") or []),
         freeze=_build(FreezeConfig, raw.get("freeze"), "freeze"),
     )
-    check_freeze(cfg.freeze, cfg.sparsity)
+    check_freeze(cfg.freeze, cfg.sparsity, cfg.compression)
     check_compact_state(cfg.sparsity, cfg.deepspeed)
     if cfg.data.prepared is not None or cfg.model.pretrained is not None:
         from dist_sparse.prepared.data import check_with_model

@@ -55,6 +55,9 @@ def test_freeze_config_is_checked():
         from_dict({"freeze": {"fraction": 0.5}})  # no sparse method
     with pytest.raises(ConfigError, match="freeze.fraction"):
         from_dict({"sparsity": {"method": "rigl", "pattern": "2:4"}, "freeze": {"fraction": 0.5}})
+    with pytest.raises(ConfigError, match="freeze.schedule"):
+        from_dict({"sparsity": {"method": "rigl", "compact_state": True}, "deepspeed": {"zero_optimization": {
+            "stage": 2}}, "freeze": {"schedule": [{"modules": "*", "step": 3}]}})
     cfg = from_dict({"sparsity": {"method": "rigl"},
                      "freeze": {"fraction": 0.5, "modules": ["*.h.0.attn"], "schedule": [{"modules": "*", "step": 3}]}})
     assert cfg.freeze.enabled and cfg.to_dict()["freeze"]["fraction"] == 0.5
