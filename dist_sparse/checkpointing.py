@@ -33,6 +33,17 @@ def save_final(engine, model, sparsifier, data, final_dir: Path) -> None:
     hf.save_pretrained_atomic(model, final_dir, state_dict=hf.to_cpu_state_dict(state), writers=writers)
 
 
+@torch.no_grad()
+def _apply_own_masks(engine) -> None:
+    """After a rewind: the engine's masks over the loaded state (masters, moments, the model's copy)."""
+    sp = engine.sparsifier
+    for v in sp.views:
+        mask = sp.mask(v.name).to(v.master().device)
+        v.mul_master_(mask)
+        v.zero_state_(~mask)
+        v.zero_model_(mask, sp.full_mask(v.name) if v.model_needs_full_mask else None)
+
+
 def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None, data_state=None) -> Path:
     """Every rank writes its shard; rank 0 the model, trainer state, manifest and commit marker (see checkpoint)."""
     state_keys = optim_state.ensure_optimizer_state(engine)
@@ -88,10 +99,14 @@ def _restore_compression(engine, path: Path, saved_world: int, saved_layout: str
     comp.load_state_tensors(load_file(str(path / name)))
 
 
-def restore(engine, path: Path) -> int:
-    """Load a committed checkpoint into a freshly initialised engine; returns the step to continue from."""
+def restore(engine, path: Path, rewind: bool = False) -> int:
+    """Load a committed checkpoint into a freshly initialised engine; returns the step to continue from.
+
+    ``rewind`` (lottery tickets, Frankle et al. 2020): the checkpoint is another run's; its weights, moments,
+    learning-rate schedule, data position and step are taken, but the masks are the engine's own (drawn from
+    ``sparsity.init_masks``): pruned positions' weights and moments are zeroed after the load."""
     state_keys = optim_state.ensure_optimizer_state(engine)
-    state = checkpoint.load(path, engine.param_views, engine.sparsifier, state_keys)
+    state = checkpoint.load(path, engine.param_views, None if rewind else engine.sparsifier, state_keys)
     if engine.zero_optimization_stage() < 3:
         missing, unexpected = engine.module.load_state_dict(checkpoint.load_model_state(path), strict=False)
         if missing or unexpected:
@@ -110,7 +125,10 @@ def restore(engine, path: Path) -> int:
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
         scheduler.load_state_dict(state["lr_scheduler"])
-    engine.load_training_state(state)
+    if rewind:
+        _apply_own_masks(engine)
+    else:
+        engine.load_training_state(state)
     if engine.compression is not None:
         # checkpoints from before the inter-node scope hold flat-scope residuals
         _restore_compression(engine, path, int(state["world_size"]), state.get("compression_layout", "all"))

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ def _build(cls, raw, path: str):
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
     kwargs = {}
+    implied = getattr(cls, "implied_defaults", None)  # defaults that follow from other keys (N:M -> sparsity)
+    if implied is not None:
+        raw = {**implied(raw), **raw}
     for name, value in raw.items():
         tp = hints[name]
         if not _type_ok(value, tp):
@@ -289,6 +293,29 @@ class SparsityConfig:
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
+    # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
+    # blocks of H output rows x W input columns); dist_sparse/patterns.py
+    pattern: str = "unstructured"
+    srste_decay: float = 2e-4  # sr_ste: lambda_W, the sparse-refined decay on pruned weights (Zhou et al. 2021)
+    init_batches: int = 1  # snip, grasp: training batches per rank scored at step 0 (SNIP's one mini-batch)
+    init_rounds: int = 100  # synflow: pruning rounds of the exponential density schedule (the paper's 100)
+
+    @staticmethod
+    def implied_defaults(raw: dict) -> dict:
+        """An N:M pattern fixes the sparsity at 1 - N/M: it is the default when ``sparsity`` is not given. Pruning
+        at initialization selects globally, as its papers do, unless ``distribution`` is given."""
+        from dist_sparse.patterns import parse_pattern
+
+        implied = {}
+        if raw.get("method") in PAI_METHODS and "distribution" not in raw:
+            implied["distribution"] = "global"
+        if "sparsity" in raw or not isinstance(raw.get("pattern"), str):
+            return implied
+        try:
+            density = parse_pattern(raw["pattern"]).fixed_density
+        except ConfigError:  # reported by check() with the key
+            return implied
+        return implied if density is None else {**implied, "sparsity": 1.0 - density}
 
     def check(self, p: str) -> None:
         if isinstance(self.method, type):  # the Python API: a method class, registered under its name
@@ -321,6 +348,71 @@ class SparsityConfig:
                      "must be 'cosine' or 'constant'")
         if self.init_masks is not None:
             _require(Path(self.init_masks).exists(), f"{p}.init_masks", f"mask file not found: {self.init_masks}")
+        from dist_sparse.patterns import parse_pattern
+
+        pattern = parse_pattern(self.pattern, f"{p}.pattern")
+        _require(self.method != "none" or pattern.spec == "unstructured", f"{p}.pattern",
+                 f"{pattern.spec!r} needs a sparse method (sparsity.method is 'none')")
+        for key in ("init_batches", "init_rounds"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{p}.{key}",
+                     f"must be an integer >= 1, got {v!r}")
+        _require(self.srste_decay >= 0, f"{p}.srste_decay", f"must be >= 0, got {self.srste_decay!r}")
+        _require(self.method != "sr_ste" or pattern.nm is not None, f"{p}.pattern",
+                 f"sr_ste trains N:M sparsity (Zhou et al. 2021): set sparsity.pattern to N:M, e.g. 2:4 (got "
+                 f"{pattern.spec!r})")
+        if pattern.fixed_density is not None:
+            _require(abs((1.0 - self.sparsity) - pattern.fixed_density) < 1e-9, f"{p}.sparsity",
+                     f"pattern {pattern.spec} fixes the sparsity at {1.0 - pattern.fixed_density:g} (density N/M); "
+                     f"got {self.sparsity!r}: remove sparsity.sparsity or set it to {1.0 - pattern.fixed_density:g}")
+
+
+@dataclass
+class FreezeConfig:
+    """Weights kept but never trained (dist_sparse/freezing.py, docs/methods.md)."""
+
+    fraction: float = 0.0  # of each sparsified layer's unpruned weights, frozen at their initial value (FreezeNet)
+    select: str = "random"  # which are frozen: random | magnitude (lowest |w|) | saliency (lowest |g * w|)
+    modules: list[str] = field(default_factory=list)  # globs of module names: no gradient at all, not sparsified
+    schedule: list[dict] = field(default_factory=list)  # [{modules: glob, step: N}]: frozen from step N
+
+    def check(self, p: str) -> None:
+        _require(0.0 <= self.fraction < 1.0, f"{p}.fraction", f"must be in [0, 1), got {self.fraction!r}")
+        _require(self.select in ("random", "magnitude", "saliency"), f"{p}.select",
+                 f"must be 'random', 'magnitude' or 'saliency', got {self.select!r}")
+        for i, entry in enumerate(self.schedule):
+            key = f"{p}.schedule[{i}]"
+            _require(isinstance(entry, dict) and set(entry) == {"modules", "step"}, key,
+                     f"must be a mapping {{modules: glob, step: N}}, got {entry!r}")
+            _require(isinstance(entry["modules"], str), f"{key}.modules", "must be a glob string")
+            step = entry["step"]
+            _require(isinstance(step, int) and not isinstance(step, bool) and step >= 0, f"{key}.step",
+                     f"must be an integer >= 0, got {step!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 or bool(self.modules) or bool(self.schedule)
+
+
+def check_freeze(freeze: FreezeConfig, sparsity: SparsityConfig, compression: "CompressionConfig") -> None:
+    """What freezing cannot be combined with, refused before any process group starts."""
+    if freeze.schedule:  # their masters are written back through the dense views after every step
+        _require(not sparsity.compact_state, "freeze.schedule", "is not supported with sparsity.compact_state yet")
+        _require(not compression.enabled, "freeze.schedule", "is not supported with gradient compression yet (the "
+                                                             "compressed exchange expects every gradient)")
+    if freeze.fraction <= 0:
+        return
+    _require(sparsity.method != "none", "freeze.fraction", "freezes a fraction of the sparsified layers' unpruned "
+                                                           "weights: it needs a sparse method (sparsity.method)")
+    _require(not sparsity.compact_state, "freeze.fraction", "is not supported with sparsity.compact_state yet")
+    from dist_sparse.methods import METHODS
+    from dist_sparse.patterns import parse_pattern
+
+    _require(not METHODS[sparsity.method].dense_weights, "freeze.fraction",
+             f"{sparsity.method!r} re-decides its masks from dense weights: a frozen set of unpruned weights is "
+             "not defined for it")
+    _require(parse_pattern(sparsity.pattern).spec == "unstructured", "freeze.fraction",
+             f"is defined for unstructured sparsity; sparsity.pattern is {sparsity.pattern!r}")
 
 
 @dataclass
@@ -407,6 +499,37 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
 
 
+PAI_METHODS = ("snip", "grasp", "synflow")
+
+
+def check_pai_with_deepspeed(sparsity: SparsityConfig, ds: dict) -> None:
+    """Pruning at initialization scores whole parameters with torch autograd (GraSP: double backward, SynFlow:
+    |θ| in float64): ZeRO-3, whose parameters exist whole only inside each module's forward/backward, is refused."""
+    stage = int((ds.get("zero_optimization", {}) or {}).get("stage", 0))
+    _require(not (sparsity.method in PAI_METHODS and stage == 3), "sparsity.method",
+             f"{sparsity.method!r} needs ZeRO stage 0, 1 or 2, not 3: its initial scores are computed with torch "
+             "autograd on whole parameters (GraSP's Hessian-gradient product by double backward, SynFlow's |θ| "
+             "network in float64), and ZeRO-3 holds each parameter whole only inside its module's forward and "
+             "backward (docs/methods.md)")
+
+
+def check_dense_weights(sparsity: SparsityConfig, compression: CompressionConfig) -> None:
+    """Methods that train dense weights through a masked forward (``dense_weights``: sr_ste) need every master
+    weight and the gradient of every position: compact state stores only the kept masters, and gradient
+    compression never sends the gradients of pruned positions. Refused here, before any process group starts."""
+    from dist_sparse.methods import METHODS
+
+    cls = METHODS.get(sparsity.method)
+    if cls is None or not cls.dense_weights:
+        return
+    _require(not sparsity.compact_state, "sparsity.compact_state",
+             f"{sparsity.method!r} keeps dense master weights (pruned ones included); compact state stores only the "
+             "kept ones: set sparsity.compact_state: false")
+    _require(not compression.enabled, "compression.method",
+             f"{sparsity.method!r} applies the straight-through gradient of pruned weights, which gradient "
+             "compression never sends: set compression.method: none")
+
+
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
     """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
     reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused here,
@@ -453,9 +576,11 @@ class Config:
     attention: typing.Any = None  # dist_sparse.attention.config.AttentionConfig
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     plugins: list = field(default_factory=list)  # modules imported before validation (user registrations)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
     def to_dict(self) -> dict:
-        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression")}
+        out = {k: dataclasses.asdict(getattr(self, k)) for k in ("model", "data", "train", "sparsity", "compression",
+                                                                 "freeze")}
         if self.model.config or self.model.pretrained:  # loadable again: the size keys would be refused
             out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL_KEYS}
         out["deepspeed"] = copy.deepcopy(self.deepspeed)
@@ -470,7 +595,7 @@ class Config:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
-SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression")
+SECTIONS = ("model", "data", "train", "deepspeed", "sparsity", "attention", "compression", "freeze")
 TOP_LEVEL = (*SECTIONS, "plugins")
 
 
@@ -492,6 +617,8 @@ def from_dict(raw: dict) -> Config:
     opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
     compression = _build(CompressionConfig, raw.get("compression"), "compression").resolved_for(opt_type)
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
+    check_dense_weights(sparsity, compression)
+    check_pai_with_deepspeed(sparsity, ds)
     check_compression_with_compact_state(compression, sparsity, ds)
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
@@ -508,7 +635,9 @@ def from_dict(raw: dict) -> Config:
         attention=_attention_from_dict(raw.get("attention")) if "attention" in raw else None,
         compression=compression,
         plugins=list(raw.get("plugins") or []),
+        freeze=_build(FreezeConfig, raw.get("freeze"), "freeze"),
     )
+    check_freeze(cfg.freeze, cfg.sparsity, cfg.compression)
     check_compact_state(cfg.sparsity, cfg.deepspeed)
     if cfg.data.prepared is not None or cfg.model.pretrained is not None:
         from dist_sparse.prepared.data import check_with_model
@@ -536,6 +665,12 @@ def _unique_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 reads a bare ``2:4`` as the base-60 integer 124 (and ``1:30.5`` as a base-60 float); no config key
+# means that, and ``sparsity.pattern: 2:4`` must mean N:M, so such scalars stay text (checked before int/float)
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:str", _SEXAGESIMAL)] if first in "+-0123456789" else []) + list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _json_no_duplicates(pairs):
@@ -578,7 +713,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
         if parts[0] not in TOP_LEVEL:
             raise ConfigError(key, f"unknown section {parts[0]!r} (known: {', '.join(TOP_LEVEL)})")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"cannot parse value {text!r}: {exc}") from exc
         node = raw
@@ -615,6 +750,8 @@ def split_deepspeed_json(config) -> tuple:
     if (raw.get("optimizer") or {}).get("type") is not None:
         compression = compression.resolved_for(raw["optimizer"]["type"])
     _check_deepspeed(raw, "<deepspeed>")
+    check_dense_weights(sparsity, compression)
+    check_pai_with_deepspeed(sparsity, raw)
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)

@@ -9,8 +9,9 @@ full masks). Masks are stored bit-packed.
 
 It is a step component (:mod:`dist_sparse.step`); one optimizer step, as seen from here:
 0. ``before_forward`` / after the gradient: a method that trains dense weights through a masked forward
-   (``SparseMethod.forward_masks``) gets the model's weights masked before each forward, and a method may rewrite
-   the reduced gradient (``SparseMethod.adjust_grads``) before anything else reads it.
+   (``SparseMethod.dense_weights``) gets the model's weights masked before each forward (re-deciding the masks from
+   the current masters first when ``reselects_before_forward``: SR-STE), and a method may add a term to the
+   reduced gradient (``SparseMethod.grad_deltas``) before anything else reads it.
 1. ``before_step(plan)``: on a mask-update step, score this rank's slices (|w|, |dense grad| or random), select
    globally (exact top-k across ranks), store the new masks, zero dropped weights, start regrown weights at 0 with
    zeroed optimizer moments. Then zero the gradients of pruned positions, so they neither count in gradient
@@ -71,6 +72,11 @@ class Sparsifier(Component):
         self.storage = DenseStorage()
         # the model's weights are masked for the forward while the master weights stay dense
         self.masked_forward = method is not None and method.dense_weights
+        self._reselected_at: int | None = None  # the step whose forward masks were last re-decided (SR-STE)
+        # freezing (dist_sparse/freezing.py): positions of the mask range that never change state, and the master
+        # values they keep (restored after every optimizer step, so neither the update nor weight decay moves them)
+        self.frozen: dict = {}  # name -> packed bits
+        self.frozen_values: dict = {}  # name -> values at the frozen positions, in order
 
     def store_in(self, storage) -> None:
         """Keep the masked values in ``storage`` from now on (compact state's packed store)."""
@@ -83,6 +89,41 @@ class Sparsifier(Component):
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         self.packed[name] = pack_bits(mask.reshape(-1).to("cpu"))
+
+    def frozen_mask(self, name: str) -> torch.Tensor | None:
+        if name not in self.frozen:
+            return None
+        return unpack_bits(self.frozen[name], self.views[self.order[name]].mask_len)
+
+    @torch.no_grad()
+    def set_frozen(self, name: str, bits: torch.Tensor) -> None:
+        """Freeze the positions ``bits`` (this rank's mask range) at the master values they hold now."""
+        v = self.views[self.order[name]]
+        bits = bits.reshape(-1).to("cpu").bool()
+        self.frozen[name] = pack_bits(bits)
+        self.frozen_values[name] = v.master()[bits.to(v.master().device)].detach().clone()
+
+    def refresh_frozen_values(self) -> None:
+        """After a checkpoint load: the frozen positions' values are the loaded masters (never changed)."""
+        for name in list(self.frozen):
+            self.set_frozen(name, self.frozen_mask(name))
+
+    @torch.no_grad()
+    def _restore_frozen(self) -> None:
+        for name, values in self.frozen_values.items():
+            v = self.views[self.order[name]]
+            master = v.master()
+            master[self.frozen_mask(name).to(master.device)] = values
+
+    def frozen_count(self, exclude=()) -> int:
+        """Frozen active positions over all ranks (score ranges partition each tensor), not counting ``exclude``."""
+        t = torch.zeros(1, dtype=torch.int64)
+        for v in self.views:
+            f = self.frozen_mask(v.name)
+            if f is not None and v.name not in exclude:
+                lo = v.score_start - v.mask_start
+                t += int((f[lo: lo + v.score_len] & self.mask(v.name)[lo: lo + v.score_len]).sum())
+        return int(D.all_reduce_sum(t, self.group))
 
     def mask_bytes(self) -> int:
         return sum(p.numel() for p in self.packed.values())
@@ -104,18 +145,46 @@ class Sparsifier(Component):
                 grad = v.grad()
                 g = grad[sl].detach().float() if grad is not None else None
             m = self.mask(v.name)[sl].to(w.device if w is not None else "cpu")
-            out.append(LayerSlice(v.name, self.order[v.name], tuple(v.shape), v.numel, v.mask_start + lo, m, w, g))
+            frozen = self.frozen_mask(v.name)
+            out.append(LayerSlice(v.name, self.order[v.name], tuple(v.shape), v.numel, v.mask_start + lo, m, w, g,
+                                  None if frozen is None else frozen[sl].to(m.device)))
         return out
 
-    def _store_scored(self, new_slices: list) -> None:
-        """Store new masks computed on the score ranges; at stage 0 exchange slices so all ranks hold full masks."""
+    def _store_scored(self, new_slices: list, store=None) -> None:
+        """Store new masks (or, with ``store``, other bits) computed on the score ranges; at stage 0 exchange slices
+        so all ranks hold the full tensor's bits."""
+        store = store or self.set_mask
         for v, new in zip(self.views, new_slices):
             new = new.to("cpu")
             if not v.replicated:
-                self.set_mask(v.name, new)
+                store(v.name, new)
             else:
                 parts = D.all_gather_varlen(new.to(torch.uint8), self.group)
-                self.set_mask(v.name, torch.cat(parts).bool())
+                store(v.name, torch.cat(parts).bool())
+
+    @torch.no_grad()
+    def freeze_fraction(self, fraction: float, select: str, seed: int, saliency: dict | None = None) -> None:
+        """FreezeNet-style freezing (Wimmer et al. 2020): of each layer's active weights, the ``fraction`` with the
+        lowest ``select`` score (``random``: counter-based, ``magnitude``: |w|, ``saliency``: |g ⊙ w| given as whole
+        tensors) keep their current value and are never updated; exact across ranks (the selector)."""
+        from dist_sparse.masks import random as counter_random
+        from dist_sparse.masks.select import Piece
+
+        slices = self._slices(True, False)
+        pieces, ks = [], {}
+        active = torch.tensor([int(s.mask.sum()) for s in slices], dtype=torch.int64)
+        D.all_reduce_sum(active, self.group)
+        for s, a in zip(slices, active.tolist()):
+            if select == "random":
+                score = counter_random.uniform(seed, 900_001 + s.order, s.start, s.mask.numel(), device=s.mask.device)
+            elif select == "magnitude":
+                score = s.weight.abs()
+            else:
+                score = saliency[s.name].reshape(-1)[s.start: s.start + s.mask.numel()].to(s.mask.device)
+            pieces.append(Piece(score, s.mask, s.order, 0, s.start))
+            ks[s.order] = a - int(round(fraction * a))  # the trained ones: the highest scores
+        trained = self.selector.topk(pieces, ks)
+        self._store_scored([s.mask & ~t for s, t in zip(slices, trained)], store=self.set_frozen)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,6 +219,11 @@ class Sparsifier(Component):
         optimizer steps stay dense, and the gradient of the masked weights is applied to them as it is."""
         if not self.masked_forward:
             return
+        plan = self._plan(plan)
+        if self.method.reselects_before_forward and plan.step != self._reselected_at:
+            # SR-STE: S(W) from the current dense masters, once per step (micro-batches and evaluation share it)
+            self._update(plan.step)
+            self._reselected_at = plan.step
         for v in self.views:
             m = self.mask(v.name).to(v.master().device)
             v.zero_model_(m, self.full_mask(v.name) if v.model_needs_full_mask else None)
@@ -171,7 +245,8 @@ class Sparsifier(Component):
             return  # straight-through: pruned positions keep their gradient
         for v in self.views:
             if v.grad() is not None:
-                v.mul_grad_(self.mask(v.name))
+                frozen = self.frozen_mask(v.name)  # frozen weights get no gradient step (nor count in clipping)
+                v.mul_grad_(self.mask(v.name) if frozen is None else self.mask(v.name) & ~frozen)
 
     def uses_dense_grad(self, step: int) -> bool:
         """Whether the gradient of pruned positions is used at ``step`` (the schedule decides)."""
@@ -203,6 +278,7 @@ class Sparsifier(Component):
         if self.method is not None and self.method.dense_weights:
             return  # the masters stay dense; the forward is masked
         self.storage.enforce(self)
+        self._restore_frozen()  # frozen weights: back to their value, whatever Adam or weight decay did
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
@@ -217,8 +293,10 @@ class Sparsifier(Component):
             lo = v.score_start - v.mask_start  # count on score ranges only: they partition the tensor across ranks
             grown[i] = int(born[lo: lo + v.score_len].sum())
             pruned[i] = int(died[lo: lo + v.score_len].sum())
-        # regrown weights start at 0 with zero moments; dropped ones are gone (zeroed, or repacked away)
-        self.storage.masks_changed(self, old)
+        # regrown weights start at 0 with zero moments; dropped ones are gone (zeroed, or repacked away); a method
+        # training dense weights keeps them all (its masks only decide what the forward sees)
+        if not self.masked_forward:
+            self.storage.masks_changed(self, old)
         D.all_reduce_sum(grown, self.group)
         D.all_reduce_sum(pruned, self.group)
         active = self.active_counts()

@@ -22,6 +22,7 @@ from dist_sparse.config import Config
 from dist_sparse.data import TextData
 from dist_sparse.errors import DistSparseError
 from dist_sparse.faults import Faults
+from dist_sparse.freezing import freeze_counts, freeze_modules
 from dist_sparse.integration import hf
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
 from dist_sparse.integration.engine import attach
@@ -84,10 +85,12 @@ class PeerTimeoutError(DistSparseError, RuntimeError):
     """A collective did not complete within ``train.dist_timeout_s``: a peer hung or died."""
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
+def train(cfg: Config, resume: str | None = None, rewind: bool = False) -> dict:
     """Train on every rank; returns the summary (also written to ``<output_dir>/summary.json`` by rank 0).
 
     ``resume``: a checkpoint directory or ``auto`` (the newest committed one under ``<output_dir>/checkpoints``).
+    ``rewind``: ``resume`` is another run's checkpoint whose whole training state is taken with this config's
+    masks (``sparsity.init_masks``) applied; the rewound state is saved at once in this run's checkpoints.
     """
     set_threads(cfg)
     # DeepSpeed's ZeRO all-gathers call torch's deprecated all_gather_into_tensor every step, and torch warns on
@@ -95,7 +98,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     init_distributed(cfg.train.dist_timeout_s)
     try:
-        summary = _train(cfg, resume)
+        summary = _train(cfg, resume, rewind)
         D.shutdown()
         return summary
     except RuntimeError as exc:
@@ -121,7 +124,7 @@ def _resume_target(cfg: Config, resume: str | None, ckpt_root: Path):
     return checkpoint.resolve(resume, ckpt_root) if resume is not None else None
 
 
-def _train(cfg: Config, resume: str | None) -> dict:
+def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
     rank, world = D.rank(), D.world_size()
     is_main = rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[dist_sparse] %(message)s")
@@ -142,27 +145,34 @@ def _train(cfg: Config, resume: str | None) -> dict:
     torch.manual_seed(cfg.train.seed)
     data = training_data(cfg)  # prepared shards (memory-mapped) or text
     model = hf.build_causal_lm(cfg.model, vocab_size(data), cfg.attention)
+    freeze_modules(model, cfg.freeze.modules)  # no gradient, no optimizer state, not sparsified
     ds_config = deepspeed_config(cfg)
     if cfg.zero_stage == 3:  # fused MoE experts are fetched as one unit (before the engine registers its hooks)
         register_zero3_leaves(model)
     deepspeed = import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    # which windows each (step, rank, micro-batch) reads; its position is saved with every checkpoint
+    sampler = WindowSampler(data, cfg.data.sampling, cfg.model.block_size, cfg.train.seed, world, micro, accum)
+    # pruning at initialization scores the first training batches of this rank's stream (SNIP's mini-batch)
+    init_batches = [sampler.batch(i, rank, 0) for i in range(cfg.sparsity.init_batches)] \
+        if cfg.sparsity.method in ("snip", "grasp") or cfg.freeze.select == "saliency" else None
     engine = attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
-                    max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression)
+                    max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression,
+                    init_batches=init_batches, freeze=cfg.freeze)
     sparsifier = engine.sparsifier
     stopper.device = engine.device
     start_step = 0
     if resume_path is not None:
-        start_step = restore(engine, resume_path)
+        start_step = restore(engine, resume_path, rewind=rewind)
         if is_main:
-            log.info("resumed from %s at step %d", resume_path, start_step)
-    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+            log.info("%s from %s at step %d", "rewound" if rewind else "resumed", resume_path, start_step)
     tokens_per_step = world * micro * accum * cfg.model.block_size
-    # which windows each (step, rank, micro-batch) reads; its position is saved with every checkpoint
-    sampler = WindowSampler(data, cfg.data.sampling, cfg.model.block_size, cfg.train.seed, world, micro, accum)
     sampler.load_state_dict(checkpoint.read_trainer_state(resume_path).get("data") if resume_path else None,
                             start_step)
 
+    if rewind:  # the rewound state is this run's first checkpoint (a resume of this run starts from it)
+        save_checkpoint(engine, ckpt_root, start_step, cfg, faults, data_state=sampler.state_dict(start_step))
     densities = sparsifier.layer_density() if sparsifier.views else {}
     # sizes from the model itself (a pretrained checkpoint overrides the model section's sizes)
     n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
@@ -283,6 +293,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         "fp16_overflow_steps": engine.overflow_skips,  # skipped by DeepSpeed's loss scaler (fp16 only)
         "resumed_from": str(resume_path) if resume_path is not None else None,
         "mask_updates": sparsifier.updates_done,
+        **freeze_counts(engine, model),  # trainable_parameters, frozen_parameters (a collective)
         "sparsified_parameters": sparsifier.sparsified_numel(),
         "total_parameters": hf.count_parameters(model),
         "data": data.source,

@@ -73,7 +73,7 @@ def test_schedules():
 
 
 def test_method_registry_and_config_agree():
-    assert set(method_names()) == {"none", "static", "magnitude", "set", "rigl"}
+    assert set(method_names()) == {"none", "static", "magnitude", "set", "rigl", "sr_ste", "snip", "grasp", "synflow"}
     from dist_sparse import config
 
     assert set(config.method_names()) == set(method_names())

@@ -10,7 +10,9 @@ from tests.distributed_utils import run_spawned
 def _check_select(rank, world, seed):
     g = torch.Generator().manual_seed(seed)  # the same full tensors on every rank
     sizes = (1000, 37, 517)
-    scores = [torch.randint(0, 8, (n,), generator=g).float() / 8 for n in sizes]  # heavy ties
+    # heavy ties, both signs (GraSP's scores are signed), -0.0 equal to +0.0
+    scores = [(torch.randint(0, 8, (n,), generator=g).float() - 4) / 8 for n in sizes]
+    scores[1][::5] = -0.0
     eligible = [torch.rand(n, generator=g) < 0.6 for n in sizes]
     ks = {0: int(eligible[0].sum()) // 4, 1: 5, 2: int(eligible[2].sum())}  # incl. "select all"
     # uneven contiguous split, ranks own ascending ranges (as ZeRO partitions do)

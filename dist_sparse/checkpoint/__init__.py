@@ -171,6 +171,8 @@ def save(root, step: int, views: list, sparsifier, state_keys: list, model_state
             tensors[f"{v.name}::{key}"] = value[cut].detach().float().cpu().clone()
         if v.name in masked:
             tensors[f"{v.name}::mask"] = pack_bits(sparsifier.mask(v.name)[cut].cpu())
+            if v.name in sparsifier.frozen:  # freezing: which positions keep their value (their values: the masters)
+                tensors[f"{v.name}::frozen"] = pack_bits(sparsifier.frozen_mask(v.name)[cut].cpu())
             if v.name in sparsifier.grad_sums:  # RigL's growth window is open: its gradient sum (score range)
                 tensors[f"{v.name}::grow_grad_sum"] = sparsifier.grad_sums[v.name].detach().float().cpu().clone()
     # a full disk or a quota (ENOSPC, EDQUOT) on any rank stops every rank with the file and the bytes named
@@ -324,7 +326,7 @@ def _assemble(pieces: list, kind: str, start: int, length: int, dtype) -> torch.
         if lo >= hi:
             continue
         src = kinds[kind]
-        if kind == "mask":
+        if kind in ("mask", "frozen"):  # bit-packed
             src = unpack_bits(src, p_len)
         out[lo - start: hi - start] = src[lo - p_start: hi - p_start].to(dtype)
         covered[lo - start: hi - start] = True
@@ -364,6 +366,10 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
                 if states[key] is None or (v.store is None and v.state(key) is None):
                     raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
             v.load(master, states)
+            if v.name in masked:
+                frozen = _assemble(p, "frozen", v.mask_start, v.mask_len, torch.bool)
+                if frozen is not None:
+                    sparsifier.set_frozen(v.name, frozen)  # after the masters: they are the frozen values
     # an open RigL growth window (grow_grad_steps > 1): its gradient sums, over this rank's score range
     window_steps = int((trainer.get("sparsifier") or {}).get("grad_sum_steps", 0))
     if sparsifier is not None:

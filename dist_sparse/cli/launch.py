@@ -97,6 +97,8 @@ def _inner_args(args) -> list:
     inner = [str(Path(args.config).resolve())] + [f"--set={o}" for o in args.overrides]
     if args.resume is not None:
         inner += ["--resume", args.resume]
+    if getattr(args, "rewind", None) is not None:
+        inner += ["--rewind", args.rewind]
     return inner
 
 

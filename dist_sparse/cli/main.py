@@ -10,6 +10,8 @@ COMMANDS = {
     "eval": ("dist_sparse.cli.evaluate", "perplexity and sparsity of a checkpoint"),
     "plan": ("dist_sparse.cli.plan", "predicted per-rank training-state bytes (before launching)"),
     "prepare-data": ("dist_sparse.cli.prepare_data", "tokenize a corpus into memory-mapped shards (data.prepared)"),
+    "lottery": ("dist_sparse.cli.lottery", "lottery tickets: iterative magnitude pruning with rewinding"),
+    "report": ("dist_sparse.cli.report", "draw loss curves, densities, churn and lottery rounds of runs (PNG)"),
 }
 
 

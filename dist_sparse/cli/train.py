@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="DIR|auto",
                    help="continue from a committed checkpoint directory, or the newest one under "
                         "<train.output_dir>/checkpoints (auto); a missing or uncommitted target is an error")
+    p.add_argument("--rewind", default=None, metavar="DIR",
+                   help="start from a committed checkpoint of another run (its weights, optimizer moments, learning "
+                        "rate schedule, data position and step) with this config's sparsity.init_masks applied: "
+                        "pruned positions zeroed (lottery tickets with rewinding; dist-sparse lottery uses it)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with torchrun (--nproc, --nnodes, --hostfile): restart all ranks this many times after a "
                         "failure; a restart resumes from the newest committed checkpoint (a clean stop, exit code "
@@ -72,7 +76,10 @@ def main(argv=None) -> int:
     from dist_sparse.trainer import train
 
     try:
-        summary = train(cfg, resume=args.resume)
+        if args.rewind is not None and (args.resume is not None or cfg.sparsity.init_masks is None):
+            raise config_mod.ConfigError("--rewind", "needs sparsity.init_masks (the masks to apply) and excludes "
+                                                     "--resume")
+        summary = train(cfg, resume=args.rewind or args.resume, rewind=args.rewind is not None)
     except DistSparseError as exc:
         print(f"dist-sparse train: error on rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
         return 1

@@ -230,23 +230,32 @@ class SparseEngine:
 
 
 def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
-           max_skipped_steps: int = 5, compression: CompressionConfig | None = None) -> SparseEngine:
+           max_skipped_steps: int = 5, compression: CompressionConfig | None = None,
+           init_batches=None, freeze=None) -> SparseEngine:
     """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now), compact state when
-    ``sparsity.compact_state`` and the compressed gradient exchange when ``compression`` is enabled."""
-    from dist_sparse.integration.hf import sparsifiable_parameters
+    ``sparsity.compact_state`` and the compressed gradient exchange when ``compression`` is enabled.
+
+    ``init_batches``: this rank's token batches (a list of [batch, seq] tensors) that pruning at initialization
+    (``snip``, ``grasp``) and ``freeze.select: saliency`` score; ``synflow`` is data-free. ``freeze``: a
+    ``FreezeConfig`` (fraction and schedule; ``freeze.modules`` is applied before DeepSpeed, by the caller)."""
+    from dist_sparse.integration.hf import sparsifiable_parameters, stored_transposed
 
     patches.check_deepspeed_version()
     if isinstance(sparsity.method, type):  # the Python API may pass a registered method class
         sparsity.check("sparsity")
     names = sparsifiable_parameters(model, sparsity.params, sparsity.exclude) if sparsity.method != "none" else []
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = [n for n in names if n in trainable]  # frozen modules (freeze.modules) are not sparsified
     views = build_views(engine, names)
     # fused MoE experts: every expert's matrix is its own layer for the method's decisions
     method = build_layer_method(sparsity, {v.name: v.shape for v in views}, total_steps,
-                                sparsity.seed if sparsity.seed is not None else seed)
+                                sparsity.seed if sparsity.seed is not None else seed, stored_transposed(model, names))
     if method is not None and method.dense_weights and any(v.model_is_master for v in views):
         raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
                                              "needs master weights apart from the model's (ZeRO stage >= 1, or "
                                              "bf16/fp16); at ZeRO-0 in fp32 the model's weights are the masters")
+    if method is not None and getattr(method, "needs_init_scores", False) and init_masks is None:
+        _score_at_init(engine, model, method, [v.name for v in views], init_batches)
     sparsifier = Sparsifier(method, views, schedule=StepSchedule(method))
     if init_masks is None and sparsity.init_masks is not None:
         from dist_sparse.masks.io import load_masks
@@ -254,13 +263,29 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         init_masks = load_masks(sparsity.init_masks)
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
+    if freeze is not None and freeze.fraction > 0:  # FreezeNet: before any step, at the initial values
+        saliency = None
+        if freeze.select == "saliency":
+            from dist_sparse.methods.pai import connection_sensitivity
+
+            if not init_batches:
+                raise ConfigError("freeze.select", "saliency scores training batches: pass init_batches to attach()")
+            saliency = connection_sensitivity(model, [v.name for v in views],
+                                              [b.to(engine.device) for b in init_batches])
+        sparsifier.freeze_fraction(freeze.fraction, freeze.select, sparsity.seed if sparsity.seed is not None
+                                   else seed, saliency)
     wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    if freeze is not None and freeze.schedule:
+        from dist_sparse.freezing import ProgressiveFreezing
+
+        wrapped.add_component(ProgressiveFreezing(model, freeze.schedule, wrapped.param_views, sparsifier))
     compressed = compression is not None and compression.enabled
     if sparsity.compact_state:  # master weights, moments and gradients only for active weights
         wrapped.set_compact(_compact_store(engine, wrapped, reduce_gradients=not compressed))
-    elif method is not None:
+    elif method is not None and not method.dense_weights:
         # masked-dense: DeepSpeed's gradient norm over the active values only, summed the way compact state sums
-        # them, so the two compute the same clip coefficient bit for bit on any CPU
+        # them, so the two compute the same clip coefficient bit for bit on any CPU (a straight-through method
+        # applies the pruned positions' gradients too: DeepSpeed's own norm over all of them is the right one)
         _install_masked_grad_norm(engine, sparsifier)
     if compressed:
         from dist_sparse.integration.ds_compression import CompressedReduction
@@ -269,6 +294,25 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
                                                     compression, seed, store=wrapped.compact,
                                                     sparsifier=sparsifier))
     return wrapped
+
+
+def _score_at_init(engine, model, method, names: list, init_batches) -> None:
+    """Pruning at initialization: the method's scores of the whole initial parameters (every rank scores its own
+    batches; gradients are averaged over ranks inside ``score``), before any optimizer step."""
+    from dist_sparse.methods import SynFlow
+
+    if engine.zero_optimization_stage() == 3:  # also refused by the config check; this guards attach() directly
+        raise ConfigError("sparsity.method", f"{method.name!r} needs ZeRO stage 0, 1 or 2 (docs/methods.md)")
+    if hasattr(method, "stacks"):
+        raise ConfigError("sparsity.method", f"{method.name!r} does not support fused expert tensors "
+                                             f"({', '.join(sorted(method.stacks))}); exclude them")
+    if isinstance(method, SynFlow):
+        init_batches = []  # data-free
+    elif not init_batches:
+        raise ConfigError("sparsity.init_batches", f"{method.name!r} scores training batches at step 0: pass "
+                                                   "init_batches to attach() / initialize() (dist-sparse train does)")
+    batches = [b.to(engine.device) for b in init_batches[: method.init_batches]]
+    method.init_scores = method.score(model, names, batches)
 
 
 def _compact_store(engine, sparse_engine, reduce_gradients: bool):
@@ -321,7 +365,7 @@ def _install_masked_grad_norm(engine, sparsifier) -> None:
 
 
 def initialize(model, config, model_parameters=None, optimizer=None, lr_scheduler=None, training_data=None,
-               total_steps=None, seed=0, **kwargs):
+               total_steps=None, seed=0, init_batches=None, **kwargs):
     """Like ``deepspeed.initialize``, for a DeepSpeed config (path or dict) that also carries a ``sparsity`` block
     (and optionally a ``compression`` block).
 
@@ -335,8 +379,8 @@ def initialize(model, config, model_parameters=None, optimizer=None, lr_schedule
     engine, opt, loader, sched = deepspeed.initialize(
         model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
         optimizer=optimizer, lr_scheduler=lr_scheduler, training_data=training_data, config=ds_config, **kwargs)
-    return (attach(engine, model, sparsity, total_steps=total_steps, seed=seed, compression=compression), opt, loader,
-            sched)
+    return (attach(engine, model, sparsity, total_steps=total_steps, seed=seed, compression=compression,
+                   init_batches=init_batches), opt, loader, sched)
 
 
 def gathered_state_dict(engine) -> dict | None:

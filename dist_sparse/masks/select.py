@@ -5,10 +5,11 @@ layer is split across ranks: on 2 ranks the result must equal, bit for bit, what
 tensor. We define one total order, **larger score first, then smaller global index first**, and select the first k
 elements in it. Per selection group (a layer, or all layers for the `global` distribution):
 
-1. Scores (finite, >= 0) are mapped to int32 keys by their IEEE-754 bit pattern, which orders non-negative floats
-   exactly like their values; ineligible elements get key -1.
-2. The k-th largest key T is found by bisection over the 31-bit key range: each round every rank counts its keys
-   >= mid and one all-reduce (for all groups at once) sums the counts. 31 rounds, no data is moved.
+1. Scores (finite floats of either sign: GraSP's are signed) are mapped to integer keys that order exactly like
+   their values: a non-negative float's IEEE-754 bit pattern orders like its value, so ``+x`` gets ``OFFSET + bits(x)``
+   and ``-x`` gets ``OFFSET - bits(x)`` (keys >= 0; ``-0.0`` is ``+0.0``); ineligible elements get key -1.
+2. The k-th largest key T is found by bisection over the 32-bit key range: each round every rank counts its keys
+   >= mid and one all-reduce (for all groups at once) sums the counts. 32 rounds, no data is moved.
 3. Every key > T is selected; of the keys == T the first ``k - count(> T)`` in global-index order are selected:
    an all-gather of per-piece tie counts tells each rank how many ties precede its piece.
 
@@ -21,7 +22,8 @@ import torch
 
 from dist_sparse import distributed as D
 
-_KEY_HI = 0x7F800001  # one past +inf's bit pattern: count(key >= _KEY_HI) == 0 for finite scores
+_OFFSET = 0x7F800000  # +inf's bit pattern: keys of finite negative scores lie in [1, _OFFSET), others above
+_KEY_HI = 2 * _OFFSET + 1  # one past +inf's key: count(key >= _KEY_HI) == 0 for finite scores
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Piece:
     tie-breaking, then by ``start``, the offset of this piece in the flattened tensor).
     """
 
-    scores: torch.Tensor  # flat, float, finite, >= 0
+    scores: torch.Tensor  # flat, float, finite (either sign)
     eligible: torch.Tensor | None  # flat bool; None = all eligible
     group: int
     order: int
@@ -41,10 +43,12 @@ class Piece:
 
 def score_keys(scores: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
     s = scores.detach().reshape(-1).to(torch.float32)
-    if not torch.isfinite(s).all() or (s < 0).any():
-        raise ValueError("selection scores must be finite and >= 0 (got NaN, inf or a negative score)")
-    # +0.0 and -0.0 both map to key 0 (s < 0 is False for -0.0, but its bit pattern is negative)
-    keys = (s + 0.0).abs().view(torch.int32).to(torch.int64)
+    if not torch.isfinite(s).all():
+        raise ValueError("selection scores must be finite (got NaN or inf)")
+    # the magnitude's bit pattern, mirrored below _OFFSET for negative scores; -0.0 is not negative (s < 0 is False)
+    bits = s.abs().contiguous().view(torch.int32).to(torch.int64)
+    keys = torch.where(s < 0, _OFFSET - bits, _OFFSET + bits)
+    keys = torch.where(s == 0, torch.full_like(keys, _OFFSET), keys)
     if eligible is not None:
         keys = torch.where(eligible.reshape(-1), keys, torch.full_like(keys, -1))
     return keys
@@ -141,7 +145,8 @@ def topk_select_local(pieces: list, ks: dict) -> list:
 
 
 class DistributedSelector:
-    """What methods use to decide: exact top-k and integer sums over all ranks of ``group``."""
+    """What methods use to decide: exact top-k, integer sums and (for structured patterns, whose cells may
+    straddle ranks) an all-gather of variable-length tensors over all ranks of ``group``."""
 
     def __init__(self, group=None):
         self.group = group
@@ -152,6 +157,10 @@ class DistributedSelector:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return D.all_reduce_sum(t, self.group)
 
+    def gather(self, t: torch.Tensor) -> list:
+        """Every rank's 1-D tensor (lengths may differ), in rank order."""
+        return D.all_gather_varlen(t, self.group)
+
 
 class LocalSelector:
     """The single-process reference: full tensors in one process, selection by stable sort, no collectives."""
@@ -161,3 +170,6 @@ class LocalSelector:
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def gather(self, t: torch.Tensor) -> list:
+        return [t]

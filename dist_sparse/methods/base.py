@@ -16,6 +16,9 @@ method can act at two more points of the step:
 - after the gradient: ``grad_deltas`` (with ``adjusts_grads = True``) returns a term added to the reduced gradient
   of each slice before anything else reads it (a regulariser on pruned weights, say).
 
+Frozen weights (``freeze``; ``LayerSlice.frozen``) never change state: a method that drops weights keeps them
+through :meth:`SparseMethod.select_survivors` and never regrows a frozen pruned position.
+
 How scores become masks is the *pattern*'s job (:mod:`dist_sparse.patterns`; unstructured by default): a method
 calls :meth:`SparseMethod.select`, never the selector's ``topk`` directly.
 """
@@ -40,6 +43,9 @@ class LayerSlice:
     mask: torch.Tensor  # bool, this slice
     weight: torch.Tensor | None  # fp32 master weights of this slice
     grad: torch.Tensor | None  # dense gradient of this slice (reduced over data-parallel ranks)
+    # frozen positions (``freeze``): never change state: a frozen active weight is never dropped, a frozen pruned
+    # one never regrown. None: nothing frozen
+    frozen: torch.Tensor | None = None
 
 
 class SparseMethod:
@@ -52,6 +58,9 @@ class SparseMethod:
     dense_start = False  # True: start from a dense network (gradual pruning)
     dense_weights = False  # True: the optimizer steps dense weights, the forward sees them masked
     adjusts_grads = False  # True: grad_deltas is added to the reduced gradient every step
+    # True: ``update`` is called before every step's forward on the current (dense) master weights and its masks
+    # are the forward's (SR-STE); such a re-decision is not a scheduled mask update: nothing is zeroed
+    reselects_before_forward = False
 
     def __init__(self, densities: dict, global_selection: bool, times, seed: int,
                  pattern: SparsityPattern | None = None):
@@ -89,10 +98,23 @@ class SparseMethod:
     def pieces(self, slices: list, scores: list, eligible: list) -> list:
         return [Piece(sc, el, self.group_of(s), s.order, s.start) for s, sc, el in zip(slices, scores, eligible)]
 
-    def select(self, slices: list, scores: list, eligible: list, keep: dict, select) -> list:
+    def select(self, slices: list, scores: list, eligible: list, keep: dict, select, held=None) -> list:
         """Masks keeping ``keep[group]`` weights by ``scores`` among the ``eligible`` ones, in this method's
-        pattern (exact across ranks: ``select`` is the selector)."""
-        return self.pattern.select(self, slices, scores, eligible, keep, select)
+        pattern (exact across ranks: ``select`` is the selector). ``held``: per slice, weights already kept by this
+        decision, which count against a structured pattern's cells (SET/RigL's survivors when they regrow)."""
+        return self.pattern.select(self, slices, scores, eligible, keep, select, held)
+
+    def frozen_of(self, slices: list) -> list:
+        return [s.frozen.to(s.mask.device) if s.frozen is not None else torch.zeros_like(s.mask) for s in slices]
+
+    def select_survivors(self, slices: list, scores: list, keep: dict, select) -> list:
+        """Of the active weights keep ``keep[group]`` by ``scores``; frozen active weights always survive (they
+        count towards ``keep``)."""
+        frozen = [f & s.mask for f, s in zip(self.frozen_of(slices), slices)]
+        n_frozen = self.global_counts(slices, [int(f.sum()) for f in frozen], select)
+        rest = {g: max(0, k - n_frozen.get(g, 0)) for g, k in keep.items()}
+        kept = self.select(slices, scores, [s.mask & ~f for s, f in zip(slices, frozen)], rest, select, held=frozen)
+        return [k | f for k, f in zip(kept, frozen)]
 
     def random_scores(self, s: LayerSlice, stream: int) -> torch.Tensor:
         return counter_random.uniform(self.seed, stream * 100_003 + s.order, s.start, s.mask.numel(),

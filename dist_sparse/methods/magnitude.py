@@ -35,4 +35,4 @@ class Magnitude(SparseMethod):
         active = self.global_counts(slices, [int(s.mask.sum()) for s in slices], select)
         keep = {g: min(k, active[g]) for g, k in keep.items()}  # never regrow
         scores = [self.drop_scores(s) for s in slices]
-        return self.select(slices, scores, [s.mask for s in slices], keep, select)
+        return self.select_survivors(slices, scores, keep, select)  # frozen weights are never pruned

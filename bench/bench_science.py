@@ -1,0 +1,209 @@
+"""The science table (issue 16): every family of sparse training on one setting, mean ± std over seeds.
+
+Setting: the training benchmark's (tinyshakespeare, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks,
+ZeRO-2, 90% sparsity with ERK unless stated) with the demo's optimizer recipe (AdamW lr 1e-3, betas 0.9/0.95,
+weight decay 0.1: what users run). Rows: dense; small dense at about equal nonzeros (width 48); static; SNIP;
+GraSP; SynFlow; GMP; SET; RigL (its defaults) -- three seeds each -- and, one seed each, IMP (3 rounds to 90%,
+rewinding to 5% of training) against its reinit control, 2:4 with static, magnitude and SR-STE, FreezeNet (SNIP
+masks at 90%, half of the kept weights frozen) against SNIP at 95% (the same trainable count, sparse).
+
+Resumable: each run has its own directory under bench/work/science/; a run whose ``summary.json`` exists and whose
+saved ``config.json`` equals the config it would run now is reused (the section says which rows were reused), so
+the script can be stopped and restarted and will run only what is missing. ``--only`` and ``--seeds`` pick a
+screening subset (the issue's screening: 1 seed at 1000 steps); rows not run are listed as such.
+
+    python bench/bench_science.py [--steps 2000] [--seeds 3] [--only dense,static,rigl]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
+from bench.common import RESULTS, SHAKESPEARE  # noqa: E402
+
+WORK = ROOT / "bench" / "work" / "science"
+SECTION = "80_science"
+CONFIG = ROOT / "configs" / "demo.yaml"
+
+COMMON = ["model.n_layer=4", "model.n_head=4", "model.block_size=128", "data.tokenizer=char",
+          "deepspeed.train_micro_batch_size_per_gpu=8", "deepspeed.zero_optimization.stage=2",
+          "train.eval_batches=50", "train.progress=false", "train.save_final_model=true", "train.save_interval=0",
+          "sparsity.sparsity=0.9", "sparsity.distribution=erk", "sparsity.update_interval=100"]
+W128 = ["model.n_embd=128"]
+IMP_PRUNE = 1 - 0.1 ** (1 / 3)  # 3 rounds to 90%
+
+# name, seeds ("all": --seeds of them, 1: one), overrides
+ROWS = [
+    ("dense", "all", [*W128, "sparsity.method=none"]),
+    ("small dense (width 48)", "all", ["model.n_embd=48", "sparsity.method=none"]),
+    ("static", "all", [*W128, "sparsity.method=static"]),
+    ("snip", "all", [*W128, "sparsity.method=snip", "sparsity.distribution=global"]),
+    ("grasp", "all", [*W128, "sparsity.method=grasp", "sparsity.distribution=global"]),
+    ("synflow", "all", [*W128, "sparsity.method=synflow", "sparsity.distribution=global"]),
+    ("gmp", "all", [*W128, "sparsity.method=magnitude", "sparsity.start_step=200"]),
+    ("set", "all", [*W128, "sparsity.method=set"]),
+    ("rigl", "all", [*W128, "sparsity.method=rigl"]),
+    ("imp (3 rounds, rewind 5%)", 1, "lottery"),
+    ("2:4 static", 1, [*W128, "sparsity.method=static", "sparsity.pattern=2:4", "sparsity.sparsity=0.5"]),
+    ("2:4 magnitude", 1, [*W128, "sparsity.method=magnitude", "sparsity.pattern=2:4", "sparsity.sparsity=0.5",
+                          "sparsity.start_step=200"]),
+    ("2:4 sr_ste", 1, [*W128, "sparsity.method=sr_ste", "sparsity.pattern=2:4", "sparsity.sparsity=0.5"]),
+    ("freezenet (snip 90%, half frozen)", 1, [*W128, "sparsity.method=snip", "sparsity.distribution=global",
+                                              "freeze.fraction=0.5", "freeze.select=saliency"]),
+    ("snip 95% (same trainable count)", 1, [*W128, "sparsity.method=snip", "sparsity.distribution=global",
+                                            "sparsity.sparsity=0.95"]),
+]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def overrides_for(row: list, steps: int, seed: int, out: Path) -> list:
+    return [*COMMON, *row, f"train.steps={steps}", f"train.eval_interval={max(1, steps // 4)}",
+            f"train.log_interval={max(1, steps // 40)}", f"data.path={SHAKESPEARE}", f"train.seed={seed}",
+            f"train.output_dir={out}"]
+
+
+def same_config(out: Path, overrides: list) -> bool:
+    """A finished run with exactly the config this script would run now."""
+    from dist_sparse import config as config_mod
+
+    if not (out / "summary.json").exists() or not (out / "config.json").exists():
+        return False
+    wanted = config_mod.load(CONFIG, overrides).to_dict()
+    return json.loads(json.dumps(wanted)) == json.loads((out / "config.json").read_text())
+
+
+def train(name: str, row: list, steps: int, seed: int) -> tuple:
+    out = WORK / f"{slug(name)}_s{seed}_{steps}"
+    overrides = overrides_for(row, steps, seed, out)
+    if same_config(out, overrides):
+        return json.loads((out / "summary.json").read_text()), out, True
+    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(CONFIG), "--nproc", "2"]
+    for o in overrides:
+        cmd += ["--set", o]
+    if (out / "checkpoints").exists():  # an interrupted run of the same config continues
+        cmd += ["--resume", "auto"]
+    proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} (seed {seed}) failed:\n{proc.stderr[-5000:]}")
+    return json.loads((out / "summary.json").read_text()), out, False
+
+
+def lottery(name: str, steps: int, seed: int) -> tuple:
+    out = WORK / f"{slug(name)}_s{seed}_{steps}"
+    report = out / "lottery.json"
+    reused = report.exists() and "control" in json.loads(report.read_text())
+    if not reused:  # dist-sparse lottery resumes its own rounds
+        cmd = [sys.executable, "-m", "dist_sparse.cli.main", "lottery", str(CONFIG), "--rounds", "3",
+               "--prune-fraction", f"{IMP_PRUNE:.6f}", "--rewind-step", str(max(1, steps // 20)), "--control",
+               "reinit", "--nproc", "2"]
+        for o in overrides_for([*W128, "sparsity.sparsity=0.9"], steps, seed, out):
+            cmd += ["--set", o]
+        proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-5000:]}")
+    return json.loads(report.read_text()), out, reused
+
+
+def fmt(values: list) -> str:
+    if not values:
+        return "not run"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)} seeds)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", default=None, help="comma-separated row names (a screening subset)")
+    args = parser.parse_args()
+    if common.skipped_without_shakespeare(SECTION, "Science table"):
+        return
+    only = set(args.only.split(",")) if args.only else None
+    vals, reused, dirs, control = {}, [], [], None
+    for name, seeds, row in ROWS:
+        if only is not None and name not in only:
+            continue
+        n = args.seeds if seeds == "all" else 1
+        for seed in range(n):
+            if row == "lottery":
+                rep, out, was = lottery(name, args.steps, seed)
+                vals.setdefault(name, []).append(rep["round"][-1]["val_loss"])
+                control = rep["control"]
+                vals.setdefault("imp reinit control (seed + 1000)", []).append(control["val_loss"])
+            else:
+                summary, out, was = train(name, row, args.steps, seed)
+                vals.setdefault(name, []).append(summary["final_val_loss"])
+            dirs.append(out)
+            if was:
+                reused.append(f"{name} seed {seed}")
+            print(f"{name} seed {seed}: {vals[name][-1]:.4f}{' (reused)' if was else ''}", flush=True)
+
+    def mean(name):
+        return statistics.mean(vals[name]) if vals.get(name) else None
+
+    def order(label, better, worse):
+        a, b = mean(better), mean(worse)
+        if a is None or b is None:
+            return f"| {label} | not measured | {better} or {worse} not run |"
+        return f"| {label} | {'yes' if a < b else 'NO'} | {a:.4f} vs {b:.4f} ({(a - b) / b * 100:+.2f}%) |"
+
+    dense = mean("dense")
+    rows = [f"| {name} | {fmt(vals.get(name, []))} | "
+            f"{(mean(name) / dense if dense and mean(name) else float('nan')):.3f} |"
+            for name in [r[0] for r in ROWS] + ["imp reinit control (seed + 1000)"]]
+    checks = [order(f"{pai} above static random (Frankle et al. 2021)", pai, "static") for pai in
+              ("snip", "grasp", "synflow")]
+    checks += [order(f"GMP above {pai} (Frankle et al. 2021)", "gmp", pai) for pai in ("snip", "grasp", "synflow")]
+    checks += [order("rewound ticket above its reinit control", "imp (3 rounds, rewind 5%)",
+                     "imp reinit control (seed + 1000)"),
+               order("SR-STE 2:4 above static 2:4", "2:4 sr_ste", "2:4 static"),
+               order("RigL above SET", "rigl", "set"), order("SET above static", "set", "static")]
+    figure = RESULTS / f"{SECTION}.png"
+    if dirs:
+        subprocess.run([sys.executable, "-m", "dist_sparse.cli.main", "report", *map(str, dirs), "--out",
+                        str(figure)], check=True, cwd=ROOT)
+    md = [
+        "## Science table: every family of sparse training, one setting",
+        "",
+        f"Command: `{common.command_line()}` (each row is `dist-sparse train configs/demo.yaml --nproc 2 --set "
+        "...`, IMP is `dist-sparse lottery`; the overrides are in `bench/bench_science.py`).",
+        f"Machine: {common.machine_line()}.",
+        "",
+        f"Setting: `{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks, ZeRO-2, "
+        f"{args.steps} steps, the demo's AdamW recipe (lr 1e-3, betas 0.9/0.95, weight decay 0.1), 90% sparsity "
+        "(ERK; the pruning-at-initialization rows global, as in their papers) unless the row says otherwise; "
+        "final validation loss, mean ± std over the seeds that ran. IMP: 3 rounds pruning "
+        f"{IMP_PRUNE:.4f} of the remaining weights each (to 90%), rewinding to step {max(1, args.steps // 20)} "
+        "(5%); its control trains the final masks from a fresh initialisation (seed + 1000).",
+        "",
+        "| run | final val loss | x dense |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "| published ordering | holds | figures (lower loss is better) |",
+        "|---|---|---|",
+        *checks,
+        "",
+        f"Reused finished runs (same config): {', '.join(reused) if reused else 'none'}. Rows marked `not run` were "
+        "not part of this invocation (`--only`).",
+    ]
+    if dirs:
+        md += ["", f"![report of these runs]({os.path.relpath(figure, ROOT / 'docs')})"]
+    common.write_section(SECTION, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

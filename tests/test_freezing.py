@@ -1,0 +1,115 @@
+"""Freezing: FreezeNet's frozen fraction of unpruned weights (never updated, never dropped or regrown, no weight
+decay), frozen modules and progressive freezing, summary counts, resume and export bit for bit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_sparse.config import SparsityConfig, from_dict
+from dist_sparse.errors import ConfigError
+from dist_sparse.methods import build_method
+from dist_sparse.sparsifier import Sparsifier
+from tests.distributed_utils import dist_sparse_train
+from tests.fakes import TensorView
+
+
+@pytest.mark.parametrize("method,select", [("rigl", "random"), ("set", "magnitude"), ("magnitude", "random")])
+def test_frozen_weights_are_never_updated_dropped_or_regrown(method, select):
+    g = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    state = {"exp_avg": torch.zeros(8, 16), "exp_avg_sq": torch.zeros(8, 16)}
+    view = TensorView("layer.weight", weight, grad, state)
+    cfg = SparsityConfig(method=method, sparsity=0.5, distribution="uniform", update_interval=2, end_step=20,
+                         drop_fraction=0.5)
+    sp = Sparsifier(build_method(cfg, {"layer.weight": (8, 16)}, total_steps=None, seed=0), [view])
+    sp.initialize()
+    sp.freeze_fraction(0.5, select, seed=0)
+    frozen = sp.frozen_mask("layer.weight")
+    active = sp.mask("layer.weight")
+    assert int(frozen.sum()) == round(0.5 * int(active.sum())) and not bool((frozen & ~active).any())
+    if select == "magnitude":  # the lowest |w| are frozen, the highest trained
+        w = weight.view(-1)
+        assert w[frozen].abs().max() <= w[active & ~frozen].abs().min()
+    initial = weight.view(-1)[frozen].clone()
+    for step in range(1, 12):
+        grad.copy_(torch.randn(8, 16, generator=g))
+        sp.before_step(step)
+        assert bool((grad.view(-1)[frozen] == 0).all())  # no gradient step for frozen weights
+        assert bool(sp.mask("layer.weight")[frozen].all()), f"step {step}: a frozen weight was dropped"
+        if not sp.skip_optimizer_step:  # an AdamW step with weight decay moves everything ...
+            weight.mul_(1 - 0.1 * 0.01).add_(torch.randn(8, 16, generator=g) * 0.01)
+            sp.after_optimizer_step(step)
+        assert torch.equal(weight.view(-1)[frozen], initial), f"step {step}"  # ... but the frozen weights
+    assert sp.updates_done > 0
+
+
+def test_freeze_config_is_checked():
+    for raw, key in [({"fraction": 1.0}, "freeze.fraction"), ({"select": "best"}, "freeze.select"),
+                     ({"schedule": [{"modules": "h.0"}]}, r"freeze.schedule\[0\]"),
+                     ({"schedule": [{"modules": "h.0", "step": -1}]}, r"freeze.schedule\[0\].step")]:
+        with pytest.raises(ConfigError, match=key):
+            from_dict({"sparsity": {"method": "rigl"}, "freeze": raw})
+    with pytest.raises(ConfigError, match="freeze.fraction"):
+        from_dict({"freeze": {"fraction": 0.5}})  # no sparse method
+    with pytest.raises(ConfigError, match="freeze.fraction"):
+        from_dict({"sparsity": {"method": "rigl", "pattern": "2:4"}, "freeze": {"fraction": 0.5}})
+    with pytest.raises(ConfigError, match="freeze.schedule"):
+        from_dict({"sparsity": {"method": "rigl", "compact_state": True}, "deepspeed": {"zero_optimization": {
+            "stage": 2}}, "freeze": {"schedule": [{"modules": "*", "step": 3}]}})
+    cfg = from_dict({"sparsity": {"method": "rigl"},
+                     "freeze": {"fraction": 0.5, "modules": ["*.h.0.attn"], "schedule": [{"modules": "*", "step": 3}]}})
+    assert cfg.freeze.enabled and cfg.to_dict()["freeze"]["fraction"] == 0.5
+
+
+TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "train.steps=12",
+        "train.eval_interval=6", "train.log_interval=4", "train.eval_batches=2", "data.max_chars=200000",
+        "deepspeed.train_micro_batch_size_per_gpu=4", "sparsity.update_interval=2", "train.progress=false",
+        "sparsity.method=rigl", "sparsity.sparsity=0.5", "freeze.fraction=0.5", "freeze.select=magnitude",
+        "freeze.modules=[transformer.h.0.attn]", "freeze.schedule=[{modules: transformer.h.1.mlp, step: 6}]",
+        "deepspeed.zero_optimization.stage=2", "train.save_interval=4"]
+
+
+def masters(ckpt):
+    """Every rank's saved pieces, keyed by (rank file, tensor name)."""
+    return {(f.name, k): v for f in sorted(ckpt.glob("rank_*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.slow
+def test_freezing_end_to_end_two_ranks_resume_and_export(tmp_path):
+    straight = tmp_path / "straight"
+    dist_sparse_train(straight, TINY, nproc=2)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["frozen_parameters"] > 0 and summary["trainable_parameters"] > 0
+    total, nonzero = summary["total_parameters"], summary["trainable_parameters"] + summary["frozen_parameters"]
+    assert nonzero < total  # pruned weights are neither
+    ck = straight / "checkpoints"
+    a, b, c = (masters(ck / f"step_{s:08d}") for s in (4, 8, 12))
+    final = load_file(str(straight / "final" / "model.safetensors"))
+    from dist_sparse.masks.packing import unpack_bits
+
+    frozen_seen = 0
+    for (f, key), packed in a.items():  # per rank piece: FreezeNet's frozen weights keep their value (decay 0.1)
+        if not key.endswith("::frozen") or key.startswith("transformer.h.1.mlp."):
+            continue
+        name = key[: -len("::frozen")]
+        bits = unpack_bits(packed, a[(f, f"{name}::master")].numel())
+        assert torch.equal(a[(f, f"{name}::master")][bits], c[(f, f"{name}::master")][bits]), name
+        trained = unpack_bits(a[(f, f"{name}::mask")], bits.numel()) & ~bits
+        if trained.any():  # the other active weights did train
+            assert not torch.equal(a[(f, f"{name}::master")][trained], c[(f, f"{name}::master")][trained]), name
+        frozen_seen += int(bits.sum())
+    assert frozen_seen > 0
+    # frozen modules: no master at all (not trainable); their weights are the initial ones in the export
+    assert not any(k.startswith("transformer.h.0.attn.") for _, k in a)
+    # progressive: h.1.mlp trained until step 6, frozen from then on (bit for bit between steps 8 and 12)
+    moved = [k for k in a if k[1].startswith("transformer.h.1.mlp.") and k[1].endswith("::master")]
+    assert moved and all(torch.equal(b[k], c[k]) for k in moved)
+    assert any(not torch.equal(a[k], b[k]) for k in moved)
+    # resume at step 8 (after the schedule's step) equals the uninterrupted run, and so does the export
+    resumed = tmp_path / "resumed"
+    dist_sparse_train(resumed, TINY, nproc=2, resume=str(ck / "step_00000008"))
+    again = load_file(str(resumed / "final" / "model.safetensors"))
+    assert set(again) == set(final) and all(torch.equal(again[k], final[k]) for k in final)
+    assert json.loads((resumed / "summary.json").read_text())["frozen_parameters"] == summary["frozen_parameters"]

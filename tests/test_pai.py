@@ -1,0 +1,136 @@
+"""Pruning at initialization (SNIP, GraSP, SynFlow): scores against hand-written references in one process, GraSP's
+sign, SynFlow's conservation (a layer scaled up and the next down leaves the scores unchanged) and schedule."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dist_sparse.config import SparsityConfig, from_dict
+from dist_sparse.errors import ConfigError
+from dist_sparse.masks.select import LocalSelector
+from dist_sparse.methods import LayerSlice, build_method
+
+
+class Quadratic(nn.Module):
+    """L(W) = 1/2 sum((C * W)^2) + sum(B * W) with C, B fixed by the batch: g = C^2 W + B, H = diag(C^2)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(4, 8, generator=g))
+
+    def coefficients(self, x):
+        c = x.float().mean() / 10 + torch.arange(32, dtype=torch.float32).reshape(4, 8) / 32
+        b = 2 * torch.cos(torch.arange(32, dtype=torch.float32)).reshape(4, 8) * x.float().std()
+        return c, b
+
+    def forward(self, input_ids, labels):
+        c, b = self.coefficients(input_ids)
+        return SimpleNamespace(loss=0.5 * ((c * self.weight) ** 2).sum() + (b * self.weight).sum())
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 9, (2, 5), generator=g) for _ in range(3)]
+
+
+def method(name, sparsity=0.75, **kw):
+    cfg = SparsityConfig(method=name, sparsity=sparsity, distribution="global", **kw)
+    return build_method(cfg, {"weight": (4, 8)}, total_steps=10, seed=0)
+
+
+def masks_from(m, shapes):
+    slices = [LayerSlice(n, i, s, int(torch.tensor(s).prod()), 0, torch.ones(int(torch.tensor(s).prod()),
+                         dtype=torch.bool), None, None) for i, (n, s) in enumerate(sorted(shapes.items()))]
+    return m.initial_masks(slices, LocalSelector())
+
+
+def test_snip_scores_are_the_connection_sensitivity_over_the_batches():
+    model, m = Quadratic(), method("snip", init_batches=3)
+    scores = m.score(model, ["weight"], batches())["weight"]
+    w = model.weight.detach()
+    g = sum(model.coefficients(x)[0] ** 2 * w + model.coefficients(x)[1] for x in batches()) / 3
+    assert torch.allclose(scores, (g * w).abs(), rtol=1e-6)
+    m.init_scores = {"weight": scores}
+    (mask,) = masks_from(m, {"weight": (4, 8)})
+    assert int(mask.sum()) == 8 and scores.reshape(-1)[mask].min() >= scores.reshape(-1)[~mask].max()
+
+
+def test_grasp_keeps_the_lowest_minus_w_hg_and_accepts_negative_scores():
+    model, m = Quadratic(), method("grasp", init_batches=3)
+    keep_scores = m.score(model, ["weight"], batches())["weight"]
+    w = model.weight.detach()
+    cs = [model.coefficients(x) for x in batches()]
+    g = sum(c ** 2 * w + b for c, b in cs) / 3
+    hg = sum(c ** 2 * g for c, _ in cs) / 3  # H = diag(C^2) for each batch
+    grasp_s = -w * hg  # the paper's score: the highest are removed
+    assert torch.allclose(keep_scores, -grasp_s, rtol=1e-5)
+    assert (keep_scores < 0).any() and (keep_scores > 0).any()
+    m.init_scores = {"weight": keep_scores}
+    (mask,) = masks_from(m, {"weight": (4, 8)})
+    s = grasp_s.reshape(-1)
+    assert int(mask.sum()) == 8 and s[mask].max() <= s[~mask].min()  # removed: the 24 highest S
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=48, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+
+
+NAMES = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+         "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"]
+
+
+def test_synflow_scores_are_conserved_under_rescaling_a_linear_path():
+    model, m = tiny_gpt2(), method("synflow")
+    ones = {n: torch.ones_like(p, dtype=torch.float64) for n, p in model.named_parameters() if n in NAMES}
+    before = m.synflow_scores(model, NAMES, ones)
+    assert all(bool(torch.isfinite(s).all()) and bool((s > 0).any()) for s in before.values())
+    with torch.no_grad():  # value projection (columns 2d..3d of the Conv1D) x 8, the output projection / 8
+        attn = model.transformer.h[0].attn
+        attn.c_attn.weight[:, 64:] *= 8.0
+        attn.c_attn.bias[64:] *= 8.0
+        attn.c_proj.weight /= 8.0
+    after = m.synflow_scores(model, NAMES, ones)
+    for n in NAMES:
+        assert torch.allclose(after[n], before[n], rtol=1e-5, atol=1e-30), n
+    # a different network (the output projection alone scaled) does change them: the check can fail
+    with torch.no_grad():
+        attn.c_proj.weight *= 3.0
+    assert not torch.allclose(m.synflow_scores(model, NAMES, ones)[NAMES[0]], before[NAMES[0]], rtol=1e-3)
+
+
+def test_synflow_iterates_the_exponential_schedule_to_the_target():
+    model = tiny_gpt2()
+    cfg = SparsityConfig(method="synflow", sparsity=0.9, distribution="global", init_rounds=4)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in NAMES}
+    m = build_method(cfg, shapes, total_steps=10, seed=0)
+    seen = []
+    original = m.synflow_scores
+
+    def recording(model, names, masks):
+        seen.append(sum(float(masks[n].sum()) for n in names) / sum(masks[n].numel() for n in names))
+        return original(model, names, masks)
+
+    m.synflow_scores = recording
+    m.init_scores = m.score(model, NAMES, [])
+    assert len(seen) == 4
+    for k, density in enumerate(seen):  # round k scores the network pruned to 0.1^(k/4)
+        assert density == pytest.approx(0.1 ** (k / 4), abs=1e-3)
+    masks = masks_from(m, shapes)
+    assert sum(int(x.sum()) for x in masks) == round(0.1 * sum(x.numel() for x in masks))
+
+
+def test_pai_config_defaults_and_refusals():
+    cfg = from_dict({"sparsity": {"method": "snip"}})
+    assert cfg.sparsity.distribution == "global" and cfg.sparsity.init_batches == 1
+    assert from_dict({"sparsity": {"method": "synflow"}}).sparsity.init_rounds == 100
+    assert from_dict({"sparsity": {"method": "grasp", "distribution": "erk"}}).sparsity.distribution == "erk"
+    for bad in ({"init_batches": 0}, {"init_rounds": 0}):
+        with pytest.raises(ConfigError, match=f"sparsity.{next(iter(bad))}"):
+            from_dict({"sparsity": {"method": "snip", **bad}})
+    with pytest.raises(ConfigError, match="sparsity.method.*ZeRO stage 0, 1 or 2"):
+        from_dict({"sparsity": {"method": "grasp"}, "deepspeed": {"zero_optimization": {"stage": 3}}})
