@@ -9,18 +9,17 @@ really are interpreted functions.
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import dist_sparse.kernels.block_sparse_attn as bsa
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 
+import dist_sparse.kernels.block_sparse_attn as bsa
 from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, local_layout
 from dist_sparse.attention.cpu import _build_plan, cpu_block_sparse_attention
+from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
+from tests.interpreter import run_interpreter_subprocess
 
 TOL = 1e-5
 gpu = pytest.mark.gpu
@@ -264,14 +263,7 @@ N_CHILD_TESTS = 5
 @pytest.mark.skipif(_CHILD, reason="this process is the interpreter subprocess")
 def test_triton_kernels_under_interpreter_subprocess():
     # A fresh interpreter process is the only reliable way to get TRITON_INTERPRET=1 in before triton is imported.
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_ENV: "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton_interp", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    report = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, report
-    assert f"{N_CHILD_TESTS} passed" in proc.stdout, report
+    run_interpreter_subprocess(__file__, "triton_interp", _CHILD_ENV, N_CHILD_TESTS)
 
 
 def test_triton_refuses_cpu_tensors_without_interpreter():
