@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ def _build(cls, raw, path: str):
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
     kwargs = {}
+    implied = getattr(cls, "implied_defaults", None)  # defaults that follow from other keys (N:M -> sparsity)
+    if implied is not None:
+        raw = {**implied(raw), **raw}
     for name, value in raw.items():
         tp = hints[name]
         if not _type_ok(value, tp):
@@ -289,6 +293,22 @@ class SparsityConfig:
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
+    # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
+    # blocks of H output rows x W input columns); dist_sparse/patterns.py
+    pattern: str = "unstructured"
+
+    @staticmethod
+    def implied_defaults(raw: dict) -> dict:
+        """An N:M pattern fixes the sparsity at 1 - N/M: it is the default when ``sparsity`` is not given."""
+        from dist_sparse.patterns import parse_pattern
+
+        if "sparsity" in raw or not isinstance(raw.get("pattern"), str):
+            return {}
+        try:
+            density = parse_pattern(raw["pattern"]).fixed_density
+        except ConfigError:  # reported by check() with the key
+            return {}
+        return {} if density is None else {"sparsity": 1.0 - density}
 
     def check(self, p: str) -> None:
         if isinstance(self.method, type):  # the Python API: a method class, registered under its name
@@ -321,6 +341,15 @@ class SparsityConfig:
                      "must be 'cosine' or 'constant'")
         if self.init_masks is not None:
             _require(Path(self.init_masks).exists(), f"{p}.init_masks", f"mask file not found: {self.init_masks}")
+        from dist_sparse.patterns import parse_pattern
+
+        pattern = parse_pattern(self.pattern, f"{p}.pattern")
+        _require(self.method != "none" or pattern.spec == "unstructured", f"{p}.pattern",
+                 f"{pattern.spec!r} needs a sparse method (sparsity.method is 'none')")
+        if pattern.fixed_density is not None:
+            _require(abs((1.0 - self.sparsity) - pattern.fixed_density) < 1e-9, f"{p}.sparsity",
+                     f"pattern {pattern.spec} fixes the sparsity at {1.0 - pattern.fixed_density:g} (density N/M); "
+                     f"got {self.sparsity!r}: remove sparsity.sparsity or set it to {1.0 - pattern.fixed_density:g}")
 
 
 @dataclass
@@ -520,6 +549,12 @@ def _unique_mapping(loader, node, deep=False):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 reads a bare ``2:4`` as the base-60 integer 124 (and ``1:30.5`` as a base-60 float); no config key
+# means that, and ``sparsity.pattern: 2:4`` must mean N:M, so such scalars stay text (checked before int/float)
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:str", _SEXAGESIMAL)] if first in "+-0123456789" else []) + list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _json_no_duplicates(pairs):
@@ -562,7 +597,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
         if parts[0] not in TOP_LEVEL:
             raise ConfigError(key, f"unknown section {parts[0]!r} (known: {', '.join(TOP_LEVEL)})")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"cannot parse value {text!r}: {exc}") from exc
         node = raw

@@ -91,6 +91,8 @@ def all_gather_varlen(t: torch.Tensor, group=None) -> list:
     length = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
     lengths = [int(x) for x in all_gather_equal(length, group)]
     longest = max(lengths)
+    if longest == 0:  # nothing anywhere: no second collective (every rank knows it from the lengths)
+        return [t.reshape(-1)[:0].clone() for _ in lengths]
     padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t.reshape(-1)
     return [x[:m] for x, m in zip(all_gather_equal(padded, group), lengths)]

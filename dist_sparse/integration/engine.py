@@ -228,7 +228,7 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
            max_skipped_steps: int = 5, compression: CompressionConfig | None = None) -> SparseEngine:
     """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now), compact state when
     ``sparsity.compact_state`` and the compressed gradient exchange when ``compression`` is enabled."""
-    from dist_sparse.integration.hf import sparsifiable_parameters
+    from dist_sparse.integration.hf import sparsifiable_parameters, stored_transposed
 
     patches.check_deepspeed_version()
     if isinstance(sparsity.method, type):  # the Python API may pass a registered method class
@@ -237,7 +237,7 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     views = build_views(engine, names)
     # fused MoE experts: every expert's matrix is its own layer for the method's decisions
     method = build_layer_method(sparsity, {v.name: v.shape for v in views}, total_steps,
-                                sparsity.seed if sparsity.seed is not None else seed)
+                                sparsity.seed if sparsity.seed is not None else seed, stored_transposed(model, names))
     if method is not None and method.dense_weights and any(v.model_is_master for v in views):
         raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
                                              "needs master weights apart from the model's (ZeRO stage >= 1, or "

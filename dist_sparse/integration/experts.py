@@ -98,12 +98,13 @@ def parameter_counts(shapes: dict, layer_counts: dict) -> dict:
     return out
 
 
-def build_layer_method(sparsity, shapes: dict, total_steps, seed: int):
-    """``build_method`` where every 3-D parameter (fused experts) counts as one layer per expert matrix."""
+def build_layer_method(sparsity, shapes: dict, total_steps, seed: int, transposed=()):
+    """``build_method`` where every 3-D parameter (fused experts) counts as one layer per expert matrix
+    (``transposed``: parameters stored (in, out), GPT-2's ``Conv1D``, for structured patterns)."""
     stacks = {name: tuple(shape) for name, shape in shapes.items() if len(shape) == 3}
     if not stacks:
-        return build_method(sparsity, shapes, total_steps, seed)
-    method = build_method(sparsity, layer_shapes(shapes), total_steps, seed)
+        return build_method(sparsity, shapes, total_steps, seed, transposed)
+    method = build_method(sparsity, layer_shapes(shapes), total_steps, seed, transposed)
     return None if method is None else PerMatrixLayers(method, shapes, stacks)
 
 

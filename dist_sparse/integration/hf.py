@@ -37,6 +37,17 @@ def _is_projection(module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def stored_transposed(model: nn.Module, names) -> set:
+    """Of the parameter ``names``, those stored (in, out): the weights of GPT-2's ``Conv1D`` (``nn.Linear`` stores
+    (out, in)). Structured sparsity patterns define their cells on the (out, in) matrix."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old transformers
+        return set()
+    modules = dict(model.named_modules())
+    return {n for n in names if n.endswith(".weight") and isinstance(modules.get(n[: -len(".weight")]), Conv1D)}
+
+
 def _shape(p) -> tuple:
     # ZeRO-3 replaces partitioned tensors by empty ones; ds_shape keeps the real shape
     return tuple(getattr(p, "ds_shape", p.shape))

@@ -141,7 +141,8 @@ def topk_select_local(pieces: list, ks: dict) -> list:
 
 
 class DistributedSelector:
-    """What methods use to decide: exact top-k and integer sums over all ranks of ``group``."""
+    """What methods use to decide: exact top-k, integer sums and (for structured patterns, whose cells may
+    straddle ranks) an all-gather of variable-length tensors over all ranks of ``group``."""
 
     def __init__(self, group=None):
         self.group = group
@@ -152,6 +153,10 @@ class DistributedSelector:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return D.all_reduce_sum(t, self.group)
 
+    def gather(self, t: torch.Tensor) -> list:
+        """Every rank's 1-D tensor (lengths may differ), in rank order."""
+        return D.all_gather_varlen(t, self.group)
+
 
 class LocalSelector:
     """The single-process reference: full tensors in one process, selection by stable sort, no collectives."""
@@ -161,3 +166,6 @@ class LocalSelector:
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def gather(self, t: torch.Tensor) -> list:
+        return [t]

@@ -11,6 +11,7 @@ from dist_sparse.methods.magnitude import Magnitude
 from dist_sparse.methods.rigl import RigL
 from dist_sparse.methods.set import SET
 from dist_sparse.methods.static import Static
+from dist_sparse.patterns import parse_pattern
 from dist_sparse.schedules import FRACTION_SCHEDULES, UpdateTimes
 
 METHODS = {cls.name: cls for cls in (Static, Magnitude, SET, RigL)}
@@ -32,20 +33,25 @@ def register(cls) -> type:
     return cls
 
 
-def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int):
+def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, transposed=()):
     """The method object for a ``SparsityConfig`` (``None`` for the dense baseline ``none``).
 
     ``shapes``: name -> shape of the sparsified parameters; ``total_steps`` sets the default end of mask updates
-    (RigL's T_end = 0.75 of training)."""
+    (RigL's T_end = 0.75 of training); ``transposed``: the names stored (in, out) (GPT-2 ``Conv1D``), for
+    structured patterns (``sparsity.pattern``), whose cells are defined on the (out, in) matrix."""
     if sparsity.method == "none":
         return None
+    pattern = parse_pattern(sparsity.pattern).bind(shapes, transposed)
     end = sparsity.end_step
     if end is None:
         if total_steps is None:
             raise ConfigError("sparsity.end_step", "required when the number of training steps is not known")
         end = max(sparsity.start_step + 1, int(0.75 * total_steps))
     times = UpdateTimes(sparsity.update_interval, sparsity.start_step, end)
-    densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
+    if pattern.fixed_density is not None:  # N:M: every layer at N/M; the distribution only picks the groups
+        densities = {name: pattern.fixed_density for name in shapes}
+    else:
+        densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
     cls = METHODS[sparsity.method]
     kwargs = {}
     if issubclass(cls, SET):  # drop-and-grow methods (a user subclass of SET or RigL too)
@@ -53,7 +59,7 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int):
         kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
     if issubclass(cls, RigL):
         kwargs["grow_grad_steps"] = sparsity.grow_grad_steps
-    return cls(densities, sparsity.distribution == "global", times, seed, **kwargs)
+    return cls(densities, sparsity.distribution == "global", times, seed, pattern=pattern, **kwargs)
 
 
 __all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",

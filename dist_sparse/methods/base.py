@@ -89,10 +89,11 @@ class SparseMethod:
     def pieces(self, slices: list, scores: list, eligible: list) -> list:
         return [Piece(sc, el, self.group_of(s), s.order, s.start) for s, sc, el in zip(slices, scores, eligible)]
 
-    def select(self, slices: list, scores: list, eligible: list, keep: dict, select) -> list:
+    def select(self, slices: list, scores: list, eligible: list, keep: dict, select, held=None) -> list:
         """Masks keeping ``keep[group]`` weights by ``scores`` among the ``eligible`` ones, in this method's
-        pattern (exact across ranks: ``select`` is the selector)."""
-        return self.pattern.select(self, slices, scores, eligible, keep, select)
+        pattern (exact across ranks: ``select`` is the selector). ``held``: per slice, weights already kept by this
+        decision, which count against a structured pattern's cells (SET/RigL's survivors when they regrow)."""
+        return self.pattern.select(self, slices, scores, eligible, keep, select, held)
 
     def random_scores(self, s: LayerSlice, stream: int) -> torch.Tensor:
         return counter_random.uniform(self.seed, stream * 100_003 + s.order, s.start, s.mask.numel(),
