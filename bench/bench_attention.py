@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, machine_line, write_section  # noqa: E402
+from bench.common import command_line, gpu_unavailable, machine_line, write_section  # noqa: E402
 from dist_sparse.attention import bigbird_layout, block_sparse_attention, layout_density  # noqa: E402
 
 
@@ -126,12 +126,11 @@ def cpu_section(args) -> str:
 
 def gpu_section(args) -> str:
     head = f"### GPU: bf16, batch 1, {args.gpu_heads} heads, seq {args.gpu_seq}, head_dim {args.head_dim}"
-    if not torch.cuda.is_available():
-        return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
     import dist_sparse.kernels.block_sparse_attn as kbsa
 
-    if not kbsa.HAS_TRITON:
-        return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
+    skipped = gpu_unavailable(head, kbsa)
+    if skipped is not None:
+        return skipped
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, machine_line, write_section  # noqa: E402
+from bench.common import command_line, gpu_unavailable, machine_line, write_section  # noqa: E402
 from dist_sparse.linear import BlockIndex, block_sparse_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,12 +149,11 @@ def cpu_section(args, results: dict) -> str:
 
 def gpu_section(args) -> str:
     head = f"### GPU: MLP {args.dim} -> {args.hidden} -> {args.dim}, {args.tokens} tokens, bf16"
-    if not torch.cuda.is_available():
-        return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
     import dist_sparse.kernels.block_sparse_linear as kbsl
 
-    if not kbsl.HAS_TRITON:
-        return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
+    skipped = gpu_unavailable(head, kbsl)
+    if skipped is not None:
+        return skipped
     sync = torch.cuda.synchronize
     mlp = MLP(args.dim, args.hidden, args.tokens, torch.bfloat16, "cuda")
     rows = []

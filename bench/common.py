@@ -51,3 +51,15 @@ def skipped_without_shakespeare(name: str, title: str) -> bool:
     write_section(name, f"## {title}\n\nSkipped: `{SHAKESPEARE}` is absent on this machine.")
     print("tinyshakespeare absent: skipped")
     return True
+
+
+def gpu_unavailable(head: str, kernels) -> str | None:
+    """The GPU section's text when it cannot run (no CUDA, or no Triton for ``kernels``), else None: a section
+    without a GPU says so instead of giving numbers (none are ever estimated)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
+    if not kernels.HAS_TRITON:
+        return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
+    return None
