@@ -296,6 +296,10 @@ class SparsityConfig:
     # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
     # blocks of H output rows x W input columns); dist_sparse/patterns.py
     pattern: str = "unstructured"
+    # how sparsified Linear/Conv1D layers multiply (docs/kernels.md): dense (masked weights, dense matmuls) |
+    # block_sparse (block:HxW patterns; active blocks only) | semi_structured (2:4 on CUDA) | auto (measured per
+    # layer shape at start: block_sparse where faster, semi_structured for 2:4 on CUDA, else dense)
+    kernel: str = "auto"
 
     @staticmethod
     def implied_defaults(raw: dict) -> dict:
@@ -344,12 +348,21 @@ class SparsityConfig:
         from dist_sparse.patterns import parse_pattern
 
         pattern = parse_pattern(self.pattern, f"{p}.pattern")
+        _require(self.kernel in KERNELS, f"{p}.kernel",
+                 f"unknown kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        _require(self.kernel != "block_sparse" or pattern.block_shape is not None, f"{p}.kernel",
+                 f"block_sparse needs a block pattern (sparsity.pattern: 'block:HxW'), got {pattern.spec!r}")
+        _require(self.kernel != "semi_structured" or pattern.nm == (2, 4), f"{p}.kernel",
+                 f"semi_structured needs sparsity.pattern '2:4', got {pattern.spec!r}")
         _require(self.method != "none" or pattern.spec == "unstructured", f"{p}.pattern",
                  f"{pattern.spec!r} needs a sparse method (sparsity.method is 'none')")
         if pattern.fixed_density is not None:
             _require(abs((1.0 - self.sparsity) - pattern.fixed_density) < 1e-9, f"{p}.sparsity",
                      f"pattern {pattern.spec} fixes the sparsity at {1.0 - pattern.fixed_density:g} (density N/M); "
                      f"got {self.sparsity!r}: remove sparsity.sparsity or set it to {1.0 - pattern.fixed_density:g}")
+
+
+KERNELS = ("auto", "dense", "block_sparse", "semi_structured")
 
 
 @dataclass
@@ -421,6 +434,17 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
              "needs zero_optimization.contiguous_gradients: true")
     opt = (ds.get("optimizer") or {}).get("type", "AdamW")
     _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
+
+
+def check_kernel_with_deepspeed(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
+    """The sparse kernels are built and tested with ZeRO 0-2, where every rank holds each layer's whole weight. At
+    ZeRO-3 the weight exists only between DeepSpeed's gather and release hooks and the block index would have to
+    follow them; that path is not built, so ``block_sparse``/``semi_structured`` are refused there (``auto`` picks
+    ``dense``)."""
+    stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
+    _require(not (stage == 3 and sparsity.kernel in ("block_sparse", "semi_structured")), f"{p}.kernel",
+             f"{sparsity.kernel!r} is supported with ZeRO stages 0-2, not stage 3; use kernel: dense (or auto, "
+             "which picks dense at stage 3)")
 
 
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
@@ -505,6 +529,7 @@ def from_dict(raw: dict) -> Config:
     compression = _build(CompressionConfig, raw.get("compression"), "compression")
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
     check_compression_with_compact_state(compression, sparsity, ds)  # its ZeRO-3 message before the general one
+    check_kernel_with_deepspeed(sparsity, ds)
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
     # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
@@ -634,4 +659,5 @@ def split_deepspeed_json(config) -> tuple:
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)
+    check_kernel_with_deepspeed(sparsity, raw)
     return raw, sparsity, compression

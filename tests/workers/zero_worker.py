@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 import dist_sparse
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice
-from tests.workers import finish, tiny_gpt2
+from tests.workers import finish, tiny_gpt2, train_steps
 
 STEPS = 9
 
@@ -76,13 +76,8 @@ def run(stage: int, method: str) -> dict:
 
     sp._update = checked_update
     names = [v.name for v in sp.views]
-    g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(STEPS):
-        x = torch.randint(0, 48, (2, 16), generator=g)
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss)
-        engine.step()
-        report["losses"].append(float(loss))
+    for loss in train_steps(engine, STEPS, 48, (2, 16), 100 + rank):
+        report["losses"].append(loss)
         masks = sp.full_masks()
         weights = full_model_weights(engine, names)
         report["masked_nonzero"].append(sum(int((weights[n][~masks[n]] != 0).sum()) for n in names))
