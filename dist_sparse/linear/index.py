@@ -30,6 +30,14 @@ class Groups:
 
     items: list
     empty: torch.Tensor
+    # group order: group g's outputs fill slots [starts[g], starts[g] + n_k) of a (tokens, n_slots, b_out) buffer,
+    # slot n_slots - 1 stays zero; ``inverse[o]`` is output block o's slot (empty outputs point at the zero slot)
+    starts: list = field(default_factory=list)
+    inverse: torch.Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        return (self.starts[-1] + self.items[-1][0].numel() if self.items else 0) + 1
 
 
 def _groups(layout: torch.Tensor, block_ids: torch.Tensor) -> Groups:
@@ -44,7 +52,13 @@ def _groups(layout: torch.Tensor, block_ids: torch.Tensor) -> Groups:
         in_idx = sub.nonzero(as_tuple=True)[1]
         blk = block_ids[out_idx][sub]
         items.append((out_idx, in_idx, blk, int(k)))
-    return Groups(items, (counts == 0).nonzero().flatten())
+    starts, inverse, pos = [], torch.full((layout.shape[0],), -1, dtype=torch.int64), 0
+    for out_idx, *_ in items:
+        starts.append(pos)
+        inverse[out_idx] = torch.arange(pos, pos + out_idx.numel())
+        pos += out_idx.numel()
+    inverse[inverse < 0] = pos  # the zero slot
+    return Groups(items, (counts == 0).nonzero().flatten(), starts, inverse)
 
 
 def _lut(layout: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
