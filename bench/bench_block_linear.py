@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, gpu_unavailable, machine_line, write_section  # noqa: E402
+from bench.common import command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
 from dist_sparse.linear import BlockIndex, block_sparse_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,23 +69,6 @@ class MLP:
                 t.grad = None
             self.forward(indices, impl).backward(self.grad)
         return run
-
-
-def interleaved(fns: dict, rounds: int, reps: int, sync=None) -> dict:
-    """Median seconds per name; the names alternate run by run (after one warm-up each)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds * reps):
-        for name, fn in fns.items():
-            if sync:
-                sync()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def cpu_rows(args, results: dict) -> None:

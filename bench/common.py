@@ -8,7 +8,9 @@ that produced its figures and the machine it ran on (use :func:`machine_line`).
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,3 +65,21 @@ def gpu_unavailable(head: str, kernels) -> str | None:
     if not kernels.HAS_TRITON:
         return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
     return None
+
+
+def interleaved(fns: dict, rounds: int, reps: int, sync=None) -> dict:
+    """Median seconds of each callable; they alternate run by run (after one warm-up each), so a change in the
+    machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds * reps):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -202,3 +202,12 @@ def test_triton_gpu_matches_reference(dtype, tol, transposed):
     x, w, b = (t.detach().cuda().requires_grad_() for t in (x, w, b))
     assert resolve_implementation(x.device, index.block) == "triton"
     _compare(x, w, b, index, transposed, False, "triton", tol=tol)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path, capsys):
+    from bench import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 0
+    assert "skipped, no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
