@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,21 +33,6 @@ from dist_sparse.attention import (  # noqa: E402
     layout_density,
     local_layout,
 )
-
-
-def _median_seconds(fn, reps: int, warmup: int = 1, sync=None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _qkv(batch, heads, seq, dim, dtype, device, seed=0):
@@ -194,8 +177,7 @@ def gpu_section(args) -> str:
             "sdpa_flash": flash,
             "flex": lambda q, k, v, bm=block_mask: flex(q, k, v, block_mask=bm),
         }
-        t = {name: _median_seconds(_fwd_bwd(fn, q, k, v, grad), args.reps, warmup=3, sync=sync)
-             for name, fn in impls.items()}
+        t = interleaved({name: _fwd_bwd(fn, q, k, v, grad) for name, fn in impls.items()}, 1, args.reps, sync, 3)
         # Same answer as FlexAttention with the same mask (bf16 tolerance), so the timings compare equal work.
         with torch.no_grad():
             diff = (impls["sparse"](q, k, v).float() - impls["flex"](q, k, v).float()).abs().max().item()
@@ -204,8 +186,8 @@ def gpu_section(args) -> str:
     lines = [
         head + f", block {bs} ({torch.cuda.get_device_name(0)})",
         "",
-        f"Forward+backward, median of {args.reps} runs after 3 warm-ups (CUDA-synchronised). FlexAttention is "
-        "`torch.compile`d and uses a BlockMask built from the same layout.",
+        f"Forward+backward, median of {args.reps} alternating runs after 3 warm-ups each (CUDA-synchronised). "
+        "FlexAttention is `torch.compile`d and uses a BlockMask built from the same layout.",
         "",
         "| attention | density | block-sparse (Triton) | SDPA flash | FlexAttention | vs flash | vs Flex "
         "| max abs diff vs Flex |",

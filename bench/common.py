@@ -67,11 +67,12 @@ def gpu_unavailable(head: str, kernels) -> str | None:
     return None
 
 
-def interleaved(fns: dict, rounds: int, reps: int, sync=None) -> dict:
-    """Median seconds of each callable; they alternate run by run (after one warm-up each), so a change in the
+def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1) -> dict:
+    """Median seconds of each callable; they alternate run by run (after ``warmup`` runs each), so a change in the
     machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run."""
     for fn in fns.values():
-        fn()
+        for _ in range(warmup):
+            fn()
     times = {name: [] for name in fns}
     for _ in range(rounds * reps):
         for name, fn in fns.items():
