@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import dist_sparse.kernels.block_sparse_attn as bsa
 from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, global_layout, local_layout
-from dist_sparse.attention.cpu import _build_plan, _heavy_rows, cpu_block_sparse_attention
+from dist_sparse.attention.cpu import _build_plan, cpu_block_sparse_attention
 from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 from tests.interpreter import run_interpreter_subprocess
 
@@ -72,13 +72,10 @@ def test_cpu_matches_reference(causal, kv_heads, seq):
 
 
 def test_cpu_merges_rows_split_over_chunks():
-    # One long row (half the blocks; longer would make it a dense "heavy" row) among short rows: the planner splits
-    # it into several chunks, and the log-sum-exp merge must reproduce the reference, also with a dense mask that
-    # blanks some chunks completely.
-    nb, bs = 16, 4
-    layout = local_layout(nb, 0).clone()
-    layout[0, 3, :8] = True
-    assert not _heavy_rows(effective_layout(layout, False)).numel()
+    # One global row (active everywhere) among short rows: the planner splits it into several chunks, and the
+    # log-sum-exp merge must reproduce the reference, also with a dense mask that blanks some chunks completely.
+    nb, bs = 8, 8
+    layout = (local_layout(nb, 0) | torch.zeros(1, nb, nb, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True))
     plan = _build_plan(effective_layout(layout, False), 1, 2, 2)
     assert bool((plan.lengths > 1).any()), "the test layout must exercise multi-chunk rows"
     q, k, v = _inputs(batch=1, heads=2, kv_heads=2, seq=nb * bs)
@@ -89,14 +86,12 @@ def test_cpu_merges_rows_split_over_chunks():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_global_rows_take_the_dense_path(causal):
+def test_cpu_local_global_layout_with_padding_and_gqa(causal):
     # local window + global blocks 0 and 12 (their rows attend everywhere, their columns are hit by every row), 8
-    # heads over 2 k/v heads, a partial last block, a padding mask: the global rows run as dense attention, the
-    # rest through the chunk plan, and together they equal the reference
+    # heads over 2 k/v heads, a partial last block, a padding mask: global rows are split over many chunks and
+    # merged, global columns sit in every chunk, and the result equals the reference
     nb, bs, seq = 16, 16, 250
     layout = local_layout(nb, 1) | global_layout(nb, [0, 12])
-    if not causal:
-        assert _heavy_rows(effective_layout(layout, causal)).tolist() == [0, 12]
     q, k, v = _inputs(batch=2, heads=8, kv_heads=2, seq=seq)
     mask = torch.ones(2, 1, seq, seq, dtype=torch.bool)
     mask[1, :, :, 200:] = False  # the second sequence is padded after token 200

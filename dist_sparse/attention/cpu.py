@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_sparse.kernels.block_sparse_attn import effective_layout, masked_attention
+from dist_sparse.kernels.block_sparse_attn import effective_layout
 
 __all__ = ["cpu_block_sparse_attention"]
 
@@ -345,34 +345,7 @@ def cpu_block_sparse_attention(
             attn_mask = torch.nn.functional.pad(attn_mask, (0, seq_pad - seq, 0, seq_pad - seq))
     q, k, v = (t.float().contiguous() for t in (q, k, v))
     eff = effective_layout(layout.cpu(), causal)
-    heavy = _heavy_rows(eff)
-    if heavy.numel():
-        eff = eff.clone()
-        eff_heavy = eff[:, heavy]
-        eff[:, heavy] = False  # the chunk plan sees the other rows only
     rows = _build_plan(eff, batch, heads, kv_heads)
     mask = _Masker(rows, block_size, nb, heads, causal, seq, attn_mask)
     out = _BlockSparseCPU.apply(q, k, v, rows, mask if mask.active else None, block_size, scale)
-    if heavy.numel():
-        tok = (heavy[:, None] * block_size + torch.arange(block_size)).flatten()
-        allowed = eff_heavy.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)  # (Hl, n*block, L)
-        allowed = allowed & (torch.arange(seq_pad) < seq)  # padded keys never count
-        if causal:
-            allowed = allowed & (tok[:, None] >= torch.arange(seq_pad)[None, :])
-        allowed = allowed.unsqueeze(0)
-        if attn_mask is not None:
-            allowed = allowed & attn_mask.index_select(2, tok)
-        # out-of-place index_copy: autograd routes the heavy rows' gradient to the dense path, the rest to the plan
-        out = out.index_copy(2, tok, masked_attention(q.index_select(2, tok), k, v, allowed, scale))
     return out[:, :, :seq].to(dtype)
-
-
-def _heavy_rows(eff: torch.Tensor) -> torch.Tensor:
-    """Query-block rows active on more than half the blocks in every head (global rows): computed as dense
-    attention over all keys, one large matmul per head, instead of being cut into many chunks whose log-sum-exp
-    merge, and the wide chunk width R they push the plan towards, slow down every other row (measured on local +
-    global layouts: the global rows made the plan 1.5x slower than BigBird at the same density)."""
-    nb = eff.shape[-1]
-    if nb < 8:
-        return torch.zeros(0, dtype=torch.long)
-    return (eff.sum(-1).min(0).values > nb // 2).nonzero().flatten()
