@@ -148,7 +148,7 @@ def gpu_section(args) -> str:
                     f"| {t['dense'] * 1e3:.2f} ms | **{t['dense'] / t['sparse']:.2f}x** |")
     from dist_sparse.linear.semi_structured import semi_structured_available, semi_structured_linear, two_four_mask
 
-    why = semi_structured_available(torch.device("cuda"))
+    why = semi_structured_available(torch.device("cuda"), torch.bfloat16)
     if why is None:
         m1, m2 = two_four_mask(mlp.w1.detach()), two_four_mask(mlp.w2.detach())
 

@@ -111,7 +111,8 @@ class SparseKernels(Component):
         if self.setting in ("dense", "block_sparse", "semi_structured"):
             return self.setting
         if pattern.nm == (2, 4):
-            return "semi_structured" if semi_structured_available(lay.module.weight.device) is None else "dense"
+            w = lay.module.weight
+            return "semi_structured" if semi_structured_available(w.device, w.dtype) is None else "dense"
         if pattern.block_shape is None:
             return "dense"
         key = f"{lay.index.shape[0]}x{lay.index.shape[1]}{'T' if lay.transposed else ''}@{lay.index.density:.3f}"
@@ -148,7 +149,7 @@ class SparseKernels(Component):
         for lay in self.layers:
             kind = kinds[lay.name]
             if kind == "semi_structured":
-                why = semi_structured_available(lay.module.weight.device)
+                why = semi_structured_available(lay.module.weight.device, lay.module.weight.dtype)
                 if why is not None:
                     raise ConfigError("sparsity.kernel", f"semi_structured for {lay.name}: {why}")
             lay.set_kind(kind)

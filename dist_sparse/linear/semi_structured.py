@@ -17,10 +17,12 @@ import torch.nn.functional as F
 __all__ = ["semi_structured_available", "semi_structured_linear", "transposable", "two_four_mask"]
 
 
-def semi_structured_available(device: torch.device) -> str | None:
-    """None when 2:4 kernels can run on ``device``; otherwise the reason (for logs and errors)."""
+def semi_structured_available(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when 2:4 kernels can run on ``device`` (for ``dtype``, when given); otherwise the reason."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return "2:4 semi-structured kernels need a CUDA device"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"2:4 semi-structured kernels take float16 or bfloat16 weights, got {dtype} (enable bf16 or fp16)"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return f"2:4 semi-structured kernels need compute capability >= 8.0, got {torch.cuda.get_device_capability()}"
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
@@ -76,7 +78,7 @@ class _SemiStructuredLinear(torch.autograd.Function):
 def semi_structured_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
                            *, dense_grad: bool = False) -> torch.Tensor:
     """``x @ (weight * mask)ᵀ + bias`` with the 2:4 kernels (``weight`` ``(out, in)``, ``mask`` 2:4 along inputs)."""
-    why = semi_structured_available(x.device)
+    why = semi_structured_available(x.device, x.dtype)
     if why is not None:
         raise RuntimeError(why)
     lead = x.shape[:-1]
