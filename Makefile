@@ -9,7 +9,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 # CPU unless a GPU is there: DeepSpeed picks its accelerator from this
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil; print('cuda' if shutil.which('nvidia-smi') else 'cpu')" 2>/dev/null || echo cpu)
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,13 @@ lint: setup
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 	$(PY) bench/report.py
+
+# On a CUDA machine: every gpu-marked test and the GPU benchmark sections within 8 minutes, figures and logs into
+# GPU_CHECK_OUT (default runs/gpu-check). Uses the torch/Triton already installed (no setup, no package registry):
+# the project's venv when there is one, else $(PYTHON). Without CUDA it says so and exits 0.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,7 +8,9 @@ that produced its figures and the machine it ran on (use :func:`machine_line`).
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,3 +53,34 @@ def skipped_without_shakespeare(name: str, title: str) -> bool:
     write_section(name, f"## {title}\n\nSkipped: `{SHAKESPEARE}` is absent on this machine.")
     print("tinyshakespeare absent: skipped")
     return True
+
+
+def gpu_unavailable(head: str, kernels) -> str | None:
+    """The GPU section's text when it cannot run (no CUDA, or no Triton for ``kernels``), else None: a section
+    without a GPU says so instead of giving numbers (none are ever estimated)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
+    if not kernels.HAS_TRITON:
+        return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
+    return None
+
+
+def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1) -> dict:
+    """Median seconds of each callable; they alternate run by run (after ``warmup`` runs each), so a change in the
+    machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds * reps):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -299,6 +299,10 @@ class SparsityConfig:
     srste_decay: float = 2e-4  # sr_ste: lambda_W, the sparse-refined decay on pruned weights (Zhou et al. 2021)
     init_batches: int = 1  # snip, grasp: training batches per rank scored at step 0 (SNIP's one mini-batch)
     init_rounds: int = 100  # synflow: pruning rounds of the exponential density schedule (the paper's 100)
+    # how sparsified Linear/Conv1D layers multiply (docs/kernels.md): dense (masked weights, dense matmuls) |
+    # block_sparse (block:HxW patterns; active blocks only) | semi_structured (2:4 on CUDA) | auto (measured per
+    # layer shape at start: block_sparse where faster, semi_structured for 2:4 on CUDA, else dense)
+    kernel: str = "auto"
 
     @staticmethod
     def implied_defaults(raw: dict) -> dict:
@@ -351,6 +355,12 @@ class SparsityConfig:
         from dist_sparse.patterns import parse_pattern
 
         pattern = parse_pattern(self.pattern, f"{p}.pattern")
+        _require(self.kernel in KERNELS, f"{p}.kernel",
+                 f"unknown kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        _require(self.kernel != "block_sparse" or pattern.block_shape is not None, f"{p}.kernel",
+                 f"block_sparse needs a block pattern (sparsity.pattern: 'block:HxW'), got {pattern.spec!r}")
+        _require(self.kernel != "semi_structured" or pattern.nm == (2, 4), f"{p}.kernel",
+                 f"semi_structured needs sparsity.pattern '2:4', got {pattern.spec!r}")
         _require(self.method != "none" or pattern.spec == "unstructured", f"{p}.pattern",
                  f"{pattern.spec!r} needs a sparse method (sparsity.method is 'none')")
         for key in ("init_batches", "init_rounds"):
@@ -365,6 +375,9 @@ class SparsityConfig:
             _require(abs((1.0 - self.sparsity) - pattern.fixed_density) < 1e-9, f"{p}.sparsity",
                      f"pattern {pattern.spec} fixes the sparsity at {1.0 - pattern.fixed_density:g} (density N/M); "
                      f"got {self.sparsity!r}: remove sparsity.sparsity or set it to {1.0 - pattern.fixed_density:g}")
+
+
+KERNELS = ("auto", "dense", "block_sparse", "semi_structured")
 
 
 @dataclass
@@ -530,6 +543,17 @@ def check_dense_weights(sparsity: SparsityConfig, compression: CompressionConfig
              "compression never sends: set compression.method: none")
 
 
+def check_kernel_with_deepspeed(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
+    """The sparse kernels are built and tested with ZeRO 0-2, where every rank holds each layer's whole weight. At
+    ZeRO-3 the weight exists only between DeepSpeed's gather and release hooks and the block index would have to
+    follow them; that path is not built, so ``block_sparse``/``semi_structured`` are refused there (``auto`` picks
+    ``dense``)."""
+    stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
+    _require(not (stage == 3 and sparsity.kernel in ("block_sparse", "semi_structured")), f"{p}.kernel",
+             f"{sparsity.kernel!r} is supported with ZeRO stages 0-2, not stage 3; use kernel: dense (or auto, "
+             "which picks dense at stage 3)")
+
+
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
     """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
     reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused here,
@@ -620,6 +644,7 @@ def from_dict(raw: dict) -> Config:
     check_dense_weights(sparsity, compression)
     check_pai_with_deepspeed(sparsity, ds)
     check_compression_with_compact_state(compression, sparsity, ds)
+    check_kernel_with_deepspeed(sparsity, ds)
     check_compression_with_deepspeed(compression, ds)
     # dist-sparse train checkpoints Adam-family optimizers only (ensure_optimizer_state): SGD's DGC momentum
     # correction is refused now rather than at the first checkpoint; dist_sparse.initialize (own loop) supports it
@@ -755,4 +780,5 @@ def split_deepspeed_json(config) -> tuple:
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)
+    check_kernel_with_deepspeed(sparsity, raw)
     return raw, sparsity, compression

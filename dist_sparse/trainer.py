@@ -27,6 +27,7 @@ from dist_sparse.integration import hf
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
 from dist_sparse.integration.engine import attach
 from dist_sparse.integration.experts import register_zero3_leaves
+from dist_sparse.integration.kernels import kernel_work
 from dist_sparse.metrics import MetricsLogger, StepTimer, max_over_ranks, peak_rss_mb, rss_anon_mb, write_json_atomic
 from dist_sparse.prepared import WindowSampler, training_data, vocab_size
 
@@ -159,7 +160,8 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         if cfg.sparsity.method in ("snip", "grasp") or cfg.freeze.select == "saliency" else None
     engine = attach(engine, model, cfg.sparsity, total_steps=cfg.train.steps, seed=cfg.train.seed,
                     max_skipped_steps=cfg.train.max_skipped_steps, compression=cfg.compression,
-                    init_batches=init_batches, freeze=cfg.freeze)
+                    init_batches=init_batches, freeze=cfg.freeze,
+                    kernel_tokens=ds_config["train_micro_batch_size_per_gpu"] * cfg.model.block_size)
     sparsifier = engine.sparsifier
     stopper.device = engine.device
     start_step = 0
@@ -184,6 +186,15 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
                 2.0 * sum(v.numel * (1.0 - dens[v.name]) for v in sparsifier.views))
 
     sparse_flops, dense_grad_extra = flops_for(densities)
+
+    def kernel_flops(dense_grad: bool) -> float:
+        """FLOPs per token the kernels really do: masked layers on dense kernels cost the dense product; block-sparse
+        layers their active blocks in the forward and dX, and in dW too except on dense-gradient steps."""
+        fwd, dw = kernel_work(engine, dense_grad)
+        return (2.0 * hf.training_flops_per_token(model, fwd, cfg.model.block_size, n_layer, n_embd)
+                + hf.training_flops_per_token(model, dw, cfg.model.block_size, n_layer, n_embd)) / 3.0
+
+    kernel_flops_by_plan = {g: kernel_flops(g) for g in (False, True)}
     if is_main:
         n_params = hf.count_parameters(model)
         log.info("model %s: %.2fM parameters, %d sparsified tensors (%.2fM weights), method=%s sparsity=%.2f "
@@ -202,6 +213,7 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
     if progress is not None:
         progress.update(start_step)
     timer, flops_sum, last_loss, val_loss = StepTimer(), 0.0, float("nan"), None
+    kernel_flops_sum = 0.0
     last_saved = start_step
     fetch_timer = StepTimer()  # the data loader's share of each step, timed directly
     for step in range(start_step, cfg.train.steps):
@@ -234,9 +246,11 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         # estimated training FLOPs of this step relative to dense (a RigL update step, and with grow_grad_steps > 1
         # the steps of its window, compute a dense gradient)
         flops_sum += sparse_flops + (dense_grad_extra if plan.dense_grad else 0.0)
+        kernel_flops_sum += kernel_flops_by_plan[plan.dense_grad]
         if plan.mask_update:
             densities = sparsifier.layer_density()
             sparse_flops, dense_grad_extra = flops_for(densities)
+            kernel_flops_by_plan = {g: kernel_flops(g) for g in (False, True)}
 
         done = step + 1
         if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
@@ -289,6 +303,9 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         "tokens_per_second": tokens_per_step / timer.median(),
         "peak_rss_mb": max_over_ranks(peak_rss_mb()),
         "flops_relative_to_dense": flops_sum / (max(1, cfg.train.steps - start_step) * dense_flops),
+        # what the kernels multiply (the figure above counts the masks' density whatever the kernel)
+        "kernel_flops_relative_to_dense": kernel_flops_sum / (max(1, cfg.train.steps - start_step) * dense_flops),
+        "layer_kernel": engine.layer_kernel(),
         "skipped_steps": engine.skipped_nonfinite,
         "fp16_overflow_steps": engine.overflow_skips,  # skipped by DeepSpeed's loss scaler (fp16 only)
         "resumed_from": str(resume_path) if resume_path is not None else None,

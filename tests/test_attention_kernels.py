@@ -9,8 +9,6 @@ really are interpreted functions.
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import dist_sparse.kernels.block_sparse_attn as bsa
@@ -19,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from dist_sparse.kernels.block_sparse_attn import effective_layout, reference_block_sparse_attention
 
-from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, local_layout
+from dist_sparse.attention import bigbird_layout, block_sparse_attention, dense_layout, global_layout, local_layout
 from dist_sparse.attention.cpu import _build_plan, cpu_block_sparse_attention
+from tests.interpreter import run_interpreter_subprocess
 
 TOL = 1e-5
 gpu = pytest.mark.gpu
@@ -84,6 +83,20 @@ def test_cpu_merges_rows_split_over_chunks():
     mask[..., 3 * bs:4 * bs, : 5 * bs] = False  # row block 3 keeps only its last keys
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, False)
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, False, attn_mask=mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_local_global_layout_with_padding_and_gqa(causal):
+    # local window + global blocks 0 and 12 (their rows attend everywhere, their columns are hit by every row), 8
+    # heads over 2 k/v heads, a partial last block, a padding mask: global rows are split over many chunks and
+    # merged, global columns sit in every chunk, and the result equals the reference
+    nb, bs, seq = 16, 16, 250
+    layout = local_layout(nb, 1) | global_layout(nb, [0, 12])
+    q, k, v = _inputs(batch=2, heads=8, kv_heads=2, seq=seq)
+    mask = torch.ones(2, 1, seq, seq, dtype=torch.bool)
+    mask[1, :, :, 200:] = False  # the second sequence is padded after token 200
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, causal)
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, causal, attn_mask=mask)
 
 
 def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
@@ -264,14 +277,7 @@ N_CHILD_TESTS = 5
 @pytest.mark.skipif(_CHILD, reason="this process is the interpreter subprocess")
 def test_triton_kernels_under_interpreter_subprocess():
     # A fresh interpreter process is the only reliable way to get TRITON_INTERPRET=1 in before triton is imported.
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD_ENV: "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton_interp", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    report = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, report
-    assert f"{N_CHILD_TESTS} passed" in proc.stdout, report
+    run_interpreter_subprocess(__file__, "triton_interp", _CHILD_ENV, N_CHILD_TESTS)
 
 
 def test_triton_refuses_cpu_tensors_without_interpreter():

@@ -32,6 +32,9 @@ def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(tmp_path):
     assert summary["mask_updates"] == 2  # steps 4 and 8 (< 0.75 * 12)
     assert 0 < summary["flops_relative_to_dense"] < 1
     assert all(0 < d <= 1 for d in summary["layer_density"].values()) and len(summary["layer_density"]) == 8
+    # unstructured masks: kernel auto runs every layer dense, and the kernels then multiply the whole matrices
+    assert summary["layer_kernel"] == {name: "dense" for name in summary["layer_density"]}
+    assert summary["kernel_flops_relative_to_dense"] == pytest.approx(1.0)
     assert summary["final_val_loss"] == summary["final_val_loss"] and summary["tokens_per_second"] > 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("mask_update" in r and r["mask_update"]["churn"] > 0 for r in records)
@@ -49,6 +52,27 @@ def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(tmp_path):
         assert int(mask.sum()) == round(summary["layer_density"][name] * mask.numel())
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert tok.vocab_size == model.get_input_embeddings().weight.shape[0]
+
+
+@pytest.mark.slow
+def test_train_block_sparse_kernel_summary_and_resume(tmp_path):
+    # GPT-2 width 32: every projection is a whole number of 16x16 blocks; RigL 75% in blocks on the CPU operator
+    common = ["sparsity.method=rigl", "sparsity.sparsity=0.75", "sparsity.distribution=uniform",
+              "sparsity.pattern=block:16x16", "sparsity.kernel=block_sparse", "deepspeed.zero_optimization.stage=2",
+              "train.save_interval=6", "train.save_final_model=false"]
+    train(tmp_path, *common, nproc=2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["layer_kernel"] == {name: "block_sparse" for name in summary["layer_density"]}
+    assert len(summary["layer_kernel"]) == 8
+    # a quarter of the blocks on most steps; the update steps (4, 8) multiply dW densely
+    assert 0.25 < summary["kernel_flops_relative_to_dense"] < 0.6
+    saved = json.loads((tmp_path / "checkpoints" / "step_00000006" / "trainer.json").read_text())
+    assert saved["kernels"]["layer_kernel"] == summary["layer_kernel"]
+    resumed = tmp_path / "resumed"
+    dist_sparse_train(resumed, [*TINY, *common], nproc=2, resume=tmp_path / "checkpoints" / "step_00000006")
+    again = json.loads((resumed / "summary.json").read_text())
+    assert again["layer_kernel"] == summary["layer_kernel"]
+    assert again["final_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ class SparseEngine:
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
                              _loss_finite=True, last_step_skipped=False, overflow_skips=0,
-                             last_step_overflow=False, compact=None, compression=None, _plan=None)
+                             last_step_overflow=False, compact=None, compression=None, kernels=None, _plan=None)
         self.__dict__["accounting"] = StateAccounting(self)
         self.__dict__["components"] = [sparsifier, self.accounting]
         self.__dict__["inner_step"] = self._wrap_inner_step()
@@ -81,6 +81,17 @@ class SparseEngine:
         self.__dict__["param_views"] = [views[v.name] for v in self.param_views]
         self.__dict__["compact"] = store
         self.add_component(store)
+
+    def set_kernels(self, kernels) -> None:
+        """Sparse kernels (``sparsity.kernel``): sparsified layers multiply by their active weights only; the
+        component hands them each step's ``dense_grad`` and rebuilds their block indices after mask updates."""
+        self.__dict__["kernels"] = kernels
+        self.add_component(kernels)
+
+    def layer_kernel(self) -> dict:
+        """name -> the kernel each sparsified layer runs (dense, block_sparse, semi_structured)."""
+        chosen = self.kernels.layer_kernel() if self.kernels is not None else {}
+        return {v.name: chosen.get(v.name, "dense") for v in self.sparsifier.views}
 
     def set_compression(self, reduction) -> None:
         """Gradient compression owns the reduction: first in the list, so the masks see averaged gradients."""
@@ -231,9 +242,10 @@ class SparseEngine:
 
 def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, init_masks=None,
            max_skipped_steps: int = 5, compression: CompressionConfig | None = None,
-           init_batches=None, freeze=None) -> SparseEngine:
+           init_batches=None, freeze=None, kernel_tokens: int | None = None) -> SparseEngine:
     """Attach a sparsifier to an initialised DeepSpeed engine (masks drawn and applied now), compact state when
-    ``sparsity.compact_state`` and the compressed gradient exchange when ``compression`` is enabled.
+    ``sparsity.compact_state``, the compressed gradient exchange when ``compression`` is enabled and sparse kernels
+    per ``sparsity.kernel`` (``kernel_tokens``: tokens per micro-batch, for ``auto``'s measurement).
 
     ``init_batches``: this rank's token batches (a list of [batch, seq] tensors) that pruning at initialization
     (``snip``, ``grasp``) and ``freeze.select: saliency`` score; ``synflow`` is data-free. ``freeze``: a
@@ -293,6 +305,11 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         wrapped.set_compression(CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
                                                     compression, seed, store=wrapped.compact,
                                                     sparsifier=sparsifier))
+    from dist_sparse.integration.kernels import build_kernels
+
+    kernels = build_kernels(engine, model, sparsifier, sparsity, kernel_tokens)
+    if kernels is not None:
+        wrapped.set_kernels(kernels)
     return wrapped
 
 

@@ -54,3 +54,15 @@ def finish(results, out: str) -> None:
         with open(out, "w") as f:
             json.dump(gathered, f)
     D.shutdown()
+
+
+def train_steps(engine, steps: int, vocab: int, shape: tuple, seed: int):
+    """``steps`` optimizer steps of a causal LM on random tokens (a generator seeded with ``seed``, one per rank);
+    yields each step's loss after the step."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, vocab, shape, generator=g)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        yield float(loss)

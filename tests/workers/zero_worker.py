@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_grad
 import dist_sparse
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice
-from tests.workers import finish, tiny_gpt2, tiny_step
+from tests.workers import finish, tiny_gpt2, train_steps
 
 STEPS = 9
 
@@ -91,9 +91,8 @@ def run(stage: int, spec: str) -> dict:
 
     sp._update = checked_update
     names = [v.name for v in sp.views]
-    g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(STEPS):
-        report["losses"].append(tiny_step(engine, g))
+    for loss in train_steps(engine, STEPS, 48, (2, 16), 100 + rank):
+        report["losses"].append(loss)
         masks = sp.full_masks()
         weights = full_model_weights(engine, names)
         report["masked_nonzero"].append(sum(int((weights[n][~masks[n]] != 0).sum()) for n in names))

@@ -1,0 +1,76 @@
+"""Worker for tests/test_kernels_training.py (run under torchrun, CPU, gloo, 2 ranks).
+
+For ZeRO-1 and ZeRO-2: 20 steps of RigL with ``block:16x16`` masks on a small GPT-2 (Conv1D layers), once with
+``sparsity.kernel: dense`` and once with ``block_sparse`` (and at ZeRO-2 once more with gradient checkpointing),
+same data and seeds. Per run and rank it records every loss, the full masks at the end, the pruned model weights'
+nonzero count after every step, the reduced gradient this rank holds on every dense-gradient step (RigL's growth
+score, including pruned positions), and the layer kernels. Rank 0 writes the JSON report to argv[1].
+"""
+
+import sys
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import dist_sparse
+from tests.workers import finish, train_steps
+
+STEPS = 20
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def run(stage: int, kernel: str, checkpointing: bool = False) -> dict:
+    m = model()
+    if checkpointing:
+        m.gradient_checkpointing_enable()
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 1.0,
+        "sparsity": {"method": "rigl", "sparsity": 0.75, "distribution": "uniform", "pattern": "block:16x16",
+                     "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
+                     "drop_fraction": 0.3},
+    }
+    engine, _, _, _ = dist_sparse.initialize(model=m, config=config, total_steps=STEPS, seed=3)
+    sp = engine.sparsifier
+    rank = torch.distributed.get_rank()
+    report = {"losses": [], "masked_nonzero": [], "dense_grads": [], "layer_kernel": engine.layer_kernel()}
+    original_update = sp._update
+
+    def recording_update(step):
+        # the reduced gradient of this rank's range at the update: RigL grows by its values at pruned positions
+        report["dense_grads"].append([v.grad().float().reshape(-1).tolist() for v in sp.views])
+        original_update(step)
+
+    sp._update = recording_update
+    names = [v.name for v in sp.views]
+    params = dict(engine.module.named_parameters())
+    for loss in train_steps(engine, STEPS, 64, (2, 32), 100 + rank):
+        report["losses"].append(loss)
+        masks = sp.full_masks()
+        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in names))
+    report["masks"] = {n: mk.reshape(-1).int().tolist() for n, mk in sp.full_masks().items()}
+    report["updates"] = sp.updates_done
+    report["kernels_state"] = engine.kernels.state_dict() if engine.kernels is not None else None
+    return report
+
+
+def main():
+    out = sys.argv[1]
+    results = {}
+    for stage in (1, 2):
+        results[f"{stage}/dense"] = run(stage, "dense")
+        results[f"{stage}/block_sparse"] = run(stage, "block_sparse")
+    results["2/block_sparse/checkpointing"] = run(2, "block_sparse", checkpointing=True)
+    finish(results, out)
+
+
+if __name__ == "__main__":
+    main()
