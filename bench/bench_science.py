@@ -162,7 +162,7 @@ def main() -> None:
 
     dense = mean("dense")
     rows = [f"| {name} | {fmt(vals.get(name, []))} | "
-            f"{(mean(name) / dense if dense and mean(name) else float('nan')):.3f} |"
+            f"{f'{mean(name) / dense:.3f}' if dense and mean(name) else '-'} |"
             for name in [r[0] for r in ROWS] + ["imp reinit control (seed + 1000)"]]
     checks = [order(f"{pai} above static random (Frankle et al. 2021)", pai, "static") for pai in
               ("snip", "grasp", "synflow")]
