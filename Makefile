@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 demo: setup
 	$(VENV)/bin/dist-sparse train configs/demo.yaml --nproc 2
 
+# two pytest workers, one test file each at a time (--dist loadfile keeps a file's module-scoped multi-rank reports
+# on one worker): the multi-rank tests spend much of their time starting processes and waiting on each other, so
+# two files overlap well on 2 cores
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .
