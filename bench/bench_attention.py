@@ -122,7 +122,7 @@ def cpu_section(args) -> str:
         f"median of {args.reps} runs after a warm-up, all measured in this process; the layouts of one causality "
         "alternate with their dense baseline run by run. Density = active blocks / all blocks of the full grid. "
         "Local + global: a sliding window of w blocks each side plus the first g blocks global (their rows attend "
-        "everywhere, every row attends them; the plan runs such dense rows as dense attention).",
+        "everywhere, every row attends them).",
         "",
         "| attention | layout | density | sparse fwd+bwd | dense SDPA fwd+bwd | speed-up | sparse fwd | dense fwd "
         "| speed-up |",

@@ -67,9 +67,10 @@ def gpu_unavailable(head: str, kernels) -> str | None:
     return None
 
 
-def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1) -> dict:
+def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1, clock=time.perf_counter) -> dict:
     """Median seconds of each callable; they alternate run by run (after ``warmup`` runs each), so a change in the
-    machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run."""
+    machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run;
+    ``clock=time.process_time`` measures this process's CPU time instead of wall-clock time."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -78,9 +79,9 @@ def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1) -
         for name, fn in fns.items():
             if sync:
                 sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if sync:
                 sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
