@@ -11,6 +11,7 @@ import torch
 
 from dist_sparse.compression.hierarchical import InterNodeCompression, NodeLayout, chunk
 from dist_sparse.config import CompressionConfig
+from dist_sparse.memory.plan import stage12_partition
 from tests.distributed_utils import run_spawned
 
 SIZES = {"w0": 37, "w1": 50, "b": 8}  # flattened in this order into one ZeRO-1/2 group of 95 elements
@@ -23,8 +24,7 @@ NODES_OF_RANKS = ("a", "b", "a", "b")
 
 def partitions(world: int) -> dict:
     """name -> every rank's (start, length) of that tensor in DeepSpeed's ZeRO-1/2 partition of the flat group."""
-    total = sum(SIZES.values())
-    part = math.ceil(total / (2 * world)) * 2 * world // world
+    part = stage12_partition(sum(SIZES.values()), world)
     out, offset = {}, 0
     for name, n in SIZES.items():
         ranges = []

@@ -24,7 +24,7 @@ import math
 
 from dist_sparse.compression.base import keep_count
 from dist_sparse.compression.sketch import BUCKETS
-from dist_sparse.memory.plan import LP_BYTES, Setting
+from dist_sparse.memory.plan import LP_BYTES, Setting, stage12_partition
 
 
 def _tensors(setting: Setting) -> list:
@@ -34,8 +34,7 @@ def _tensors(setting: Setting) -> list:
     n = setting.world_size
     out = []
     for group in setting.groups:
-        numel = sum(p.numel for p in group)
-        part = math.ceil(numel / (2 * n)) * 2 * n // n
+        part = stage12_partition(sum(p.numel for p in group), n)
         offset = 0
         for p in group:
             ranges = None

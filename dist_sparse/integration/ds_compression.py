@@ -55,6 +55,11 @@ from dist_sparse.step import Component
 log = logging.getLogger("dist_sparse")
 
 
+def _numel(p) -> int:
+    """A parameter's full size (ZeRO-3 partitions it: its local ``numel`` is 0)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def dense_comm_bytes_per_step(engine, params: list) -> int:
     """What DeepSpeed's uncompressed reduction hands to torch.distributed per rank and optimizer step.
 
@@ -66,12 +71,7 @@ def dense_comm_bytes_per_step(engine, params: list) -> int:
     dtype = getattr(engine, "communication_data_type", None) or params[0].dtype
     itemsize = torch.empty(0, dtype=dtype).element_size()
     reductions = engine.gradient_accumulation_steps() if engine.zero_optimization_stage() >= 2 else 1
-    return sum(getattr(p, "ds_numel", p.numel()) for p in params) * itemsize * reductions
-
-
-def _numel(p) -> int:
-    """A parameter's full size (ZeRO-3 partitions it: its local ``numel`` is 0)."""
-    return getattr(p, "ds_numel", p.numel())
+    return sum(_numel(p) for p in params) * itemsize * reductions
 
 
 def _optimizer_momentum(inner) -> float:

@@ -114,14 +114,18 @@ def predict(setting: Setting) -> list:
     return [_total(r) for r in ranks]
 
 
+def stage12_partition(numel: int, world: int) -> int:
+    """Elements per rank of one flattened ZeRO-1/2 group: padded to a multiple of ``2 * world``, split evenly."""
+    return math.ceil(numel / (2 * world)) * 2 * world // world
+
+
 def _stage12_ranks(setting: Setting) -> list:
     """What each rank holds at ZeRO-1/2 (see the module docstring)."""
     n, lp = setting.world_size, LP_BYTES[setting.precision]
     ranks = [dict.fromkeys(CATEGORIES, 0.0) for _ in range(n)]
     for group in setting.groups:
-        numel = sum(p.numel for p in group)
-        aligned = math.ceil(numel / (2 * n)) * 2 * n
-        part = aligned // n
+        part = stage12_partition(sum(p.numel for p in group), n)
+        aligned = part * n
         offsets = [0]
         for p in group:
             offsets.append(offsets[-1] + p.numel)
