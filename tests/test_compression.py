@@ -206,6 +206,17 @@ def _exchange_worker(rank, world, method):
     out = comp.run(grads, masks, 3, dense={"w"}, skip={"e"})
     assert set(out) == {"w", "b"} and torch.equal(out["w"], torch.full((1000,), 1.5))
     assert all(torch.equal(residual[n], comp.feedback.residual[n]) for n in residual)
+    # a dense step the optimizer applies (a growth window's): unpruned coordinates deliver gradient + residual in
+    # full (the residual drops to 0), pruned ones the raw gradient
+    before = comp.feedback.residual["w"].clone()
+    assert bool(before.abs().sum() > 0)
+    grads = {"w": torch.randn(1000, generator=gen), "b": torch.randn(10, generator=gen), "e": torch.ones(300)}
+    mine = torch.where(masks["w"], grads["w"] + before, grads["w"])
+    out = comp.run(grads, masks, 4, dense={"w"}, skip={"e"}, dense_applied=True)
+    reference = mine.clone()
+    torch.distributed.all_reduce(reference)
+    torch.testing.assert_close(out["w"], reference / world, rtol=0, atol=1e-6)
+    assert not bool(comp.feedback.residual["w"].any()) and comp.last_sent["w"].numel() == 1000
 
 
 @pytest.mark.parametrize("method", ["topk", "randomk", "threshold"])

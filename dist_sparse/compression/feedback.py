@@ -249,6 +249,22 @@ class ErrorFeedback:
         self._pack(name, eligible)
         return idx, values, own
 
+    @torch.no_grad()
+    def deliver_all(self, name: str, grad: torch.Tensor, eligible: torch.Tensor | None,
+                    energy: float | None = None) -> torch.Tensor:
+        """A dense step of ``name`` (RigL's mask-update step): every coordinate is sent. Unpruned coordinates carry
+        what error feedback has accumulated for them (gradient, or DGC/Adam momentum, plus residual), so the
+        optimizer sees the same stream as on compressed steps and nothing stays behind; pruned coordinates carry
+        the raw gradient, which only growth reads. State is updated as if every unpruned coordinate was sent."""
+        flat = grad.reshape(-1).float()
+        acc = self.accumulate(name, flat, eligible, energy)
+        out = acc.clone() if eligible is None else torch.where(eligible, acc, flat)
+        if self.error_feedback:
+            self.sent(name, acc, torch.arange(acc.numel(), device=acc.device) if eligible is None
+                      else torch.nonzero(eligible).reshape(-1))
+        self._pack(name, eligible)
+        return out
+
     def _delivered_locally(self, name: str, acc: torch.Tensor, local: tuple) -> None:
         """The owned range was applied in full: as for sent coordinates, nothing of it stays behind."""
         if not self.error_feedback:

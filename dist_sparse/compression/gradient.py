@@ -5,8 +5,14 @@ step number; it compresses every tensor (:class:`~dist_sparse.compression.feedba
 bucketed exchange (:class:`~dist_sparse.compression.exchange.SparseExchange`) and returns the averaged gradients.
 Two kinds of tensors get special treatment on a step:
 
-- ``dense``: exchanged dense over *all* coordinates, the raw gradient, residual untouched. Used on RigL's mask-update
-  steps, where growth needs the dense averaged gradient of the sparsified tensors (Evci et al. 2020).
+- ``dense``: exchanged dense over *all* coordinates. Used on RigL's mask-update steps, where growth needs the dense
+  averaged gradient of the sparsified tensors (Evci et al. 2020). When the optimizer does not step (RigL's update
+  replaces the step: ``dense_applied=False``) the values are the raw gradient and the residual is untouched, so
+  nothing accumulated is lost. When it does (the steps of a growth window before the update), pruned coordinates
+  carry the raw gradient (what growth reads) and unpruned ones what error feedback accumulated there (gradient or
+  momentum, plus residual), delivered in full (:meth:`~dist_sparse.compression.feedback.ErrorFeedback.deliver_all`):
+  the raw gradient there would hand Adam's momentum correction a raw gradient as its first moment and drop that
+  step from the local moments.
 - ``skip``: not exchanged at all (residual untouched). Used for the other tensors on update steps whose update
   replaces the optimizer step (RigL, SET): their gradient would not be applied anyway.
 
@@ -86,7 +92,7 @@ class GradientCompression:
         self.last_sent: dict = {}  # name -> sorted indices this rank sent in the last exchange (for inspection)
 
     def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None,
-            within=None) -> dict:
+            within=None, dense_applied: bool = False) -> dict:
         """Averaged gradients for every name in ``grads`` except ``skip`` (same names and order on every rank).
 
         ``grads``: name -> this rank's full local gradient; ``eligible``: name -> bool mask of kept coordinates
@@ -97,7 +103,8 @@ class GradientCompression:
         ``within``: name -> bool mask of the coordinates this exchange covers (the same on every rank of the
         group; None: all). The inter-node scope (:mod:`dist_sparse.compression.hierarchical`) gives each group its
         slice of every tensor: nothing outside it is selected, sent or kept in a residual, and the result is 0
-        there. DGC's local clipping still measures the whole gradient (``eligible``)."""
+        there. DGC's local clipping still measures the whole gradient (``eligible``). ``dense_applied``: the
+        optimizer applies this step's values of the ``dense`` tensors (the module docstring)."""
         rank = D.rank(self.group)
         dense, skip = set(dense), set(skip)
         if self.local_clip > 0:
@@ -120,12 +127,14 @@ class GradientCompression:
                 keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device) if mask is None else mask.clone()
                 n_covered = int(keep.sum())
                 counts = [] if ranges is None else [n_covered - length for _, length in ranges]
+                full = (self.feedback.deliver_all(name, flat, eligible.get(name)) if dense_applied
+                        else flat.float())
                 if ranges is not None and ranges[rank][1]:  # the own range is added locally, not sent
                     own_start, length = ranges[rank]
-                    own = flat[own_start: own_start + length].float().clone()
+                    own = full[own_start: own_start + length].clone()
                     keep[own_start: own_start + length] = False
                 idx = torch.nonzero(keep).reshape(-1)
-                values = flat[idx].float()
+                values = full[idx]
             else:
                 d = 1.0 if flat.numel() < self.cfg.min_tensor_size else self.feedback.density(step)
                 local = None if ranges is None else ranges[rank]

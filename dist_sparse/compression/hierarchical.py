@@ -140,7 +140,8 @@ class InterNodeCompression:
         return self.intra_bytes + self.inter_bytes
 
     @torch.no_grad()
-    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None) -> dict:
+    def run(self, grads: dict, eligible: dict, step: int, dense=(), skip=(), owned: dict | None = None,
+            dense_applied: bool = False) -> dict:
         """The global average of every tensor in ``grads`` except ``skip`` (complete over this rank's own range
         when ``owned`` is given, ZeRO-1/2; complete everywhere otherwise). ``grads`` entries are replaced by the
         node means (fp32), which is what this node contributed: the caller's momentum correction reads them."""
@@ -163,7 +164,8 @@ class InterNodeCompression:
             slices = _Slices({n: [chunk(numels[n], self.ranks_per_node, self.local_index)] for n in names}, numels,
                              device)
         before = self.inner.total_bytes
-        averaged = self.inner.run(grads, eligible, step, dense, skip, owned=group_owned, within=slices)
+        averaged = self.inner.run(grads, eligible, step, dense, skip, owned=group_owned, within=slices,
+                                   dense_applied=dense_applied)
         self.inter_bytes += self.inner.total_bytes - before
         if owned is None:  # ZeRO-0: every rank needs every slice; each is 0 outside its own, so the sum is exact
             self.intra_bytes += D.all_reduce_sum_flat([averaged[n] for n in names], self.intra_group)

@@ -338,7 +338,8 @@ class CompressedReduction(Component):
             local = {n: (g.div_(scale) if g.dtype == torch.float32 and self.stage else g.float().div_(scale))
                      for n, g in local.items()}
             saved = {k: t.clone() for k, t in self.compression.feedback.state_tensors().items()}
-        averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned)
+        averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned,
+                                        dense_applied=not plan.replaces_optimizer_step)
         if scale != 1.0 and self._overflows(averaged, scale):
             self.compression.feedback.load_state_tensors(saved, self._device())
             self.exchange_overflowed = True
