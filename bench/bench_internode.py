@@ -49,6 +49,9 @@ RUNS = [  # key, label, overrides
      ["sparsity.method=rigl", *COMPRESS, "compression.scope=inter_node"]),
 ]
 NODES, PER_NODE = 2, 2
+# RigL's figure moves by a percent or more between seeds (docs/compression.md: 1.030x and 1.014x for two seeds of
+# the same compressed run), more than the 2% target's margin: its uncompressed and inter-node rows get more seeds
+SEEDED = ("rigl", "rigl_inter")
 
 
 def overrides(extra: list, steps: int, out: Path) -> list:
@@ -107,6 +110,8 @@ def predicted(extra: list, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=2, help=f"seeds of the rows {', '.join(SEEDED)} (train.seed "
+                                                             "0, 1, ...; the other rows: seed 0)")
     args = parser.parse_args()
     title = "Inter-node gradient compression (2 nodes x 2 ranks)"
     if skipped_without_shakespeare("80_internode", title):
@@ -116,6 +121,14 @@ def main() -> None:
         results[key], was_reused = run(key, extra, args.steps)
         if was_reused:
             reused.append(key)
+    seeded = {key: [results[key]] for key in SEEDED}
+    for seed in range(1, args.seeds):
+        for key, _, extra in RUNS:
+            if key in SEEDED:
+                summary, was_reused = run(f"{key}_seed{seed}", [*extra, f"train.seed={seed}"], args.steps)
+                seeded[key].append(summary)
+                if was_reused:
+                    reused.append(f"{key}_seed{seed}")
     rows, checks = [], []
     for key, label, extra in RUNS:
         s = results[key]
@@ -136,6 +149,19 @@ def main() -> None:
             gap = s["final_val_loss"] / base["final_val_loss"]
             checks.append((f"{label}: validation loss within 2% of uncompressed", gap <= 1.02,
                            f"{gap:.4f}x ({s['final_val_loss']:.4f} vs {base['final_val_loss']:.4f})"))
+    seed_rows = []
+    if args.seeds > 1:
+        base_losses = [r["final_val_loss"] for r in seeded["rigl"]]
+        inter_losses = [r["final_val_loss"] for r in seeded["rigl_inter"]]
+        ratios = [b / a for a, b in zip(base_losses, inter_losses)]
+        mean_ratio = sum(inter_losses) / sum(base_losses)
+        for seed, (a, b, q) in enumerate(zip(base_losses, inter_losses, ratios)):
+            seed_rows.append(f"| {seed} | {a:.4f} | {b:.4f} | {q:.4f} |")
+        seed_rows.append(f"| mean | {sum(base_losses) / len(base_losses):.4f} | "
+                         f"{sum(inter_losses) / len(inter_losses):.4f} | {mean_ratio:.4f} |")
+        checks.append((f"RigL 90%, scope inter_node: mean validation loss over {args.seeds} seeds within 2% of "
+                       "uncompressed", mean_ratio <= 1.02, f"{mean_ratio:.4f}x (per seed: "
+                       + ", ".join(f"{q:.4f}x" for q in ratios) + ")"))
     lines = [
         f"## {title}",
         "",
@@ -155,6 +181,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *([f"RigL 90% over {args.seeds} seeds (`train.seed` 0..{args.seeds - 1}; the table above is seed 0; the data "
+           "order and the initial masks change with the seed):", "",
+           "| seed | uncompressed val loss | scope inter_node val loss | x uncompressed |", "|---|---|---|---|",
+           *seed_rows, ""] if seed_rows else []),
         "| target | reached | measured |",
         "|---|---|---|",
         *[f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in checks],
