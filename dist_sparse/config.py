@@ -293,6 +293,8 @@ class SparsityConfig:
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
+    # ZeRO-3: parameter all-gathers carry each shard's mask bits + active values only (docs/memory.md)
+    packed_gather: bool = False
     # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
     # blocks of H output rows x W input columns); dist_sparse/patterns.py
     pattern: str = "unstructured"
@@ -512,6 +514,39 @@ def check_compact_state(sparsity: SparsityConfig, ds: dict, p: str = "sparsity")
     _require(str(opt).lower() in ("adam", "adamw"), key, f"supports the Adam and AdamW optimizers, not {opt!r}")
 
 
+def packed_gather_refusal(zero: dict, autocast: bool) -> str | None:
+    """Why the ZeRO-3 settings ``zero`` (DeepSpeed's ``zero_optimization`` keys) cannot gather parameters packed,
+    or None. The packed gather replaces DeepSpeed's plain shard all-gather; the variants below move the shard
+    differently (offloaded, quantized, in a subgroup, by an all-reduce, in another dtype) and are not built."""
+    if zero.get("offload_param"):
+        return "is not supported with zero_optimization.offload_param (the shards live off the device)"
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1 or int(zero.get("mics_shard_size", -1) or -1) > 0:
+        return "is not supported with hierarchical partitioning (zero_hpz_partition_size > 1, mics_shard_size)"
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        return "is not supported with zero_quantized_weights (DeepSpeed's int8 gather)"
+    if zero.get("stage3_use_all_reduce_for_fetch_params"):
+        return "is not supported with stage3_use_all_reduce_for_fetch_params (parameters fetched by an all-reduce)"
+    if autocast:
+        return "is not supported with torch_autocast (the gather's communication dtype differs from the shard's)"
+    return None
+
+
+def check_packed_gather(sparsity: SparsityConfig, ds: dict, p: str = "sparsity") -> None:
+    """``sparsity.packed_gather`` needs ZeRO-3 (the only stage that gathers parameters) and a method that keeps
+    masks (their bits and the active values are what is gathered); refused here, before a process group starts."""
+    if not sparsity.packed_gather:
+        return
+    key = f"{p}.packed_gather"
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    _require(stage == 3, key, f"needs ZeRO stage 3, not {stage}: only ZeRO-3 all-gathers parameters (at stages "
+                              "0-2 every rank holds the whole weights); set deepspeed.zero_optimization.stage: 3")
+    _require(sparsity.method != "none", key, "needs a sparsity method that keeps masks (sparsity.method is 'none': "
+                                             "nothing is pruned, so there are no mask bits to gather by)")
+    why = packed_gather_refusal(zero, bool((ds.get("torch_autocast") or {}).get("enabled", False)))
+    _require(why is None, key, why or "")
+
+
 PAI_METHODS = ("snip", "grasp", "synflow")
 
 
@@ -664,6 +699,7 @@ def from_dict(raw: dict) -> Config:
     )
     check_freeze(cfg.freeze, cfg.sparsity, cfg.compression)
     check_compact_state(cfg.sparsity, cfg.deepspeed)
+    check_packed_gather(cfg.sparsity, cfg.deepspeed)
     if cfg.data.prepared is not None or cfg.model.pretrained is not None:
         from dist_sparse.prepared.data import check_with_model
 
@@ -780,5 +816,6 @@ def split_deepspeed_json(config) -> tuple:
     check_compression_with_compact_state(compression, sparsity, raw)
     check_compression_with_deepspeed(compression, raw)
     check_compact_state(sparsity, raw)
+    check_packed_gather(sparsity, raw)
     check_kernel_with_deepspeed(sparsity, raw)
     return raw, sparsity, compression

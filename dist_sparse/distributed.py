@@ -118,6 +118,14 @@ def all_gather_equal(t: torch.Tensor, group=None) -> list:
     return out
 
 
+def all_gather_flat(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """All-gather equal-sized 1-D tensors into the flat ``out`` (rank r's at ``[r n, (r + 1) n)``), as DeepSpeed's
+    ZeRO-3 parameter gathers do; returns the work handle when ``async_op`` (else None)."""
+    # torch 2.13 renamed all_gather_into_tensor (which still works, with a deprecation warning) all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, t.contiguous(), group=group, async_op=async_op)
+
+
 def all_gather_varlen(t: torch.Tensor, group=None) -> list:
     """All-gather 1-D tensors whose lengths differ across ranks (padded to the longest, then trimmed)."""
     n = world_size(group)

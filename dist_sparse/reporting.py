@@ -32,6 +32,22 @@ def comm_summary(engine, steps: int) -> dict:
             "compression": comp.compression.cfg.method, "compression_scope": comp.scope}
 
 
+def param_gather_summary(engine, steps: int) -> dict:
+    """ZeRO-3: ``param_gather_bytes_per_step`` (bytes this rank handed to the parameter all-gathers of forward and
+    backward per optimizer step, measured) and ``dense_param_gather_bytes_per_step`` (what DeepSpeed's dense gather
+    of the same parameters hands; equal without ``sparsity.packed_gather``), the maximum over ranks (every rank
+    hands the same: payloads are padded to the largest), and ``param_gather`` (whether packed, gathers per step).
+    Empty at stages 0-2, which gather no parameters. A collective."""
+    gather = getattr(engine, "param_gather", None)
+    if gather is None:
+        return {}
+    ranks = D.all_gather_object(gather.stats(steps))
+    worst = max(ranks, key=lambda r: r["param_gather_bytes_per_step"])
+    return {"param_gather_bytes_per_step": worst["param_gather_bytes_per_step"],
+            "dense_param_gather_bytes_per_step": max(r["dense_param_gather_bytes_per_step"] for r in ranks),
+            "param_gather": {"packed": worst["packed"], "gathers_per_step": worst["gathers_per_step"]}}
+
+
 def state_bytes_summary(engine) -> dict:
     """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
     (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``

@@ -320,6 +320,7 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         "median_data_fetch_seconds": fetch_timer.median(),  # rank 0's batch fetch per step (all micro-batches)
         "rss_anon_mb": max_over_ranks(rss_anon_mb()),  # anonymous resident memory at the end, max over ranks
         **reporting.comm_summary(engine, cfg.train.steps - start_step),
+        **reporting.param_gather_summary(engine, cfg.train.steps - start_step),  # ZeRO-3 only (a collective)
         **reporting.state_bytes_summary(engine),  # memory accounting (a collective)
         **topology,  # nodes, ranks_per_node (host -> rank count)
     }

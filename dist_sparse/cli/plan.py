@@ -18,6 +18,7 @@ import sys
 
 from dist_sparse.compression.traffic import predict as predict_traffic
 from dist_sparse.errors import DistSparseError
+from dist_sparse.memory import gather as G
 from dist_sparse.memory import plan as P
 
 
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                      "bf16/fp16 flag, else fp32)")
     p.add_argument("--compact-state", action="store_true", default=None,
                    help="predict with sparsity.compact_state (default: the config's value)")
+    p.add_argument("--packed-gather", action="store_true", default=None,
+                   help="ZeRO-3: predict parameter gathers with sparsity.packed_gather (default: the config's value)")
     p.add_argument("--device-memory-gib", type=float, default=None,
                    help="say whether the largest rank's training state fits in this many GiB")
     p.add_argument("--nodes", type=int, default=1,
@@ -101,11 +104,19 @@ def _from_config(args) -> tuple:
     traffic = {"compression": cfg.compression, "steps": cfg.train.steps,
                        "schedule": StepSchedule(method) if method is not None else None,
                        "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw")}
+    packed = bool(cfg.sparsity.packed_gather if args.packed_gather is None else args.packed_gather)
+    if packed and not names:
+        raise P.PlanError("--packed-gather", "needs a sparsity method that keeps masks (sparsity.method is "
+                                             f"{cfg.sparsity.method!r}, nothing is sparsified)")
+    gather = {"params": G.model_params(model, set(names), densities), "packed": packed,
+              "steps": cfg.train.steps, "gas": int(ds.get("gradient_accumulation_steps", 1)),
+              "persistence_threshold": setting.persistence_threshold,
+              "reuse_distance": int(zero.get("stage3_max_reuse_distance", 1_000_000_000))}
     described = {"config": args.config, "model": cfg.model.source,
                  "parameters": sum(p.numel() for p in params.values()),
                  "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
                  "method": cfg.sparsity.method, "vocab_size": vocab}
-    return setting, described, traffic
+    return setting, described, traffic, gather
 
 
 def _vocab_size(cfg) -> int:
@@ -132,9 +143,12 @@ def _from_params(args) -> tuple:
         except Exception as exc:
             raise P.PlanError("--compression-density", str(exc)) from None
     traffic = {"compression": compression, "steps": 1, "schedule": None, "gas": 1, "adam": True}
+    # a long run (the first step's extra gathers amortised), DeepSpeed's default persistence and reuse distance
+    gather = {"params": G.setting_params(setting), "packed": bool(args.packed_gather), "steps": None,
+              "persistence_threshold": setting.persistence_threshold}
     described = {"parameters": int(round(args.params)),
                  "sparsified_parameters": int(round(args.params * args.sparsified_fraction)), "sparsity": sparsity}
-    return setting, described, traffic
+    return setting, described, traffic, gather
 
 
 def _fmt(n: float) -> str:
@@ -151,12 +165,18 @@ def main(argv=None) -> int:
             raise P.PlanError("plan", "give either a CONFIG or --params (not both)")
         if args.world_size < 1:
             raise P.PlanError("--world-size", f"must be >= 1, got {args.world_size}")
-        setting, described, traffic_setting = _from_config(args) if args.config else _from_params(args)
+        setting, described, traffic_setting, gather = _from_config(args) if args.config else _from_params(args)
+        if gather["packed"] and setting.zero_stage != 3:
+            raise P.PlanError("--packed-gather", f"needs ZeRO stage 3, not {setting.zero_stage} (only ZeRO-3 "
+                                                 "all-gathers parameters)")
         if args.nodes < 1 or args.world_size % args.nodes:
             raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
         per_rank = P.predict(setting)
         dense = P.predict(P.dense_baseline(setting))
         traffic = predict_traffic(setting, args.nodes, **traffic_setting)
+        # ZeRO-3's parameter all-gathers (summary.json's two keys; other stages gather no parameters)
+        gathers = G.predict(gather.pop("params"), setting.world_size, setting.precision, **gather) \
+            if setting.zero_stage == 3 else None
     except DistSparseError as exc:
         print(f"dist-sparse plan: error: {exc}", file=sys.stderr)
         return 2
@@ -166,6 +186,9 @@ def main(argv=None) -> int:
            "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
            "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None,
            "nodes": args.nodes, "comm_bytes_per_step": traffic}
+    if gathers is not None:
+        out.update(gathers)
+        out["packed_gather"] = gather["packed"]
     if args.device_memory_gib is not None:
         out["fits"] = mine["total"] <= args.device_memory_gib * 2**30
     if args.json:
@@ -184,6 +207,10 @@ def main(argv=None) -> int:
           f"intra-node {_fmt(t['intra_node_comm_bytes_per_step'])}, inter-node "
           f"{_fmt(t['inter_node_comm_bytes_per_step'])}; dense DeepSpeed {_fmt(t['dense_comm_bytes_per_step'])}, "
           f"of it inter-node {_fmt(t['dense_inter_node_comm_bytes_per_step'])}")
+    if gathers is not None:
+        g, d = gathers["param_gather_bytes_per_step"], gathers["dense_param_gather_bytes_per_step"]
+        print(f"parameter gather bytes per step and rank (ZeRO-3, packed_gather={gather['packed']}): {_fmt(g)}; "
+              f"dense DeepSpeed {_fmt(d)}" + (f" ({g / d:.3f}x)" if d else ""))
     if "fits" in out:
         print(f"fits in {args.device_memory_gib:g} GiB: {'yes' if out['fits'] else 'no'} (training state only; "
               "activations, buckets and the framework come on top)")

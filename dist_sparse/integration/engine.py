@@ -51,7 +51,8 @@ class SparseEngine:
                              param_views=sorted([*sparse.values(), *others], key=lambda v: v.name),
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
                              _loss_finite=True, last_step_skipped=False, overflow_skips=0,
-                             last_step_overflow=False, compact=None, compression=None, kernels=None, _plan=None)
+                             last_step_overflow=False, compact=None, compression=None, kernels=None,
+                             param_gather=None, _plan=None)
         self.__dict__["accounting"] = StateAccounting(self)
         self.__dict__["components"] = [sparsifier, self.accounting]
         self.__dict__["inner_step"] = self._wrap_inner_step()
@@ -87,6 +88,12 @@ class SparseEngine:
         component hands them each step's ``dense_grad`` and rebuilds their block indices after mask updates."""
         self.__dict__["kernels"] = kernels
         self.add_component(kernels)
+
+    def set_param_gather(self, gather) -> None:
+        """ZeRO-3: the parameter gathers are counted (and with ``sparsity.packed_gather`` packed) by ``gather``
+        (:class:`~dist_sparse.integration.packed_gather.ParamGather`, installed on DeepSpeed's parameters)."""
+        self.__dict__["param_gather"] = gather
+        self.add_component(gather)
 
     def layer_kernel(self) -> dict:
         """name -> the kernel each sparsified layer runs (dense, block_sparse, semi_structured)."""
@@ -305,6 +312,15 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         wrapped.set_compression(CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
                                                     compression, seed, store=wrapped.compact,
                                                     sparsifier=sparsifier))
+    if sparsity.packed_gather and (method is None or engine.zero_optimization_stage() != 3):
+        # also refused by the config check; this guards attach() called directly
+        raise ConfigError("sparsity.packed_gather", "needs ZeRO stage 3 and a sparsity method that keeps masks "
+                                                    f"(stage {engine.zero_optimization_stage()}, method "
+                                                    f"{sparsity.method!r})")
+    if engine.zero_optimization_stage() == 3:  # every ZeRO-3 run counts its parameter gathers (summary.json)
+        from dist_sparse.integration.packed_gather import ParamGather
+
+        wrapped.set_param_gather(ParamGather(engine, sparsifier if sparsity.packed_gather else None))
     from dist_sparse.integration.kernels import build_kernels
 
     kernels = build_kernels(engine, model, sparsifier, sparsity, kernel_tokens)
