@@ -443,6 +443,8 @@ class CompressionConfig:
     warmup_steps: int = 0  # DGC warm-up: density ramps exponentially from 1 to `density` over these steps
     min_tensor_size: int = 0  # tensors with fewer elements are sent dense (0: every tensor is compressed)
     scope: str = "all"  # all: one exchange over every rank | inter_node: dense within a node, compressed across
+    # the dtype the per-rank compression state (residuals, momentum-correction buffers) is kept in: bf16 halves it
+    residual_dtype: str = "fp32"  # fp32 | bf16
 
     def check(self, p: str) -> None:
         names = compression_names()
@@ -453,6 +455,8 @@ class CompressionConfig:
         _require(self.min_tensor_size >= 0, f"{p}.min_tensor_size", "must be >= 0")
         _require(self.scope in ("all", "inter_node"), f"{p}.scope",
                  f"must be 'all' or 'inter_node', got {self.scope!r}")
+        _require(self.residual_dtype in ("fp32", "bf16"), f"{p}.residual_dtype",
+                 f"must be 'fp32' or 'bf16', got {self.residual_dtype!r}")
         _require(not self.momentum_correction or self.error_feedback, f"{p}.momentum_correction",
                  "needs error_feedback: true (DGC corrects momentum on the accumulated, not-yet-sent velocity)")
 

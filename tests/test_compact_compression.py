@@ -82,6 +82,7 @@ def test_compact_with_compression_equals_masked_dense_with_compression(stage, dt
         # masks with compact state (unpruned coordinates + the layout's bits); measured == counted from the masks
         for run in (dense, compact):
             assert [b["compression_residuals"] for b in run["bytes"]] == run["residual_expected"], where
+            assert run["residual_planned"] == run["residual_expected"], f"{where}: dist-sparse plan's formula"
         d, c = dense["bytes"][-1], compact["bytes"][-1]
         assert 0 < c["compression_residuals"] < 0.5 * d["compression_residuals"], where
         for key in ("master_weights", "optimizer_state", "gradients"):

@@ -124,6 +124,51 @@ def test_own_range_is_delivered_whole_and_the_rest_is_selected_outside_it(method
     assert not ef.residual["w"].any()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_residuals_are_rounded_fp32_residuals_and_resume_exactly(packed):
+    """compression.residual_dtype: bf16: every buffer (residual, momentum, Adam's second-moment buffers) is kept in
+    bf16 between compress calls; each compress works in fp32 on the stored values and rounds back, so it equals the
+    fp32 scheme started from the rounded buffers; a checkpoint (fp32 tensors) resumes bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    eligible = torch.rand(400, generator=gen) < 0.6
+
+    def make(dtype):
+        return ErrorFeedback(COMPRESSORS["topk"](seed=0), density=0.05, momentum=0.9, ema=True,
+                             precondition_beta2=0.999, packed=packed, storage_dtype=dtype)
+
+    ef, ref = make(torch.bfloat16), make(torch.float32)
+    grads = [torch.randn(400, generator=gen) for _ in range(6)]
+    for step, g in enumerate(grads[:3]):
+        idx, values, _ = ef.compress("w", g, eligible, step, stream=0)
+        # the reference starts each step from the stored (rounded) values
+        ref.load_state_tensors(ef.state_tensors())
+        ref.moment_steps = dict(ef.moment_steps)
+        buffers = [t for k, t in ef.buffers().items() if not k.endswith("::layout")]
+        assert len(buffers) == 4 and all(t.dtype == torch.bfloat16 for t in buffers)
+        assert sum(t.numel() for t in buffers) == 4 * (int(eligible.sum()) if packed else 400)
+    ridx, rvalues, _ = ref.compress("w", grads[3], eligible, 3, stream=0)
+    saved = {k: t.clone() for k, t in ef.state_tensors().items()}
+    idx, values, _ = ef.compress("w", grads[3], eligible, 3, stream=0)
+    assert torch.equal(idx, ridx) and torch.equal(values, rvalues)
+    assert torch.equal(ef.state_tensors()["w::residual"], ref.state_tensors()["w::residual"].bfloat16().float())
+    # resume: a fresh bf16 store loaded from the checkpoint continues exactly as the uninterrupted one
+    resumed = make(torch.bfloat16)
+    resumed.load_state_tensors(saved)
+    resumed.moment_steps = {"w": 3}
+    a = resumed.compress("w", grads[3], eligible, 3, stream=0)
+    assert torch.equal(a[0], idx) and torch.equal(a[1], values)
+    assert all(torch.equal(resumed.state_tensors()[k], ef.state_tensors()[k]) for k in saved)
+    # half the bytes of the fp32 store
+    fp32 = {k: t for k, t in ref.buffers().items() if not k.endswith("::layout")}
+    bf16 = {k: t for k, t in ef.buffers().items() if not k.endswith("::layout")}
+    assert sum(t.nbytes for t in bf16.values()) * 2 == sum(t.nbytes for t in fp32.values())
+
+
+def test_residual_dtype_is_checked():
+    with pytest.raises(ConfigError, match="compression.residual_dtype"):
+        C.from_dict({"compression": {"method": "topk", "residual_dtype": "fp16"}})
+
+
 def test_without_error_feedback_the_rest_is_dropped():
     ef = ErrorFeedback(COMPRESSORS["topk"](), density=0.25, error_feedback=False)
     idx, values, _ = ef.compress("w", G, None, 0, 0)

@@ -65,6 +65,40 @@ def test_stage3_layout_persistent_bucket_and_compact():
         assert [r["masks"] for r in compact] == [1 + 2] * 4
 
 
+def test_compression_residuals_by_hand():
+    """Every rank keeps its buffers for its whole local gradient: full tensors, or (compact state) a sparsified
+    tensor's active coordinates plus its mask bits; inter-node scope: one node-slice of each tensor."""
+    from dist_sparse.config import CompressionConfig
+
+    adam_mc = CompressionConfig(method="topk")  # Adam: momentum correction on by default -> 4 buffers
+    assert P.residual_buffers(adam_mc, adam=True) == 4 and P.residual_buffers(adam_mc, adam=False) == 1
+    assert P.residual_buffers(CompressionConfig(method="topk", momentum_correction=True), adam=False) == 2
+    assert P.residual_buffers(CompressionConfig(method="topk", error_feedback=False), adam=True) == 0
+    assert P.residual_buffers(CompressionConfig(), adam=True) == 0
+    group = [P.Param("w", 1000, 0.1, True), P.Param("b", 24)]
+    dense = P.Setting(world_size=2, zero_stage=2, groups=[group], residual_buffers=4)
+    assert [r["compression_residuals"] for r in P.predict(dense)] == [4 * 4 * 1024] * 2
+    compact = P.Setting(world_size=2, zero_stage=2, compact_state=True, groups=[group], residual_buffers=4,
+                        residual_bytes=2)
+    assert P.compression_residual_bytes(compact) == 2 * 4 * (100 + 24) + 125
+    inter = P.Setting(world_size=4, zero_stage=2, compact_state=True, groups=[group], residual_buffers=1,
+                      residual_slice=2)
+    assert P.compression_residual_bytes(inter) == 4 * (50 + 12) + 125 + 3
+    assert P.predict(P.dense_baseline(compact))[0]["compression_residuals"] == 0
+
+
+def test_cli_shows_the_residual_dtype_trade_off(capsys):
+    rc = plan_cli.main(["--params", "1e6", "--world-size", "8", "--zero-stage", "3", "--compact-state",
+                        "--compression-density", "0.01", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    r = out["compression_residuals_by_dtype"]
+    assert r["fp32"] == out["state_bytes_per_rank"]["compression_residuals"] > r["bf16"] > r["fp32"] / 2
+    rc = plan_cli.main(["--params", "1e6", "--world-size", "8", "--zero-stage", "3", "--compact-state",
+                        "--compression-density", "0.01", "--residual-dtype", "bf16", "--json"])
+    assert json.loads(capsys.readouterr().out)["state_bytes_per_rank"]["compression_residuals"] == r["bf16"]
+
+
 def test_cli_params_json(capsys):
     rc = plan_cli.main(["--params", "7e9", "--world-size", "8", "--zero-stage", "2", "--sparsity", "0.9",
                         "--precision", "bf16", "--compact-state", "--json", "--device-memory-gib", "80"])

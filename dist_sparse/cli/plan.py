@@ -13,6 +13,7 @@ buffers are not training state and are not included). ``--json`` prints machine-
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="without a config: predict top-k gradient compression at this density (error feedback on)")
     p.add_argument("--compression-scope", choices=("all", "inter_node"), default="all",
                    help="without a config: the compression scope (with --compression-density)")
+    p.add_argument("--residual-dtype", choices=sorted(P.RESIDUAL_DTYPE_BYTES), default=None,
+                   help="the dtype of gradient compression's per-rank state (default: the config's "
+                        "compression.residual_dtype, else fp32)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -90,17 +94,18 @@ def _from_config(args) -> tuple:
         else {}
     densities = {n: kept[n] / numels[n] for n in names}
     zero = ds.get("zero_optimization") or {}
+    opt = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
     setting = P.model_setting(model, set(names), densities, param_groups(model), world_size=args.world_size,
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
-                                                                 zero.get("param_persistence_threshold", 100_000))))
+                                                                 zero.get("param_persistence_threshold", 100_000))),
+                              **_residual_fields(args, cfg.compression, opt in ("adam", "adamw")))
     # what the gradient traffic prediction needs: the compression block, the mask-update schedule, accumulation
     from dist_sparse.methods import build_method
     from dist_sparse.step import StepSchedule
 
     method = build_method(cfg.sparsity, shapes, cfg.train.steps, cfg.train.seed) if names else None
-    opt = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
     traffic = {"compression": cfg.compression, "steps": cfg.train.steps,
                        "schedule": StepSchedule(method) if method is not None else None,
                        "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw")}
@@ -119,6 +124,16 @@ def _from_config(args) -> tuple:
     return setting, described, traffic, gather
 
 
+def _residual_fields(args, compression, adam: bool) -> dict:
+    """The Setting fields of gradient compression's per-rank state (see :func:`P.compression_residual_bytes`)."""
+    if args.nodes < 1 or args.world_size % args.nodes:
+        raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
+    dtype = args.residual_dtype or (compression.residual_dtype if compression is not None else "fp32")
+    inter = compression is not None and compression.scope == "inter_node" and args.nodes > 1
+    return {"residual_buffers": P.residual_buffers(compression, adam), "residual_bytes": P.RESIDUAL_DTYPE_BYTES[dtype],
+            "residual_slice": args.world_size // args.nodes if inter else 1}
+
+
 def _vocab_size(cfg) -> int:
     """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own; prepared
     data says it in its index)."""
@@ -130,18 +145,20 @@ def _vocab_size(cfg) -> int:
 def _from_params(args) -> tuple:
     stage = 2 if args.zero_stage is None else args.zero_stage
     sparsity = 0.9 if args.sparsity is None else args.sparsity
-    setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
-                                zero_stage=stage, precision=args.precision or "fp32",
-                                compact_state=bool(args.compact_state))
     compression = None
     if args.compression_density is not None:
         from dist_sparse.config import CompressionConfig
 
-        compression = CompressionConfig(method="topk", density=args.compression_density, scope=args.compression_scope)
+        compression = CompressionConfig(method="topk", density=args.compression_density, scope=args.compression_scope,
+                                        residual_dtype=args.residual_dtype or "fp32")
         try:
             compression.check("--compression-density")
         except Exception as exc:
             raise P.PlanError("--compression-density", str(exc)) from None
+    setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
+                                zero_stage=stage, precision=args.precision or "fp32",
+                                compact_state=bool(args.compact_state),
+                                **_residual_fields(args, compression, True))
     traffic = {"compression": compression, "steps": 1, "schedule": None, "gas": 1, "adam": True}
     # a long run (the first step's extra gathers amortised), DeepSpeed's default persistence and reuse distance
     gather = {"params": G.setting_params(setting), "packed": bool(args.packed_gather), "steps": None,
@@ -189,6 +206,10 @@ def main(argv=None) -> int:
     if gathers is not None:
         out.update(gathers)
         out["packed_gather"] = gather["packed"]
+    if setting.residual_buffers:  # the compression state's trade-off: what each residual dtype would keep
+        out["compression_residuals_by_dtype"] = {
+            d: P.compression_residual_bytes(dataclasses.replace(setting, residual_bytes=b))
+            for d, b in P.RESIDUAL_DTYPE_BYTES.items()}
     if args.device_memory_gib is not None:
         out["fits"] = mine["total"] <= args.device_memory_gib * 2**30
     if args.json:
@@ -201,6 +222,12 @@ def main(argv=None) -> int:
     for key in (*P.CATEGORIES, "total"):
         print(f"{key:<26}{_fmt(mine[key]):>14}{_fmt(base[key]):>18}")
     print(f"{'ratio to dense':<26}{out['ratio_to_dense']:>14.3f}")
+    if "compression_residuals_by_dtype" in out:
+        r = out["compression_residuals_by_dtype"]
+        print(f"compression residuals ({setting.residual_buffers} buffer(s) per coordinate, per rank, not sharded: "
+              f"each rank keeps what it did not send): fp32 {_fmt(r['fp32'])}, bf16 {_fmt(r['bf16'])} "
+              f"(compression.residual_dtype); without them the ratio to dense is "
+              f"{(mine['total'] - mine['compression_residuals']) / base['total']:.3f}")
     t = traffic
     scope = f", scope {t['compression_scope']}" if t["compression"] != "none" else ""
     print(f"gradient bytes per step and rank over {args.nodes} node(s) (compression {t['compression']}{scope}): "

@@ -50,12 +50,16 @@ def _unpacked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ErrorFeedback:
-    """Residuals (and momenta) of one rank, keyed by tensor name; full flat fp32 tensors on the gradient's device."""
+    """Residuals (and momenta) of one rank, keyed by tensor name; flat tensors on the gradient's device (full, or
+    packed by the mask with ``packed``), kept in ``storage_dtype`` (fp32, or bf16 for half the bytes)."""
 
     def __init__(self, compressor, density: float, error_feedback: bool = True, momentum: float | None = None,
                  warmup_steps: int = 0, ema: bool = False, precondition_beta2: float | None = None,
-                 world: int = 1, packed: bool = False):
+                 world: int = 1, packed: bool = False, storage_dtype: torch.dtype = torch.float32):
         self.compressor = compressor
+        # the dtype the per-coordinate buffers are kept in between compress calls (compression.residual_dtype);
+        # every compress works on fp32 copies of one tensor's buffers and rounds them back after it
+        self.storage_dtype = storage_dtype
         # keep the per-coordinate buffers of a masked tensor packed by its mask between compress calls
         self.packed = bool(packed)
         self.layout: dict = {}  # name -> (packed mask bits, numel): the layout of that tensor's packed buffers
@@ -86,26 +90,29 @@ class ErrorFeedback:
         return self.residual, self.velocity_momentum, self.second_moment, self.momentum_square
 
     def _dense(self, store: dict, name: str) -> torch.Tensor:
-        """``store[name]`` as a dense flat tensor (a new one when it is kept packed)."""
+        """``store[name]`` as a dense flat fp32 tensor (a new one when it is kept packed or in a lower dtype)."""
         layout = self.layout.get(name)
-        return store[name] if layout is None else _unpacked(store[name], unpack_bits(*layout))
+        t = store[name] if layout is None else _unpacked(store[name], unpack_bits(*layout))
+        return t.float()
 
     def _unpack(self, name: str) -> None:
-        """Make ``name``'s buffers dense for a compress (a transient of this one tensor)."""
-        if name in self.layout:
-            for store in self._stores():
-                if name in store:
-                    store[name] = self._dense(store, name)
-            del self.layout[name]
+        """Make ``name``'s buffers dense fp32 for a compress (a transient of this one tensor)."""
+        for store in self._stores():
+            if name in store and (name in self.layout or store[name].dtype != torch.float32):
+                store[name] = self._dense(store, name)
+        self.layout.pop(name, None)
 
     def _pack(self, name: str, eligible: torch.Tensor | None) -> None:
-        """After a compress: keep only the unpruned coordinates of ``name``'s buffers (all 0 elsewhere)."""
-        if not self.packed or eligible is None:
-            return
+        """After a compress: keep only the unpruned coordinates of ``name``'s buffers (all 0 elsewhere) when
+        packed, in the storage dtype (round to nearest: the next compress continues from the rounded values, so a
+        resumed run sees what an uninterrupted one does)."""
+        pack = self.packed and eligible is not None
         for store in self._stores():
             if name in store:
-                store[name] = store[name][eligible.to(store[name].device)]
-        self.layout[name] = (pack_bits(eligible), eligible.numel())
+                t = store[name][eligible.to(store[name].device)] if pack else store[name]
+                store[name] = t.to(self.storage_dtype)
+        if pack:
+            self.layout[name] = (pack_bits(eligible), eligible.numel())
 
     def buffers(self) -> dict:
         """The tensors this rank keeps, as stored (packed or dense) with the packed layouts' bits (accounting)."""
@@ -302,7 +309,7 @@ class ErrorFeedback:
             store = stores.get(kind)
             if store is None:
                 raise KeyError(f"unknown compression state tensor {key!r}")
-            store[name] = t.to(device=device, dtype=torch.float32).reshape(-1).clone()
+            store[name] = t.to(device=device, dtype=self.storage_dtype).reshape(-1).clone()
 
     def reset(self) -> None:
         self.residual, self.velocity_momentum, self.second_moment, self.momentum_square = {}, {}, {}, {}

@@ -74,6 +74,9 @@ class _Restricted:
         return mask & scope.to(mask.device)
 
 
+RESIDUAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # compression.residual_dtype
+
+
 class GradientCompression:
     def __init__(self, cfg, seed: int = 0, group=None, momentum: float | None = None, ema: bool = False,
                  local_clip: float = 0.0, precondition_beta2: float | None = None, packed: bool = False):
@@ -81,7 +84,8 @@ class GradientCompression:
         self.compressor = COMPRESSORS[cfg.method](seed)
         self.feedback = ErrorFeedback(self.compressor, cfg.density, cfg.error_feedback,
                                       momentum if cfg.momentum_correction else None, cfg.warmup_steps, ema,
-                                      precondition_beta2, D.world_size(group), packed)
+                                      precondition_beta2, D.world_size(group), packed,
+                                      RESIDUAL_DTYPES[cfg.residual_dtype])
         self.exchange = SparseExchange(group)
         self.seed = seed
         self.last_sketch_bytes = 0  # the count sketches' all-reduce in the last exchange

@@ -72,6 +72,12 @@ class Setting:
     # ZeRO-3 only (DeepSpeed's defaults): zero_optimization.reduce_bucket_size, stage3_param_persistence_threshold
     reduce_bucket_size: int = 500_000_000
     persistence_threshold: int = 100_000
+    # gradient compression's per-rank state (compression_residuals): buffers per coordinate (error feedback's
+    # residual 1, momentum correction +1, Adam's momentum correction +2 more: RESIDUAL_BUFFERS), bytes per element
+    # (compression.residual_dtype) and, for compression.scope inter_node, the ranks per node that split each tensor
+    residual_buffers: int = 0
+    residual_bytes: int = 4
+    residual_slice: int = 1
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -86,6 +92,40 @@ class Setting:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
                     raise PlanError("--sparsity", f"density of {p.name} must be in (0, 1], got {p.density}")
+
+
+RESIDUAL_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+def residual_buffers(compression, adam: bool) -> int:
+    """Per-coordinate buffers gradient compression keeps on every rank for ``compression`` (a CompressionConfig or
+    None): error feedback's residual; with momentum correction the local momentum, and for Adam/AdamW the local
+    second moment and the squared momentum behind its estimate (:mod:`dist_sparse.compression.feedback`)."""
+    if compression is None or not compression.enabled or not compression.error_feedback:
+        return 0
+    c = compression.resolved_for("adamw" if adam else "sgd")
+    return 1 + (1 + 2 * bool(adam)) * bool(c.momentum_correction)
+
+
+def compression_residual_bytes(setting: Setting) -> int:
+    """What every rank keeps of gradient compression's state: each buffer covers the rank's whole local gradient
+    of every trainable tensor (a rank keeps what it did not send). Compact state keeps a sparsified tensor's buffers
+    packed by its mask (``density`` x numel values, of one node-slice with the inter-node scope) plus the mask bits
+    of the layout; with the inter-node scope a dense tensor's buffers are packed to its slice the same way.
+    Otherwise the buffers are full tensors (zeros at pruned coordinates and outside the slice)."""
+    if setting.residual_buffers == 0:
+        return 0
+    per = setting.residual_buffers * setting.residual_bytes
+    total = 0.0
+    for p in (q for g in setting.groups for q in g):
+        if not setting.compact_state:
+            total += per * p.numel
+        elif p.sparse or setting.residual_slice > 1:
+            total += per * p.numel * (p.density if p.sparse else 1.0) / setting.residual_slice
+            total += math.ceil(p.numel / 8)
+        else:
+            total += per * p.numel
+    return int(round(total))
 
 
 def _total(out: dict) -> dict:
@@ -105,12 +145,16 @@ def predict(setting: Setting) -> list:
         master = 0 if setting.precision == "fp32" else 4 * total
         return [_total({"weights": lp * total, "gradients": lp * total, "master_weights": master,
                         "optimizer_state": 8 * total + 4 * len(setting.groups),
-                        "masks": math.ceil(sparse_numel / 8)})] * n
+                        "masks": math.ceil(sparse_numel / 8),
+                        "compression_residuals": compression_residual_bytes(setting)})] * n
     ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
     if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
         replicated = sum(math.ceil(p.numel / 8) for p in params if p.sparse)
         for out in ranks:
             out["masks"] += replicated
+    residuals = compression_residual_bytes(setting)
+    for out in ranks:
+        out["compression_residuals"] += residuals
     return [_total(r) for r in ranks]
 
 
@@ -228,7 +272,7 @@ def dense_baseline(setting: Setting) -> Setting:
     groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
     return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
                    compact_state=False, groups=groups, reduce_bucket_size=setting.reduce_bucket_size,
-                   persistence_threshold=setting.persistence_threshold)
+                   persistence_threshold=setting.persistence_threshold)  # no compression state either
 
 
 def summarize(per_rank: list) -> dict:

@@ -43,6 +43,17 @@ def expected_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
     return total
 
 
+def planned_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
+    """``dist-sparse plan``'s formula (memory.plan.compression_residual_bytes) for this model and these masks."""
+    from dist_sparse.memory import plan as P
+
+    params = [P.Param(n, p.numel(), float(masks[n].sum()) / p.numel() if n in masks else 1.0, n in masks)
+              for n, p in engine.module.named_parameters() if p.requires_grad]
+    setting = P.Setting(world_size=2, zero_stage=engine.zero_optimization_stage(), compact_state=packed,
+                        groups=[params], residual_buffers=4 if mc else 1)
+    return P.compression_residual_bytes(setting)
+
+
 def residuals(engine) -> dict:
     return {k: t.clone() for k, t in engine.compression.compression.feedback.state_tensors().items()}
 
@@ -56,7 +67,7 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, g
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "comm_bytes": [], "bytes": [], "packed": [], "skipped": [],
-              "residual_expected": []}
+              "residual_expected": [], "residual_planned": []}
     g = torch.Generator().manual_seed(100 + rank)
     params = dict(engine.module.named_parameters())
     comp = engine.compression.compression
@@ -81,6 +92,7 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, g
         if not update and not engine.last_step_skipped:
             report["bytes"].append(engine.state_bytes)
             report["residual_expected"].append(expected_residual_bytes(engine, masks, mc, compact))
+            report["residual_planned"].append(planned_residual_bytes(engine, masks, mc, compact))
         if compact:  # packed master and Adam moments: one value per active weight of the rank's range
             store = engine.compact
             masters = sum(m.numel() for m in store.masters)
