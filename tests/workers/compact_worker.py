@@ -13,6 +13,7 @@ compact. Records per step the loss, and for the compact run:
 Rank 0 writes a JSON report to argv[3].
 """
 
+import json
 import sys
 
 import deepspeed
@@ -217,13 +218,16 @@ def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_gr
 
 
 def main():
-    stage, dtype, out, method = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    gas = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    sub_group_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # ZeRO-3: split groups into sub-groups
-    if dtype == "fp16":
-        allow_cpu_fp16()
-    finish({"dense": run(stage, False, dtype, method, gas, sub_group_size),
-            "compact": run(stage, True, dtype, method, gas, sub_group_size)}, out)
+    """argv: stage, report path, then a JSON list of cases ``[dtype, method, gas, sub_group_size]``: each case runs
+    masked-dense and compact state in this one process group (start-up dominates a case's time)."""
+    stage, out, cases = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    results = []
+    for dtype, method, gas, sub_group_size in cases:  # sub_group_size (ZeRO-3): split groups into sub-groups
+        if dtype == "fp16":
+            allow_cpu_fp16()
+        results.append({"dense": run(stage, False, dtype, method, gas, sub_group_size),
+                        "compact": run(stage, True, dtype, method, gas, sub_group_size)})
+    finish(results, out)
 
 
 if __name__ == "__main__":
