@@ -11,11 +11,17 @@ import torch
 from tests.distributed_utils import run_torchrun
 
 
-@pytest.fixture(scope="module", params=[0, 1, 2])
-def report(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"zero{request.param}") / "report.json"
-    run_torchrun("compression_worker.py", 2, request.param, out)
-    return request.param, json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def _reports(tmp_path_factory):
+    """One launch for every stage (process start-up dominates a stage's runs): per rank, stage -> runs."""
+    out = tmp_path_factory.mktemp("zero") / "report.json"
+    run_torchrun("compression_worker.py", 2, "0,1,2", out, timeout=1800)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(params=[0, 1, 2])
+def report(request, _reports):
+    return request.param, [r[str(request.param)] for r in _reports]
 
 
 def _assert_same(a, b, where, master_atol=None):
@@ -172,11 +178,16 @@ def test_adam_momentum_correction_matches_its_reference_when_local_equals_averag
         assert sparse["stats"]["comm_bytes_per_step"] < sparse["stats"]["dense_comm_bytes_per_step"], where
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3])
-def fp16_report(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"fp16_zero{request.param}") / "report.json"
-    run_torchrun("fp16_compression_worker.py", 2, request.param, out)
-    return request.param, json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def _fp16_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16") / "report.json"
+    run_torchrun("fp16_compression_worker.py", 2, "1,2,3", out, timeout=1800)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(params=[1, 2, 3])
+def fp16_report(request, _fp16_reports):
+    return request.param, [r[str(request.param)] for r in _fp16_reports]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ of the rank's range) and that compact state's own packed reduction is not instal
 to argv[3].
 """
 
+import json
 import sys
 
 import deepspeed
@@ -112,14 +113,17 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, g
 
 
 def main():
-    # argv[4]: "plain", "mc" (Adam momentum correction) or "mc-grow2" (and RigL grows on the dense gradient summed
-    # over 2 steps: the step before each update exchanges dense and still takes an optimizer step)
-    stage, dtype, out, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    mc, grow = mode.startswith("mc"), 2 if mode.endswith("grow2") else 1
-    nan_step = int(sys.argv[5]) if len(sys.argv) > 5 else None
-    bf16 = dtype == "bf16"
-    finish({"dense": run(stage, False, bf16, mc, nan_step, grow),
-            "compact": run(stage, True, bf16, mc, nan_step, grow)}, out)
+    """argv: stage, report path, then a JSON list of cases ``[dtype, mode, nan_step]``; mode "plain", "mc" (Adam
+    momentum correction) or "mc-grow2" (and RigL grows on the dense gradient summed over 2 steps: the step before
+    each update exchanges dense and still takes an optimizer step). One process group runs every case."""
+    stage, out, cases = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    results = []
+    for dtype, mode, nan_step in cases:
+        mc, grow = mode.startswith("mc"), 2 if mode.endswith("grow2") else 1
+        bf16 = dtype == "bf16"
+        results.append({"dense": run(stage, False, bf16, mc, nan_step, grow),
+                        "compact": run(stage, True, bf16, mc, nan_step, grow)})
+    finish(results, out)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,12 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
 
 
 def main():
-    stage, out = int(sys.argv[1]), sys.argv[2]
+    """argv: comma-separated ZeRO stages (one process group runs them all: start-up dominates), report path."""
+    stages, out = [int(x) for x in sys.argv[1].split(",")], sys.argv[2]
+    finish({str(stage): runs_at(stage) for stage in stages}, out)
+
+
+def runs_at(stage: int) -> dict:
     runs = {}
     for gas in (1, 2):
         runs[f"dense_gas{gas}"] = run(stage, None, "none", gas)
@@ -159,7 +164,7 @@ def main():
     finally:
         sketch.BUCKETS = buckets
     runs["adam_mc"] = run(stage, {"method": "topk", "density": 0.1, "momentum_correction": True}, "rigl", 1)
-    finish(runs, out)
+    return runs
 
 
 if __name__ == "__main__":
