@@ -148,7 +148,7 @@ class ParamGather(Component):
 
     name = "param_gather"
 
-    def __init__(self, engine, sparsifier=None):
+    def __init__(self, engine, sparsifier=None, shards=None):
         if engine.zero_optimization_stage() != 3:
             raise ConfigError(KEY, f"needs ZeRO stage 3, not {engine.zero_optimization_stage()}")
         if sparsifier is not None:
@@ -157,6 +157,9 @@ class ParamGather(Component):
                 raise ConfigError(KEY, why)
         self.engine = engine
         self.packed = sparsifier is not None
+        # packed shards (compact state + packed_gather, integration/packed_shards.py): the active values are read
+        # from the packed store, the parameter has no dense shard
+        self.shards = shards
         self.sparsifier = sparsifier
         # the sparsified parameters this rank gathers packed: id -> (name, the shard's mask length)
         self.sparse = {}
@@ -234,6 +237,9 @@ class ParamGather(Component):
             bits = self.sparsifier.packed[name].to(device)  # the current mask of this rank's shard
             pad = packed_nbytes(n) - bits.numel()  # the last rank's shard is shorter than n: padding bits are 0
             own_bits.append(torch.cat([bits, bits.new_zeros(pad)]) if pad else bits)
+            if self.shards is not None and self.shards.is_packed(p):
+                own_values.append(self.shards.values_of(p).to(device))
+                continue
             mask = unpack_bits(bits, mask_len) if mask_len else torch.zeros(0, dtype=torch.bool, device=device)
             own_values.append(p.ds_tensor.data.view(-1).narrow(0, 0, mask_len)[mask])
         mine = torch.cat(own_bits)
