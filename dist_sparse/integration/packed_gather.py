@@ -29,7 +29,9 @@ parameters go through the packed gather, every other parameter (not sparsified, 
 quantization) through DeepSpeed's original, unchanged, in the same call. Parameters DeepSpeed keeps whole
 (``stage3_param_persistence_threshold``) are never gathered by the coordinator; their refresh after each step
 (``_post_step``) and every other gather (``GatheredParameters``, the consolidated 16-bit state dict of the final
-export and checkpoints) use DeepSpeed's dense ``param.all_gather`` and are not counted here.
+export and checkpoints) use DeepSpeed's dense ``param.all_gather`` and are not counted here. With compact state
+the sparsified shards are themselves packed (:mod:`dist_sparse.integration.packed_shards`): the active values
+are then read from the packed store (``shards``), and the dense paths get transient dense shards there.
 
 The packed gather of a list (per dtype, the parameters in ``ds_id`` order, the same on every rank):
 
