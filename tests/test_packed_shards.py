@@ -109,5 +109,5 @@ def test_packed_shards_train_resume_export(tmp_path):
         f = r["fp32"]
         assert f["packed"]["losses"] == f["dense"]["losses"] and f["packed"]["masks"] == f["dense"]["masks"]
         assert not f["compare"]["mismatches"] and f["compare"]["same_sequence"]
-        assert f["packed"]["export"] == f["dense"]["export"]
+        assert f["packed"]["export"] == f["dense"]["export"] == f["packed"]["export_after_remask"]
         assert f["packed"]["state_bytes"]["weights"] < 0.4 * f["dense"]["state_bytes"]["weights"]

@@ -200,6 +200,11 @@ class ParamGather(Component):
         mine = [p for p in params if id(p) in self.sparse and not quantize and self._gathering(p)]
         ids = {id(p) for p in mine}
         rest = [p for p in params if id(p) not in ids]
+        if self.shards is not None and any(self.shards.is_packed(p) for p in rest):
+            # a packed shard has no dense data for DeepSpeed's gather; only a quantized gather would send one
+            # there, and zero_quantized_weights is refused with packed_gather (config check and engine_refusal)
+            raise RuntimeError("a packed parameter shard reached DeepSpeed's dense (quantized) gather: "
+                               f"{[self.sparse[id(p)][0] for p in rest if self.shards.is_packed(p)][:3]}")
         handles = []
         if rest:
             handles.append(original(rest, safe_mode=safe_mode, quantize=quantize))

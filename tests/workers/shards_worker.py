@@ -150,6 +150,9 @@ def main():
         fp32[label]["seq"] = train(engine, o, 0, 6, fp32[label])
         fp32[label]["state_bytes"] = engine.state_bytes
         fp32[label]["export"] = state_dict_lists(engine)
+        if label == "packed":  # a lottery rewind's re-masking (master in the packed values): no change
+            checkpointing._apply_own_masks(engine)
+            fp32[label]["export_after_remask"] = state_dict_lists(engine)
         del engine, o
     results["fp32"] = {"compare": compare(fp32["dense"].pop("seq"), fp32["packed"].pop("seq")), **fp32}
 
