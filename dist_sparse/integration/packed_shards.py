@@ -102,6 +102,7 @@ class PackedShards:
                     dense.append(name)
             self.dense_names.append(dense)
         self.lp_dtype = store.lp_parts[0].dtype if store.lp_parts else torch.float32
+        self._slice_cache: dict = {}
         # from the current dense shards (masked: pruned positions are 0), before they are released
         self.values = [self._gather_packed(i, self._dense_values(i)) for i in range(len(store.parts))]
         self._rebuild_dense_buffer()
@@ -133,14 +134,20 @@ class PackedShards:
         return values_of
 
     def _slices(self, i: int) -> dict:
-        """name -> (offset, count) of each packed parameter's values in ``values[i]`` (the current layout)."""
+        """name -> (offset, count) of each packed parameter's values in ``values[i]`` (the current layout).
+        Cached per layout: ``PackedPartition.relayout`` assigns a new offsets list, and the cache holds the list
+        it was computed from (so its identity cannot be reused)."""
         part = self.store.parts[i]
+        cached = self._slice_cache.get(i)
+        if cached is not None and cached[0] is part.offsets:
+            return cached[1]
         out, at = {}, 0
         for name in self.packed_names(i):
             k = part.index[name]
             n = part.offsets[k + 1] - part.offsets[k]
             out[name] = (at, n)
             at += n
+        self._slice_cache[i] = (part.offsets, out)
         return out
 
     def values_of(self, param) -> torch.Tensor:
