@@ -52,12 +52,15 @@ def state_bytes_summary(engine) -> dict:
     """``state_bytes_per_rank``: per category, the maximum over ranks of the bytes measured on a non-update step
     (``total``: the largest rank total); ``state_bytes_by_rank`` every rank's own; ``transient_bytes_per_rank``
     the dense gradient a compact run materialises on mask-update steps, the packed master a ZeRO-3 fp32
-    compact run materialises inside the step, compact state's packed exchange buffer and gradient compression's
+    compact run materialises inside the step, the dense shards packed shards materialise for DeepSpeed's dense
+    gathers, compact state's packed exchange buffer and gradient compression's
     local-gradient stash (docs/memory.md). A collective."""
     store = getattr(engine, "compact", None)
     mine = {"state": engine.state_bytes, "dense_grad": store.transient_dense_grad_bytes if store else 0,
             # compact state at ZeRO-3 fp32: the packed master exists only inside the step (a transient)
-            "master": getattr(store, "transient_master_bytes", 0) if store else 0}
+            "master": getattr(store, "transient_master_bytes", 0) if store else 0,
+            # packed shards (ZeRO-3): dense shards materialised for DeepSpeed's own dense gathers
+            "dense_shards": store.shards.transient_dense_bytes if getattr(store, "shards", None) else 0}
     # compact state: bytes handed to the gradient reduction (packed on most steps) and its buffer
     reduction = getattr(store, "reduction", None)
     mine["reduce"] = reduction.stats() if reduction is not None else None
@@ -75,6 +78,7 @@ def state_bytes_summary(engine) -> dict:
         "state_bytes_by_rank": [r["state"] for r in ranks],
         "transient_bytes_per_rank": {"dense_gradient_on_update_steps": max(r["dense_grad"] for r in ranks),
                                      "packed_master_during_step": max(r["master"] for r in ranks),
+                                     "dense_shards_for_dense_gathers": max(r["dense_shards"] for r in ranks),
                                      "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks),
                                      "compression_local_gradient": max(r["stash"] for r in ranks)},
         "compact_state": engine.sparsity.compact_state,

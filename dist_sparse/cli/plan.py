@@ -186,6 +186,8 @@ def main(argv=None) -> int:
         if gather["packed"] and setting.zero_stage != 3:
             raise P.PlanError("--packed-gather", f"needs ZeRO stage 3, not {setting.zero_stage} (only ZeRO-3 "
                                                  "all-gathers parameters)")
+        # packed shards come with the packed gather under compact state (docs/memory.md)
+        setting.packed_shards = bool(gather["packed"] and setting.compact_state)
         if args.nodes < 1 or args.world_size % args.nodes:
             raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
         per_rank = P.predict(setting)
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
     mine, base = P.summarize(per_rank), P.summarize(dense)
     out = {**described, "world_size": setting.world_size, "zero_stage": setting.zero_stage,
            "precision": setting.precision, "compact_state": setting.compact_state,
-           "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
+           "packed_shards": setting.packed_shards, "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank,
+           "dense_deepspeed_state_bytes_per_rank": base,
            "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None,
            "nodes": args.nodes, "comm_bytes_per_step": traffic}
     if gathers is not None:
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         return 0
     print(f"{described['parameters'] / 1e6:.1f}M parameters ({described['sparsified_parameters'] / 1e6:.1f}M "
           f"sparsified at {described['sparsity']:.2f}), {setting.world_size} ranks, ZeRO-{setting.zero_stage}, "
-          f"{setting.precision}, compact_state={setting.compact_state}")
+          f"{setting.precision}, compact_state={setting.compact_state}, packed_shards={setting.packed_shards}")
     print(f"{'per rank (max over ranks)':<26}{'this run':>14}{'dense DeepSpeed':>18}")
     for key in (*P.CATEGORIES, "total"):
         print(f"{key:<26}{_fmt(mine[key]):>14}{_fmt(base[key]):>18}")

@@ -64,6 +64,9 @@ class CompactView(ParamView):
             self._empty = torch.zeros(0, dtype=torch.float32, device=base.param.device)
 
     def zero_model_(self, mask, full_mask=None):
+        shards = getattr(self.compact, "shards", None)
+        if shards is not None and shards.is_packed(self.param):
+            return  # a packed shard stores no pruned position (compact state is masked by its layout only)
         self.base.zero_model_(mask, full_mask)
 
     def model(self):
@@ -109,8 +112,7 @@ class CompactView(ParamView):
 
     def mul_master_(self, mask):
         if self.group is not None and getattr(self.compact, "master_in_lp", False):  # ZeRO-3 fp32: in the lp shard
-            frag = self.compact.lp_fragment(self.group, self.name)
-            frag.masked_fill_(~mask.reshape(-1).to(frag.device), 0)
+            self.compact.mask_lp_fragment(self.group, self.name, mask)
         elif self.group is not None:
             values = self._packed()
             values.masked_fill_(~self._keep(mask).to(values.device), 0)
@@ -273,8 +275,13 @@ class PackedZeroState(Component, ABC):
                 follow(master, packed, lambda t, part=part, old=old, new=new: part.repack(t, old, new))
             part.relayout(new)
             self._set_group_tensor(i, packed, state)
-            # the lp partition: dropped positions become 0 now (the step writes active ones)
-            part.scatter_into(packed, self.lp_parts[i], new)
+            # the lp weights: dropped positions become 0 now (the step writes active ones)
+            self._write_lp(i, packed, new)
+
+    def _write_lp(self, i: int, packed: torch.Tensor, masks: list) -> None:
+        """Packed master of group ``i`` (laid out by ``masks``) -> the low-precision partition, inactive positions
+        exactly 0 (ZeRO-3 with packed shards: the packed low-precision values)."""
+        self.parts[i].scatter_into(packed, self.lp_parts[i], masks)
 
     # -- checkpoint load ---------------------------------------------------------------------------------------
     def stage_load(self, i: int, name: str, master: torch.Tensor, states: dict) -> None:

@@ -77,6 +77,7 @@ class CompactZero3State(PackedZeroState):
         self._materialised = [True] * len(self.parts)  # master_in_lp: whether the packed master has storage now
         self.grad_dtype = zo.gradient_accumulation_dtype  # what DeepSpeed stores the reduced shards in
         self.masters = list(zo.fp32_partitioned_groups_flat)
+        self.shards = None  # PackedShards once enable_packed_shards ran (packed_gather under compact state)
         self._install_master()
         self._free_dense_gradients()
         self._patch()
@@ -86,13 +87,35 @@ class CompactZero3State(PackedZeroState):
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
         self.zo.fp32_partitioned_groups_flat[i] = packed
 
+    def enable_packed_shards(self, packed_gather: bool) -> None:
+        """Store the sparsified parameters' low-precision shards packed (:mod:`.packed_shards`): with
+        ``sparsity.packed_gather`` the gather reads the packed values, so the dense shard is not kept."""
+        from dist_sparse.integration.packed_shards import PackedShards
+
+        self.shards = PackedShards(self, packed_gather)
+
+    def _write_lp(self, i: int, packed: torch.Tensor, masks: list) -> None:
+        """The packed master of group ``i`` (laid out by ``masks``, the current masks) -> the low-precision
+        weights: packed values with packed shards, else the dense shard with inactive positions exactly 0."""
+        if self.shards is not None:
+            self.shards.write(i, packed)
+        else:
+            super()._write_lp(i, packed, masks)
+
     def _pack_lp(self, i: int, masks: list | None = None) -> torch.Tensor:
         """The active values of the lp flat of group ``i`` (laid out by ``masks``, default: the current ones)."""
+        if self.shards is not None:
+            return self.shards.pack_lp(i, self.parts[i].masks() if masks is None else masks)
         part, lp = self.parts[i], self.lp_parts[i]
         return part.pack(lambda k: lp.narrow(0, part.fragments[k].start, part.fragments[k].length),
                          part.masks() if masks is None else masks, torch.float32, lp.device)
 
     def lp_fragment(self, i: int, name: str) -> torch.Tensor:
+        """The dense low-precision shard of ``name`` (padding excluded); not for a packed shard."""
+        if self.shards is not None:
+            if self.shards.is_packed(self.shards.param[name]):
+                raise RuntimeError(f"{name}: the shard is stored packed, it has no dense low-precision fragment")
+            return self.shards.fragment(i, name)
         part = self.parts[i]
         f = part.fragments[part.index[name]]
         return self.lp_parts[i].narrow(0, f.start, f.length)
@@ -132,9 +155,23 @@ class CompactZero3State(PackedZeroState):
         if key is None and self.master_in_lp and not self._materialised[i]:  # a read: from the lp shard
             part = self.parts[i]
             frag = part.fragments[part.index[name]]
+            if self.shards is not None and self.shards.is_packed(self.shards.param[name]):
+                return self.shards.values_of(self.shards.param[name])  # fp32: the packed values are the master
             mask = part.mask_of(name).reshape(-1) if frag.sparse else None
             return part.pack_fragment(self.lp_fragment(i, name), mask).to(torch.float32)
         return super().packed(i, name, key)
+
+    def mask_lp_fragment(self, i: int, name: str, mask: torch.Tensor) -> None:
+        """fp32 (the master is the lp shard): zero the master of ``name`` where ``mask`` is False. A packed
+        shard stores only the positions of the current layout, and compact state masks by that layout only."""
+        if self.shards is not None and self.shards.is_packed(self.shards.param[name]):
+            part = self.parts[i]
+            keep = mask.reshape(-1).to(torch.bool)[part.mask_of(name).reshape(-1).to(mask.device)]
+            values = self.shards.values_of(self.shards.param[name])
+            values.masked_fill_(~keep.to(values.device), 0)
+            return
+        frag = self.lp_fragment(i, name)
+        frag.masked_fill_(~mask.reshape(-1).to(frag.device), 0)
 
     @torch.no_grad()
     def repack(self, old_masks: dict) -> None:
@@ -152,7 +189,7 @@ class CompactZero3State(PackedZeroState):
         super().finish_load()
         self.reduction.masks_changed()  # the loaded masks replace the replicated copy
         for i, part in enumerate(self.parts):
-            part.scatter_into(self.masters[i].detach(), self.lp_parts[i], part.masks())
+            self._write_lp(i, self.masters[i].detach(), part.masks())
             self.zo._unflatten_partitioned_parameters(i)
             self._release_master(i)
         self._gather_persistent()
@@ -161,6 +198,12 @@ class CompactZero3State(PackedZeroState):
         persistent = getattr(self.zo, "persistent_parameters", None)
         if persistent:
             persistent[0].all_gather(persistent)
+
+    def bytes_held(self) -> dict:
+        held = super().bytes_held()
+        if self.shards is not None:  # the packed low-precision values (DeepSpeed's dense buffer: its attributes)
+            held["weights"] = self.shards.bytes_held()
+        return held
 
     # -- gradients ---------------------------------------------------------------------------------------------
     def _free_dense_gradients(self) -> None:
@@ -255,7 +298,7 @@ class CompactZero3State(PackedZeroState):
             zo._optimizer_step(i)  # the inner optimizer (wrapped by SparseEngine) on the packed master
             m.grad = None
             grads[i] = None
-            part.scatter_into(m.detach(), self.lp_parts[i], part.masks())
+            self._write_lp(i, m.detach(), part.masks())
             zo._unflatten_partitioned_parameters(i)
             self._release_master(i)
         zo._post_step(set())  # persistent parameters re-gathered from the shards, secondary tensors invalidated

@@ -317,10 +317,16 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         raise ConfigError("sparsity.packed_gather", "needs ZeRO stage 3 and a sparsity method that keeps masks "
                                                     f"(stage {engine.zero_optimization_stage()}, method "
                                                     f"{sparsity.method!r})")
+    shards = None
+    if engine.zero_optimization_stage() == 3 and sparsity.packed_gather and wrapped.compact is not None:
+        # packed shards come with the packed gather under compact state (docs/memory.md): the gather reads the
+        # active values, so the dense low-precision shard of a sparsified parameter is not kept
+        wrapped.compact.enable_packed_shards(sparsity.packed_gather)
+        shards = wrapped.compact.shards
     if engine.zero_optimization_stage() == 3:  # every ZeRO-3 run counts its parameter gathers (summary.json)
         from dist_sparse.integration.packed_gather import ParamGather
 
-        wrapped.set_param_gather(ParamGather(engine, sparsifier if sparsity.packed_gather else None))
+        wrapped.set_param_gather(ParamGather(engine, sparsifier if sparsity.packed_gather else None, shards))
     from dist_sparse.integration.kernels import build_kernels
 
     kernels = build_kernels(engine, model, sparsifier, sparsity, kernel_tokens)

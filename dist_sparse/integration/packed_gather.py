@@ -29,7 +29,9 @@ parameters go through the packed gather, every other parameter (not sparsified, 
 quantization) through DeepSpeed's original, unchanged, in the same call. Parameters DeepSpeed keeps whole
 (``stage3_param_persistence_threshold``) are never gathered by the coordinator; their refresh after each step
 (``_post_step``) and every other gather (``GatheredParameters``, the consolidated 16-bit state dict of the final
-export and checkpoints) use DeepSpeed's dense ``param.all_gather`` and are not counted here.
+export and checkpoints) use DeepSpeed's dense ``param.all_gather`` and are not counted here. With compact state
+the sparsified shards are themselves packed (:mod:`dist_sparse.integration.packed_shards`): the active values
+are then read from the packed store (``shards``), and the dense paths get transient dense shards there.
 
 The packed gather of a list (per dtype, the parameters in ``ds_id`` order, the same on every rank):
 
@@ -148,7 +150,7 @@ class ParamGather(Component):
 
     name = "param_gather"
 
-    def __init__(self, engine, sparsifier=None):
+    def __init__(self, engine, sparsifier=None, shards=None):
         if engine.zero_optimization_stage() != 3:
             raise ConfigError(KEY, f"needs ZeRO stage 3, not {engine.zero_optimization_stage()}")
         if sparsifier is not None:
@@ -157,6 +159,9 @@ class ParamGather(Component):
                 raise ConfigError(KEY, why)
         self.engine = engine
         self.packed = sparsifier is not None
+        # packed shards (compact state + packed_gather, integration/packed_shards.py): the active values are read
+        # from the packed store, the parameter has no dense shard
+        self.shards = shards
         self.sparsifier = sparsifier
         # the sparsified parameters this rank gathers packed: id -> (name, the shard's mask length)
         self.sparse = {}
@@ -195,6 +200,11 @@ class ParamGather(Component):
         mine = [p for p in params if id(p) in self.sparse and not quantize and self._gathering(p)]
         ids = {id(p) for p in mine}
         rest = [p for p in params if id(p) not in ids]
+        if self.shards is not None and any(self.shards.is_packed(p) for p in rest):
+            # a packed shard has no dense data for DeepSpeed's gather; only a quantized gather would send one
+            # there, and zero_quantized_weights is refused with packed_gather (config check and engine_refusal)
+            raise RuntimeError("a packed parameter shard reached DeepSpeed's dense (quantized) gather: "
+                               f"{[self.sparse[id(p)][0] for p in rest if self.shards.is_packed(p)][:3]}")
         handles = []
         if rest:
             handles.append(original(rest, safe_mode=safe_mode, quantize=quantize))
@@ -234,6 +244,9 @@ class ParamGather(Component):
             bits = self.sparsifier.packed[name].to(device)  # the current mask of this rank's shard
             pad = packed_nbytes(n) - bits.numel()  # the last rank's shard is shorter than n: padding bits are 0
             own_bits.append(torch.cat([bits, bits.new_zeros(pad)]) if pad else bits)
+            if self.shards is not None and self.shards.is_packed(p):
+                own_values.append(self.shards.values_of(p).to(device))
+                continue
             mask = unpack_bits(bits, mask_len) if mask_len else torch.zeros(0, dtype=torch.bool, device=device)
             own_values.append(p.ds_tensor.data.view(-1).narrow(0, 0, mask_len)[mask])
         mine = torch.cat(own_bits)

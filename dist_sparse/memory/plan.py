@@ -68,6 +68,9 @@ class Setting:
     zero_stage: int
     precision: str = "fp32"
     compact_state: bool = False
+    # ZeRO-3, compact state + packed gather: a sparsified shard is stored as its active values (+ its mask bits,
+    # counted under masks); parameters kept whole (persistence threshold) and dense ones keep their dense shards
+    packed_shards: bool = False
     groups: list = field(default_factory=list)  # list of lists of Param, in DeepSpeed's flatten order
     # ZeRO-3 only (DeepSpeed's defaults): zero_optimization.reduce_bucket_size, stage3_param_persistence_threshold
     reduce_bucket_size: int = 500_000_000
@@ -88,6 +91,9 @@ class Setting:
             raise PlanError("--precision", f"must be one of {', '.join(LP_BYTES)}, got {self.precision!r}")
         if self.compact_state and self.zero_stage not in (1, 2, 3):
             raise PlanError("--compact-state", f"is supported with ZeRO stages 1, 2 and 3, not {self.zero_stage}")
+        if self.packed_shards and (self.zero_stage != 3 or not self.compact_state):
+            raise PlanError("--packed-gather", "packed parameter shards need ZeRO stage 3 and --compact-state (got "
+                                               f"stage {self.zero_stage}, compact_state={self.compact_state})")
         for group in self.groups:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
@@ -216,8 +222,12 @@ def _stage3_rank(setting: Setting, r: int) -> dict:
             per_rank = math.ceil(p.numel / n)
             start = min(p.numel, r * per_rank)
             length = max(0, min(per_rank, p.numel - start))
-            out["weights"] += lp * per_rank
-            if p.numel <= setting.persistence_threshold:
+            persistent = p.numel <= setting.persistence_threshold
+            if setting.packed_shards and p.sparse and not persistent and n > 1:
+                out["weights"] += lp * length * p.density  # the active values of the shard (padding not stored)
+            else:
+                out["weights"] += lp * per_rank
+            if persistent:
                 out["weights"] += lp * p.numel
             if p.sparse:
                 out["masks"] += math.ceil(length / 8)
