@@ -260,18 +260,20 @@ def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
     dist_sparse_train(part, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
     dist_sparse_train(part, common + ["sparsity.compact_state=true"], nproc=2,
                       resume=part / "checkpoints" / "step_00000004")
-    # a dense (masked) run's checkpoint resumes as a compact run: the checkpoint format is the same
+    # a dense (masked) run's checkpoint resumes as a compact run: the checkpoint format is the same (checked at
+    # ZeRO-2 and ZeRO-3, whose compact state differs; ZeRO-1 shares ZeRO-2's)
     mixed = tmp_path / "mixed"
-    dist_sparse_train(mixed, common + ["train.save_interval=4"], nproc=2)
-    dist_sparse_train(mixed, common + ["sparsity.compact_state=true"], nproc=2,
-                      resume=mixed / "checkpoints" / "step_00000004")
+    if stage != 1:
+        dist_sparse_train(mixed, common + ["train.save_interval=4"], nproc=2)
+        dist_sparse_train(mixed, common + ["sparsity.compact_state=true"], nproc=2,
+                          resume=mixed / "checkpoints" / "step_00000004")
 
     def losses(d):
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     ref = losses(full)
-    for d in (part, mixed):
+    for d in (part, mixed) if stage != 1 else (part,):
         got = losses(d)
         for step in range(5, 11):
             assert got[step] == ref[step], f"ZeRO-{stage} gas {gas} {d.name}: step {step} loss {got[step]} != " \
