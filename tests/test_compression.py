@@ -553,7 +553,7 @@ def test_compression_config_defaults_and_overrides():
     assert not C.load(None, []).compression.enabled
     assert set(C.CompressionConfig.__dataclass_fields__) == {"method", "density", "error_feedback",
                                                              "momentum_correction", "warmup_steps",
-                                                             "min_tensor_size", "scope"}
+                                                             "min_tensor_size", "scope", "residual_dtype"}
     # ZeRO-3 without compression stays fine
     assert C.load(None, ["deepspeed.zero_optimization.stage=3"]).zero_stage == 3
     # compression alone works at ZeRO-3
