@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                                                                      "bf16/fp16 flag, else fp32)")
     p.add_argument("--compact-state", action="store_true", default=None,
                    help="predict with sparsity.compact_state (default: the config's value)")
+    p.add_argument("--replicate-masks", action="store_true", default=None,
+                   help="predict with sparsity.replicate_masks: compact state keeps every full mask on every rank "
+                        "between mask changes (default: the config's value, else sharded)")
+    p.add_argument("--largest-tensor", type=float, default=None,
+                   help="elements of the largest sparsified tensor, which bounds the masks' transient (default: "
+                        "the config's model; with --params 0.7%% of the sparsified parameters, a LLaMA-7B MLP "
+                        "matrix's share)")
     p.add_argument("--device-memory-gib", type=float, default=None,
                    help="say whether the largest rank's training state fits in this many GiB")
     p.add_argument("--nodes", type=int, default=1,
@@ -69,6 +76,7 @@ def _from_config(args) -> tuple:
                                    "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32")
     sparsity = args.sparsity if args.sparsity is not None else cfg.sparsity.sparsity
     compact = cfg.sparsity.compact_state if args.compact_state is None else args.compact_state
+    replicate = cfg.sparsity.replicate_masks if args.replicate_masks is None else args.replicate_masks
     if not 0.0 <= sparsity < 1.0:
         raise P.PlanError("--sparsity", f"must be in [0, 1), got {sparsity}")
     vocab = _vocab_size(cfg)
@@ -91,7 +99,10 @@ def _from_config(args) -> tuple:
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
-                                                                 zero.get("param_persistence_threshold", 100_000))))
+                                                                 zero.get("param_persistence_threshold", 100_000))),
+                              replicate_masks=bool(replicate), gradient_accumulation_steps=int(
+                                  ds.get("gradient_accumulation_steps", 1)),
+                              largest_tensor=_largest(args))
     # what the gradient traffic prediction needs: the compression block, the mask-update schedule, accumulation
     from dist_sparse.methods import build_method
     from dist_sparse.step import StepSchedule
@@ -108,6 +119,15 @@ def _from_config(args) -> tuple:
     return setting, described, traffic
 
 
+def _largest(args) -> int | None:
+    return None if args.largest_tensor is None else int(round(args.largest_tensor))
+
+
+# LLaMA-7B's largest sparsified tensor (an 11008 x 4096 MLP matrix) is 0.70% of its 6.5e9 projection weights: the
+# --params form has no tensors of its own, so the masks' transient is estimated with that share
+LARGEST_TENSOR_SHARE = 0.007
+
+
 def _vocab_size(cfg) -> int:
     """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own; prepared
     data says it in its index)."""
@@ -119,9 +139,13 @@ def _vocab_size(cfg) -> int:
 def _from_params(args) -> tuple:
     stage = 2 if args.zero_stage is None else args.zero_stage
     sparsity = 0.9 if args.sparsity is None else args.sparsity
+    largest = _largest(args)
+    if largest is None and args.params >= 1:
+        largest = max(1, int(round(args.params * args.sparsified_fraction * LARGEST_TENSOR_SHARE)))
     setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
                                 zero_stage=stage, precision=args.precision or "fp32",
-                                compact_state=bool(args.compact_state))
+                                compact_state=bool(args.compact_state), replicate_masks=bool(args.replicate_masks),
+                                largest_tensor=largest)
     compression = None
     if args.compression_density is not None:
         from dist_sparse.config import CompressionConfig
@@ -156,6 +180,8 @@ def main(argv=None) -> int:
             raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
         per_rank = P.predict(setting)
         dense = P.predict(P.dense_baseline(setting))
+        transient = P.transients(setting)
+        masks_moved = P.mask_traffic(setting)
         traffic = predict_traffic(setting, args.nodes, **traffic_setting)
     except DistSparseError as exc:
         print(f"dist-sparse plan: error: {exc}", file=sys.stderr)
@@ -163,7 +189,14 @@ def main(argv=None) -> int:
     mine, base = P.summarize(per_rank), P.summarize(dense)
     out = {**described, "world_size": setting.world_size, "zero_stage": setting.zero_stage,
            "precision": setting.precision, "compact_state": setting.compact_state,
-           "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
+           "replicate_masks": setting.replicate_masks,
+           "state_bytes_per_rank": mine, "transient_bytes_per_rank": transient,
+           # compact state's packed reduction on a step without mask update: the masks' all-gathers (sharded)
+           # beside the packed gradient values they select
+           "mask_sync_bytes_per_step": masks_moved["handed"],
+           "mask_sync_received_bytes_per_step": masks_moved["received"],
+           "packed_gradient_bytes_per_step": masks_moved["packed_gradient"],
+           "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
            "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None,
            "nodes": args.nodes, "comm_bytes_per_step": traffic}
     if args.device_memory_gib is not None:
@@ -178,6 +211,12 @@ def main(argv=None) -> int:
     for key in (*P.CATEGORIES, "total"):
         print(f"{key:<26}{_fmt(mine[key]):>14}{_fmt(base[key]):>18}")
     print(f"{'ratio to dense':<26}{out['ratio_to_dense']:>14.3f}")
+    if setting.compact_state:
+        where = ("full masks kept on every rank (replicate_masks)" if setting.replicate_masks else
+                 "masks sharded: each tensor's full mask is built when its gradient arrives")
+        print(f"{'transient: mask bits':<26}{_fmt(transient['mask_bits_in_flight']):>14}   ({where})")
+        print(f"masks per step and rank (packed reduction): handed {_fmt(masks_moved['handed'])}, received "
+              f"{_fmt(masks_moved['received'])}; packed gradient values {_fmt(masks_moved['packed_gradient'])}")
     t = traffic
     scope = f", scope {t['compression_scope']}" if t["compression"] != "none" else ""
     print(f"gradient bytes per step and rank over {args.nodes} node(s) (compression {t['compression']}{scope}): "

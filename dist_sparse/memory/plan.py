@@ -10,9 +10,12 @@ multiple of ``2 * world`` elements and split into ``world`` equal partitions; a 
 - ``optimizer_state``: Adam's two fp32 moments of the same extent (+ one 4-byte step counter per group);
 - ``gradients``: dense: DeepSpeed's contiguous partition buffer, which holds the *whole* gradient of every
   parameter that overlaps the partition, in low precision; compact: the active positions only;
-- ``masks``: one bit per sparsified position of its partition; compact state adds the full masks of every
-  sparsified parameter (one bit per weight, replicated: the packed gradient reduction selects the active
-  coordinates of each rank's whole local gradient by them).
+- ``masks``: one bit per sparsified position of its partition. The packed gradient reduction of compact state
+  selects the active coordinates of each rank's whole local gradient by a tensor's full mask, built from the
+  ranks' shards when that tensor's gradient arrives and released (:func:`transients`: ``mask_bits_in_flight``,
+  the largest tensor's bits; :func:`mask_traffic`: the bits' all-gathers every step); with
+  ``replicate_masks`` (``sparsity.replicate_masks``) the full masks of every sparsified parameter are kept
+  instead, 1 bit per weight on every rank, and ``masks`` includes them.
 
 A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
 masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
@@ -30,8 +33,8 @@ rank's shard padded), so
 - ``gradients``: dense: the gradient shards (low precision) and the reduction bucket, which DeepSpeed keeps
   allocated (``reduce_bucket_size`` elements of the low-precision type); compact: the active positions only (the
   bucket is released between backward passes);
-- ``masks``: one bit per sparsified position of its (unpadded) shards; compact state adds the replicated full
-  masks, as at ZeRO-1/2.
+- ``masks``: one bit per sparsified position of its (unpadded) shards (compact state with ``replicate_masks``
+  adds the full masks, as at ZeRO-1/2).
 
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
@@ -72,6 +75,13 @@ class Setting:
     # ZeRO-3 only (DeepSpeed's defaults): zero_optimization.reduce_bucket_size, stage3_param_persistence_threshold
     reduce_bucket_size: int = 500_000_000
     persistence_threshold: int = 100_000
+    # compact state: keep the full masks on every rank between mask changes (sparsity.replicate_masks) instead of
+    # building each tensor's from the shards when it is needed
+    replicate_masks: bool = False
+    # elements of the largest sparsified tensor (what bounds the masks' transient); None: the largest sparsified
+    # Param of ``groups`` (the --params form has no real tensors and passes its estimate)
+    largest_tensor: int | None = None
+    gradient_accumulation_steps: int = 1
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -82,6 +92,8 @@ class Setting:
             raise PlanError("--precision", f"must be one of {', '.join(LP_BYTES)}, got {self.precision!r}")
         if self.compact_state and self.zero_stage not in (1, 2, 3):
             raise PlanError("--compact-state", f"is supported with ZeRO stages 1, 2 and 3, not {self.zero_stage}")
+        if self.largest_tensor is not None and self.largest_tensor < 1:
+            raise PlanError("--largest-tensor", f"must be >= 1 element, got {self.largest_tensor}")
         for group in self.groups:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
@@ -107,11 +119,60 @@ def predict(setting: Setting) -> list:
                         "optimizer_state": 8 * total + 4 * len(setting.groups),
                         "masks": math.ceil(sparse_numel / 8)})] * n
     ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
-    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+    if setting.compact_state and setting.replicate_masks:  # every full mask kept, replicated (packed per tensor)
         replicated = sum(math.ceil(p.numel / 8) for p in params if p.sparse)
         for out in ranks:
             out["masks"] += replicated
     return [_total(r) for r in ranks]
+
+
+def _mask_width(setting: Setting, numel: int) -> int:
+    """Bytes each rank hands to the all-gather of one tensor's shard bits: the longest rank range's bits (ZeRO-3:
+    ``ceil(numel / N)``; ZeRO-1/2: a tensor's longest fragment, at most its numel and one partition, the bound
+    used here)."""
+    n = setting.world_size
+    if setting.zero_stage == 3:
+        longest = math.ceil(numel / n)
+    else:
+        total = sum(p.numel for g in setting.groups for p in g)
+        longest = min(numel, stage12_partition(total, n))
+    return math.ceil(longest / 8)
+
+
+def transients(setting: Setting) -> dict:
+    """Per-rank transients of the prediction: ``mask_bits_in_flight``, compact state's one tensor's full mask bits
+    while the packed reduction builds it (sharded masks; 0 with ``replicate_masks``, without compact state, on one
+    rank or at ZeRO-0), bounded by the largest sparsified tensor."""
+    setting.check()
+    sparse = [p.numel for g in setting.groups for p in g if p.sparse]
+    if not setting.compact_state or setting.replicate_masks or setting.world_size == 1 or not sparse:
+        return {"mask_bits_in_flight": 0}
+    largest = setting.largest_tensor if setting.largest_tensor is not None else max(sparse)
+    return {"mask_bits_in_flight": setting.world_size * _mask_width(setting, largest)}
+
+
+def mask_traffic(setting: Setting) -> dict:
+    """Per rank and optimizer step without a mask update, compact state's packed reduction: the bytes handed to
+    the masks' all-gathers (``handed``: every sparsified tensor's widest shard bits, once per reduction; stages
+    2/3 take every micro-batch's gradient), what arrives (``received``: the full bits, world x width), and the
+    packed gradient values handed to the all-reduce for comparison (``packed_gradient``: element size x the
+    model's active weights; bf16 with accumulation at stages 2/3 reduces every micro-batch). Sharded masks only:
+    with ``replicate_masks`` the bits move only when the masks change (``handed`` and ``received`` 0)."""
+    setting.check()
+    params = [p for g in setting.groups for p in g]
+    lp = LP_BYTES[setting.precision]
+    gas = max(1, setting.gradient_accumulation_steps)
+    takes = gas if setting.zero_stage >= 2 else 1
+    per_micro = gas > 1 and lp == 2 and setting.zero_stage >= 2
+    active = sum(p.numel * p.density for p in params)
+    if not setting.compact_state:
+        return {"handed": 0, "received": 0, "packed_gradient": 0}
+    packed = lp * active * (gas if per_micro else 1)
+    if setting.replicate_masks or setting.world_size == 1:
+        return {"handed": 0, "received": 0, "packed_gradient": int(round(packed))}
+    widths = [_mask_width(setting, p.numel) for p in params if p.sparse]
+    return {"handed": takes * sum(widths), "received": takes * setting.world_size * sum(widths),
+            "packed_gradient": int(round(packed))}
 
 
 def stage12_partition(numel: int, world: int) -> int:
@@ -228,7 +289,8 @@ def dense_baseline(setting: Setting) -> Setting:
     groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
     return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
                    compact_state=False, groups=groups, reduce_bucket_size=setting.reduce_bucket_size,
-                   persistence_threshold=setting.persistence_threshold)
+                   persistence_threshold=setting.persistence_threshold,
+                   gradient_accumulation_steps=setting.gradient_accumulation_steps)
 
 
 def summarize(per_rank: list) -> dict:

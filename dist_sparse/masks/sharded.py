@@ -1,0 +1,177 @@
+"""The full masks a sender needs, built from the ranks' shards just in time (docs/memory.md, "Masks stay sharded").
+
+A rank stores only the mask bits of its own range of each parameter (the sparsifier's ``packed``, ranges
+``mask_start``/``mask_len`` of its views). Two features select coordinates of a rank's *whole* local gradient and
+therefore need a parameter's full mask, identically on every rank: compact state's packed gradient reduction
+(``integration/compact_reduce.py``) and gradient compression (``integration/ds_compression.py``).
+
+:class:`MaskSource` gives them one tensor's full mask at a time:
+
+- sharded (the default, ``sparsity.replicate_masks: false``): nothing is kept between uses. :meth:`full` runs one
+  all-gather of that tensor's shard bits (every rank's bits padded to the longest shard's byte count, which every
+  rank knows from the ranges, so no length header is sent), unpacks them into a bool mask, keeps that one mask
+  until the next tensor is asked for or :meth:`release` is called, and drops the gathered bits at once. Between
+  steps a rank holds only its own bits (about 1/world of the full masks); the transient is one tensor's bits
+  (``max_in_flight``), and every use costs ``max_r ceil(len_r / 8)`` bytes handed to the collective.
+- replicated (``sparsity.replicate_masks: true``, the behaviour before issue 18): the full masks of every tensor
+  are gathered once per mask change (:func:`dist_sparse.masks.replicate.gather_full_masks`) and kept bit-packed,
+  1 bit per weight of every sparsified parameter on every rank; no mask traffic on steps between mask changes.
+
+Both modes hand out the very same bits, so everything selected by them is bit-identical.
+
+:meth:`full` is a collective in sharded mode: every rank must ask for the same tensors in the same order. The
+callers do (the packed reduction from DeepSpeed's gradient hooks, which fire in the same order on every rank, as
+DeepSpeed's own bucketed reduction requires; compression in its fixed name order).
+"""
+
+import torch
+
+from dist_sparse import distributed as D
+from dist_sparse.masks.packing import packed_nbytes, unpack_bits
+from dist_sparse.masks.replicate import gather_full_masks
+
+# the config key that chooses the mode (named in errors and docs)
+KEY = "sparsity.replicate_masks"
+
+
+class MaskSource:
+    """Full masks of ``sparsifier``'s sparsified parameters over ``group``, on ``device`` (see the module
+    docstring). ``token()`` changes whenever the masks change (a mask update, a checkpoint load): the callers pass
+    it to :meth:`refresh` before a step's first use."""
+
+    def __init__(self, sparsifier, group=None, device=None, replicate: bool = False):
+        self.sparsifier = sparsifier
+        self.group = group
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.replicate = bool(replicate)
+        self.world = D.world_size(group)
+        self.views = {v.name: v for v in sparsifier.views}
+        # stage 0 stores the whole mask on every rank: nothing to gather in either mode
+        self.local = bool(self.views) and all(v.replicated for v in self.views.values())
+        self._ranges = None  # name -> [(start, length) of every rank], fixed for the run (ZeRO's ranges are)
+        self._replicated: dict = {}  # replicated mode: name -> (packed full bits, numel)
+        self._counts = None  # name -> [active count of every rank's range], for the current masks
+        self._token = None
+        self._last = None  # (name, bool mask): the one full mask handed out last (sharded mode)
+        # accounting (per rank): bytes handed to the collectives, split into the masks' bits and the layout
+        # (ranges once, per-rank active counts after each mask change); what arrived; the largest in flight
+        self.bits_bytes = 0
+        self.layout_bytes = 0
+        self.received_bytes = 0
+        self.max_in_flight = 0
+
+    def __contains__(self, name) -> bool:
+        return name in self.views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    # -- ranges and counts -----------------------------------------------------------------------------------------
+    def ranges(self, name: str) -> list:
+        """Every rank's ``(start, length)`` of ``name`` (one all-gather for all tensors, at the first use)."""
+        if self._ranges is None:
+            names = list(self.views)
+            mine = torch.tensor([[self.views[n].mask_start, self.views[n].mask_len] for n in names],
+                                dtype=torch.int64, device=self.device).reshape(-1, 2)
+            if self.local:
+                gathered = [mine]
+            else:
+                gathered = D.all_gather_equal(mine, self.group)
+                self.layout_bytes += mine.numel() * 8 if self.world > 1 else 0
+            rows = [g.tolist() for g in gathered]
+            self._ranges = {n: [tuple(r[k]) for r in rows] for k, n in enumerate(names)}
+            for n, rs in self._ranges.items():  # the ranks' ranges must tile each parameter
+                covered = sorted((s, s + ln) for s, ln in rs if ln)
+                ends = [0] + [e for _, e in covered]
+                if not self.local and ([s for s, _ in covered] != ends[:-1] or ends[-1] != self.views[n].numel):
+                    raise RuntimeError(f"mask ranges of {n} do not tile it: {rs}")
+        return self._ranges[name]
+
+    def refresh(self, token) -> None:
+        """The masks may have changed (``token`` differs from the last one): replicated mode re-gathers the full
+        masks (a collective), both modes forget the per-rank counts."""
+        if token == self._token:
+            return
+        self._token = token
+        self._counts = None
+        self.release()
+        if self.replicate and not self.local and self.views:
+            full, handed = gather_full_masks(list(self.views.values()), self.sparsifier.packed, self.group,
+                                             self.device)
+            self._replicated = full
+            self.bits_bytes += handed
+            self.received_bytes += sum(bits.numel() for bits, _ in full.values())
+
+    def counts(self) -> dict:
+        """name -> every rank's number of active positions in its range of ``name``, for the current masks: one
+        all-gather of int64 counts per mask change (sharded), or counted from the kept full masks (replicated)."""
+        if self._counts is not None:
+            return self._counts
+        names = list(self.views)
+        if self.local or (self.replicate and self._replicated):
+            out = {}
+            for n in names:
+                full = self.full(n) if self.local else unpack_bits(*self._replicated[n])
+                out[n] = [int(full[s: s + ln].sum()) for s, ln in self.ranges(n)]
+            self._counts = out
+            return out
+        mine = torch.tensor([int(self.sparsifier.mask(n).sum()) for n in names], dtype=torch.int64,
+                            device=self.device)
+        gathered = [g.tolist() for g in D.all_gather_equal(mine, self.group)]
+        if self.world > 1:
+            self.layout_bytes += mine.numel() * 8
+        self._counts = {n: [g[k] for g in gathered] for k, n in enumerate(names)}
+        return self._counts
+
+    # -- full masks --------------------------------------------------------------------------------------------
+    def full(self, name: str) -> torch.Tensor:
+        """The whole flat bool mask of ``name`` on this source's device (sharded: a collective)."""
+        v = self.views[name]
+        if self.local:
+            return unpack_bits(self.sparsifier.packed[name], v.numel).to(self.device)
+        if self.replicate:
+            if name not in self._replicated:
+                raise RuntimeError(f"{KEY}: the replicated masks were not gathered before {name!r} was asked "
+                                   f"for (call refresh() first)")
+            return unpack_bits(*self._replicated[name]).to(self.device)
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        self._last = None  # the previous tensor's mask is released before the next one is built
+        ranges = self.ranges(name)
+        width = max(packed_nbytes(ln) for _, ln in ranges)
+        mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        own = self.sparsifier.packed[name]
+        mine[: own.numel()] = own.to(self.device)
+        parts = D.all_gather_equal(mine, self.group)
+        if self.world > 1:
+            self.bits_bytes += width
+            self.received_bytes += width * self.world
+            self.max_in_flight = max(self.max_in_flight, width * self.world)
+        full = torch.zeros(v.numel, dtype=torch.bool, device=self.device)
+        for (start, length), bits in zip(ranges, parts):
+            if length:
+                full[start: start + length] = unpack_bits(bits[: packed_nbytes(length)], length)
+        del parts  # the gathered bits: only the bool mask of this one tensor stays, until the next is asked for
+        self._last = (name, full)
+        return full
+
+    def get(self, name, default=None):
+        """``full(name)`` for a sparsified parameter, ``default`` otherwise (a mask dict's interface, which
+        gradient compression reads)."""
+        return self.full(name) if name in self.views else default
+
+    def release(self) -> None:
+        """Drop the last handed-out mask (sharded mode holds nothing else between uses)."""
+        self._last = None
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """Bytes kept between steps beyond the sparsifier's own bits: the replicated full masks (replicated
+        mode), 0 when sharded (and at stage 0, where the sparsifier's masks are the full ones)."""
+        if self.local:
+            return 0
+        return sum(bits.numel() for bits, _ in self._replicated.values())
+
+    def sync_bytes(self) -> int:
+        """Every byte handed to the masks' collectives so far (bits and layout)."""
+        return self.bits_bytes + self.layout_bytes
