@@ -7,12 +7,15 @@ therefore need a parameter's full mask, identically on every rank: compact state
 
 :class:`MaskSource` gives them one tensor's full mask at a time:
 
-- sharded (the default, ``sparsity.replicate_masks: false``): nothing is kept between uses. :meth:`full` runs one
-  all-gather of that tensor's shard bits (every rank's bits padded to the longest shard's byte count, which every
-  rank knows from the ranges, so no length header is sent), unpacks them into a bool mask, keeps that one mask
-  until the next tensor is asked for or :meth:`release` is called, and drops the gathered bits at once. Between
-  steps a rank holds only its own bits (about 1/world of the full masks); the transient is one tensor's bits
-  (``max_in_flight``), and every use costs ``max_r ceil(len_r / 8)`` bytes handed to the collective.
+- sharded (the default, ``sparsity.replicate_masks: false``): nothing is kept between uses. :meth:`full` moves
+  that tensor's shard bits to every rank, unpacks them into a bool mask, keeps that one mask until the next tensor
+  is asked for or :meth:`release` is called, and drops the moved bits at once. When every rank holds a part of the
+  tensor (ZeRO-3 shards) that is one all-gather of the bits padded to the widest part (every rank knows the
+  ranges, so no length header is sent): each rank hands ``max_r ceil(len_r / 8)`` bytes. When only some ranks
+  hold a part (ZeRO-1/2: a tensor usually lies in one or two partitions) padding would make every rank send a
+  whole tensor's bits, so each owner broadcasts its part instead: an owner hands ``ceil(len / 8)`` bytes of its
+  own, the others nothing. Either way a rank receives about the tensor's bits once. Between steps a rank holds
+  only its own bits (about 1/world of the full masks); the transient is one tensor's bits (``max_in_flight``).
 - replicated (``sparsity.replicate_masks: true``, the behaviour before issue 18): the full masks of every tensor
   are gathered once per mask change (:func:`dist_sparse.masks.replicate.gather_full_masks`) and kept bit-packed,
   1 bit per weight of every sparsified parameter on every rank; no mask traffic on steps between mask changes.
@@ -54,7 +57,8 @@ class MaskSource:
         self._token = None
         self._last = None  # (name, bool mask): the one full mask handed out last (sharded mode)
         # accounting (per rank): bytes handed to the collectives, split into the masks' bits and the layout
-        # (ranges once, per-rank active counts after each mask change); what arrived; the largest in flight
+        # (ranges once, per-rank active counts after each mask change); the bits that arrived from other ranks;
+        # the most bits alive at once while one tensor's full mask is built
         self.bits_bytes = 0
         self.layout_bytes = 0
         self.received_bytes = 0
@@ -100,7 +104,8 @@ class MaskSource:
                                              self.device)
             self._replicated = full
             self.bits_bytes += handed
-            self.received_bytes += sum(bits.numel() for bits, _ in full.values())
+            own = sum(packed_nbytes(v.mask_len) for v in self.views.values())
+            self.received_bytes += sum(bits.numel() for bits, _ in full.values()) - own
 
     def counts(self) -> dict:
         """name -> every rank's number of active positions in its range of ``name``, for the current masks: one
@@ -138,22 +143,44 @@ class MaskSource:
             return self._last[1]
         self._last = None  # the previous tensor's mask is released before the next one is built
         ranges = self.ranges(name)
-        width = max(packed_nbytes(ln) for _, ln in ranges)
-        mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
-        own = self.sparsifier.packed[name]
-        mine[: own.numel()] = own.to(self.device)
-        parts = D.all_gather_equal(mine, self.group)
+        me = D.rank(self.group)
+        own = self.sparsifier.packed[name].to(self.device)
+        if self.gathers(name):
+            width = max(packed_nbytes(ln) for _, ln in ranges)
+            mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
+            mine[: own.numel()] = own
+            parts = D.all_gather_equal(mine, self.group)
+            handed, received, in_flight = width, width * (self.world - 1), width * self.world
+        else:  # the owners broadcast their parts (see the module docstring)
+            parts = []
+            for r, (_, length) in enumerate(ranges):
+                bits = own if r == me else torch.empty(packed_nbytes(length), dtype=torch.uint8, device=self.device)
+                parts.append(D.broadcast_from(bits, r, self.group) if length else bits)
+            handed = own.numel() if ranges[me][1] else 0
+            received = sum(packed_nbytes(ln) for r, (_, ln) in enumerate(ranges) if r != me)
+            in_flight = sum(packed_nbytes(ln) for _, ln in ranges)
         if self.world > 1:
-            self.bits_bytes += width
-            self.received_bytes += width * self.world
-            self.max_in_flight = max(self.max_in_flight, width * self.world)
+            self.bits_bytes += handed
+            self.received_bytes += received
+            self.max_in_flight = max(self.max_in_flight, in_flight)
         full = torch.zeros(v.numel, dtype=torch.bool, device=self.device)
         for (start, length), bits in zip(ranges, parts):
             if length:
                 full[start: start + length] = unpack_bits(bits[: packed_nbytes(length)], length)
-        del parts  # the gathered bits: only the bool mask of this one tensor stays, until the next is asked for
+        del parts  # the moved bits: only the bool mask of this one tensor stays, until the next is asked for
         self._last = (name, full)
         return full
+
+    def gathers(self, name: str) -> bool:
+        """Whether ``name``'s bits move by one all-gather (every rank holds a part) or by its owners' broadcasts."""
+        return all(length for _, length in self.ranges(name))
+
+    def handed_bytes(self, name: str, rank: int) -> int:
+        """What rank ``rank`` hands to build ``name``'s full mask once (the formula the tests check)."""
+        ranges = self.ranges(name)
+        if self.gathers(name):
+            return max(packed_nbytes(ln) for _, ln in ranges)
+        return packed_nbytes(ranges[rank][1])
 
     def get(self, name, default=None):
         """``full(name)`` for a sparsified parameter, ``default`` otherwise (a mask dict's interface, which

@@ -126,35 +126,31 @@ def predict(setting: Setting) -> list:
     return [_total(r) for r in ranks]
 
 
-def _mask_width(setting: Setting, numel: int) -> int:
-    """Bytes each rank hands to the all-gather of one tensor's shard bits: the longest rank range's bits (ZeRO-3:
-    ``ceil(numel / N)``; ZeRO-1/2: a tensor's longest fragment, at most its numel and one partition, the bound
-    used here)."""
-    n = setting.world_size
-    if setting.zero_stage == 3:
-        longest = math.ceil(numel / n)
-    else:
-        total = sum(p.numel for g in setting.groups for p in g)
-        longest = min(numel, stage12_partition(total, n))
-    return math.ceil(longest / 8)
+def _zero3_width(setting: Setting, numel: int) -> int:
+    """ZeRO-3: bytes each rank hands to the all-gather of one tensor's shard bits (``ceil(numel / N)`` bits)."""
+    return math.ceil(math.ceil(numel / setting.world_size) / 8)
 
 
 def transients(setting: Setting) -> dict:
     """Per-rank transients of the prediction: ``mask_bits_in_flight``, compact state's one tensor's full mask bits
-    while the packed reduction builds it (sharded masks; 0 with ``replicate_masks``, without compact state, on one
-    rank or at ZeRO-0), bounded by the largest sparsified tensor."""
+    while the packed reduction builds it (sharded masks; 0 with ``replicate_masks``, without compact state or on
+    one rank), bounded by the largest sparsified tensor: at ZeRO-3 the all-gather's N padded shards, at ZeRO-1/2
+    the owners' broadcast parts (the tensor's bits)."""
     setting.check()
     sparse = [p.numel for g in setting.groups for p in g if p.sparse]
     if not setting.compact_state or setting.replicate_masks or setting.world_size == 1 or not sparse:
         return {"mask_bits_in_flight": 0}
     largest = setting.largest_tensor if setting.largest_tensor is not None else max(sparse)
-    return {"mask_bits_in_flight": setting.world_size * _mask_width(setting, largest)}
+    if setting.zero_stage == 3:
+        return {"mask_bits_in_flight": setting.world_size * _zero3_width(setting, largest)}
+    return {"mask_bits_in_flight": math.ceil(largest / 8)}
 
 
 def mask_traffic(setting: Setting) -> dict:
-    """Per rank and optimizer step without a mask update, compact state's packed reduction: the bytes handed to
-    the masks' all-gathers (``handed``: every sparsified tensor's widest shard bits, once per reduction; stages
-    2/3 take every micro-batch's gradient), what arrives (``received``: the full bits, world x width), and the
+    """Per rank and optimizer step without a mask update, compact state's packed reduction (the largest rank):
+    the bytes handed to build every sparsified tensor's full mask once per reduction (stages 2/3 take every
+    micro-batch's gradient; ``handed``: at ZeRO-3 every tensor's shard bits, at ZeRO-1/2 the bits of the rank's
+    own partition, which its owner broadcasts), the bits arriving from the other ranks (``received``), and the
     packed gradient values handed to the all-reduce for comparison (``packed_gradient``: element size x the
     model's active weights; bf16 with accumulation at stages 2/3 reduces every micro-batch). Sharded masks only:
     with ``replicate_masks`` the bits move only when the masks change (``handed`` and ``received`` 0)."""
@@ -167,12 +163,16 @@ def mask_traffic(setting: Setting) -> dict:
     active = sum(p.numel * p.density for p in params)
     if not setting.compact_state:
         return {"handed": 0, "received": 0, "packed_gradient": 0}
-    packed = lp * active * (gas if per_micro else 1)
+    packed = int(round(lp * active * (gas if per_micro else 1)))
     if setting.replicate_masks or setting.world_size == 1:
-        return {"handed": 0, "received": 0, "packed_gradient": int(round(packed))}
-    widths = [_mask_width(setting, p.numel) for p in params if p.sparse]
-    return {"handed": takes * sum(widths), "received": takes * setting.world_size * sum(widths),
-            "packed_gradient": int(round(packed))}
+        return {"handed": 0, "received": 0, "packed_gradient": packed}
+    n = setting.world_size
+    if setting.zero_stage == 3:
+        width = sum(_zero3_width(setting, p.numel) for p in params if p.sparse)
+        return {"handed": takes * width, "received": takes * (n - 1) * width, "packed_gradient": packed}
+    own = [r["masks"] for r in _stage12_ranks(setting)]  # each rank's bits of its partition
+    full = sum(own)
+    return {"handed": takes * max(own), "received": takes * max(full - b for b in own), "packed_gradient": packed}
 
 
 def stage12_partition(numel: int, world: int) -> int:
