@@ -50,7 +50,7 @@ def state_bytes_summary(engine) -> dict:
     mine["stash"] = getattr(engine.compression, "max_stash_bytes", 0)
     # sharded masks: the gathered bits of the one tensor whose full mask a sender builds (packed reduction or
     # compression, whichever owns the reduction)
-    sources = [getattr(reduction, "masks", None), getattr(engine.compression, "_full_masks", None)]
+    sources = [getattr(reduction, "masks", None), getattr(engine.compression, "mask_source", None)]
     mine["mask_in_flight"] = max([s.max_in_flight for s in sources if s is not None], default=0)
     ranks = D.all_gather_object(mine)
     reduce = grad_reduce_summary(engine, [r["reduce"] for r in ranks])

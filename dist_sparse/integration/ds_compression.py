@@ -162,7 +162,7 @@ class CompressedReduction(Component):
                                               packed=store is not None)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
         # the senders' full masks (which coordinates are pruned), built from the sparsifier's shards
-        self._full_masks = None if sparsifier is None else MaskSource(sparsifier, device=self._device(),
+        self.mask_source = None if sparsifier is None else MaskSource(sparsifier, device=self._device(),
                                                                       replicate=replicate_masks)
         self._scale = 1.0  # the loss scale the last written averages carry (fp16)
         self._mask_epoch = 0
@@ -285,13 +285,13 @@ class CompressedReduction(Component):
     def _refresh_masks(self, sparsifier) -> None:
         """Before the exchange: tell the mask source whether the masks changed (replicated mode re-gathers then;
         sharded mode builds each tensor's full mask during the exchange)."""
-        if self._full_masks is not None:
-            self._full_masks.refresh((sparsifier.updates_done, self._mask_epoch))
+        if self.mask_source is not None:
+            self.mask_source.refresh((sparsifier.updates_done, self._mask_epoch))
 
     @property
     def mask_sync_bytes(self) -> int:
         """Bytes handed to the masks' all-gathers so far (what ``mask_sync_bytes_per_step`` averages)."""
-        return 0 if self._full_masks is None else self._full_masks.sync_bytes()
+        return 0 if self.mask_source is None else self.mask_source.sync_bytes()
 
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -313,11 +313,11 @@ class CompressedReduction(Component):
             local = {n: (g.div_(scale) if g.dtype == torch.float32 and self.stage else g.float().div_(scale))
                      for n, g in local.items()}
             saved = {k: t.clone() for k, t in self.compression.feedback.state_tensors().items()}
-        eligible = {} if self._full_masks is None else self._full_masks
+        eligible = {} if self.mask_source is None else self.mask_source
         averaged = self.compression.run(local, eligible, step, dense, skip, owned=self._owned,
                                         dense_applied=not plan.replaces_optimizer_step)
-        if self._full_masks is not None:
-            self._full_masks.release()  # sharded: the last tensor's full mask; nothing stays between steps
+        if self.mask_source is not None:
+            self.mask_source.release()  # sharded: the last tensor's full mask; nothing stays between steps
         if scale != 1.0 and self._overflows(averaged, scale):
             self.compression.feedback.load_state_tensors(saved, self._device())
             self.exchange_overflowed = True
@@ -414,8 +414,8 @@ class CompressedReduction(Component):
                 "intra_node_comm_bytes_per_step": intra / steps, "inter_node_comm_bytes_per_step": inter / steps,
                 "dense_inter_node_comm_bytes_per_step": dense_inter,
                 "mask_sync_bytes_per_step": self.mask_sync_bytes / steps,
-                "mask_sync_received_bytes_per_step": (0 if self._full_masks is None
-                                                      else self._full_masks.received_bytes / steps)}
+                "mask_sync_received_bytes_per_step": (0 if self.mask_source is None
+                                                      else self.mask_source.received_bytes / steps)}
 
     def layout_signature(self) -> str:
         """What this rank's residuals belong to: the scope and, between nodes, the node layout."""
@@ -428,7 +428,7 @@ class CompressedReduction(Component):
         """Bytes of masks this rank keeps for sending beyond the sparsifier's own bits: the replicated full masks
         with ``sparsity.replicate_masks``, 0 when sharded (and at stage 0, where the sparsifier's masks are the
         full ones, counted there)."""
-        return 0 if self._full_masks is None else self._full_masks.held_bytes()
+        return 0 if self.mask_source is None else self.mask_source.held_bytes()
 
     def state_tensors(self) -> dict:
         return {k: t.detach().cpu().contiguous() for k, t in self.compression.feedback.state_tensors().items()}

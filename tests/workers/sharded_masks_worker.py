@@ -57,7 +57,7 @@ def widths(source, rank: int) -> int:
 def run(stage: int, dtype: str, replicate: bool, compression: bool) -> dict:
     engine = build(stage, dtype, replicate, compression)
     sp = engine.sparsifier
-    source = engine.compression._full_masks if compression else engine.compact.reduction.masks
+    source = engine.compression.mask_source if compression else engine.compact.reduction.masks
     n_views = len(sp.views)
     own_bits = sum(packed_nbytes(v.mask_len) for v in sp.views)
     full_bits = sum(packed_nbytes(v.numel) for v in sp.views)
