@@ -86,6 +86,6 @@ def grad_reduce_summary(engine, per_rank: list) -> dict:
     worst = max(per_rank, key=lambda r: r["grad_reduce_bytes_per_step"])
     # the packed reduction's mask all-gathers (sharded masks), the key compression reports for its own
     return {"grad_reduce_bytes_per_step": worst["grad_reduce_bytes_per_step"],
-            "mask_sync_bytes_per_step": max(r["mask_sync_bytes_per_step"] for r in per_rank),
+            "mask_sync_bytes_per_step": worst["mask_sync_bytes_per_step"],  # the same rank as the total's
             "grad_reduce": {"measured": True, **{k: v for k, v in worst.items() if k != "grad_reduce_bytes_per_step"},
                             "dense_deepspeed_bytes_per_step": dense}}
