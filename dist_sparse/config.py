@@ -295,6 +295,11 @@ class SparsityConfig:
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
     # ZeRO-3: parameter all-gathers carry each shard's mask bits + active values only (docs/memory.md)
     packed_gather: bool = False
+    # keep every sparsified parameter's full mask on every rank between mask changes (1 bit per weight per rank)
+    # for the senders that select from their whole local gradient (compact state's packed reduction, gradient
+    # compression); false: each tensor's full mask is all-gathered from the shards when needed and released
+    # (mask-bit traffic every step, masks per rank ~1/world); docs/memory.md "Masks stay sharded"
+    replicate_masks: bool = False
     # unstructured | "N:M" (at most N of every M consecutive input weights; density N/M) | "block:HxW" (whole
     # blocks of H output rows x W input columns); dist_sparse/patterns.py
     pattern: str = "unstructured"

@@ -141,6 +141,15 @@ def all_gather_varlen(t: torch.Tensor, group=None) -> list:
     return [x[:m] for x, m in zip(all_gather_equal(padded, group), lengths)]
 
 
+def broadcast_from(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Broadcast ``t`` in place from rank ``src`` of ``group`` (a group rank, translated to the global rank the
+    collective wants)."""
+    if world_size(group) > 1:
+        root = src if group is None else dist.get_global_rank(group, src)
+        dist.broadcast(t, src=root, group=group)
+    return t
+
+
 def barrier(group=None) -> None:
     if world_size(group) > 1:
         dist.barrier(group=group)

@@ -67,6 +67,10 @@ def state_bytes_summary(engine) -> dict:
     mine["reduce_buffer"] = reduction.max_buffer_bytes if reduction is not None else 0
     # gradient compression (ZeRO-1/2): the fp32 local gradient stashed from backward to the exchange
     mine["stash"] = getattr(engine.compression, "max_stash_bytes", 0)
+    # sharded masks: the gathered bits of the one tensor whose full mask a sender builds (packed reduction or
+    # compression, whichever owns the reduction)
+    sources = [getattr(reduction, "masks", None), getattr(engine.compression, "mask_source", None)]
+    mine["mask_in_flight"] = max([s.max_in_flight for s in sources if s is not None], default=0)
     ranks = D.all_gather_object(mine)
     reduce = grad_reduce_summary(engine, [r["reduce"] for r in ranks])
     measured = [r["state"] for r in ranks if r["state"] is not None]
@@ -80,7 +84,8 @@ def state_bytes_summary(engine) -> dict:
                                      "packed_master_during_step": max(r["master"] for r in ranks),
                                      "dense_shards_for_dense_gathers": max(r["dense_shards"] for r in ranks),
                                      "packed_gradient_exchange": max(r["reduce_buffer"] for r in ranks),
-                                     "compression_local_gradient": max(r["stash"] for r in ranks)},
+                                     "compression_local_gradient": max(r["stash"] for r in ranks),
+                                     "mask_bits_in_flight": max(r["mask_in_flight"] for r in ranks)},
         "compact_state": engine.sparsity.compact_state,
         **reduce,
     }
@@ -90,13 +95,17 @@ def grad_reduce_summary(engine, per_rank: list) -> dict:
     """``grad_reduce_bytes_per_step`` (compact state's packed reduction; not the compression keys): bytes a rank
     hands to the gradient reduction collectives per optimizer step. Measured where compact state reduces packed
     gradients (``grad_reduce`` splits it into packed and dense steps); otherwise DeepSpeed's dense reduction, every
-    gradient element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch)."""
+    gradient element once per reduction in the communication dtype (stages 2/3 reduce every micro-batch). The
+    measured total includes the masks' all-gathers that build each tensor's full mask (``mask_sync_bytes_per_step``,
+    0 between mask changes with ``sparsity.replicate_masks``)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     dense = float(dense_comm_bytes_per_step(engine.engine, params))
     if not per_rank or per_rank[0] is None:
         return {"grad_reduce_bytes_per_step": dense,
                 "grad_reduce": {"measured": False, "dense_deepspeed_bytes_per_step": dense}}
     worst = max(per_rank, key=lambda r: r["grad_reduce_bytes_per_step"])
+    # the packed reduction's mask all-gathers (sharded masks), the key compression reports for its own
     return {"grad_reduce_bytes_per_step": worst["grad_reduce_bytes_per_step"],
+            "mask_sync_bytes_per_step": worst["mask_sync_bytes_per_step"],  # the same rank as the total's
             "grad_reduce": {"measured": True, **{k: v for k, v in worst.items() if k != "grad_reduce_bytes_per_step"},
                             "dense_deepspeed_bytes_per_step": dense}}

@@ -171,8 +171,8 @@ def _check_compact_case(stage, dtype, method, gas, sub_group_size, per_rank):
         assert (compact["transient_dense_grad_bytes"] > 0) == (method == "rigl"), where
         d, c = dense["bytes"][-1], compact["bytes"][-1]
         assert d["weights"] == c["weights"], where
-        # the packed reduction also keeps the full masks, replicated: 1 bit per sparsified weight
-        assert c["masks"] > d["masks"], where
+        # masks stay sharded: the packed reduction builds each tensor's full mask when needed, keeps none
+        assert c["masks"] == d["masks"], where
         # only active gradients are reduced, except on steps that use the dense gradient (RigL)
         reduce = compact["reduce"]
         dense_steps = compact["scheduled_updates"] if method == "rigl" else 0  # magnitude: always packed
@@ -290,6 +290,12 @@ def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
     assert reduce["measured"] and reduce["packed_steps"] + reduce["dense_steps"] == 10, reduce
     assert reduce["packed_bytes_per_step"] < 0.5 * reduce["dense_deepspeed_bytes_per_step"], reduce
     assert summary["transient_bytes_per_rank"]["packed_gradient_exchange"] > 0
+    # masks stay sharded: each tensor's full mask is built in the gradient hooks (bytes counted, in the total),
+    # one tensor's bits in flight at a time (tests/test_sharded_masks.py checks the figures exactly)
+    assert reduce["replicate_masks"] is False and reduce["mask_sync_bytes_per_step"] > 0, reduce
+    assert summary["mask_sync_bytes_per_step"] == reduce["mask_sync_bytes_per_step"]
+    assert summary["grad_reduce_bytes_per_step"] > reduce["mask_sync_bytes_per_step"]
+    assert summary["transient_bytes_per_rank"]["mask_bits_in_flight"] > 0
     # fp32 at ZeRO-3: no packed master between steps, only inside them (reported as a transient)
     assert (summary["transient_bytes_per_rank"]["packed_master_during_step"] > 0) == (stage == 3)
     assert (sb["master_weights"] == 0) == (stage == 3)

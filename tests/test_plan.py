@@ -1,6 +1,7 @@
 """`dist-sparse plan`: the per-rank byte formula, its CLI output and its errors."""
 
 import json
+import math
 
 import pytest
 
@@ -12,9 +13,18 @@ def test_formula_by_hand_zero2_bf16():
     # 1000 parameters, all sparsified at 90%, 2 ranks: one 500-element partition each, 50 active per rank
     s = P.uniform_setting(1000, 0.9, 1.0, world_size=2, zero_stage=2, precision="bf16", compact_state=True)
     compact = P.predict(s)
-    # masks: its 500 bits (63 bytes) + the replicated full masks of both 500-weight pieces (2 x 63 bytes)
+    # masks stay sharded: its 500 bits (63 bytes) only
     assert compact[0] == {"weights": 2000, "gradients": 100, "master_weights": 200, "optimizer_state": 404,
-                          "masks": 189, "compression_residuals": 0, "total": 2893}
+                          "masks": 63, "compression_residuals": 0, "total": 2767}
+    # the one tensor's full mask while the reduction builds it: a 500-weight piece, broadcast by its owner
+    assert P.transients(s) == {"mask_bits_in_flight": 63}
+    # every packed step: the own partition's bits handed, the other's received; 100 active bf16 values reduced
+    assert P.mask_traffic(s) == {"handed": 63, "received": 63, "packed_gradient": 200}
+    # sparsity.replicate_masks: + the replicated full masks of both 500-weight pieces (2 x 63 bytes), no transient
+    s.replicate_masks = True
+    assert P.predict(s)[0]["masks"] == 189 and P.predict(s)[0]["total"] == 2893
+    assert P.transients(s) == {"mask_bits_in_flight": 0}
+    assert P.mask_traffic(s) == {"handed": 0, "received": 0, "packed_gradient": 200}
     dense = P.predict(P.dense_baseline(s))
     assert dense[0] == {"weights": 2000, "gradients": 1000, "master_weights": 2000, "optimizer_state": 4004,
                         "masks": 0, "compression_residuals": 0, "total": 9004}
@@ -30,7 +40,10 @@ def test_formula_partition_layout_follows_deepspeed():
     assert [r["gradients"] for r in dense] == [24, 20]
     compact = P.predict(P.Setting(world_size=2, zero_stage=2, precision="fp32", compact_state=True, groups=[group]))
     assert [r["master_weights"] for r in compact] == [12, 20]  # 3 of "a" active on rank 0; 5 of "b" on rank 1
-    assert [r["masks"] for r in compact] == [2, 1]  # + the replicated full mask of "a" (6 bits: 1 byte)
+    assert [r["masks"] for r in compact] == [1, 0]  # the 6 bits of "a" on rank 0 (sharded)
+    replicated = P.predict(P.Setting(world_size=2, zero_stage=2, precision="fp32", compact_state=True,
+                                     groups=[group], replicate_masks=True))
+    assert [r["masks"] for r in replicated] == [2, 1]  # + the replicated full mask of "a" (6 bits: 1 byte)
 
 
 def test_stage0_and_stage3():
@@ -61,8 +74,13 @@ def test_stage3_layout_persistent_bucket_and_compact():
         assert compact[0]["gradients"] == round(lp * 2.5) and compact[3]["gradients"] == round(lp * 0.5)
         assert compact[0]["master_weights"] == round(master * 2.5)
         assert compact[0]["optimizer_state"] == round(8 * 2.5) + 4
-        # its shard's mask bits + the replicated full mask of w (10 bits) for the packed gradient reduction
-        assert [r["masks"] for r in compact] == [1 + 2] * 4
+        # its shard's mask bits only (sharded); w's 3-element shards: 1 byte each, gathered from 4 ranks in flight
+        assert [r["masks"] for r in compact] == [1] * 4
+        setting = P.Setting(world_size=4, zero_stage=3, precision=prec, compact_state=True, groups=[group],
+                            reduce_bucket_size=100, persistence_threshold=3)
+        assert P.transients(setting) == {"mask_bits_in_flight": 4}
+        setting.replicate_masks = True  # + the replicated full mask of w (10 bits) for the packed reduction
+        assert [r["masks"] for r in P.predict(setting)] == [1 + 2] * 4
 
 
 def test_compression_residuals_by_hand():
@@ -110,6 +128,33 @@ def test_cli_params_json(capsys):
     assert sb["master_weights"] < 0.2 * dense["master_weights"]
     assert out["fits"] is True and out["zero_stage"] == 2 and out["compact_state"] is True
     assert len(out["state_bytes_by_rank"]) == 8
+
+
+def test_cli_masks_stay_sharded_at_any_scale(capsys):
+    """Issue 18: 7B, ZeRO-3 bf16, 90%, compact state: masks per rank are the rank's own bits (1/world of the full
+    bits), the one tensor's full mask is a separate transient, and the ratio to dense no longer rises with the rank
+    count; --replicate-masks predicts the replicated copy as before."""
+    def plan(world, *extra):
+        assert plan_cli.main(["--params", "7e9", "--world-size", str(world), "--zero-stage", "3", "--sparsity",
+                              "0.9", "--precision", "bf16", "--compact-state", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    sparsified = 6_650_000_000
+    ratios = []
+    for world in (8, 64, 512):
+        out = plan(world)
+        assert out["state_bytes_per_rank"]["masks"] <= sparsified / 8 / world + 8 * world  # + per-piece rounding
+        largest = round(sparsified * plan_cli.LARGEST_TENSOR_SHARE)
+        shard_bytes = math.ceil(math.ceil(largest / world) / 8)  # the largest tensor's shard bits, from each rank
+        assert out["transient_bytes_per_rank"]["mask_bits_in_flight"] == world * shard_bytes
+        # every step the other ranks' bits of every sparsified tensor arrive (1 bit per weight, less the own)
+        assert out["mask_sync_received_bytes_per_step"] >= sparsified / 8 * (world - 1) / world
+        ratios.append(out["ratio_to_dense"])
+        replicated = plan(world, "--replicate-masks")
+        assert replicated["state_bytes_per_rank"]["masks"] >= sparsified / 8
+        assert replicated["transient_bytes_per_rank"]["mask_bits_in_flight"] == 0
+        assert replicated["mask_sync_bytes_per_step"] == 0
+    assert ratios == sorted(ratios, reverse=True), ratios
 
 
 def test_cli_text_output(capsys):

@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="predict with sparsity.compact_state (default: the config's value)")
     p.add_argument("--packed-gather", action="store_true", default=None,
                    help="ZeRO-3: predict parameter gathers with sparsity.packed_gather (default: the config's value)")
+    p.add_argument("--replicate-masks", action="store_true", default=None,
+                   help="predict with sparsity.replicate_masks: compact state keeps every full mask on every rank "
+                        "between mask changes (default: the config's value, else sharded)")
+    p.add_argument("--largest-tensor", type=float, default=None,
+                   help="elements of the largest sparsified tensor, which bounds the masks' transient (default: "
+                        "the config's model; with --params 0.7%% of the sparsified parameters, a LLaMA-7B MLP "
+                        "matrix's share)")
     p.add_argument("--device-memory-gib", type=float, default=None,
                    help="say whether the largest rank's training state fits in this many GiB")
     p.add_argument("--nodes", type=int, default=1,
@@ -76,6 +83,7 @@ def _from_config(args) -> tuple:
                                    "fp16" if (ds.get("fp16") or {}).get("enabled") else "fp32")
     sparsity = args.sparsity if args.sparsity is not None else cfg.sparsity.sparsity
     compact = cfg.sparsity.compact_state if args.compact_state is None else args.compact_state
+    replicate = cfg.sparsity.replicate_masks if args.replicate_masks is None else args.replicate_masks
     if not 0.0 <= sparsity < 1.0:
         raise P.PlanError("--sparsity", f"must be in [0, 1), got {sparsity}")
     vocab = _vocab_size(cfg)
@@ -100,6 +108,9 @@ def _from_config(args) -> tuple:
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                                                  zero.get("param_persistence_threshold", 100_000))),
+                              replicate_masks=bool(replicate), gradient_accumulation_steps=int(
+                                  ds.get("gradient_accumulation_steps", 1)),
+                              largest_tensor=_largest(args),
                               **_residual_fields(args, cfg.compression, opt in ("adam", "adamw")))
     # what the gradient traffic prediction needs: the compression block, the mask-update schedule, accumulation
     from dist_sparse.methods import build_method
@@ -134,6 +145,15 @@ def _residual_fields(args, compression, adam: bool) -> dict:
             "residual_slice": args.world_size // args.nodes if inter else 1}
 
 
+def _largest(args) -> int | None:
+    return None if args.largest_tensor is None else int(round(args.largest_tensor))
+
+
+# LLaMA-7B's largest sparsified tensor (an 11008 x 4096 MLP matrix) is 0.70% of its 6.5e9 projection weights: the
+# --params form has no tensors of its own, so the masks' transient is estimated with that share
+LARGEST_TENSOR_SHARE = 0.007
+
+
 def _vocab_size(cfg) -> int:
     """The tokenizer's vocabulary (char/byte tokenizers read the corpus; a pretrained model has its own; prepared
     data says it in its index)."""
@@ -145,6 +165,9 @@ def _vocab_size(cfg) -> int:
 def _from_params(args) -> tuple:
     stage = 2 if args.zero_stage is None else args.zero_stage
     sparsity = 0.9 if args.sparsity is None else args.sparsity
+    largest = _largest(args)
+    if largest is None and args.params >= 1:
+        largest = max(1, int(round(args.params * args.sparsified_fraction * LARGEST_TENSOR_SHARE)))
     compression = None
     if args.compression_density is not None:
         from dist_sparse.config import CompressionConfig
@@ -157,8 +180,8 @@ def _from_params(args) -> tuple:
             raise P.PlanError("--compression-density", str(exc)) from None
     setting = P.uniform_setting(args.params, sparsity, args.sparsified_fraction, world_size=args.world_size,
                                 zero_stage=stage, precision=args.precision or "fp32",
-                                compact_state=bool(args.compact_state),
-                                **_residual_fields(args, compression, True))
+                                compact_state=bool(args.compact_state), replicate_masks=bool(args.replicate_masks),
+                                largest_tensor=largest, **_residual_fields(args, compression, True))
     traffic = {"compression": compression, "steps": 1, "schedule": None, "gas": 1, "adam": True}
     # a long run (the first step's extra gathers amortised), DeepSpeed's default persistence and reuse distance
     gather = {"params": G.setting_params(setting), "packed": bool(args.packed_gather), "steps": None,
@@ -192,6 +215,8 @@ def main(argv=None) -> int:
             raise P.PlanError("--nodes", f"must divide --world-size {args.world_size} evenly, got {args.nodes}")
         per_rank = P.predict(setting)
         dense = P.predict(P.dense_baseline(setting))
+        transient = P.transients(setting)
+        masks_moved = P.mask_traffic(setting)
         traffic = predict_traffic(setting, args.nodes, **traffic_setting)
         # ZeRO-3's parameter all-gathers (summary.json's two keys; other stages gather no parameters)
         gathers = G.predict(gather.pop("params"), setting.world_size, setting.precision, **gather) \
@@ -202,8 +227,14 @@ def main(argv=None) -> int:
     mine, base = P.summarize(per_rank), P.summarize(dense)
     out = {**described, "world_size": setting.world_size, "zero_stage": setting.zero_stage,
            "precision": setting.precision, "compact_state": setting.compact_state,
-           "packed_shards": setting.packed_shards, "state_bytes_per_rank": mine, "state_bytes_by_rank": per_rank,
-           "dense_deepspeed_state_bytes_per_rank": base,
+           "packed_shards": setting.packed_shards, "replicate_masks": setting.replicate_masks,
+           "state_bytes_per_rank": mine, "transient_bytes_per_rank": transient,
+           # compact state's packed reduction on a step without mask update: the masks' all-gathers (sharded)
+           # beside the packed gradient values they select
+           "mask_sync_bytes_per_step": masks_moved["handed"],
+           "mask_sync_received_bytes_per_step": masks_moved["received"],
+           "packed_gradient_bytes_per_step": masks_moved["packed_gradient"],
+           "state_bytes_by_rank": per_rank, "dense_deepspeed_state_bytes_per_rank": base,
            "ratio_to_dense": mine["total"] / base["total"] if base["total"] else None,
            "nodes": args.nodes, "comm_bytes_per_step": traffic}
     if gathers is not None:
@@ -231,6 +262,12 @@ def main(argv=None) -> int:
               f"each rank keeps what it did not send): fp32 {_fmt(r['fp32'])}, bf16 {_fmt(r['bf16'])} "
               f"(compression.residual_dtype); without them the ratio to dense is "
               f"{(mine['total'] - mine['compression_residuals']) / base['total']:.3f}")
+    if setting.compact_state:
+        where = ("full masks kept on every rank (replicate_masks)" if setting.replicate_masks else
+                 "masks sharded: each tensor's full mask is built when its gradient arrives")
+        print(f"{'transient: mask bits':<26}{_fmt(transient['mask_bits_in_flight']):>14}   ({where})")
+        print(f"masks per step and rank (packed reduction): handed {_fmt(masks_moved['handed'])}, received "
+              f"{_fmt(masks_moved['received'])}; packed gradient values {_fmt(masks_moved['packed_gradient'])}")
     t = traffic
     scope = f", scope {t['compression_scope']}" if t["compression"] != "none" else ""
     print(f"gradient bytes per step and rank over {args.nodes} node(s) (compression {t['compression']}{scope}): "

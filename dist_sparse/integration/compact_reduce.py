@@ -13,8 +13,11 @@ compression):
   for the whole model and the dense gradient is dropped at once; nothing enters DeepSpeed's buckets (they are not
   even allocated: ZeRO-1/2's ``setup_buckets`` is replaced too, ZeRO-3's bucket stays released). The buffer
   holds every trainable parameter in DeepSpeed's group order, each one's active positions in increasing order,
-  selected by a replicated bit-packed copy of the full masks (:func:`dist_sparse.masks.replicate.gather_full_masks`,
-  refreshed when the masks change), so the layout is identical on every rank. At the accumulation boundary the
+  so the layout is identical on every rank. A parameter's active positions are selected by its full mask, built
+  just in time when its gradient arrives (:class:`dist_sparse.masks.sharded.MaskSource`: one all-gather of that
+  tensor's shard bits, released before the next tensor's; ``sparsity.replicate_masks: true`` keeps the full masks
+  of every tensor between mask changes instead, as before issue 18). The layout itself needs only every rank's
+  active count per tensor (one small all-gather per mask change). At the accumulation boundary the
   buffer is averaged the way DeepSpeed averages (divided by the data-parallel size, in the communication dtype;
   DeepSpeed's pre/post-divide factors where its path uses them) and all-reduced once; each rank copies the runs of
   its partition's fragments (ZeRO-1/2: fragments of the flat partition, ZeRO-3: the parameters' shards; a
@@ -31,7 +34,9 @@ DeepSpeed does.
 
 Bytes handed to the collectives are counted per optimizer step (``grad_reduce_bytes_per_step`` in summary.json):
 the packed all-reduce is ``element size x active count``, a dense step what DeepSpeed's buckets receive
-(``element size x numel`` per reduction).
+(``element size x numel`` per reduction), and the masks' all-gathers (``mask_sync_bytes_per_step``: per tensor
+and packed reduction ``max_r ceil(len_r / 8)``, plus the per-rank counts after a mask change) are counted apart
+and included in the total.
 
 Knows the attributes of DeepSpeed's ``DeepSpeedZeroOptimizer`` and ``DeepSpeedZeroOptimizer_Stage3``, does not
 import deepspeed.
@@ -41,8 +46,7 @@ import torch
 
 from dist_sparse import distributed as D
 from dist_sparse.config import ConfigError
-from dist_sparse.masks.packing import unpack_bits
-from dist_sparse.masks.replicate import gather_full_masks
+from dist_sparse.masks.sharded import MaskSource
 
 KEY = "sparsity.compact_state"
 
@@ -58,9 +62,11 @@ def skip_buckets(zo) -> None:
 class PackedReduction:
     """Takes over the gradient reduction of one engine with compact state (``store``: its
     :class:`dist_sparse.integration.compact_zero.PackedZeroState`). ``dense_reduce`` is what reduces a gradient
-    on dense-gradient steps (DeepSpeed's method, or the store's wrapper of it)."""
+    on dense-gradient steps (DeepSpeed's method, or the store's wrapper of it). ``replicate_masks``: keep the
+    full masks between mask changes (``sparsity.replicate_masks``) instead of building each tensor's when its
+    gradient arrives."""
 
-    def __init__(self, store, dense_reduce):
+    def __init__(self, store, dense_reduce, replicate_masks: bool = False):
         zo, engine = store.zo, store.engine
         self.store, self.zo, self.engine, self.sparsifier = store, zo, engine, store.sparsifier
         self.stage3 = engine.zero_optimization_stage() == 3
@@ -93,7 +99,8 @@ class PackedReduction:
         self.buffer_dtype = torch.float32 if accumulate and not self.per_micro_batch else self.comm_dtype
         self._window_reductions = 0  # packed reductions already summed into the stored gradient this window
         self.stored_dtype = store.reduced_grad_dtype  # DeepSpeed's partition gradient dtype
-        self.masks: dict = {}  # name -> (packed full-mask bits on self.device, numel), sparsified parameters
+        # the full mask of a sparsified parameter, when its gradient arrives (sharded: built from the ranks' bits)
+        self.masks = MaskSource(self.sparsifier, self.group, self.device, replicate=replicate_masks)
         self.offsets: dict = {}  # name -> (offset in the packed buffer, active count)
         self.sources: dict = {}  # (group index, name) -> where the fragment's active values start in the buffer
         self.total = 0
@@ -105,6 +112,9 @@ class PackedReduction:
         self.step_bytes = 0
         self.last_step_bytes = 0
         self.bytes_by_kind = {"packed": 0, "dense": 0}
+        self.mask_sync_bytes = 0  # the masks' all-gathers (bits + layout), over the run
+        self.last_step_mask_bytes = 0
+        self._mask_bytes_seen = 0  # self.masks.sync_bytes() at the end of the previous step
         self.steps_by_kind = {"packed": 0, "dense": 0}
         self.max_buffer_bytes = 0  # the packed buffer (local sum, then the all-reduce): a transient
         self._dense_reduce = dense_reduce
@@ -122,37 +132,39 @@ class PackedReduction:
         return self.store.schedule.uses_dense_grad(self.engine.global_steps)
 
     def masks_changed(self) -> None:
-        """The masks were replaced outside a mask update (checkpoint load): refresh the replicated copy."""
+        """The masks were replaced outside a mask update (checkpoint load): rebuild the layout (and, with
+        replicated masks, the kept copy) before the next use."""
         self._epoch += 1
 
     def _refresh(self) -> None:
+        """The packed buffer's layout for the current masks: every tensor's active count (the sum of the ranks'
+        counts) and where each of this rank's fragments starts in it (the counts of the ranks whose ranges lie
+        before the fragment: the ranges tile the parameter). A collective on the first call after a change."""
         token = (self.sparsifier.updates_done, self._epoch)
         if token == self._token:
             return
         self._token = token
-        self.masks, _ = gather_full_masks(self.sparsifier.views, self.sparsifier.packed, self.group, self.device)
-        counts, prefix = {}, {}
-        starts = {}  # name -> fragment param_starts of this rank's partition (where prefix counts are needed)
-        for i, part in enumerate(self.store.parts):
-            for f in part.fragments:
-                starts.setdefault(f.name, []).append((i, f.param_start))
-        for name, numel in self.order:
-            if name in self.masks:
-                full = unpack_bits(*self.masks[name])
-                counts[name] = int(full.sum())
-                for i, s in starts.get(name, []):
-                    prefix[(i, name)] = int(full[:s].sum())
-            else:
-                counts[name] = numel
-                for i, s in starts.get(name, []):
-                    prefix[(i, name)] = s
+        self.masks.refresh(token)
+        per_rank = self.masks.counts()  # name -> [active count of every rank's range]
+        counts = {name: sum(per_rank[name]) if name in self.masks else numel for name, numel in self.order}
         offset = 0
         self.offsets = {}
         for name, _ in self.order:
             self.offsets[name] = (offset, counts[name])
             offset += counts[name]
         self.total = offset
-        self.sources = {key: self.offsets[key[1]][0] + before for key, before in prefix.items()}
+        self.sources = {}
+        for i, part in enumerate(self.store.parts):
+            for f in part.fragments:
+                if f.name in self.masks and f.length:
+                    ranges = self.masks.ranges(f.name)
+                    if (f.param_start, f.length) not in ranges:
+                        raise RuntimeError(f"{KEY}: fragment [{f.param_start}, +{f.length}) of {f.name} is not a "
+                                           f"rank's mask range {ranges}")
+                    before = sum(c for (s, n), c in zip(ranges, per_rank[f.name]) if n and s < f.param_start)
+                else:
+                    before = f.param_start
+                self.sources[(i, f.name)] = self.offsets[f.name][0] + before
 
     # -- DeepSpeed hooks -------------------------------------------------------------------------------------------
     def setup_buckets(self):
@@ -184,8 +196,8 @@ class PackedReduction:
             self.buffer = torch.zeros(self.total, dtype=self.buffer_dtype, device=grad.device)
         offset, count = self.offsets[name]
         flat = grad.detach().reshape(-1)
-        if name in self.masks:
-            flat = flat[unpack_bits(*self.masks[name]).to(flat.device)]
+        if name in self.masks:  # sharded masks: a collective, in hook order (the same on every rank)
+            flat = flat[self.masks.full(name).to(flat.device)]
         self.buffer.narrow(0, offset, count).add_(flat.to(self.buffer_dtype))
         if self.stage3:  # the dense local gradient is not kept
             param.grad = None
@@ -196,6 +208,7 @@ class PackedReduction:
     def end_backward(self, boundary: bool) -> None:
         """Called by the gradient epilogue of a packed step (DeepSpeed may run it twice per backward): reduce at
         the accumulation boundary, or after every micro-batch when reducing per micro-batch."""
+        self.masks.release()  # the last tensor's full mask: nothing of the masks stays between backward passes
         if self.per_micro_batch and self.buffer is not None:
             self.exchange()
         elif boundary and not self.per_micro_batch:
@@ -267,19 +280,30 @@ class PackedReduction:
         self.steps_by_kind[kind] += 1
         self.last_step_bytes = self.step_bytes
         self.step_bytes = 0
+        synced = self.masks.sync_bytes()
+        self.last_step_mask_bytes = synced - self._mask_bytes_seen
+        self._mask_bytes_seen = synced
+        self.mask_sync_bytes = synced
+        self.masks.release()
         self.exchanged = False
         self._window_reductions = 0
         self.buffer = None
 
     # -- accounting ------------------------------------------------------------------------------------------------
     def mask_bytes(self) -> int:
-        """The replicated full masks this rank keeps (1 bit per weight of every sparsified parameter)."""
-        return sum(bits.numel() for bits, _ in self.masks.values())
+        """The masks this rank keeps for the reduction beyond the sparsifier's own bits: 0 when sharded, the full
+        masks of every sparsified parameter with ``sparsity.replicate_masks`` (1 bit per weight)."""
+        return self.masks.held_bytes()
 
     def stats(self) -> dict:
-        """Per rank: mean bytes handed to the gradient reduction per optimizer step, overall and by kind."""
+        """Per rank: mean bytes handed to the gradient reduction per optimizer step, overall (gradient values and
+        the masks' all-gathers) and by kind."""
         steps = sum(self.steps_by_kind.values())
-        return {"grad_reduce_bytes_per_step": sum(self.bytes_by_kind.values()) / max(1, steps),
+        values = sum(self.bytes_by_kind.values())
+        return {"grad_reduce_bytes_per_step": (values + self.mask_sync_bytes) / max(1, steps),
                 **{f"{k}_steps": self.steps_by_kind[k] for k in ("packed", "dense")},
                 **{f"{k}_bytes_per_step": self.bytes_by_kind[k] / max(1, self.steps_by_kind[k])
-                   for k in ("packed", "dense")}}
+                   for k in ("packed", "dense")},
+                "mask_sync_bytes_per_step": self.mask_sync_bytes / max(1, steps),
+                "mask_sync_received_bytes_per_step": self.masks.received_bytes / max(1, steps),
+                "replicate_masks": self.masks.replicate}

@@ -220,7 +220,7 @@ class PackedZeroState(Component, ABC):
     def bytes_held(self) -> dict:
         held = {"gradients": [*self.grads, *self.dense_grads.values()]}
         reduction = getattr(self, "reduction", None)
-        if reduction is not None:  # the packed reduction's replicated full masks and its open local buffer
+        if reduction is not None:  # the packed reduction's kept full masks (replicate_masks) and its open buffer
             held["masks"] = reduction.mask_bytes()
             held["gradients"].append(reduction.buffer)
         return held
@@ -435,7 +435,8 @@ class CompactZeroState(PackedZeroState):
     whether this store takes over the gradient reduction (the packed all-reduce); False when gradient compression
     owns it (``ds_compression.CompressedReduction`` hands the averaged ranges to :meth:`accept_grad`)."""
 
-    def __init__(self, engine, sparsifier, param_views: list, reduce_gradients: bool = True):
+    def __init__(self, engine, sparsifier, param_views: list, reduce_gradients: bool = True,
+                 replicate_masks: bool = False):
         check_common(engine, "DeepSpeedZeroOptimizer")
         if not getattr(engine.optimizer, "contiguous_gradients", True):
             raise ConfigError(KEY, "needs zero_optimization.contiguous_gradients: true")
@@ -460,7 +461,8 @@ class CompactZeroState(PackedZeroState):
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
         self.reduction = None
         if reduce_gradients:
-            self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads)
+            self.reduction = PackedReduction(self, self.zo.reduce_independent_p_g_buckets_and_remove_grads,
+                                             replicate_masks)
         self._patch()
         self._make_views(param_views)
 
@@ -523,7 +525,7 @@ class CompactZeroState(PackedZeroState):
     def finish_load(self) -> None:
         super().finish_load()
         if self.reduction is not None:
-            self.reduction.masks_changed()  # the loaded masks replace the replicated copy
+            self.reduction.masks_changed()  # the loaded masks: the reduction's layout is rebuilt
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -46,9 +46,10 @@ from dist_sparse.integration.patches import STAGE3_GRAD_PARTITIONS, STAGE3_REDUC
 
 class CompactZero3State(PackedZeroState):
     """ZeRO-3: DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3``; installed by
-    :func:`dist_sparse.integration.compact_zero.enable`."""
+    :func:`dist_sparse.integration.compact_zero.enable`. ``replicate_masks``: the packed reduction keeps the full
+    masks between mask changes (``sparsity.replicate_masks``)."""
 
-    def __init__(self, engine, sparsifier, param_views: list):
+    def __init__(self, engine, sparsifier, param_views: list, replicate_masks: bool = False):
         check_common(engine, "DeepSpeedZeroOptimizer_Stage3")
         zo = engine.optimizer
         if getattr(zo, "offload_param", False) or getattr(zo, "swap_optimizer", False):
@@ -56,6 +57,7 @@ class CompactZero3State(PackedZeroState):
         if getattr(zo, "use_muon", False):
             raise ConfigError(KEY, "supports Adam/AdamW, not Muon")
         super().__init__(engine, sparsifier)
+        self._replicate_masks = replicate_masks
         names = {id(p): n for n, p in engine.module.named_parameters()}
         for i, group in enumerate(zo.fp16_groups):
             frags = []
@@ -187,7 +189,7 @@ class CompactZero3State(PackedZeroState):
         """Install the loaded masters and moments; the lp shards (ZeRO-3 has no replicated model to load) get the
         masters, inactive positions 0, and persistent parameters are re-gathered from them."""
         super().finish_load()
-        self.reduction.masks_changed()  # the loaded masks replace the replicated copy
+        self.reduction.masks_changed()  # the loaded masks: the reduction's layout is rebuilt
         for i, part in enumerate(self.parts):
             self._write_lp(i, self.masters[i].detach(), part.masks())
             self.zo._unflatten_partitioned_parameters(i)
@@ -238,7 +240,7 @@ class CompactZero3State(PackedZeroState):
             return reduce_param(param)
 
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's reduce-scatter on those)
-        self.reduction = reduction = PackedReduction(self, reduce_param_grad)
+        self.reduction = reduction = PackedReduction(self, reduce_param_grad, self._replicate_masks)
 
         def partition_grads(params_to_release, grad_partitions):
             # DeepSpeed's partition_grads into packed storage: copy on the window's first micro-batch

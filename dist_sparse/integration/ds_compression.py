@@ -25,7 +25,10 @@ How DeepSpeed's own reduction is replaced (``docs/compression.md``):
   then proceed unchanged.
 
 The sender must know which coordinates of its *full* local gradient are pruned, while masks are stored sharded:
-a replicated copy of the full masks is gathered (bit-packed, 1 bit per weight) whenever the masks change.
+each tensor's full mask is built from the ranks' shard bits when the exchange asks for it and released before
+the next one (:class:`dist_sparse.masks.sharded.MaskSource`; one all-gather per tensor and pass over the tensors;
+``mask_sync_bytes_per_step``), or, with ``sparsity.replicate_masks: true``, a replicated copy of the full masks
+is gathered whenever the masks change and kept (bit-packed, 1 bit per weight on every rank).
 
 fp16 (DeepSpeed's loss scaler): the local gradients are loss-scaled, and the scale changes during training. The
 exchange divides them by the current scale before they enter a residual or momentum buffer (so those buffers hold
@@ -48,8 +51,7 @@ from dist_sparse.compression import hierarchical
 from dist_sparse.compression.adam import LocalMomentAdam, is_adam
 from dist_sparse.errors import ConfigError
 from dist_sparse.integration import patches
-from dist_sparse.masks.packing import unpack_bits
-from dist_sparse.masks.replicate import gather_full_masks
+from dist_sparse.masks.sharded import MaskSource
 from dist_sparse.step import Component
 
 log = logging.getLogger("dist_sparse")
@@ -91,40 +93,18 @@ def _optimizer_momentum(inner) -> float:
     return float(m)
 
 
-class _PackedMasks:
-    """The replicated full masks the senders need (which coordinates are pruned), kept bit-packed; ``get`` unpacks
-    one parameter's mask on its device when the exchange asks for it, so only one bool mask exists at a time."""
-
-    def __init__(self, packed: dict, params: dict):
-        self.packed = packed  # name -> (packed uint8 bits, numel)
-        self.params = params
-
-    def get(self, name, default=None):
-        if name not in self.packed:
-            return default
-        bits, numel = self.packed[name]
-        return unpack_bits(bits, numel).to(self.params[name].device)
-
-    def __contains__(self, name) -> bool:
-        return name in self.packed
-
-    def __len__(self) -> int:
-        return len(self.packed)
-
-    def nbytes(self) -> int:
-        return sum(bits.numel() for bits, _ in self.packed.values())
-
-
 class CompressedReduction(Component):
     """Owns the per-rank compression state of one engine and replaces its gradient reduction (a step component:
     ``reduce_gradients`` runs the exchange, a skipped step drops the local gradients, residuals stay)."""
 
     name = "compression"
 
-    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None, sparsifier=None):
+    def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None, sparsifier=None,
+                 replicate_masks: bool = False):
         """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2),
         which then receives the averaged ranges instead of DeepSpeed's partition fragments; ``sparsifier``: whose
-        masks the senders respect (None: dense training)."""
+        masks the senders respect (None: dense training); ``replicate_masks``: keep the full masks between mask
+        changes (``sparsity.replicate_masks``) instead of building each tensor's when the exchange needs it."""
         stage = engine.zero_optimization_stage()
         if stage >= 3 and store is not None:
             raise ConfigError("compression.method", "gradient compression with sparsity.compact_state supports ZeRO "
@@ -181,10 +161,10 @@ class CompressedReduction(Component):
                                               local_clip=local_clip, precondition_beta2=beta2,
                                               packed=store is not None)
         self.dense_bytes_per_step = dense_comm_bytes_per_step(engine, list(self.params.values()))
-        self.mask_sync_bytes = 0
-        self._full_masks = _PackedMasks({}, {})
+        # the senders' full masks (which coordinates are pruned), built from the sparsifier's shards
+        self.mask_source = None if sparsifier is None else MaskSource(sparsifier, device=self._device(),
+                                                                      replicate=replicate_masks)
         self._scale = 1.0  # the loss scale the last written averages carry (fp16)
-        self._mask_token = None
         self._mask_epoch = 0
         # the local gradient of the accumulation window (stages 1/2): full fp32 tensors, from the first backward
         # of a window to the exchange, then released (a transient: transient_bytes_per_rank)
@@ -303,20 +283,15 @@ class CompressedReduction(Component):
         self._mask_epoch += 1
 
     def _refresh_masks(self, sparsifier) -> None:
-        token = (sparsifier.updates_done, self._mask_epoch)
-        if token == self._mask_token:
-            return
-        self._mask_token = token
-        views = sparsifier.views
-        if not views:
-            return
-        if all(v.replicated for v in views):  # stage 0: every rank already holds the whole masks
-            self._full_masks = _PackedMasks({v.name: (sparsifier.packed[v.name], v.numel) for v in views},
-                                            self.params)
-        else:  # one all-gather of every rank's packed bits (+ its ranges), on the gradients' device
-            full, handed = gather_full_masks(views, sparsifier.packed, device=self._device())
-            self.mask_sync_bytes += handed
-            self._full_masks = _PackedMasks(full, self.params)
+        """Before the exchange: tell the mask source whether the masks changed (replicated mode re-gathers then;
+        sharded mode builds each tensor's full mask during the exchange)."""
+        if self.mask_source is not None:
+            self.mask_source.refresh((sparsifier.updates_done, self._mask_epoch))
+
+    @property
+    def mask_sync_bytes(self) -> int:
+        """Bytes handed to the masks' all-gathers so far (what ``mask_sync_bytes_per_step`` averages)."""
+        return 0 if self.mask_source is None else self.mask_source.sync_bytes()
 
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -338,8 +313,11 @@ class CompressedReduction(Component):
             local = {n: (g.div_(scale) if g.dtype == torch.float32 and self.stage else g.float().div_(scale))
                      for n, g in local.items()}
             saved = {k: t.clone() for k, t in self.compression.feedback.state_tensors().items()}
-        averaged = self.compression.run(local, self._full_masks, step, dense, skip, owned=self._owned,
+        eligible = {} if self.mask_source is None else self.mask_source
+        averaged = self.compression.run(local, eligible, step, dense, skip, owned=self._owned,
                                         dense_applied=not plan.replaces_optimizer_step)
+        if self.mask_source is not None:
+            self.mask_source.release()  # sharded: the last tensor's full mask; nothing stays between steps
         if scale != 1.0 and self._overflows(averaged, scale):
             self.compression.feedback.load_state_tensors(saved, self._device())
             self.exchange_overflowed = True
@@ -377,8 +355,8 @@ class CompressedReduction(Component):
         if self.adam is None:
             return None
         written = g if self._scale == 1.0 else g.float() / self._scale  # as the optimizer will see it, unscaled
-        if dense_exchange and v.name in self._full_masks:
-            keep = self._full_masks.get(v.name).narrow(0, v.mask_start, g.numel())
+        if dense_exchange and self.sparsifier is not None and v.name in self.sparsifier.order:
+            keep = self.sparsifier.mask(v.name)  # this rank's own range: its own bits, no collective
             written = g.masked_fill(~keep.to(g.device), 0)
         return v.master(), self._second_moment(v.name, local, v.mask_start, g.numel()), written
 
@@ -435,7 +413,9 @@ class CompressedReduction(Component):
                 "dense_comm_bytes_per_step": float(self.dense_bytes_per_step),
                 "intra_node_comm_bytes_per_step": intra / steps, "inter_node_comm_bytes_per_step": inter / steps,
                 "dense_inter_node_comm_bytes_per_step": dense_inter,
-                "mask_sync_bytes_per_step": self.mask_sync_bytes / steps}
+                "mask_sync_bytes_per_step": self.mask_sync_bytes / steps,
+                "mask_sync_received_bytes_per_step": (0 if self.mask_source is None
+                                                      else self.mask_source.received_bytes / steps)}
 
     def layout_signature(self) -> str:
         """What this rank's residuals belong to: the scope and, between nodes, the node layout."""
@@ -445,9 +425,10 @@ class CompressedReduction(Component):
         return {"masks": self.mask_bytes(), "compression_residuals": self.compression.feedback.buffers()}
 
     def mask_bytes(self) -> int:
-        """Bytes of the replicated packed masks this rank keeps for sending (at stage 0 they are the sparsifier's
-        own masks, counted there)."""
-        return 0 if self.stage == 0 else self._full_masks.nbytes()
+        """Bytes of masks this rank keeps for sending beyond the sparsifier's own bits: the replicated full masks
+        with ``sparsity.replicate_masks``, 0 when sharded (and at stage 0, where the sparsifier's masks are the
+        full ones, counted there)."""
+        return 0 if self.mask_source is None else self.mask_source.held_bytes()
 
     def state_tensors(self) -> dict:
         return {k: t.detach().cpu().contiguous() for k, t in self.compression.feedback.state_tensors().items()}

@@ -311,7 +311,8 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
 
         wrapped.set_compression(CompressedReduction(engine, wrapped.param_views, inner_optimizer(engine),
                                                     compression, seed, store=wrapped.compact,
-                                                    sparsifier=sparsifier))
+                                                    sparsifier=sparsifier,
+                                                    replicate_masks=sparsity.replicate_masks))
     if sparsity.packed_gather and (method is None or engine.zero_optimization_stage() != 3):
         # also refused by the config check; this guards attach() called directly
         raise ConfigError("sparsity.packed_gather", "needs ZeRO stage 3 and a sparsity method that keeps masks "
@@ -363,10 +364,12 @@ def _compact_store(engine, sparse_engine, reduce_gradients: bool):
                                                     "stage 1 or 2 (at stage 3 both would own the gradient hooks)")
         from dist_sparse.integration.compact_zero3 import CompactZero3State
 
-        return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views)
+        return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views,
+                                 replicate_masks=sparse_engine.sparsity.replicate_masks)
     from dist_sparse.integration.compact_zero import CompactZeroState
 
-    return CompactZeroState(engine, sparse_engine.sparsifier, sparse_engine.param_views, reduce_gradients)
+    return CompactZeroState(engine, sparse_engine.sparsifier, sparse_engine.param_views, reduce_gradients,
+                            replicate_masks=sparse_engine.sparsity.replicate_masks)
 
 
 def _install_masked_grad_norm(engine, sparsifier) -> None:

@@ -10,9 +10,12 @@ multiple of ``2 * world`` elements and split into ``world`` equal partitions; a 
 - ``optimizer_state``: Adam's two fp32 moments of the same extent (+ one 4-byte step counter per group);
 - ``gradients``: dense: DeepSpeed's contiguous partition buffer, which holds the *whole* gradient of every
   parameter that overlaps the partition, in low precision; compact: the active positions only;
-- ``masks``: one bit per sparsified position of its partition; compact state adds the full masks of every
-  sparsified parameter (one bit per weight, replicated: the packed gradient reduction selects the active
-  coordinates of each rank's whole local gradient by them).
+- ``masks``: one bit per sparsified position of its partition. The packed gradient reduction of compact state
+  selects the active coordinates of each rank's whole local gradient by a tensor's full mask, built from the
+  ranks' shards when that tensor's gradient arrives and released (:func:`transients`: ``mask_bits_in_flight``,
+  the largest tensor's bits; :func:`mask_traffic`: the bits' all-gathers every step); with
+  ``replicate_masks`` (``sparsity.replicate_masks``) the full masks of every sparsified parameter are kept
+  instead, 1 bit per weight on every rank, and ``masks`` includes them.
 
 A sparsified parameter of density ``d`` contributes ``d`` active positions per position of its range (random
 masks spread active weights evenly, so the expectation is what a rank holds within a fraction of a percent).
@@ -30,8 +33,8 @@ rank's shard padded), so
 - ``gradients``: dense: the gradient shards (low precision) and the reduction bucket, which DeepSpeed keeps
   allocated (``reduce_bucket_size`` elements of the low-precision type); compact: the active positions only (the
   bucket is released between backward passes);
-- ``masks``: one bit per sparsified position of its (unpadded) shards; compact state adds the replicated full
-  masks, as at ZeRO-1/2.
+- ``masks``: one bit per sparsified position of its (unpadded) shards (compact state with ``replicate_masks``
+  adds the full masks, as at ZeRO-1/2).
 
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
@@ -81,6 +84,13 @@ class Setting:
     residual_buffers: int = 0
     residual_bytes: int = 4
     residual_slice: int = 1
+    # compact state: keep the full masks on every rank between mask changes (sparsity.replicate_masks) instead of
+    # building each tensor's from the shards when it is needed
+    replicate_masks: bool = False
+    # elements of the largest sparsified tensor (what bounds the masks' transient); None: the largest sparsified
+    # Param of ``groups`` (the --params form has no real tensors and passes its estimate)
+    largest_tensor: int | None = None
+    gradient_accumulation_steps: int = 1
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -94,6 +104,8 @@ class Setting:
         if self.packed_shards and (self.zero_stage != 3 or not self.compact_state):
             raise PlanError("--packed-gather", "packed parameter shards need ZeRO stage 3 and --compact-state (got "
                                                f"stage {self.zero_stage}, compact_state={self.compact_state})")
+        if self.largest_tensor is not None and self.largest_tensor < 1:
+            raise PlanError("--largest-tensor", f"must be >= 1 element, got {self.largest_tensor}")
         for group in self.groups:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
@@ -154,7 +166,7 @@ def predict(setting: Setting) -> list:
                         "masks": math.ceil(sparse_numel / 8),
                         "compression_residuals": compression_residual_bytes(setting)})] * n
     ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
-    if setting.compact_state:  # the packed gradient reduction keeps every full mask, replicated (packed per tensor)
+    if setting.compact_state and setting.replicate_masks:  # every full mask kept, replicated (packed per tensor)
         replicated = sum(math.ceil(p.numel / 8) for p in params if p.sparse)
         for out in ranks:
             out["masks"] += replicated
@@ -162,6 +174,55 @@ def predict(setting: Setting) -> list:
     for out in ranks:
         out["compression_residuals"] += residuals
     return [_total(r) for r in ranks]
+
+
+def _zero3_width(setting: Setting, numel: int) -> int:
+    """ZeRO-3: bytes each rank hands to the all-gather of one tensor's shard bits (``ceil(numel / N)`` bits)."""
+    return math.ceil(math.ceil(numel / setting.world_size) / 8)
+
+
+def transients(setting: Setting) -> dict:
+    """Per-rank transients of the prediction: ``mask_bits_in_flight``, compact state's one tensor's full mask bits
+    while the packed reduction builds it (sharded masks; 0 with ``replicate_masks``, without compact state or on
+    one rank), bounded by the largest sparsified tensor: at ZeRO-3 the all-gather's N padded shards, at ZeRO-1/2
+    the owners' broadcast parts (the tensor's bits)."""
+    setting.check()
+    sparse = [p.numel for g in setting.groups for p in g if p.sparse]
+    if not setting.compact_state or setting.replicate_masks or setting.world_size == 1 or not sparse:
+        return {"mask_bits_in_flight": 0}
+    largest = setting.largest_tensor if setting.largest_tensor is not None else max(sparse)
+    if setting.zero_stage == 3:
+        return {"mask_bits_in_flight": setting.world_size * _zero3_width(setting, largest)}
+    return {"mask_bits_in_flight": math.ceil(largest / 8)}
+
+
+def mask_traffic(setting: Setting) -> dict:
+    """Per rank and optimizer step without a mask update, compact state's packed reduction (the largest rank):
+    the bytes handed to build every sparsified tensor's full mask once per reduction (stages 2/3 take every
+    micro-batch's gradient; ``handed``: at ZeRO-3 every tensor's shard bits, at ZeRO-1/2 the bits of the rank's
+    own partition, which its owner broadcasts), the bits arriving from the other ranks (``received``), and the
+    packed gradient values handed to the all-reduce for comparison (``packed_gradient``: element size x the
+    model's active weights; bf16 with accumulation at stages 2/3 reduces every micro-batch). Sharded masks only:
+    with ``replicate_masks`` the bits move only when the masks change (``handed`` and ``received`` 0)."""
+    setting.check()
+    params = [p for g in setting.groups for p in g]
+    lp = LP_BYTES[setting.precision]
+    gas = max(1, setting.gradient_accumulation_steps)
+    takes = gas if setting.zero_stage >= 2 else 1
+    per_micro = gas > 1 and lp == 2 and setting.zero_stage >= 2
+    active = sum(p.numel * p.density for p in params)
+    if not setting.compact_state:
+        return {"handed": 0, "received": 0, "packed_gradient": 0}
+    packed = int(round(lp * active * (gas if per_micro else 1)))
+    if setting.replicate_masks or setting.world_size == 1:
+        return {"handed": 0, "received": 0, "packed_gradient": packed}
+    n = setting.world_size
+    if setting.zero_stage == 3:
+        width = sum(_zero3_width(setting, p.numel) for p in params if p.sparse)
+        return {"handed": takes * width, "received": takes * (n - 1) * width, "packed_gradient": packed}
+    own = [r["masks"] for r in _stage12_ranks(setting)]  # each rank's bits of its partition
+    full = sum(own)
+    return {"handed": takes * max(own), "received": takes * max(full - b for b in own), "packed_gradient": packed}
 
 
 def stage12_partition(numel: int, world: int) -> int:
@@ -282,7 +343,8 @@ def dense_baseline(setting: Setting) -> Setting:
     groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
     return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
                    compact_state=False, groups=groups, reduce_bucket_size=setting.reduce_bucket_size,
-                   persistence_threshold=setting.persistence_threshold)  # no compression state either
+                   persistence_threshold=setting.persistence_threshold,
+                   gradient_accumulation_steps=setting.gradient_accumulation_steps)  # no compression state either
 
 
 def summarize(per_rank: list) -> dict:

@@ -103,8 +103,10 @@ def expected_bytes(engine) -> dict:
            "optimizer_state": (8 * active + 4 * n_groups) if started else 0,  # + Adam's step scalars
            "gradients": lp_bytes * active,
            "masks": sum(packed_nbytes(v.mask_len) for v in engine.sparsifier.views)}
-    # the packed reduction keeps the full masks of every sparsified parameter, replicated (1 bit per weight)
-    out["masks"] += sum(packed_nbytes(v.numel) for v in engine.sparsifier.views)
+    # masks stay sharded (issue 18): only the rank's own bits between steps; with sparsity.replicate_masks the
+    # packed reduction also keeps the full masks of every sparsified parameter (1 bit per weight)
+    if engine.sparsity.replicate_masks and store.reduction is not None:
+        out["masks"] += sum(packed_nbytes(v.numel) for v in engine.sparsifier.views)
     if engine.zero_optimization_stage() < 3:
         out["weights"] = sum(t.numel() * t.element_size() for t in engine.optimizer.bit16_groups_flat)
     return out

@@ -73,7 +73,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
         step = plan.step
         if comp is not None:
             items = comp.compression.last_sent
-            masks = comp._full_masks
+            masks = {n: m.reshape(-1) for n, m in sp.full_masks().items()}  # a collective (masks stay sharded)
             update = sp.method is not None and sp.method.is_update_step(step)
             expected = 0
             for name, idx in items.items():

@@ -35,7 +35,7 @@ def run(stage: int, compression: dict | None) -> dict:
 
     def recording_before_step(plan):
         if comp is not None and not plan.dense_grad:  # on compressed steps nothing pruned is ever sent
-            masks = comp._full_masks
+            masks = {n: m.reshape(-1) for n, m in sp.full_masks().items()}  # a collective (masks stay sharded)
             for name, idx in comp.compression.last_sent.items():
                 mask = masks.get(name)
                 if mask is not None:
