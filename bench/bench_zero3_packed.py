@@ -111,8 +111,9 @@ def main() -> None:
         "| plan gather/step |", "|---|" + "---|" * (len(CATS) + 6), *rows, "",
         "| target | reached | measured |", "|---|---|---|",
         *[f"| {t} | {'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
-        "`dist-sparse plan " + " ".join(PLAN_7B) + " --world-size N` (GiB per rank; the masks include the "
-        "replicated full masks the packed gradient reduction keeps: they do not shrink with N):", "",
+        "`dist-sparse plan " + " ".join(PLAN_7B) + " --world-size N` (GiB per rank; masks sharded, the default: "
+        "each tensor's full mask is built from the shards when its gradient arrives, a transient of one tensor's "
+        "bits; with `sparsity.replicate_masks: true` every rank keeps all of them, about 800 MiB here):", "",
         "| ranks | dense DeepSpeed | compact state | + packed shards | masks (MiB) |", "|---|---|---|---|---|",
         *plan_rows, "",
         "Reused finished runs: " + (", ".join(reused) if reused else "none") + f" (from `{WORK.relative_to(ROOT)}`).",
