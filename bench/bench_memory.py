@@ -69,10 +69,15 @@ def train(name: str, ov: list) -> dict:
 
 
 def plan(ov: list) -> dict:
-    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "plan", str(ROOT / "configs" / "demo.yaml"),
-           "--world-size", "2", "--json"]
+    args = [str(ROOT / "configs" / "demo.yaml"), "--world-size", "2"]
     for o in ov:
-        cmd += ["--set", o]
+        args += ["--set", o]
+    return plan_json(args)
+
+
+def plan_json(args: list) -> dict:
+    """`dist-sparse plan ARGS --json`, parsed."""
+    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "plan", *args, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"plan failed:\n{proc.stderr[-3000:]}")

@@ -15,12 +15,11 @@ reused (the section says which).
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_memory import CATS, overrides, plan  # noqa: E402
+from bench.bench_memory import CATS, mib, overrides, plan, plan_json  # noqa: E402
 from bench.bench_memory import train as train_run  # noqa: E402
 from bench.common import SHAKESPEARE, command_line, machine_line, skipped_without_shakespeare, write_section  # noqa: E402
 
@@ -45,16 +44,7 @@ def run(key: str, ov: list) -> tuple:
 
 
 def plan_7b(world: int, extra: list) -> dict:
-    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "plan", *PLAN_7B, "--world-size", str(world), *extra,
-           "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"plan failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
-
-
-def mib(n) -> str:
-    return f"{n / 2**20:.2f}"
+    return plan_json([*PLAN_7B, "--world-size", str(world), *extra])
 
 
 def main() -> None:

@@ -11,17 +11,23 @@ import torch
 from tests.distributed_utils import run_torchrun
 
 
+def _launch_stages(worker: str, stages: tuple, folder) -> dict:
+    """One launch of ``worker`` for every stage (process start-up dominates a stage's runs): stage -> per-rank
+    runs."""
+    out = folder / "report.json"
+    run_torchrun(worker, 2, ",".join(map(str, stages)), out, timeout=1800)
+    per_rank = json.loads(out.read_text())
+    return {stage: [r[str(stage)] for r in per_rank] for stage in stages}
+
+
 @pytest.fixture(scope="module")
 def _reports(tmp_path_factory):
-    """One launch for every stage (process start-up dominates a stage's runs): per rank, stage -> runs."""
-    out = tmp_path_factory.mktemp("zero") / "report.json"
-    run_torchrun("compression_worker.py", 2, "0,1,2", out, timeout=1800)
-    return json.loads(out.read_text())
+    return _launch_stages("compression_worker.py", (0, 1, 2), tmp_path_factory.mktemp("zero"))
 
 
 @pytest.fixture(params=[0, 1, 2])
 def report(request, _reports):
-    return request.param, [r[str(request.param)] for r in _reports]
+    return request.param, _reports[request.param]
 
 
 def _assert_same(a, b, where, master_atol=None):
@@ -180,14 +186,12 @@ def test_adam_momentum_correction_matches_its_reference_when_local_equals_averag
 
 @pytest.fixture(scope="module")
 def _fp16_reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "report.json"
-    run_torchrun("fp16_compression_worker.py", 2, "1,2,3", out, timeout=1800)
-    return json.loads(out.read_text())
+    return _launch_stages("fp16_compression_worker.py", (1, 2, 3), tmp_path_factory.mktemp("fp16"))
 
 
 @pytest.fixture(params=[1, 2, 3])
 def fp16_report(request, _fp16_reports):
-    return request.param, [r[str(request.param)] for r in _fp16_reports]
+    return request.param, _fp16_reports[request.param]
 
 
 @pytest.mark.slow
