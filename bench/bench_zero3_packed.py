@@ -3,7 +3,9 @@
 The memory bench's model and setting (bench_memory.py: char GPT-2 8 x 768, 56.9M parameters, 2 CPU ranks, bf16,
 RigL 90% ERK, updates every 3 steps, 8 steps, ZeRO-3 with reduce_bucket_size 768^2): dense DeepSpeed, compact
 state, and compact state + `sparsity.packed_gather: true` (which at ZeRO-3 with compact state also stores the
-sparsified shards packed). Bytes are summary.json's (`state_bytes_per_rank`, `param_gather_bytes_per_step`,
+sparsified shards packed); then dense DeepSpeed and packed shards with gradient compression at its defaults
+(`compression.method: topk`: 1%, error feedback, momentum correction for AdamW), whose gradient bytes per step
+(`comm_bytes_per_step`) are set against DeepSpeed's dense reduce-scatter (`dense_comm_bytes_per_step`). Bytes are summary.json's (`state_bytes_per_rank`, `param_gather_bytes_per_step`,
 `dense_param_gather_bytes_per_step`); the predictions are `dist-sparse plan` with the same overrides. Below them,
 `dist-sparse plan` for a 7B model at 8, 64 and 512 ranks.
 
@@ -25,9 +27,12 @@ from bench.common import SHAKESPEARE, command_line, machine_line, skipped_withou
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "memory"
+TOPK = ["compression.method=topk"]  # the compression defaults: 1%, error feedback, momentum correction (AdamW)
 RUNS = [("dense", "dense DeepSpeed", "dense", []),
         ("compact", "compact state", "compact", []),
-        ("packed", "compact state + packed_gather (packed shards)", "compact", ["sparsity.packed_gather=true"])]
+        ("packed", "compact state + packed_gather (packed shards)", "compact", ["sparsity.packed_gather=true"]),
+        ("dense_topk", "dense DeepSpeed + top-k", "dense", TOPK),
+        ("packed_topk", "packed shards + top-k", "compact", ["sparsity.packed_gather=true", *TOPK])]
 PLAN_7B = ["--params", "7e9", "--zero-stage", "3", "--sparsity", "0.9", "--precision", "bf16"]
 
 
@@ -72,10 +77,27 @@ def main() -> None:
         rows.append(f"| {label} | " + " | ".join(mib(sb[c]) for c in CATS) + f" | {sb['total'] / base:.3f} | "
                     f"{mib(p['state_bytes_per_rank']['total'])} | {mib(g)} | {mib(dg)} | "
                     f"{(g / dg if dg else float('nan')):.3f} | {mib(pg)} |")
+    grad_rows = []
+    for key, label, _, _ in RUNS:
+        s = results[key]
+        if "comm_bytes_per_step" in s:  # compressed: the exchange's measured bytes
+            g, dg = s["comm_bytes_per_step"], s["dense_comm_bytes_per_step"]
+            how = "compressed exchange"
+        else:  # compact state's packed reduction (measured) or DeepSpeed's dense one (its formula)
+            g, dg = s["grad_reduce_bytes_per_step"], s["grad_reduce"]["dense_deepspeed_bytes_per_step"]
+            how = "packed reduction" if s["grad_reduce"]["measured"] else "DeepSpeed (formula)"
+        grad_rows.append(f"| {label} | {how} | {mib(g)} | {mib(dg)} | {g / dg:.4f} (1/{dg / g:.0f}) | "
+                         f"{mib(s['state_bytes_per_rank']['compression_residuals'])} | "
+                         f"{s['final_val_loss']:.6f} |")
     packed = results["packed"]
     gather_ratio = packed["param_gather_bytes_per_step"] / packed["dense_param_gather_bytes_per_step"]
     state_ratio = packed["state_bytes_per_rank"]["total"] / base
+    topk = results["packed_topk"]
+    topk_state = topk["state_bytes_per_rank"]
+    topk_ratio = (topk_state["total"] - topk_state["compression_residuals"]) / base
     checks = [("parameter-gather bytes, packed / dense gather <= 0.2x", gather_ratio <= 0.2, f"{gather_ratio:.3f}x"),
+              ("packed shards + top-k: state bytes without the residuals <= 0.15x of dense DeepSpeed",
+               topk_ratio <= 0.15, f"{topk_ratio:.3f}x (with residuals {topk_state['total'] / base:.3f}x)"),
               ("state bytes per rank, packed shards / dense DeepSpeed <= 0.15x (ZeRO-3 bf16)", state_ratio <= 0.15,
                f"{state_ratio:.3f}x"),
               ("losses with packed_gather equal compact state's", packed["final_val_loss"] ==
@@ -101,6 +123,12 @@ def main() -> None:
         "| plan gather/step |", "|---|" + "---|" * (len(CATS) + 6), *rows, "",
         "| target | reached | measured |", "|---|---|---|",
         *[f"| {t} | {'yes' if ok else 'NO'} | {v} |" for t, ok, v in checks], "",
+        "Gradient bytes per rank and optimizer step (MiB, mean over all steps; RigL's update steps included, "
+        "where the sparsified tensors are exchanged dense), residuals per rank (MiB; per rank by "
+        "construction: each rank keeps what it did not send, packed by the masks with compact state), final "
+        "validation loss:", "",
+        "| run | reduction | gradient bytes/step | dense DeepSpeed bytes/step | x dense | residuals | val loss |",
+        "|---|---|---|---|---|---|---|", *grad_rows, "",
         "`dist-sparse plan " + " ".join(PLAN_7B) + " --world-size N` (GiB per rank; masks sharded, the default: "
         "each tensor's full mask is built from the shards when its gradient arrives, a transient of one tensor's "
         "bits; with `sparsity.replicate_masks: true` every rank keeps all of them, about 800 MiB here):", "",

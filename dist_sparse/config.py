@@ -492,8 +492,8 @@ def check_compression_with_deepspeed(c: CompressionConfig, ds: dict, p: str = "c
     # DeepSpeed 0.19.8 hands the loss to backward unscaled (only ZeRO optimizers scale it), so the exchange could not
     # know which scale the gradients carry
     _require(not ((ds.get("fp16") or {}).get("enabled", False) and int(zero.get("stage", 0)) == 0), f"{p}.method",
-             "gradient compression with fp16 needs ZeRO stage 1 or 2 (at stage 0 DeepSpeed's fp16 optimizer does "
-             "not scale the loss the way the exchange unscales it); use stage 1/2, or bf16")
+             "gradient compression with fp16 needs ZeRO stage 1, 2 or 3 (at stage 0 DeepSpeed's fp16 optimizer does "
+             "not scale the loss the way the exchange unscales it); use stage 1-3, or bf16")
     if c.momentum_correction:
         opt = (ds.get("optimizer") or {}).get("type", "AdamW")
         _require(str(opt).lower() in ("sgd", "adam", "adamw"), f"{p}.momentum_correction",
@@ -599,17 +599,15 @@ def check_kernel_with_deepspeed(sparsity: SparsityConfig, ds: dict, p: str = "sp
 
 
 def check_compression_with_compact_state(c: CompressionConfig, sparsity: SparsityConfig, ds: dict) -> None:
-    """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2: the compressed exchange owns the gradient
-    reduction and writes the averaged ranges into the packed store, docs/compression.md). Stage 3 is refused here,
-    before any process group starts: compact ZeRO-3 owns the reduction hooks compression would take (compression
-    alone works at ZeRO-3)."""
+    """Gradient compression with ``sparsity.compact_state`` (ZeRO-1/2/3: the compressed exchange owns the gradient
+    reduction and writes each rank's averaged ranges, or ZeRO-3 shards, into the packed store, docs/compression.md).
+    fp16 is refused here, before any process group starts."""
     if not (c.enabled and sparsity.compact_state):
         return
     stage = (ds.get("zero_optimization", {}) or {}).get("stage", 0)
-    _require(stage in (1, 2), "compression.method",
-             f"gradient compression with sparsity.compact_state needs ZeRO stage 1 or 2, not {stage} (at ZeRO-3 "
-             "compact state's packed reduction and the compressed exchange would both own DeepSpeed's gradient "
-             "hooks); use stage 2, compression without compact state at ZeRO-3, or compression.method: none")
+    _require(stage in (1, 2, 3), "compression.method",
+             f"gradient compression with sparsity.compact_state needs ZeRO stage 1, 2 or 3, not {stage} (compact "
+             "state packs DeepSpeed's ZeRO optimizer state)")
     _require(not (ds.get("fp16") or {}).get("enabled", False), "compression.method",
              "gradient compression with sparsity.compact_state does not support fp16 (the packed gradient store "
              "keeps loss-scaled values the exchange does not write); use bf16, or compression without compact state")

@@ -1,25 +1,27 @@
-"""Compact state combined with gradient compression at ZeRO-1/2.
+"""Compact state combined with gradient compression at ZeRO-1/2/3.
 
 - 2 CPU ranks, 20 steps, RigL with mask updates every 4 steps, top-k 1% with error feedback (ZeRO-1 fp32, ZeRO-2
-  fp32 and bf16, all with gradient clipping; ZeRO-2 fp32 with Adam momentum correction and one step whose gradient
-  is non-finite on one rank):
+  fp32 and bf16, ZeRO-3 fp32 and bf16, all with gradient clipping; ZeRO-2 and ZeRO-3 fp32 with Adam momentum
+  correction and one step whose gradient is non-finite on one rank):
   compact + compression equals masked-dense + compression (losses, final masks bit for bit, bytes exchanged), pruned
   model weights are exactly 0, the store is packed (one master value and one moment per active weight of the rank's
   range), compression owns the reduction (compact state's packed all-reduce is not installed), the residuals are
   packed by the masks with compact state and counted in ``state_bytes`` as the masks say
   (tests/workers/compact_compression_worker.py);
-- config: the pair is accepted at ZeRO-1/2 and refused at ZeRO-3 with a ConfigError naming ``compression.method``;
-- checkpoint: a compact + compression run (momentum correction) saved at step 10 and resumed gives the losses of
-  the uninterrupted run exactly, residuals included; ``summary.json`` reports residuals and the stash.
+- config: the pair is accepted at ZeRO-1/2/3 and refused at stage 0 and with fp16 by a ConfigError;
+- checkpoint (ZeRO-2 and ZeRO-3): a compact + compression run (momentum correction) resumed from its step-10
+  checkpoint gives the losses and the final residuals of the uninterrupted run exactly; ``summary.json`` reports residuals and the stash.
 """
 
 import json
 
 import pytest
+import torch
 
 from dist_sparse import config as C
 from dist_sparse.errors import ConfigError
 from tests.distributed_utils import run_torchrun
+from tests.test_compression_deepspeed import _residuals
 
 
 def _raw(stage: int) -> dict:
@@ -28,8 +30,8 @@ def _raw(stage: int) -> dict:
             "deepspeed": {"zero_optimization": {"stage": stage}}}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_compact_state_with_compression_is_accepted_at_zero_1_and_2(stage):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_compact_state_with_compression_is_accepted_at_zero_1_2_and_3(stage):
     cfg = C.from_dict(_raw(stage))
     assert cfg.sparsity.compact_state and cfg.compression.enabled
     raw = _raw(stage)
@@ -38,15 +40,13 @@ def test_compact_state_with_compression_is_accepted_at_zero_1_and_2(stage):
     assert sparsity.compact_state and compression.enabled
 
 
-def test_compact_state_with_compression_at_zero_3_is_refused():
-    raw = _raw(3)
-    for call in (lambda: C.from_dict(raw),
-                 lambda: C.split_deepspeed_json({**raw["deepspeed"], "sparsity": raw["sparsity"],
-                                                 "compression": raw["compression"]})):
+def test_compact_state_with_compression_refuses_stage_0_and_fp16():
+    for raw, why in ((_raw(0), "needs ZeRO stage 1, 2 or 3, not 0"),
+                     ({**_raw(2), "deepspeed": {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}},
+                      "does not support fp16")):
         with pytest.raises(ConfigError) as err:
-            call()
-        assert err.value.key == "compression.method"
-        assert "sparsity.compact_state needs ZeRO stage 1 or 2, not 3" in str(err.value)
+            C.from_dict(raw)
+        assert err.value.key == "compression.method" and why in str(err.value), err.value
 
 
 # per ZeRO stage, the cases (dtype, mode, step at which rank 1's gradient is made non-finite) one launch runs
@@ -54,7 +54,10 @@ COMPRESSION_CASES = {
     1: [("fp32", "plain", None)],
     2: [("fp32", "plain", None), ("bf16", "plain", None),
         ("fp32", "mc", 6),  # Adam momentum correction, and rank 1's gradient non-finite at step 6
-        ("fp32", "mc-grow2", None)]}  # ... with RigL's 2-step growth window (dense exchange, then an optimizer step)
+        ("fp32", "mc-grow2", None)],  # ... with RigL's 2-step growth window (dense exchange, then an optimizer step)
+    # ZeRO-3: the exchange reduces into each rank's shards; fp32 (the master lives in the lp shard between steps)
+    # with momentum correction and a non-finite step, bf16 plain
+    3: [("fp32", "mc", 6), ("bf16", "plain", None)]}
 
 
 @pytest.mark.slow
@@ -110,20 +113,26 @@ def _check_case(stage, dtype, mc, nan_step, per_rank):
 
 
 @pytest.mark.slow
-def test_compact_with_compression_resume_exact(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compact_with_compression_resume_exact(tmp_path, stage):
+    """The uninterrupted run saves at step 10; a second run resumes from that checkpoint into its own directory
+    (a kill before the resume is test_resume_is_bit_identical's and the compression tests')."""
     from tests.test_checkpoint_resume import losses, train
 
-    over = ["deepspeed.zero_optimization.stage=2", "sparsity.compact_state=true", "compression.method=topk",
+    over = [f"deepspeed.zero_optimization.stage={stage}", "sparsity.compact_state=true", "compression.method=topk",
             "compression.density=0.05", "compression.momentum_correction=true", "train.save_interval=10"]
+    if stage == 3:  # with packed shards (bf16): the gathers read packed values, the exchange writes packed shards
+        over += ["deepspeed.bf16={enabled: true}", "sparsity.packed_gather=true"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *over)
-    proc = train(resumed, *over, fault="kill@10:1", expect_ok=False)
-    assert proc.returncode != 0
-    train(resumed, *over, resume="auto")
+    train(resumed, *over, resume=str(straight / "checkpoints" / "step_00000010"))
     a, b = losses(straight), losses(resumed)
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # exactly equal, not close
+    ra, rb = (_residuals(d / "checkpoints" / "step_00000020") for d in (straight, resumed))
+    assert set(ra) == set(rb) and len(ra) > 0 and all(torch.equal(ra[k], rb[k]) for k in ra)
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["compact_state"] is True and summary["compression"] == "topk"
+    assert summary["resumed_from"].endswith("step_00000010")
     assert 0 < summary["comm_bytes_per_step"] < summary["dense_comm_bytes_per_step"]
     sb, tr = summary["state_bytes_per_rank"], summary["transient_bytes_per_rank"]
     assert sb["compression_residuals"] > 0 and sb["total"] == max(
@@ -131,3 +140,5 @@ def test_compact_with_compression_resume_exact(tmp_path):
     # the stash is a transient of every trainable parameter in fp32; compression owns the reduction
     assert tr["compression_local_gradient"] > 0 and tr["packed_gradient_exchange"] == 0
     assert summary["grad_reduce"]["measured"] is False
+    if stage == 3:  # packed shards: the weights are the active values (+ bits), gathered packed
+        assert summary["param_gather_bytes_per_step"] < 0.5 * summary["dense_param_gather_bytes_per_step"]

@@ -514,8 +514,6 @@ def test_adam_momentum_correction_refuses_what_it_does_not_cover():
      "compression.momentum_correction"),
     (["compression.method=topk", "compression.momentum_correction=true",
       "deepspeed.optimizer={type: Lamb, params: {lr: 0.1}}"], "compression.momentum_correction"),
-    (["compression.method=topk", "deepspeed.zero_optimization.stage=3", "sparsity.method=rigl",
-      "sparsity.compact_state=true"], "compression.method"),  # compact ZeRO-3 owns the reduction hooks
     (["compression.method=topk", "deepspeed.zero_optimization.offload_optimizer={device: cpu}"],
      "compression.method"),
     # fp16: at ZeRO-0 DeepSpeed does not scale the loss as the exchange unscales it; compact state's packed store

@@ -253,6 +253,11 @@ class PackedZeroState(Component, ABC):
                 return None
         return self.parts[i].slice(t.data if key is None else t, name)
 
+    def master_slice(self, i: int, name: str) -> torch.Tensor:
+        """``name``'s slice of group ``i``'s packed master, a view of the tensor the optimizer steps (gradient
+        compression's Adam momentum correction stages its second moment by that storage)."""
+        return self.packed(i, name)
+
     @torch.no_grad()
     def repack(self, old_masks: dict) -> None:
         """After a mask update (the sparsifier holds the new masks): survivors keep values and moments exactly,

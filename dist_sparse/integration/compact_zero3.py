@@ -46,10 +46,14 @@ from dist_sparse.integration.patches import STAGE3_GRAD_PARTITIONS, STAGE3_REDUC
 
 class CompactZero3State(PackedZeroState):
     """ZeRO-3: DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3``; installed by
-    :func:`dist_sparse.integration.compact_zero.enable`. ``replicate_masks``: the packed reduction keeps the full
-    masks between mask changes (``sparsity.replicate_masks``)."""
+    :func:`dist_sparse.integration.compact_zero.enable`. ``reduce_gradients``: whether this store takes over the
+    gradient reduction (the packed all-reduce); False when gradient compression owns it
+    (``ds_compression.CompressedReduction`` hands each rank's averaged shard ranges to :meth:`accept_grad`).
+    ``replicate_masks``: the packed reduction keeps the full masks between mask changes
+    (``sparsity.replicate_masks``)."""
 
-    def __init__(self, engine, sparsifier, param_views: list, replicate_masks: bool = False):
+    def __init__(self, engine, sparsifier, param_views: list, reduce_gradients: bool = True,
+                 replicate_masks: bool = False):
         check_common(engine, "DeepSpeedZeroOptimizer_Stage3")
         zo = engine.optimizer
         if getattr(zo, "offload_param", False) or getattr(zo, "swap_optimizer", False):
@@ -58,6 +62,7 @@ class CompactZero3State(PackedZeroState):
             raise ConfigError(KEY, "supports Adam/AdamW, not Muon")
         super().__init__(engine, sparsifier)
         self._replicate_masks = replicate_masks
+        self._reduce_gradients = reduce_gradients
         names = {id(p): n for n, p in engine.module.named_parameters()}
         for i, group in enumerate(zo.fp16_groups):
             frags = []
@@ -163,6 +168,12 @@ class CompactZero3State(PackedZeroState):
             return part.pack_fragment(self.lp_fragment(i, name), mask).to(torch.float32)
         return super().packed(i, name, key)
 
+    def master_slice(self, i: int, name: str) -> torch.Tensor:
+        """A view of the packed master the optimizer will step: at fp32 (the master lives in the lp shard between
+        steps) it is materialised now, before the step that would materialise it anyway, and released after it."""
+        self._materialise_master(i)
+        return super().master_slice(i, name)
+
     def mask_lp_fragment(self, i: int, name: str, mask: torch.Tensor) -> None:
         """fp32 (the master is the lp shard): zero the master of ``name`` where ``mask`` is False. A packed
         shard stores only the positions of the current layout, and compact state masks by that layout only."""
@@ -189,7 +200,8 @@ class CompactZero3State(PackedZeroState):
         """Install the loaded masters and moments; the lp shards (ZeRO-3 has no replicated model to load) get the
         masters, inactive positions 0, and persistent parameters are re-gathered from them."""
         super().finish_load()
-        self.reduction.masks_changed()  # the loaded masks: the reduction's layout is rebuilt
+        if self.reduction is not None:  # None: gradient compression reduces
+            self.reduction.masks_changed()  # the loaded masks: the reduction's layout is rebuilt
         for i, part in enumerate(self.parts):
             self._write_lp(i, self.masters[i].detach(), part.masks())
             self.zo._unflatten_partitioned_parameters(i)
@@ -239,8 +251,12 @@ class CompactZero3State(PackedZeroState):
             store._restore_buckets()  # released after the previous backward
             return reduce_param(param)
 
-        # only active gradients are reduced outside dense-gradient steps (DeepSpeed's reduce-scatter on those)
-        self.reduction = reduction = PackedReduction(self, reduce_param_grad, self._replicate_masks)
+        # only active gradients are reduced outside dense-gradient steps (DeepSpeed's reduce-scatter on those);
+        # with gradient compression nothing enters DeepSpeed's buckets (the exchange keeps the local gradients and
+        # reduces them at the boundary into accept_grad), so the buckets stay released
+        self.reduction = reduction = None
+        if self._reduce_gradients:
+            self.reduction = reduction = PackedReduction(self, reduce_param_grad, self._replicate_masks)
 
         def partition_grads(params_to_release, grad_partitions):
             # DeepSpeed's partition_grads into packed storage: copy on the window's first micro-batch
@@ -254,7 +270,9 @@ class CompactZero3State(PackedZeroState):
         def independent_gradient_partition_epilogue():
             # DeepSpeed's epilogue without dense ``averaged_gradients`` (the packed gradients are ours)
             store.dense_grad_step = store._dense_grad_step()
-            if store.dense_grad_step:
+            if reduction is None:
+                pass  # gradient compression reduces at the step boundary
+            elif store.dense_grad_step:
                 for dtype in sorted(zo.ipg_buckets.keys(), key=str):  # DeepSpeed's sort_dtypes order
                     getattr(zo, STAGE3_REDUCE_IPG)(dtype)
             else:  # the packed all-reduce of active gradients (compact_reduce.py)
@@ -269,14 +287,15 @@ class CompactZero3State(PackedZeroState):
 
         self._install_hooks(partition_grads=partition_grads,
                             independent_gradient_partition_epilogue=independent_gradient_partition_epilogue,
-                            step=self.step, **reduction.install())
+                            step=self.step, **(reduction.install() if reduction is not None else {}))
 
     # -- the step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         """DeepSpeed's ZeRO-3 step (``DeepSpeedZeroOptimizer_Stage3.step``) on packed tensors."""
         zo = self.zo
-        self.reduction.end_step(self._dense_grad_step())
+        if self.reduction is not None:  # None: gradient compression reduces
+            self.reduction.end_step(self._dense_grad_step())
         zo._pre_step()
         zo._partition_all_parameters()
         zo.overflow = False

@@ -101,14 +101,11 @@ class CompressedReduction(Component):
 
     def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None, sparsifier=None,
                  replicate_masks: bool = False):
-        """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2),
-        which then receives the averaged ranges instead of DeepSpeed's partition fragments; ``sparsifier``: whose
+        """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2/3),
+        which then receives the averaged ranges instead of DeepSpeed's partition fragments (or ZeRO-3 shards); ``sparsifier``: whose
         masks the senders respect (None: dense training); ``replicate_masks``: keep the full masks between mask
         changes (``sparsity.replicate_masks``) instead of building each tensor's when the exchange needs it."""
         stage = engine.zero_optimization_stage()
-        if stage >= 3 and store is not None:
-            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state supports ZeRO "
-                                                    "stages 1 and 2, not 3 (see docs/compression.md)")
         dp = getattr(engine, "dp_world_size", D.world_size())
         if dp != D.world_size():
             raise ConfigError("compression.method", f"gradient compression needs pure data parallelism (data-"
@@ -391,7 +388,7 @@ class CompressedReduction(Component):
         elif dense_exchange:
             written = store.pack_range(i, v.name, written)
         second = self._second_moment(v.name, local, v.mask_start, v.mask_len)
-        return store.packed(i, v.name), store.pack_range(i, v.name, second), written
+        return store.master_slice(i, v.name), store.pack_range(i, v.name, second), written
 
     def _second_moment(self, name: str, local: torch.Tensor, start: int, length: int) -> torch.Tensor:
         """The exchange's estimate of Adam's second moment for ``name`` over ``[start, start + length)``. A tensor

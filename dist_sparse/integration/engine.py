@@ -357,14 +357,11 @@ def _score_at_init(engine, model, method, names: list, init_batches) -> None:
 
 def _compact_store(engine, sparse_engine, reduce_gradients: bool):
     """Compact state's store for the engine's ZeRO stage (masks already drawn and applied). ``reduce_gradients``
-    False: gradient compression owns the reduction (ZeRO-1/2 only)."""
+    False: gradient compression owns the reduction and hands the store the averaged ranges."""
     if engine.zero_optimization_stage() == 3:
-        if not reduce_gradients:  # also refused by the config check; this guards attach() called directly
-            raise ConfigError("compression.method", "gradient compression with sparsity.compact_state needs ZeRO "
-                                                    "stage 1 or 2 (at stage 3 both would own the gradient hooks)")
         from dist_sparse.integration.compact_zero3 import CompactZero3State
 
-        return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views,
+        return CompactZero3State(engine, sparse_engine.sparsifier, sparse_engine.param_views, reduce_gradients,
                                  replicate_masks=sparse_engine.sparsity.replicate_masks)
     from dist_sparse.integration.compact_zero import CompactZeroState
 

@@ -1,10 +1,11 @@
 """Worker for tests/test_compact_compression.py (torchrun, CPU, gloo): compact state with gradient compression.
 
-For one ZeRO stage (1/2), precision and compression setting (top-k 1% with error feedback, optionally Adam
+For one ZeRO stage (1/2/3), precision and compression setting (top-k 1% with error feedback, optionally Adam
 momentum correction), trains the tiny GPT-2 twice from the same seed and batches with RigL mask updates every 4
 steps: masked-dense + compression, then compact state + compression. Optionally one rank's loss is made non-finite
 at one step (argv[5]): both runs must skip it without touching the residuals. Records per step the loss, the bytes
-the compressed exchange counted, the pruned model weights that are not 0 and the measured state bytes; for the
+the compressed exchange counted, the pruned model weights that are not 0 (ZeRO-3: gathered) and the measured
+state bytes; for the
 compact run also whether the store really is packed (packed master and moments have one value per active weight
 of the rank's range) and that compact state's own packed reduction is not installed. Rank 0 writes a JSON report
 to argv[3].
@@ -31,6 +32,10 @@ def active_in_range(engine) -> int:
     return active
 
 
+def numel(p) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter is partitioned: its local numel is 0
+
+
 def expected_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
     """Error feedback keeps one fp32 buffer per trainable tensor (momentum correction: four), every coordinate of
     the full tensor; packed (compact state) only the unpruned coordinates of a sparsified tensor, plus its mask
@@ -39,8 +44,8 @@ def expected_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
     for n, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        kept = int(masks[n].sum()) if packed and n in masks else p.numel()
-        total += 4 * kept * (4 if mc else 1) + (packed_nbytes(p.numel()) if packed and n in masks else 0)
+        kept = int(masks[n].sum()) if packed and n in masks else numel(p)
+        total += 4 * kept * (4 if mc else 1) + (packed_nbytes(numel(p)) if packed and n in masks else 0)
     return total
 
 
@@ -48,7 +53,7 @@ def planned_residual_bytes(engine, masks: dict, mc: bool, packed: bool) -> int:
     """``dist-sparse plan``'s formula (memory.plan.compression_residual_bytes) for this model and these masks."""
     from dist_sparse.memory import plan as P
 
-    params = [P.Param(n, p.numel(), float(masks[n].sum()) / p.numel() if n in masks else 1.0, n in masks)
+    params = [P.Param(n, numel(p), float(masks[n].sum()) / numel(p) if n in masks else 1.0, n in masks)
               for n, p in engine.module.named_parameters() if p.requires_grad]
     setting = P.Setting(world_size=2, zero_stage=engine.zero_optimization_stage(), compact_state=packed,
                         groups=[params], residual_buffers=4 if mc else 1)
@@ -96,10 +101,16 @@ def run(stage: int, compact: bool, bf16: bool, mc: bool, nan_step: int | None, g
             report["residual_planned"].append(planned_residual_bytes(engine, masks, mc, compact))
         if compact:  # packed master and Adam moments: one value per active weight of the rank's range
             store = engine.compact
+            # ZeRO-3 fp32: the master values live in the lp shard between steps (the packed master's storage is
+            # released after each step); the packed layout then says how many values a step materialises
             masters = sum(m.numel() for m in store.masters)
+            if getattr(store, "master_in_lp", False):
+                assert masters == 0, f"ZeRO-3 fp32: the packed master keeps {masters} values between steps"
+                masters = store.packed_numel()
             moments = sum(store.opt.state[m]["exp_avg"].numel() for m in store.masters if m in store.opt.state)
             report["packed"].append([masters, moments, active_in_range(engine)])
-        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
+        with deepspeed.zero.GatheredParameters([params[n] for n in masks], enabled=stage == 3):
+            report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in masks))
     report["final_masks"] = {n: m.reshape(-1).tolist() for n, m in sp.full_masks().items()}
     report["updates"] = sp.updates_done
     report["comm_bytes_per_step"] = engine.compression.stats(STEPS)["comm_bytes_per_step"]
