@@ -10,7 +10,8 @@
   (tests/workers/compact_compression_worker.py);
 - config: the pair is accepted at ZeRO-1/2/3 and refused at stage 0 and with fp16 by a ConfigError;
 - checkpoint (ZeRO-2 and ZeRO-3): a compact + compression run (momentum correction) resumed from its step-10
-  checkpoint gives the losses and the final residuals of the uninterrupted run exactly; ``summary.json`` reports residuals and the stash.
+  checkpoint gives the losses and the final residuals of the uninterrupted run exactly; at ZeRO-3 (bf16, packed
+  shards) it also resumes on one rank, the residuals restarting at 0; ``summary.json`` reports residuals and the stash.
 """
 
 import json
@@ -142,3 +143,9 @@ def test_compact_with_compression_resume_exact(tmp_path, stage):
     assert summary["grad_reduce"]["measured"] is False
     if stage == 3:  # packed shards: the weights are the active values (+ bits), gathered packed
         assert summary["param_gather_bytes_per_step"] < 0.5 * summary["dense_param_gather_bytes_per_step"]
+        # 2 -> 1 ranks: masks, weights and moments reshard; the residuals cannot (they restart at 0, with a warning)
+        proc = train(tmp_path / "one_rank", *over, "train.steps=12", nproc=None,
+                     resume=str(straight / "checkpoints" / "step_00000010"))
+        assert "residuals restart at 0" in proc.stdout + proc.stderr
+        one = json.loads((tmp_path / "one_rank" / "summary.json").read_text())
+        assert one["resumed_from"].endswith("step_00000010") and one["compact_state"] is True
