@@ -53,35 +53,54 @@ def full_masks(ckpt: Path) -> dict:
     return masks
 
 
+# ZeRO-2 resumes inside an open RigL growth window: grow_grad_steps=4 with updates at steps 6 and 12, so the
+# step-10 checkpoint holds one step of the window that ends at the update of step 12; resuming must restore that
+# gradient sum (not restart the window)
+WINDOW = ["sparsity.update_interval=6", "sparsity.grow_grad_steps=4"]
+
+
+def _stage_overrides(stage):
+    return [f"deepspeed.zero_optimization.stage={stage}", *(WINDOW if stage == 2 else ())]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    train(out, "deepspeed.zero_optimization.stage=2")
+    train(out, *_stage_overrides(2))
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_is_bit_identical(straight, tmp_path, stage):
-    if stage != 2:  # the module fixture is the ZeRO-2 run
-        straight = tmp_path / "straight"
-        train(straight, f"deepspeed.zero_optimization.stage={stage}")
+    """Resumed at step 10 of 20: the same losses and state as the uninterrupted run. ZeRO-2 (the module's
+    ``straight`` run) is killed after its step-10 checkpoint and resumes with ``--resume auto``, inside an open RigL
+    growth window (``WINDOW``); ZeRO-0 and ZeRO-3 resume (into a fresh directory) from their uninterrupted run's
+    step-10 checkpoint: every stage writes the same checkpoint format, so one kill tests the commit protocol."""
     resumed = tmp_path / "resumed"
-    # 10 steps, killed before step 10 (checkpoint at 10 committed), then resumed for the last 10
-    proc = train(resumed, f"deepspeed.zero_optimization.stage={stage}", "train.save_interval=10", fault="kill@10:1",
-                 expect_ok=False)
-    assert proc.returncode != 0
-    assert checkpoint.committed_checkpoints(resumed / "checkpoints")[-1].name == "step_00000010"
-    train(resumed, f"deepspeed.zero_optimization.stage={stage}", "train.save_interval=10", resume="auto")
-    tmp_path = resumed
-    a, b = losses(straight), losses(tmp_path)
+    if stage == 2:
+        # 10 steps, killed before step 10 (checkpoint at 10 committed), then resumed for the last 10
+        proc = train(resumed, *_stage_overrides(stage), "train.save_interval=10", fault="kill@10:1",
+                     expect_ok=False)
+        assert proc.returncode != 0
+        assert checkpoint.committed_checkpoints(resumed / "checkpoints")[-1].name == "step_00000010"
+        # the checkpoint holds the open growth window's gradient sum (one step of four)
+        ckpt = resumed / "checkpoints" / "step_00000010"
+        assert json.loads((ckpt / "trainer.json").read_text())["sparsifier"]["grad_sum_steps"] == 1
+        assert any(k.endswith("::grow_grad_sum") for k in shard_tensors(ckpt))
+        train(resumed, *_stage_overrides(stage), "train.save_interval=10", resume="auto")
+    else:
+        straight = tmp_path / "straight"
+        train(straight, *_stage_overrides(stage), "train.save_interval=10")
+        train(resumed, *_stage_overrides(stage), resume=str(straight / "checkpoints" / "step_00000010"))
+    a, b = losses(straight), losses(resumed)
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # exactly equal, not close
     ta = shard_tensors(straight / "checkpoints" / "step_00000020")
-    tb = shard_tensors(tmp_path / "checkpoints" / "step_00000020")
+    tb = shard_tensors(resumed / "checkpoints" / "step_00000020")
     assert set(ta) == set(tb)
     for k in ta:  # masks, master weights and Adam moments
         assert torch.equal(ta[k], tb[k]), k
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((resumed / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step_00000010")
 
 
@@ -144,33 +163,17 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_on_a_different_world_size_keeps_global_masks(tmp_path, first, second):
-    train(tmp_path, "deepspeed.zero_optimization.stage=2", "train.steps=8", "train.save_interval=4",
-          "sparsity.end_step=6", nproc=first if first > 1 else None)
+def test_resume_on_a_different_world_size_keeps_global_masks(tmp_path):
+    """2 ranks -> 1 rank -> 2 ranks in one chain: the 1-rank run resumes from the 2-rank checkpoint and writes the
+    checkpoint the second 2-rank run resumes from (masks frozen after step 6, so they must not change)."""
+    common = ["deepspeed.zero_optimization.stage=2", "sparsity.end_step=6"]
+    train(tmp_path, *common, "train.steps=8", "train.save_interval=4")
     ckpt = tmp_path / "checkpoints" / "step_00000008"
     before = full_masks(ckpt)
-    out2 = tmp_path / "second"
-    train(out2, "deepspeed.zero_optimization.stage=2", "train.steps=12", "sparsity.end_step=6",
-          nproc=second if second > 1 else None, resume=str(ckpt))
-    after = full_masks(out2 / "checkpoints" / "step_00000012")
-    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
-    assert len(list((out2 / "checkpoints" / "step_00000012").glob("rank_*.safetensors"))) == second
-
-
-@pytest.mark.slow
-def test_resume_inside_an_open_rigl_growth_window(tmp_path):
-    """RigL with grow_grad_steps=4 and updates at steps 6 and 12: the checkpoint at step 10 holds one step of the
-    window that ends at the update of step 12; resuming must restore that gradient sum (not restart the window)."""
-    window = ["sparsity.update_interval=6", "sparsity.grow_grad_steps=4", "deepspeed.zero_optimization.stage=2",
-              "train.save_interval=10"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(straight, *window)
-    ckpt = straight / "checkpoints" / "step_00000010"
-    assert json.loads((ckpt / "trainer.json").read_text())["sparsifier"]["grad_sum_steps"] == 1
-    assert any(k.endswith("::grow_grad_sum") for k in shard_tensors(ckpt))
-    train(resumed, *window, resume=str(ckpt))  # (a kill before the resume is test_resume_is_bit_identical's)
-    a, b = losses(straight), losses(resumed)
-    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]
-    ma, mb = (full_masks(d / "checkpoints" / "step_00000020") for d in (straight, resumed))
-    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    for world, steps in ((1, 12), (2, 16)):
+        out = tmp_path / f"on_{world}_rank"
+        train(out, *common, f"train.steps={steps}", nproc=world if world > 1 else None, resume=str(ckpt))
+        ckpt = out / "checkpoints" / f"step_{steps:08d}"
+        after = full_masks(ckpt)
+        assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before), world
+        assert len(list(ckpt.glob("rank_*.safetensors"))) == world

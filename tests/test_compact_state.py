@@ -99,7 +99,7 @@ def test_compact_state_key_type_checked():
             "zero_optimization": {"stage": stage}, "gradient_accumulation_steps": 4}}).sparsity.compact_state
 
 
-# per ZeRO stage, the cases (dtype, method, gradient accumulation steps, ZeRO-3 sub_group_size) one launch runs
+# per ZeRO stage, the cases (dtype, method, gradient accumulation steps, ZeRO-3 sub_group_size); one launch runs all
 COMPACT_CASES = {
     1: [("fp32", "rigl", 1, 0), ("fp32", "rigl", 2, 0), ("fp16", "rigl", 1, 0)],
     2: [("fp32", "rigl", 1, 0), ("bf16", "rigl", 1, 0), ("fp32", "magnitude", 1, 0),
@@ -110,14 +110,24 @@ COMPACT_CASES = {
         ("fp16", "rigl", 1, 0)]}
 
 
+@pytest.fixture(scope="module")
+def _compact_reports(tmp_path_factory):
+    """One launch runs every ZeRO stage's cases (process start-up dominates a case's time): stage -> per-rank
+    results, one per case."""
+    out = tmp_path_factory.mktemp("compact") / "report.json"
+    stages = sorted(COMPACT_CASES)
+    run_torchrun("compact_worker.py", 2, ",".join(map(str, stages)), out,
+                 json.dumps({str(stage): COMPACT_CASES[stage] for stage in stages}), timeout=1800)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2
+    return {stage: [r[str(stage)] for r in per_rank] for stage in stages}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(COMPACT_CASES))
-def test_compact_equals_masked_dense(stage, tmp_path):
-    out = tmp_path / "report.json"
-    cases = COMPACT_CASES[stage]
-    run_torchrun("compact_worker.py", 2, stage, out, json.dumps(cases), timeout=1800)
-    per_rank = json.loads(out.read_text())
-    assert len(per_rank) == 2 and all(len(r) == len(cases) for r in per_rank)
+def test_compact_equals_masked_dense(stage, _compact_reports):
+    cases, per_rank = COMPACT_CASES[stage], _compact_reports[stage]
+    assert all(len(r) == len(cases) for r in per_rank)
     for i, case in enumerate(cases):
         _check_compact_case(stage, *case, [r[i] for r in per_rank])
 
@@ -203,10 +213,12 @@ def test_fp16_compact_checkpoint_resume_exact(tmp_path, capsys):
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
               "sparsity.end_step=9", "train.steps=10", "train.threads=1", "sparsity.compact_state=true"]
+    # the uninterrupted run is the reference and, through its step-4 checkpoint, the resume source (resumed into a
+    # fresh directory); it also saves at step 8, which the resumed run does not: a save that disturbed training
+    # would show in steps 9 and 10
     full, part = tmp_path / "full", tmp_path / "part"
-    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={full}")
-    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={part}", "train.save_interval=4")
-    ckpt = part / "checkpoints" / "step_00000004"
+    run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={full}", "train.save_interval=4")
+    ckpt = full / "checkpoints" / "step_00000004"
     run_torchrun("fp16_train_worker.py", 2, *common, f"train.output_dir={part}", "--resume", ckpt)
     scaler = json.loads((ckpt / "trainer.json").read_text())["loss_scaler"]
     assert scaler["cur_scale"] < 2 ** 20, scaler  # the scale had come down by step 4
@@ -255,18 +267,20 @@ def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
               "sparsity.end_step=9", "train.steps=10", "train.threads=1",
               f"deepspeed.gradient_accumulation_steps={gas}"]
+    # the uninterrupted compact run is the reference and, through its step-4 checkpoint, the resume source (resumed
+    # into a fresh directory; a kill before a resume is test_checkpoint_resume.py's). It also saves at step 8,
+    # which the resumed run does not: a save that disturbed training would show in steps 9 and 10
     full, part = tmp_path / "full", tmp_path / "part"
-    dist_sparse_train(full, common + ["sparsity.compact_state=true"], nproc=2)
-    dist_sparse_train(part, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
+    dist_sparse_train(full, common + ["sparsity.compact_state=true", "train.save_interval=4"], nproc=2)
     dist_sparse_train(part, common + ["sparsity.compact_state=true"], nproc=2,
-                      resume=part / "checkpoints" / "step_00000004")
+                      resume=full / "checkpoints" / "step_00000004")
     # a dense (masked) run's checkpoint resumes as a compact run: the checkpoint format is the same (checked at
     # ZeRO-2 and ZeRO-3, whose compact state differs; ZeRO-1 shares ZeRO-2's)
-    mixed = tmp_path / "mixed"
+    dense, mixed = tmp_path / "dense", tmp_path / "mixed"
     if stage != 1:
-        dist_sparse_train(mixed, common + ["train.save_interval=4"], nproc=2)
+        dist_sparse_train(dense, common + ["train.save_interval=4"], nproc=2)
         dist_sparse_train(mixed, common + ["sparsity.compact_state=true"], nproc=2,
-                          resume=mixed / "checkpoints" / "step_00000004")
+                          resume=dense / "checkpoints" / "step_00000004")
 
     def losses(d):
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]

@@ -186,15 +186,24 @@ def test_scope_is_validated():
         CompressionConfig(method="topk", scope="rack").check("compression")
 
 
-@pytest.fixture(scope="module", params=[0, 2, 3])
-def deepspeed_report(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def _deepspeed_reports(tmp_path_factory):
+    """One 4-rank launch runs every ZeRO stage (process start-up dominates a stage's runs): stage -> per-rank runs."""
     import json
 
     from tests.distributed_utils import run_torchrun
 
-    out = tmp_path_factory.mktemp(f"internode{request.param}") / "report.json"
-    run_torchrun("internode_worker.py", 4, request.param, out)
-    return request.param, json.loads(out.read_text())
+    stages = (0, 2, 3)
+    out = tmp_path_factory.mktemp("internode") / "report.json"
+    run_torchrun("internode_worker.py", 4, ",".join(map(str, stages)), out, timeout=1800)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 4
+    return {stage: [r[str(stage)] for r in per_rank] for stage in stages}
+
+
+@pytest.fixture(params=[0, 2, 3])
+def deepspeed_report(request, _deepspeed_reports):
+    return request.param, _deepspeed_reports[request.param]
 
 
 @pytest.mark.slow

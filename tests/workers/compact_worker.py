@@ -1,16 +1,16 @@
 """Worker for tests/test_compact_state.py (torchrun, CPU, gloo): compact state vs masked-dense DeepSpeed.
 
-For one ZeRO stage, precision and method (RigL, or magnitude pruning), and optionally a number of gradient
-accumulation steps (argv[5]) and a ZeRO-3 ``sub_group_size`` (argv[6]), trains the same tiny GPT-2 twice from the
-same seed and batches, with mask updates every 4 steps: once masked-dense (``compact_state: false``), once
-compact. Records per step the loss, and for the compact run:
+For each ZeRO stage (argv[1], comma-separated) and each of its cases (argv[3]: a precision, a method (RigL, or
+magnitude pruning), a number of gradient accumulation steps and a ZeRO-3 ``sub_group_size``), trains the same tiny
+GPT-2 twice from the same seed and batches, with mask updates every 4 steps: once masked-dense
+(``compact_state: false``), once compact. Records per step the loss, and for the compact run:
 - at every mask update, whether survivors kept master weights and Adam moments bit for bit, and regrown weights
   start at 0 with zero moments (RigL: the update replaces the optimizer step, so nothing moves them in that step;
   magnitude pruning steps after the update, so there only pruned positions are checked);
 - measured state bytes vs the count from the masks (packed master = 4 B per active weight, moments 8 B, packed
   gradient = the low-precision size per active weight, masks 1 bit per weight of the rank's range);
 - pruned model weights are exactly 0 after every step.
-Rank 0 writes a JSON report to argv[3].
+Rank 0 writes a JSON report to argv[2].
 """
 
 import json
@@ -220,15 +220,18 @@ def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_gr
 
 
 def main():
-    """argv: stage, report path, then a JSON list of cases ``[dtype, method, gas, sub_group_size]``: each case runs
-    masked-dense and compact state in this one process group (start-up dominates a case's time)."""
-    stage, out, cases = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-    results = []
-    for dtype, method, gas, sub_group_size in cases:  # sub_group_size (ZeRO-3): split groups into sub-groups
-        if dtype == "fp16":
-            allow_cpu_fp16()
-        results.append({"dense": run(stage, False, dtype, method, gas, sub_group_size),
-                        "compact": run(stage, True, dtype, method, gas, sub_group_size)})
+    """argv: comma-separated ZeRO stages, report path, then a JSON object stage -> list of cases ``[dtype, method,
+    gas, sub_group_size]``: each case runs masked-dense and compact state in this one process group (start-up
+    dominates a case's time). The report: per rank, stage -> one result per case."""
+    stages, out, cases = [int(x) for x in sys.argv[1].split(",")], sys.argv[2], json.loads(sys.argv[3])
+    results = {}
+    for stage in stages:
+        results[str(stage)] = []
+        for dtype, method, gas, sub_group_size in cases[str(stage)]:  # sub_group_size (ZeRO-3): sub-groups
+            if dtype == "fp16":
+                allow_cpu_fp16()
+            results[str(stage)].append({"dense": run(stage, False, dtype, method, gas, sub_group_size),
+                                        "compact": run(stage, True, dtype, method, gas, sub_group_size)})
     finish(results, out)
 
 

@@ -1,5 +1,5 @@
 """Worker for tests/test_hf_architectures.py (torchrun, CPU, gloo, 2 ranks): every architecture of
-tests/hf_architectures.py, one after the other in this one launch, at one ZeRO stage.
+tests/hf_architectures.py, one after the other in this one launch, at each ZeRO stage of argv[1].
 
 Per architecture, built from its config.json through ``model.config`` (``build_causal_lm``), RigL at 80% (ERK):
 - the default choice of sparsified parameters (reported, checked by the test);
@@ -150,17 +150,20 @@ def run(arch: str, stage: int, compact: bool, work: Path) -> dict:
 
 def compact_for(mode: str, stage: int, index: int) -> bool:
     """``compact``/``dense``: every architecture; ``alternate``: every other one (even ones at ZeRO-2, odd ones at
-    ZeRO-3), so two launches run each architecture once with and once without compact state."""
+    ZeRO-3), so the two stages run each architecture once with and once without compact state."""
     if mode == "alternate":
         return (index + stage) % 2 == 0
     return mode == "compact"
 
 
 def main():
-    stage, out, mode, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    """argv: comma-separated ZeRO stages (one launch runs them all: start-up dominates), report path, mode, work
+    directory, optionally comma-separated architectures. The report: per rank, stage -> architecture -> results."""
+    stages, out, mode, work = [int(x) for x in sys.argv[1].split(",")], sys.argv[2], sys.argv[3], Path(sys.argv[4])
     archs = sys.argv[5].split(",") if len(sys.argv) > 5 else list(ARCHITECTURES)
     init_distributed()
-    finish({a: run(a, stage, compact_for(mode, stage, i), work) for i, a in enumerate(archs)}, out)
+    finish({str(stage): {a: run(a, stage, compact_for(mode, stage, i), work / f"zero{stage}")
+                         for i, a in enumerate(archs)} for stage in stages}, out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Worker for tests/test_compression_internode.py: 4 ranks under torchrun, presented as 2 nodes x 2 ranks
-(``DIST_SPARSE_HOST`` names rank r's node ``node{r // 2}``, as our launchers name hosts), one ZeRO stage.
+(``DIST_SPARSE_HOST`` names rank r's node ``node{r // 2}``, as our launchers name hosts), one or more ZeRO stages.
 
 Trains a tiny GPT-2 with RigL through ``dist_sparse.initialize``: uncompressed, ``compression.scope: inter_node`` at
 density 1.0 (must reproduce the uncompressed run to rounding: only the summation order differs) and at top-k 10%
-with error feedback and momentum correction (bytes, sent coordinates). Rank 0 writes a JSON report to argv[2]."""
+with error feedback and momentum correction (bytes, sent coordinates), for every stage in argv[1] (comma-separated:
+one 4-rank process group runs them all, start-up dominates). Rank 0 writes a JSON report to argv[2]: per rank,
+stage -> runs."""
 
 import os
 import sys
@@ -61,14 +63,17 @@ def run(stage: int, compression: dict | None) -> dict:
     return report
 
 
-def main():
-    stage, out = int(sys.argv[1]), sys.argv[2]
-    runs = {"rigl": run(stage, None),
+def runs_at(stage: int) -> dict:
+    return {"rigl": run(stage, None),
             "inter1": run(stage, {"method": "topk", "density": 1.0, "scope": "inter_node",
                                   "momentum_correction": False}),
             "inter": run(stage, {"method": "topk", "density": 0.1, "scope": "inter_node",
                                  "momentum_correction": True})}
-    finish(runs, out)
+
+
+def main():
+    stages, out = [int(x) for x in sys.argv[1].split(",")], sys.argv[2]
+    finish({str(stage): runs_at(stage) for stage in stages}, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Worker for tests/test_deepspeed_zero.py (run under torchrun, CPU, gloo).
 
-For one ZeRO stage and each method: trains a tiny GPT-2 through ``dist_sparse.initialize`` for a few steps and
+For each ZeRO stage (argv[1]) and each of its methods (argv[3]): trains a tiny GPT-2 through ``dist_sparse.initialize`` for a few steps and
 checks, on every rank:
 - the initial masks and every updated mask equal, bit for bit, what one process computes from the gathered full
   weights and dense gradients (LocalSelector: stable sort, no collectives);
@@ -9,6 +9,7 @@ checks, on every rank:
 Rank 0 writes a JSON report to argv[2].
 """
 
+import json
 import sys
 
 import deepspeed
@@ -111,9 +112,10 @@ def run(stage: int, spec: str) -> dict:
 
 
 def main():
-    stage, out = int(sys.argv[1]), sys.argv[2]
-    methods = sys.argv[3].split(",")
-    finish({m: run(stage, m) for m in methods}, out)
+    """argv: comma-separated ZeRO stages, report path, then a JSON object stage -> comma-separated method specs (one
+    process group runs every stage: start-up dominates). The report: per rank, stage -> spec -> results."""
+    stages, out, methods = [int(x) for x in sys.argv[1].split(",")], sys.argv[2], json.loads(sys.argv[3])
+    finish({str(stage): {m: run(stage, m) for m in methods[str(stage)].split(",")} for stage in stages}, out)
 
 
 if __name__ == "__main__":
