@@ -116,7 +116,8 @@ def _residuals(ckpt) -> dict:
 
 
 @pytest.mark.slow
-# ZeRO-2 without and ZeRO-3 with Adam momentum correction (ZeRO-2 with it: test_compact_with_compression_resume_exact)
+# ZeRO-2 without and ZeRO-3 with Adam momentum correction (with it and compact state at ZeRO-2/3:
+# test_compact_with_compression_resume_exact)
 @pytest.mark.parametrize("stage,momentum_correction", [(2, False), (3, True)])
 def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, stage, momentum_correction):
     from dist_sparse import checkpoint
@@ -132,7 +133,7 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, stage, m
         assert checkpoint.committed_checkpoints(resumed / "checkpoints")[-1].name == "step_00000010"
         source = resumed / "checkpoints" / "step_00000010"
     else:  # ZeRO-2 resumes (into a fresh directory) from the uninterrupted run's step-10 checkpoint: the kill
-        # before it is tested at ZeRO-3 here and at ZeRO-2 by test_compact_with_compression_resume_exact
+        # before a resume is tested at ZeRO-3 here (the residual files are written the same way at every stage)
         source = straight / "checkpoints" / "step_00000010"
     saved = _residuals(source)
     assert len(saved) > 0 and sum(int((t != 0).sum()) for t in saved.values()) > 0
