@@ -631,7 +631,8 @@ def test_packed_buffers_equal_dense_buffers_bit_for_bit(momentum):
 
 
 def test_momentum_correction_default_follows_the_optimizer():
-    """Unset, momentum correction is on for Adam/AdamW with error feedback (the best measured recipe), off for SGD
+    """Unset, momentum correction is on with error feedback for Adam/AdamW and for momentum SGD in one's own loop
+    (the best measured recipes), off for plain SGD, for SGD under dist-sparse train (which cannot checkpoint SGD)
     and without error feedback; an explicit value is kept; an optimizer built in code decides at attach."""
     def mc(*over, ds=None):
         return C.load(None, list(over)).compression.momentum_correction if ds is None else \
@@ -644,10 +645,15 @@ def test_momentum_correction_default_follows_the_optimizer():
     assert mc("compression.method=topk", "deepspeed.optimizer={type: SGD, params: {lr: 0.1, momentum: 0.9}}") is False
     assert mc() is False  # no compression: nothing to correct
     assert mc("method=topk", ds={"optimizer": {"type": "AdamW"}}) is True
-    assert mc("method=topk", ds={"optimizer": {"type": "SGD"}}) is False
+    assert mc("method=topk", ds={"optimizer": {"type": "SGD"}}) is False  # plain SGD: no momentum to move
+    # momentum SGD in a loop of one's own: DGC (bench/bench_compression_sgd.py measured it better)
+    assert mc("method=topk", ds={"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}) is True
     assert mc("method=topk", ds={}) is None  # the optimizer comes from code: resolved_for() at attach
     c = C.CompressionConfig(method="topk")
     assert c.resolved_for("adamw").momentum_correction and not c.resolved_for("SGD").momentum_correction
+    assert c.resolved_for("SGD", 0.9).momentum_correction
+    assert not c.resolved_for("SGD", 0.9, checkpoints_sgd=False).momentum_correction  # dist-sparse train
+    assert not C.CompressionConfig(method="topk", error_feedback=False).resolved_for("SGD", 0.9).momentum_correction
     assert C.CompressionConfig(method="topk", momentum_correction=False).resolved_for("adamw").momentum_correction \
         is False
 

@@ -93,6 +93,16 @@ def _optimizer_momentum(inner) -> float:
     return float(m)
 
 
+def _uniform_momentum(inner) -> float | None:
+    """The one (non-Nesterov) momentum of every param group, which DGC can move into the exchange; None otherwise
+    (an unset momentum_correction then stays off)."""
+    groups = inner.param_groups
+    moms = {g.get("momentum") for g in groups}
+    if len(moms) != 1 or any(g.get("nesterov") for g in groups):
+        return None
+    return moms.pop()
+
+
 class CompressedReduction(Component):
     """Owns the per-rank compression state of one engine and replaces its gradient reduction (a step component:
     ``reduce_gradients`` runs the exchange, a skipped step drops the local gradients, residuals stay)."""
@@ -126,7 +136,8 @@ class CompressedReduction(Component):
         # momentum correction: SGD (DGC) moves the optimizer's momentum into the exchange; Adam/AdamW also keeps
         # its second moment on the local gradient (dist_sparse.compression.adam)
         # an unset momentum_correction follows the optimizer actually built (the config may not name one)
-        cfg = cfg.resolved_for("adamw" if is_adam(inner_optimizer) else type(inner_optimizer).__name__)
+        cfg = cfg.resolved_for("adamw" if is_adam(inner_optimizer) else type(inner_optimizer).__name__,
+                               _uniform_momentum(inner_optimizer))
         self.adam = None
         momentum, ema = None, False
         if cfg.momentum_correction and is_adam(inner_optimizer):
