@@ -115,7 +115,10 @@ def main() -> None:
         "",
         "Bytes per rank and optimizer step, averaged over all steps (RigL's dense update steps included): what each "
         "rank hands to `torch.distributed` for gradients; dense: DeepSpeed's reduce-scatter of every gradient "
-        "element in fp32, by its formula.",
+        "element in fp32, by its formula. Per rank, ZeRO-3 sends about twice the compressed bytes of ZeRO-2 with 2 "
+        "ranks (the compression section): k is a share of each tensor's unpruned coordinates, chosen outside the "
+        "sender's own range. At ZeRO-2 most tensors lie in one rank's partition, so only the other rank sends; at "
+        "ZeRO-3 every tensor is split over both ranks and both send their k.",
     ]
     write_section("31_compression_zero3", "\n".join(md))
 
