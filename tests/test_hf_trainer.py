@@ -12,13 +12,24 @@ from dist_sparse.errors import ConfigError
 from tests.distributed_utils import run_torchrun
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,mode", [(2, "compact"), (3, "dense")])
-def test_trainer_sparse_training_and_resume(stage, mode, tmp_path):
-    out = tmp_path / "report.json"
-    run_torchrun("hf_trainer_worker.py", 2, stage, out, mode, tmp_path)
+CASES = [(2, "compact"), (3, "dense")]
+
+
+@pytest.fixture(scope="module")
+def _reports(tmp_path_factory):
+    """One launch runs both cases (process start-up dominates a case): (stage, mode) -> per-rank results."""
+    work = tmp_path_factory.mktemp("hf_trainer")
+    out = work / "report.json"
+    run_torchrun("hf_trainer_worker.py", 2, ",".join(f"{s}:{m}" for s, m in CASES), out, work)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
+    return {(s, m): [r[f"{s}:{m}"] for r in per_rank] for s, m in CASES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,mode", CASES)
+def test_trainer_sparse_training_and_resume(stage, mode, _reports):
+    per_rank = _reports[(stage, mode)]
     for rank, r in enumerate(per_rank):
         where = f"ZeRO-{stage} {mode} rank {rank}"
         assert r["world"] == [2, 2], where

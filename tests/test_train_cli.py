@@ -19,10 +19,19 @@ def train(out_dir, *overrides, nproc=None):
     return dist_sparse_train(out_dir, [*TINY, *overrides], nproc=nproc)
 
 
+@pytest.fixture(scope="module")
+def rigl_run(tmp_path_factory):
+    """Two ranks, RigL 90% ERK at ZeRO-2: the contract test reads it, and its exported masks are the mask file that
+    test_train_starts_from_a_mask_file_and_keeps_it starts from (one launch for both)."""
+    out = tmp_path_factory.mktemp("rigl")
+    proc = train(out, "sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.distribution=erk",
+                 "deepspeed.zero_optimization.stage=2", nproc=2)
+    return out, proc
+
+
 @pytest.mark.slow
-def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(tmp_path):
-    proc = train(tmp_path, "sparsity.method=rigl", "sparsity.sparsity=0.9", "sparsity.distribution=erk",
-                             "deepspeed.zero_optimization.stage=2", nproc=2)
+def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(rigl_run):
+    tmp_path, proc = rigl_run
     assert "summary:" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
@@ -86,13 +95,14 @@ def test_dense_baseline_single_process_same_code_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_starts_from_a_mask_file_and_keeps_it(tmp_path):
-    first = tmp_path / "a"
-    train(first, "sparsity.method=magnitude", "sparsity.sparsity=0.5", "sparsity.end_step=8")
+def test_train_starts_from_a_mask_file_and_keeps_it(rigl_run, tmp_path):
+    """The mask file is the one the RigL run exported (rigl_run, 90%); a static run at another ZeRO stage, configured
+    for another sparsity (the file's masks win), starts from it and keeps it bit for bit."""
+    first, _ = rigl_run
     masks = load_masks(first / "final")
     second = tmp_path / "b"
-    train(second, "sparsity.method=static", f"sparsity.init_masks={first / 'final'}",
-                      "deepspeed.zero_optimization.stage=1", nproc=2)
+    train(second, "sparsity.method=static", f"sparsity.init_masks={first / 'final'}", "sparsity.sparsity=0.5",
+          "deepspeed.zero_optimization.stage=1", nproc=2)
     again = load_masks(second / "final")
     assert set(again) == set(masks) and all(torch.equal(again[k], masks[k]) for k in masks)
 

@@ -134,9 +134,19 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
 
 
 def main():
-    """argv: comma-separated ZeRO stages (one process group runs them all: start-up dominates), report path."""
+    """argv: comma-separated ZeRO stages (one process group runs them all: start-up dominates), report path, and
+    optionally comma-separated ZeRO stages for fp16_compression_worker.py's fp16 runs, which then run in this launch
+    too (after the fp32 runs, as DeepSpeed's CPU fp16 check is lifted for the rest of the process), reported under
+    ``fp16-STAGE``."""
     stages, out = [int(x) for x in sys.argv[1].split(",")], sys.argv[2]
-    finish({str(stage): runs_at(stage) for stage in stages}, out)
+    results = {str(stage): runs_at(stage) for stage in stages}
+    if len(sys.argv) > 3:
+        from tests.workers import allow_cpu_fp16
+        from tests.workers.fp16_compression_worker import runs_at as fp16_runs_at
+
+        allow_cpu_fp16()
+        results.update({f"fp16-{stage}": fp16_runs_at(stage) for stage in map(int, sys.argv[3].split(","))})
+    finish(results, out)
 
 
 def runs_at(stage: int) -> dict:

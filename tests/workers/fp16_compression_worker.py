@@ -58,15 +58,21 @@ def run(stage: int, fp16: dict, inject_step: int | None = None) -> dict:
     return report
 
 
+def runs_at(stage: int) -> dict:
+    """The four fp16 runs at one ZeRO stage (call :func:`allow_cpu_fp16` first)."""
+    return {"dynamic": run(stage, {"loss_scale": 0, "initial_scale_power": 20, "hysteresis": 1,
+                                   "loss_scale_window": 1000}),
+            "static256": run(stage, {"loss_scale": 256}),
+            "static4096": run(stage, {"loss_scale": 4096}),
+            "inject": run(stage, {"loss_scale": 256}, inject_step=3)}
+
+
 def main():
-    """argv: comma-separated ZeRO stages (one process group runs them all: start-up dominates), report path."""
+    """argv: comma-separated ZeRO stages (one process group runs them all: start-up dominates), report path.
+    (tests/test_compression_deepspeed.py runs these through compression_worker.py's launch, see there.)"""
     stages, out = [int(x) for x in sys.argv[1].split(",")], sys.argv[2]
     allow_cpu_fp16()
-    finish({str(stage): {"dynamic": run(stage, {"loss_scale": 0, "initial_scale_power": 20, "hysteresis": 1,
-                                               "loss_scale_window": 1000}),
-                        "static256": run(stage, {"loss_scale": 256}),
-                        "static4096": run(stage, {"loss_scale": 4096}),
-                        "inject": run(stage, {"loss_scale": 256}, inject_step=3)} for stage in stages}, out)
+    finish({str(stage): runs_at(stage) for stage in stages}, out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Worker for tests/test_hf_trainer.py (torchrun, CPU, gloo, 2 ranks): the Hugging Face Trainer with a DeepSpeed
 config carrying our ``sparsity`` block and :class:`dist_sparse.hf_trainer.SparsityCallback`.
 
-argv: ZeRO stage, report path, mode (``dense``: masked-dense state; ``compact``: ``sparsity.compact_state`` plus
-top-k gradient compression; ``compress``: top-k compression on the masked-dense state), work directory. In one
-launch:
+argv: comma-separated cases ``STAGE:MODE`` (mode ``dense``: masked-dense state; ``compact``:
+``sparsity.compact_state`` plus top-k gradient compression; ``compress``: top-k compression on the masked-dense
+state), report path, work directory. One launch runs every case (process start-up dominates a case), each in its
+own subdirectory; the report holds, per rank, case -> results. Per case:
 
 1. run A (Llama; Mixtral at ZeRO-3): 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer
    checkpoint at step 4. After every step a probe checks the model's pruned weights are exactly 0 (gathered at
@@ -115,9 +116,23 @@ def summarize(probe) -> dict:
 
 
 def main():
-    stage, out, mode, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    report = {}
+    cases, out, work = sys.argv[1].split(","), sys.argv[2], Path(sys.argv[3])
     cpu_deepspeed_state()
+    reports = {}
+    for case in cases:
+        stage, mode = case.split(":")
+        reports[case] = run_case(int(stage), mode, work / f"zero{stage}-{mode}")
+    gathered_reports = D.all_gather_object(reports)
+    if D.rank() == 0:
+        Path(out).write_text(json.dumps(gathered_reports))
+    D.barrier()
+
+
+def run_case(stage: int, mode: str, work: Path) -> dict:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # nothing of the previous case's DeepSpeed config stays registered
+    report = {}
 
     # run A: uninterrupted, a checkpoint at step 4
     trainer = make_trainer(work / "a", ds_config(stage, mode))
@@ -208,10 +223,8 @@ def main():
         report["missing_block"] = None
     except ConfigError as exc:
         report["missing_block"] = [exc.key, str(exc)]
-    gathered_reports = D.all_gather_object(report)
-    if D.rank() == 0:
-        Path(out).write_text(json.dumps(gathered_reports))
     D.barrier()
+    return report
 
 
 if __name__ == "__main__":
