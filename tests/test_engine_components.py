@@ -86,6 +86,31 @@ def test_every_entry_point_checks_the_version(monkeypatch, capsys):
         engine.attach(None, None, SparsityConfig())
 
 
+def test_zero_support_check_answers_listed_optimizers_without_importing_muon():
+    """The engine's ZeRO optimizer check answers a listed optimizer from DeepSpeed's list (no import of its Muon
+    optimizer, whose torch.compile decorators cost seconds per process) and gives DeepSpeed's answer for others.
+    In a fresh interpreter: another test in this process may have imported Muon already."""
+    code = """
+import sys, torch
+from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
+init_distributed()  # one process (DeepSpeed's own check asks for the rank)
+from deepspeed.runtime import engine
+from deepspeed.runtime.zero import utils
+w = [torch.nn.Parameter(torch.zeros(2))]
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+assert engine.is_zero_supported_optimizer(torch.optim.AdamW(w)) is True
+assert MUON not in sys.modules
+assert engine.is_zero_supported_optimizer(torch.optim.SGD(w, lr=0.1)) is False
+assert MUON in sys.modules  # an unlisted optimizer: DeepSpeed's own check ran (and imported Muon)
+import_deepspeed()  # installed once per process, recorded
+assert len(patches_of(engine)) == 1, patches_of(engine)
+"""
+    prelude = "from dist_sparse.integration.patches import installed as patches_of\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_replace_records_and_refuses_a_missing_method():
     class Opt:
         def step(self):

@@ -10,7 +10,7 @@ import os
 import torch
 
 from dist_sparse import distributed as D
-from dist_sparse.integration.patches import check_deepspeed_version
+from dist_sparse.integration.patches import check_deepspeed_version, replace
 
 
 def import_deepspeed():
@@ -20,7 +20,31 @@ def import_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed
 
+    _answer_zero_support_from_the_list()
     return deepspeed
+
+
+def _answer_zero_support_from_the_list() -> None:
+    """DeepSpeed's ZeRO optimizer check (``is_zero_supported_optimizer``, run at every engine start) first imports
+    its Muon optimizer to append it to ``ZERO_SUPPORTED_OPTIMIZERS``; that import decorates Muon's kernels with
+    ``torch.compile``, about 2 CPU-seconds per process, although no dist_sparse run uses Muon. An optimizer already
+    on the list is supported whatever Muon adds, so the engine's check answers from the list first and falls back
+    to DeepSpeed's own function (which still imports Muon) for any other optimizer: the same answer for every
+    optimizer, without the import where it cannot change it. Installed once per process, recorded like the
+    instance patches (:mod:`~dist_sparse.integration.patches`)."""
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    original = ds_engine.is_zero_supported_optimizer
+    if getattr(original, "_dist_sparse_listed_first", False):
+        return
+
+    def is_zero_supported_optimizer(optimizer):
+        return type(optimizer) in zero_utils.ZERO_SUPPORTED_OPTIMIZERS or original(optimizer)
+
+    is_zero_supported_optimizer._dist_sparse_listed_first = True
+    replace(ds_engine, "is_zero_supported_optimizer", is_zero_supported_optimizer,
+            by="a listed optimizer is ZeRO-supported without importing DeepSpeed's Muon (torch.compile at import)")
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:
