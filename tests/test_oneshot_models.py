@@ -17,7 +17,6 @@ from dist_sparse.oneshot.export import load_compressed, save_pruned_checkpoint
 from dist_sparse.oneshot.layers import find_blocks, is_conv1d, linear_weight
 from dist_sparse.oneshot.pipeline import load_model, load_tokenizer
 from dist_sparse.oneshot.tiny import char_tokenizer, tiny_bert, tiny_gpt2, tiny_llama
-from tests.distributed_utils import run_torchrun
 
 
 def synthetic_text(n_chars=20000, seed=0):
@@ -209,37 +208,28 @@ def run_cli(module, argv, capsys):
     return rc, captured.out, captured.err
 
 
-def _assert_equal_outputs(one, two):
-    """Pruned weights equal (assert_close at float32 defaults: rtol 1.3e-6, atol 1e-5), masks identical."""
-    w1, w2 = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+@pytest.mark.slow
+@pytest.mark.parametrize("method,target", [("sparsegpt", ["--sparsity", "0.5"]), ("wanda", ["--pattern", "2:4"])])
+def test_two_ranks_equal_one_rank(tiny, tmp_path, capsys, method, target):
+    """--nproc 2 splits 11 windows 5/6 across gloo ranks (micro-batches of 4 differ too) and all-reduces float64
+    statistic sums: pruned weights equal the 1-rank run (assert_close at float32 defaults: rtol 1.3e-6, atol 1e-5)
+    and the masks are identical."""
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = tmp_path / f"n{nproc}"
+        rc, out, err = run_cli(sparsify_cli, [tiny["gpt2"], "--method", method, *target, "--calib", tiny["calib"],
+                                              "--samples", 11, "--seqlen", 32, "--batch-size", 4, "--out",
+                                              outs[nproc], "--nproc", nproc, "--no-progress"], capsys)
+        assert rc == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["world_size"] == nproc
+    report = json.loads((outs[2] / "sparsify_report.json").read_text())
+    assert report["samples_per_rank"] == [5, 6]
+    w1, w2 = load_file(str(outs[1] / "model.safetensors")), load_file(str(outs[2] / "model.safetensors"))
     assert set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k])
-    m1, m2 = load_masks(one), load_masks(two)
-    assert set(m1) == set(m2) and all(torch.equal(m1[k], m2[k]) for k in m1)
-
-
-def _one_rank(capsys, argv, out):
-    rc, stdout, err = run_cli(sparsify_cli, [*argv, "--out", out], capsys)
-    assert rc == 0, err
-    assert json.loads(stdout.strip().splitlines()[-1])["world_size"] == 1
-
-
-@pytest.mark.slow
-def test_two_ranks_equal_one_rank(tiny, tmp_path, capsys):
-    """--nproc 2 spawns two gloo ranks, splits 11 windows 5/6 across them (micro-batches of 4 differ too) and
-    all-reduces float64 statistic sums: SparseGPT's pruned weights equal the 1-rank run and the masks are identical.
-    Wanda (2:4) gets the same 5/6 two-rank check in test_under_torchrun_launcher_equals_one_rank, whose ranks run
-    the same per-rank code (one launch for both methods there)."""
-    argv = [tiny["gpt2"], "--method", "sparsegpt", "--sparsity", "0.5", "--calib", tiny["calib"], "--samples", 11,
-            "--seqlen", 32, "--batch-size", 4, "--no-progress"]
-    _one_rank(capsys, argv, tmp_path / "n1")
-    rc, out, err = run_cli(sparsify_cli, [*argv, "--out", tmp_path / "n2", "--nproc", 2], capsys)
-    assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["world_size"] == 2
-    report = json.loads((tmp_path / "n2" / "sparsify_report.json").read_text())
-    assert report["samples_per_rank"] == [5, 6]
-    _assert_equal_outputs(tmp_path / "n1", tmp_path / "n2")
+    m1, m2 = load_masks(outs[1]), load_masks(outs[2])
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
 
 
 def test_cli_sparsify_and_eval(tiny, tmp_path, capsys):
@@ -349,22 +339,33 @@ def test_dataset_directory_as_calibration(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_under_torchrun_launcher_equals_one_rank(tiny, tmp_path, capsys):
-    """With RANK/WORLD_SIZE set by a launcher the processes themselves are the ranks (no spawning). One torchrun
-    launch of two ranks (tests/workers/sparsify_worker.py) runs two sparsify commands: SparseGPT 2:4 on the Llama
-    (6 windows, 3/3; the command starts its own process group) and Wanda 2:4 on GPT-2 (11 windows split 5/6,
-    micro-batches of 4; inside a process group the launcher's side already started). Each equals its 1-rank run:
-    weights to float32 assert_close defaults, masks identical."""
-    cases = {
-        "llama_sparsegpt": [tiny["llama"], "--method", "sparsegpt", "--pattern", "2:4", "--calib", tiny["calib"],
-                            "--samples", 6, "--seqlen", 32, "--no-progress"],
-        "gpt2_wanda": [tiny["gpt2"], "--method", "wanda", "--pattern", "2:4", "--calib", tiny["calib"], "--samples",
-                       11, "--seqlen", 32, "--batch-size", 4, "--no-progress"],
-    }
-    for name, argv in cases.items():
-        _one_rank(capsys, argv, tmp_path / f"{name}_one")
-    commands = [[*map(str, argv), "--out", str(tmp_path / f"{name}_two")] for name, argv in cases.items()]
-    run_torchrun("sparsify_worker.py", 2, json.dumps(commands), timeout=600)
-    for name, split in (("llama_sparsegpt", [3, 3]), ("gpt2_wanda", [5, 6])):
-        report = json.loads((tmp_path / f"{name}_two" / "sparsify_report.json").read_text())
-        assert report["world_size"] == 2 and report["samples_per_rank"] == split, name
-        _assert_equal_outputs(tmp_path / f"{name}_one", tmp_path / f"{name}_two")
+    """With RANK/WORLD_SIZE set by a launcher the processes themselves are the ranks (no spawning)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [tiny["llama"], "--method", "sparsegpt", "--pattern", "2:4", "--calib", tiny["calib"], "--samples", 6,
+            "--seqlen", 32, "--no-progress"]
+    rc, _, err = run_cli(sparsify_cli, [*args, "--out", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "dist_sparse.cli.main", "sparsify", *map(str, args), "--out",
+                           str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "sparsify_report.json").read_text())
+    assert report["world_size"] == 2 and report["samples_per_rank"] == [3, 3]
+    w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" /
+                                                                                  "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
