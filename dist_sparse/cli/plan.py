@@ -266,8 +266,9 @@ def main(argv=None) -> int:
         where = ("full masks kept on every rank (replicate_masks)" if setting.replicate_masks else
                  "masks sharded: each tensor's full mask is built when its gradient arrives")
         print(f"{'transient: mask bits':<26}{_fmt(transient['mask_bits_in_flight']):>14}   ({where})")
-        print(f"masks per step and rank (packed reduction): handed {_fmt(masks_moved['handed'])}, received "
-              f"{_fmt(masks_moved['received'])}; packed gradient values {_fmt(masks_moved['packed_gradient'])}")
+        if traffic["compression"] == "none":  # with compression the exchange owns the reduction, not the packed one
+            print(f"masks per step and rank (packed reduction): handed {_fmt(masks_moved['handed'])}, received "
+                  f"{_fmt(masks_moved['received'])}; packed gradient values {_fmt(masks_moved['packed_gradient'])}")
     t = traffic
     scope = f", scope {t['compression_scope']}" if t["compression"] != "none" else ""
     print(f"gradient bytes per step and rank over {args.nodes} node(s) (compression {t['compression']}{scope}): "
