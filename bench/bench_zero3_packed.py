@@ -5,9 +5,10 @@ RigL 90% ERK, updates every 3 steps, 8 steps, ZeRO-3 with reduce_bucket_size 768
 state, and compact state + `sparsity.packed_gather: true` (which at ZeRO-3 with compact state also stores the
 sparsified shards packed); then dense DeepSpeed and packed shards with gradient compression at its defaults
 (`compression.method: topk`: 1%, error feedback, momentum correction for AdamW), whose gradient bytes per step
-(`comm_bytes_per_step`) are set against DeepSpeed's dense reduce-scatter (`dense_comm_bytes_per_step`). Bytes are summary.json's (`state_bytes_per_rank`, `param_gather_bytes_per_step`,
-`dense_param_gather_bytes_per_step`); the predictions are `dist-sparse plan` with the same overrides. Below them,
-`dist-sparse plan` for a 7B model at 8, 64 and 512 ranks.
+(`comm_bytes_per_step`) are set against DeepSpeed's dense reduce-scatter (`dense_comm_bytes_per_step`). Bytes are
+summary.json's (`state_bytes_per_rank`, `param_gather_bytes_per_step`, `dense_param_gather_bytes_per_step`); the
+predictions are `dist-sparse plan` with the same overrides. Below them, `dist-sparse plan` for a 7B model at 8, 64
+and 512 ranks.
 
     python bench/bench_zero3_packed.py [--steps 8]
 

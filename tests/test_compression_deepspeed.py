@@ -10,7 +10,6 @@ import torch
 
 from tests.distributed_utils import run_torchrun
 
-
 STAGES, FP16_STAGES = (0, 1, 2), (1, 2, 3)
 
 

@@ -7,7 +7,6 @@ import pytest
 
 from tests.distributed_utils import run_torchrun
 
-
 STAGES = (0, 1, 2, 3)
 
 

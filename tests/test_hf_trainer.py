@@ -11,7 +11,6 @@ import pytest
 from dist_sparse.errors import ConfigError
 from tests.distributed_utils import run_torchrun
 
-
 CASES = [(2, "compact"), (3, "dense")]
 
 

@@ -1,7 +1,7 @@
 """Worker for tests/test_deepspeed_zero.py (run under torchrun, CPU, gloo).
 
-For each ZeRO stage (argv[1]) and each of its methods (argv[3]): trains a tiny GPT-2 through ``dist_sparse.initialize`` for a few steps and
-checks, on every rank:
+For each ZeRO stage (argv[1]) and each of its methods (argv[3]): trains a tiny GPT-2 through
+``dist_sparse.initialize`` for a few steps and checks, on every rank:
 - the initial masks and every updated mask equal, bit for bit, what one process computes from the gathered full
   weights and dense gradients (LocalSelector: stable sort, no collectives);
 - after every optimizer step the model's pruned weights are exactly 0, and so are the fp32 master weights;
