@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import SHAKESPEARE, command_line, machine_line, skipped_without_shakespeare, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHAKESPEARE,
+    command_line,
+    machine_line,
+    reused_line,
+    skipped_without_shakespeare,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression_sgd"
@@ -36,7 +43,7 @@ RUNS = [  # key, label, compression block (None: uncompressed)
 EVAL_BATCHES = 50
 
 
-def worker(key: str, compression: dict | None, steps: int, lr: float, out: Path) -> None:
+def worker(compression: dict | None, steps: int, lr: float, out: Path) -> None:
     """One run on this torchrun rank (the driver below starts two)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -93,8 +100,8 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        comp = dict(RUNS_BY_KEY[args.worker])
-        worker(args.worker, comp.get("compression"), args.steps, args.lr, WORK / f"{args.worker}.json")
+        compression = {k: c for k, _, c in RUNS}[args.worker]
+        worker(compression, args.steps, args.lr, WORK / f"{args.worker}.json")
         return
     if skipped_without_shakespeare("32_compression_sgd", "Gradient compression with momentum SGD"):
         return
@@ -131,8 +138,7 @@ def main() -> None:
         f"Command: `{command_line()}` (each row is one two-rank torchrun of this script's worker, which trains "
         "through `dist_sparse.initialize`).",
         f"Machine: {machine_line()}.",
-        ("Reused finished runs (same settings): " + ", ".join(f"`{k}`" for k in reused) + ".") if reused
-        else "Every row was run by this command.",
+        reused_line(reused, "settings"),
         "",
         f"Setting: `{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks, ZeRO-2, "
         f"{args.steps} steps, SGD lr {args.lr} with momentum 0.9 (no schedule), gradient clipping 1.0, the same "
@@ -147,8 +153,6 @@ def main() -> None:
     ]
     write_section("32_compression_sgd", "\n".join(md))
 
-
-RUNS_BY_KEY = {k: {"label": label, "compression": comp} for k, label, comp in RUNS}
 
 if __name__ == "__main__":
     main()

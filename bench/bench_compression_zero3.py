@@ -20,7 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_compression import BASE, expected_config  # noqa: E402  (same setting, same config resolution)
 from bench.bench_training import run  # noqa: E402
-from bench.common import SHAKESPEARE, command_line, machine_line, skipped_without_shakespeare, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHAKESPEARE,
+    command_line,
+    machine_line,
+    reused_line,
+    skipped_without_shakespeare,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "compression_zero3"
@@ -93,8 +100,7 @@ def main() -> None:
         "run; the overrides are in `bench/bench_compression_zero3.py`, `bench/bench_compression.py` and "
         "`bench/bench_training.py`).",
         f"Machine: {machine_line()}.",
-        ("Reused finished runs (same config): " + ", ".join(f"`{k}`" for k in reused) + ".") if reused
-        else "Every row was run by this command.",
+        reused_line(reused),
         "",
         f"Setting: the gradient-compression section's (`{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch "
         f"8 per rank, AdamW lr 1e-3, betas 0.9/0.999, weight decay 0.01, 2 ranks, {args.steps} steps, RigL 90% ERK "

@@ -37,6 +37,13 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def reused_line(reused: list, same: str = "config") -> str:
+    """The section line that says which rows a resumable benchmark reused instead of running them again."""
+    if not reused:
+        return "Every row was run by this command."
+    return f"Reused finished runs (same {same}): " + ", ".join(f"`{k}`" for k in reused) + "."
+
+
 def write_section(name: str, markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"

@@ -686,9 +686,9 @@ def from_dict(raw: dict) -> Config:
     ds = copy.deepcopy(raw.get("deepspeed") or {})
     _check_deepspeed(ds)
     opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
-    opt_momentum = ((ds.get("optimizer") or {}).get("params") or {}).get("momentum")
+    # dist-sparse train: SGD's momentum is never moved into the exchange (its checkpoints could not keep it)
     compression = _build(CompressionConfig, raw.get("compression"), "compression").resolved_for(
-        opt_type, opt_momentum, checkpoints_sgd=False)
+        opt_type, checkpoints_sgd=False)
     sparsity = _build(SparsityConfig, raw.get("sparsity"), "sparsity")
     check_dense_weights(sparsity, compression)
     check_pai_with_deepspeed(sparsity, ds)

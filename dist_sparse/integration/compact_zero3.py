@@ -62,7 +62,6 @@ class CompactZero3State(PackedZeroState):
             raise ConfigError(KEY, "supports Adam/AdamW, not Muon")
         super().__init__(engine, sparsifier)
         self._replicate_masks = replicate_masks
-        self._reduce_gradients = reduce_gradients
         names = {id(p): n for n, p in engine.module.named_parameters()}
         for i, group in enumerate(zo.fp16_groups):
             frags = []
@@ -87,7 +86,7 @@ class CompactZero3State(PackedZeroState):
         self.shards = None  # PackedShards once enable_packed_shards ran (packed_gather under compact state)
         self._install_master()
         self._free_dense_gradients()
-        self._patch()
+        self._patch(reduce_gradients)
         self._make_views(param_views)
 
     # -- master weights ----------------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ class CompactZero3State(PackedZeroState):
             if spec is not None and bucket.buffer.numel() != spec[0]:
                 bucket.buffer = torch.empty(spec[0], dtype=dtype, device=spec[1])
 
-    def _patch(self) -> None:
+    def _patch(self, reduce_gradients: bool) -> None:
         zo, store = self.zo, self
         reduce_param = zo.reduce_independent_p_g_buckets_and_remove_grads
 
@@ -255,7 +254,7 @@ class CompactZero3State(PackedZeroState):
         # with gradient compression nothing enters DeepSpeed's buckets (the exchange keeps the local gradients and
         # reduces them at the boundary into accept_grad), so the buckets stay released
         self.reduction = reduction = None
-        if self._reduce_gradients:
+        if reduce_gradients:
             self.reduction = reduction = PackedReduction(self, reduce_param_grad, self._replicate_masks)
 
         def partition_grads(params_to_release, grad_partitions):

@@ -76,31 +76,30 @@ def dense_comm_bytes_per_step(engine, params: list) -> int:
     return sum(_numel(p) for p in params) * itemsize * reductions
 
 
-def _optimizer_momentum(inner) -> float:
-    """Move SGD momentum into the exchange (DGC momentum correction): return it, set the optimizer's to 0."""
+def _dgc_refusal(inner) -> str | None:
+    """Why DGC momentum correction cannot move ``inner``'s momentum into the exchange (None: it can)."""
     groups = inner.param_groups
     m = groups[0].get("momentum")
     if m is None or not m > 0 or any(g.get("momentum") != m for g in groups):
-        raise ConfigError("compression.momentum_correction",
-                          f"needs an SGD optimizer with one momentum > 0 in every param group (DGC, Lin et al. "
-                          f"2018); {type(inner).__name__} has momentum {m!r}")
+        return (f"needs an SGD optimizer with one momentum > 0 in every param group (DGC, Lin et al. 2018); "
+                f"{type(inner).__name__} has momentum {m!r}")
     if any(g.get("nesterov") for g in groups):
-        raise ConfigError("compression.momentum_correction", "DGC momentum correction does not cover Nesterov SGD")
+        return "DGC momentum correction does not cover Nesterov SGD"
+    return None
+
+
+def _optimizer_momentum(inner) -> float:
+    """Move SGD momentum into the exchange (DGC momentum correction): return it, set the optimizer's to 0."""
+    why = _dgc_refusal(inner)
+    if why is not None:
+        raise ConfigError("compression.momentum_correction", why)
+    groups = inner.param_groups
+    m = groups[0]["momentum"]
     for g in groups:
         g["momentum"] = 0.0
     log.info("compression.momentum_correction: SGD momentum %.3g is applied before compression (DGC); the "
              "optimizer's own momentum is set to 0", m)
     return float(m)
-
-
-def _uniform_momentum(inner) -> float | None:
-    """The one (non-Nesterov) momentum of every param group, which DGC can move into the exchange; None otherwise
-    (an unset momentum_correction then stays off)."""
-    groups = inner.param_groups
-    moms = {g.get("momentum") for g in groups}
-    if len(moms) != 1 or any(g.get("nesterov") for g in groups):
-        return None
-    return moms.pop()
 
 
 class CompressedReduction(Component):
@@ -112,9 +111,10 @@ class CompressedReduction(Component):
     def __init__(self, engine, param_views: list, inner_optimizer, cfg, seed: int = 0, store=None, sparsifier=None,
                  replicate_masks: bool = False):
         """``store``: compact state's :class:`~dist_sparse.integration.compact_zero.PackedZeroState` (ZeRO-1/2/3),
-        which then receives the averaged ranges instead of DeepSpeed's partition fragments (or ZeRO-3 shards); ``sparsifier``: whose
-        masks the senders respect (None: dense training); ``replicate_masks``: keep the full masks between mask
-        changes (``sparsity.replicate_masks``) instead of building each tensor's when the exchange needs it."""
+        which then receives the averaged ranges instead of DeepSpeed's partition fragments (or ZeRO-3 shards);
+        ``sparsifier``: whose masks the senders respect (None: dense training); ``replicate_masks``: keep the full
+        masks between mask changes (``sparsity.replicate_masks``) instead of building each tensor's when the exchange
+        needs it."""
         stage = engine.zero_optimization_stage()
         dp = getattr(engine, "dp_world_size", D.world_size())
         if dp != D.world_size():
@@ -136,8 +136,9 @@ class CompressedReduction(Component):
         # momentum correction: SGD (DGC) moves the optimizer's momentum into the exchange; Adam/AdamW also keeps
         # its second moment on the local gradient (dist_sparse.compression.adam)
         # an unset momentum_correction follows the optimizer actually built (the config may not name one)
-        cfg = cfg.resolved_for("adamw" if is_adam(inner_optimizer) else type(inner_optimizer).__name__,
-                               _uniform_momentum(inner_optimizer))
+        # (an SGD momentum DGC could not move leaves an unset momentum_correction off, instead of refusing it)
+        movable = None if _dgc_refusal(inner_optimizer) else inner_optimizer.param_groups[0]["momentum"]
+        cfg = cfg.resolved_for("adamw" if is_adam(inner_optimizer) else type(inner_optimizer).__name__, movable)
         self.adam = None
         momentum, ema = None, False
         if cfg.momentum_correction and is_adam(inner_optimizer):
