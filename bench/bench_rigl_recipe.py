@@ -22,19 +22,20 @@ SECTION = "81_rigl_recipe"
 W128 = science.W128
 RIGL = [*W128, "sparsity.method=rigl"]
 
-# name, overrides, what the row tests (run in this order: the new recipes first, the references after)
+# name, overrides, what the row tests (run in this order)
+STANDARD = "sparsity.parameterization=standard"
 ROWS = [
-    ("rigl grow window 100", [*RIGL, "sparsity.grow_grad_steps=100"],
-     "growth score averaged over the 100 steps before an update (the training benchmark's variant)"),
-    ("rigl lr 3e-3", [*RIGL, "deepspeed.optimizer.params.lr=0.003"],
-     "diagnostic only (changes the user's optimizer): is the sparse model short of step size?"),
     ("dense", [*W128, "sparsity.method=none"], "the reference"),
-    ("rigl", RIGL, "RigL at its current defaults"),
-    ("gmp", [*W128, "sparsity.method=magnitude", "sparsity.start_step=200"], "gradual magnitude pruning, for scale"),
-    ("rigl grow window 100, drop 0.5", [*RIGL, "sparsity.grow_grad_steps=100", "sparsity.drop_fraction=0.5"],
-     "more exploration per update"),
-    ("rigl every 50, grow window 50", [*RIGL, "sparsity.update_interval=50", "sparsity.grow_grad_steps=50"],
-     "twice the updates (ITOP's exploration)"),
+    ("rigl", RIGL, "RigL at its defaults (SμPar: per layer, init x density^-1/2, learning rate x 1/density)"),
+    ("rigl, standard parameterization", [*RIGL, STANDARD],
+     "the dense model's init and learning rate in every layer (the RigL paper's setting; the old default)"),
+    ("rigl, standard, lr 3e-3", [*RIGL, STANDARD, "deepspeed.optimizer.params.lr=0.003"],
+     "diagnostic (changes the user's optimizer for every layer): is the sparse model short of step size?"),
+    ("rigl, standard, grow window 100", [*RIGL, STANDARD, "sparsity.grow_grad_steps=100"],
+     "growth score averaged over the 100 steps before an update (the training benchmark's variant)"),
+    ("rigl grow window 100", [*RIGL, "sparsity.grow_grad_steps=100"], "the same under SμPar"),
+    ("rigl drop 0.5", [*RIGL, "sparsity.drop_fraction=0.5"], "more exploration per update, under SμPar"),
+    ("rigl every 50", [*RIGL, "sparsity.update_interval=50"], "twice the updates (ITOP's exploration), under SμPar"),
 ]
 
 
@@ -68,7 +69,7 @@ def main() -> None:
         "",
         f"Setting: the science table's (tinyshakespeare, char GPT-2 4 x 128, 2 ranks, ZeRO-2, AdamW lr 1e-3, betas "
         f"0.9/0.95, weight decay 0.1, 90% sparsity, ERK), {args.steps} steps, seed 0: the issue's screening budget. "
-        "Each row changes one thing against RigL's defaults at the time of the run.",
+        "Each row changes one thing against RigL's defaults.",
         "",
         "| run | final val loss | x dense | what it tests |",
         "|---|---|---|---|",

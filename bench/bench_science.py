@@ -9,7 +9,10 @@ masks at 90%, half of the kept weights frozen) against SNIP at 95% (the same tra
 
 Resumable: each run has its own directory under bench/work/science/; a run whose ``summary.json`` exists and whose
 saved ``config.json`` equals the config it would run now is reused (the section says which rows were reused), so
-the script can be stopped and restarted and will run only what is missing. ``--only`` and ``--seeds`` pick a
+the script can be stopped and restarted and will run only what is missing. bench/work/ is not committed, so every
+finished run also leaves a small record in bench/results/science_runs/ (its config, summary and metrics without the
+per-layer lists: a few KB), which is committed: a fresh checkout reuses those runs by the same rule, and the table
+grows across sessions. ``--only`` and ``--seeds`` pick a
 screening subset (the issue's screening: 1 seed at 1000 steps); rows not run are listed as such.
 
     python bench/bench_science.py [--steps 2000] [--seeds 3] [--only dense,static,rigl]
@@ -29,6 +32,7 @@ from bench import common  # noqa: E402
 from bench.common import RESULTS, SHAKESPEARE  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "science"
+RECORDS = ROOT / "bench" / "results" / "science_runs"
 SECTION = "80_science"
 CONFIG = ROOT / "configs" / "demo.yaml"
 
@@ -73,20 +77,60 @@ def overrides_for(row: list, steps: int, seed: int, out: Path) -> list:
 
 
 def same_config(out: Path, overrides: list) -> bool:
-    """A finished run with exactly the config this script would run now."""
+    """A finished run (or its committed record) with exactly the config this script would run now."""
     from dist_sparse import config as config_mod
 
     if not (out / "summary.json").exists() or not (out / "config.json").exists():
         return False
     wanted = config_mod.load(CONFIG, overrides).to_dict()
-    return json.loads(json.dumps(wanted)) == json.loads((out / "config.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
+    # the output directory is the only key that differs between a run and its record
+    saved["train"]["output_dir"] = wanted["train"]["output_dir"]
+    return json.loads(json.dumps(wanted)) == saved
+
+
+def _slim(line: str) -> str:
+    """A metrics.jsonl line without its per-layer lists (layer_density, layer_churn): what the report draws."""
+    rec = json.loads(line)
+    rec.pop("layer_density", None)
+    if isinstance(rec.get("mask_update"), dict):
+        rec["mask_update"].pop("layer_churn", None)
+    return json.dumps(rec)
+
+
+def record(out: Path) -> Path:
+    """Copy a finished run's config, summary and slim metrics into the committed records (atomic per file);
+    a lottery root records its lottery.json and every round's run the same way."""
+    dest = RECORDS / out.name
+    dest.mkdir(parents=True, exist_ok=True)
+    runs = [("", out)]
+    if (out / "lottery.json").exists():
+        rep = json.loads((out / "lottery.json").read_text())
+        runs += [(r["dir"], out / r["dir"]) for r in rep.get("round", [])]
+        if rep.get("control"):
+            runs.append((rep["control"]["dir"], out / rep["control"]["dir"]))
+    for sub, src in runs:
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "summary.json", "lottery.json", "metrics.jsonl"):
+            if not (src / name).exists():
+                continue
+            text = (src / name).read_text()
+            if name == "metrics.jsonl":
+                text = "\n".join(_slim(ln) for ln in text.splitlines() if ln.strip()) + "\n"
+            tmp = dest / sub / f"{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, dest / sub / name)
+    return dest
 
 
 def train(name: str, row: list, steps: int, seed: int) -> tuple:
     out = WORK / f"{slug(name)}_s{seed}_{steps}"
     overrides = overrides_for(row, steps, seed, out)
-    if same_config(out, overrides):
-        return json.loads((out / "summary.json").read_text()), out, True
+    for done in (out, RECORDS / out.name):  # this checkout's run, else the committed record of an earlier one
+        if same_config(done, overrides):
+            if done == out:
+                record(out)
+            return json.loads((done / "summary.json").read_text()), done, True
     cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(CONFIG), "--nproc", "2"]
     for o in overrides:
         cmd += ["--set", o]
@@ -95,24 +139,29 @@ def train(name: str, row: list, steps: int, seed: int) -> tuple:
     proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{name} (seed {seed}) failed:\n{proc.stderr[-5000:]}")
+    record(out)
     return json.loads((out / "summary.json").read_text()), out, False
 
 
 def lottery(name: str, steps: int, seed: int) -> tuple:
     out = WORK / f"{slug(name)}_s{seed}_{steps}"
-    report = out / "lottery.json"
-    reused = report.exists() and "control" in json.loads(report.read_text())
-    if not reused:  # dist-sparse lottery resumes its own rounds
-        cmd = [sys.executable, "-m", "dist_sparse.cli.main", "lottery", str(CONFIG), "--rounds", "3",
-               "--prune-fraction", f"{IMP_PRUNE:.6f}", "--rewind-step", str(max(1, steps // 20)), "--control",
-               "reinit", "--nproc", "2"]
-        for o in overrides_for([*W128, "sparsity.sparsity=0.9"], steps, seed, out):
-            cmd += ["--set", o]
-        proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
-                              cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-5000:]}")
-    return json.loads(report.read_text()), out, reused
+    for done in (out, RECORDS / out.name):
+        report = done / "lottery.json"
+        if report.exists() and "control" in json.loads(report.read_text()):
+            if done == out:
+                record(out)
+            return json.loads(report.read_text()), done, True
+    # dist-sparse lottery resumes its own rounds
+    cmd = [sys.executable, "-m", "dist_sparse.cli.main", "lottery", str(CONFIG), "--rounds", "3",
+           "--prune-fraction", f"{IMP_PRUNE:.6f}", "--rewind-step", str(max(1, steps // 20)), "--control",
+           "reinit", "--nproc", "2"]
+    for o in overrides_for([*W128, "sparsity.sparsity=0.9"], steps, seed, out):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-5000:]}")
+    record(out)
+    return json.loads((out / "lottery.json").read_text()), out, False
 
 
 def fmt(values: list) -> str:

@@ -5,7 +5,7 @@ The top-level names are imported lazily, so `import dist_sparse` does not import
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "initialize", "__version__"]
+__all__ = ["attach", "initialize", "param_groups", "__version__"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from dist_sparse.integration import engine
 
         return getattr(engine, name)
+    if name == "param_groups":  # SμPar's optimizer groups for an optimizer built outside dist_sparse.initialize
+        from dist_sparse.parameterization import param_groups
+
+        return param_groups
     raise AttributeError(f"module 'dist_sparse' has no attribute {name!r}")

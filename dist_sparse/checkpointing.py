@@ -60,6 +60,7 @@ def save_checkpoint(engine, root: Path, step: int, cfg: Config, faults=None, dat
         **engine.training_state(),  # the step components' state_dict and the skip counters
         "loss_scaler": optim_state.loss_scaler_state(engine),  # fp16: resume at the same scale
         "config": cfg.to_dict(),
+        "parameterization": engine.parameterization,  # SμPar's learning rates must continue as they were
         "data": data_state,  # the data position (WindowSampler.state_dict): a resume continues the same sequence
     }
     if engine.compression is not None:  # the residuals below belong to this scope and node layout
@@ -107,6 +108,11 @@ def restore(engine, path: Path, rewind: bool = False) -> int:
     ``sparsity.init_masks``): pruned positions' weights and moments are zeroed after the load."""
     state_keys = optim_state.ensure_optimizer_state(engine)
     state = checkpoint.load(path, engine.param_views, None if rewind else engine.sparsifier, state_keys)
+    saved = state.get("parameterization", "standard")  # checkpoints from before SμPar trained standard
+    if saved != engine.parameterization and not rewind:
+        raise CheckpointError(path, f"the checkpoint was trained with sparsity.parameterization={saved!r}, this "
+                                    f"run resolves it to {engine.parameterization!r}: set "
+                                    f"sparsity.parameterization={saved} to continue it as it was trained")
     if engine.zero_optimization_stage() < 3:
         missing, unexpected = engine.module.load_state_dict(checkpoint.load_model_state(path), strict=False)
         if missing or unexpected:

@@ -310,6 +310,10 @@ class SparsityConfig:
     # block_sparse (block:HxW patterns; active blocks only) | semi_structured (2:4 on CUDA) | auto (measured per
     # layer shape at start: block_sparse where faster, semi_structured for 2:4 on CUDA, else dense)
     kernel: str = "auto"
+    # standard (the dense model's init and learning rate) | supar (SμPar: per sparsified layer of density rho, the
+    # initial weights x rho^-1/2 and, with Adam, the learning rate x 1/rho; dist_sparse/parameterization.py);
+    # unset: supar where it applies (masks drawn at step 0 from the distribution, random init, Adam), else standard
+    parameterization: str | None = None
 
     @staticmethod
     def implied_defaults(raw: dict) -> dict:
@@ -375,6 +379,8 @@ class SparsityConfig:
             _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{p}.{key}",
                      f"must be an integer >= 1, got {v!r}")
         _require(self.srste_decay >= 0, f"{p}.srste_decay", f"must be >= 0, got {self.srste_decay!r}")
+        _require(self.parameterization in (None, "standard", "supar"), f"{p}.parameterization",
+                 f"must be 'standard' or 'supar' (or unset), got {self.parameterization!r}")
         _require(self.method != "sr_ste" or pattern.nm is not None, f"{p}.pattern",
                  f"sr_ste trains N:M sparsity (Zhou et al. 2021): set sparsity.pattern to N:M, e.g. 2:4 (got "
                  f"{pattern.spec!r})")
@@ -712,6 +718,9 @@ def from_dict(raw: dict) -> Config:
         freeze=_build(FreezeConfig, raw.get("freeze"), "freeze"),
     )
     check_freeze(cfg.freeze, cfg.sparsity, cfg.compression)
+    from dist_sparse.parameterization import resolve
+
+    resolve(cfg.sparsity, opt_type, pretrained=cfg.model.pretrained is not None)  # an explicit supar that can't apply
     check_compact_state(cfg.sparsity, cfg.deepspeed)
     check_packed_gather(cfg.sparsity, cfg.deepspeed)
     if cfg.data.prepared is not None or cfg.model.pretrained is not None:

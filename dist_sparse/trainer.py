@@ -50,11 +50,24 @@ def deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-def param_groups(model) -> list:
+def weight_decay_groups(model) -> list:
     """Weight decay on matrices (and embeddings), none on biases and norms (the usual GPT recipe)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def optimizer_type(ds_config: dict) -> str:
+    return str((ds_config.get("optimizer") or {}).get("type", "AdamW"))
+
+
+def param_groups(model, cfg: Config, ds_config: dict) -> list:
+    """The optimizer's groups: weight decay as above, split by SμPar's learning-rate scale when it applies (which
+    also rescales the sparsified layers' initial weights; dist_sparse/parameterization.py)."""
+    from dist_sparse.parameterization import param_groups as sparse_groups
+
+    return sparse_groups(model, cfg.sparsity, optimizer_type(ds_config), weight_decay_groups(model),
+                         pretrained=cfg.model.pretrained is not None)
 
 
 def set_threads(cfg: Config) -> None:
@@ -151,7 +164,8 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
     if cfg.zero_stage == 3:  # fused MoE experts are fetched as one unit (before the engine registers its hooks)
         register_zero3_leaves(model)
     deepspeed = import_deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg, ds_config),
+                                           config=ds_config)
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     # which windows each (step, rank, micro-batch) reads; its position is saved with every checkpoint
     sampler = WindowSampler(data, cfg.data.sampling, cfg.model.block_size, cfg.train.seed, world, micro, accum)
@@ -296,6 +310,7 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         "zero_stage": engine.zero_optimization_stage(),
         "method": cfg.sparsity.method,
         "distribution": cfg.sparsity.distribution,
+        "parameterization": engine.parameterization,  # standard | supar (the resolved sparsity.parameterization)
         "target_sparsity": cfg.sparsity.sparsity if cfg.sparsity.method != "none" else 0.0,
         "achieved_sparsity": sparsifier.achieved_sparsity() if sparsifier.views else 0.0,
         "layer_density": sparsifier.layer_density() if sparsifier.views else {},

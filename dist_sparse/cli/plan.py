@@ -74,7 +74,8 @@ def _from_config(args) -> tuple:
     from dist_sparse.distributions import keep_counts, layer_densities
     from dist_sparse.integration import hf
     from dist_sparse.integration.experts import layer_shapes, parameter_counts
-    from dist_sparse.trainer import param_groups
+    from dist_sparse.parameterization import split_groups
+    from dist_sparse.trainer import weight_decay_groups
 
     cfg = config_mod.load(args.config, args.overrides)
     ds = cfg.deepspeed
@@ -103,7 +104,11 @@ def _from_config(args) -> tuple:
     densities = {n: kept[n] / numels[n] for n in names}
     zero = ds.get("zero_optimization") or {}
     opt = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
-    setting = P.model_setting(model, set(names), densities, param_groups(model), world_size=args.world_size,
+    # the optimizer's groups as training builds them (SμPar splits them by learning-rate scale): DeepSpeed
+    # partitions each group on its own
+    _, groups = split_groups(model, dataclasses.replace(cfg.sparsity, sparsity=sparsity), opt,
+                             weight_decay_groups(model), pretrained=cfg.model.pretrained is not None)
+    setting = P.model_setting(model, set(names), densities, groups, world_size=args.world_size,
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",

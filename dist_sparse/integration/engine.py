@@ -28,6 +28,7 @@ from dist_sparse.integration.accounting import StateAccounting
 from dist_sparse.integration.deepspeed import import_deepspeed, init_distributed
 from dist_sparse.integration.experts import build_layer_method
 from dist_sparse.integration.views import build_views, inner_optimizer, trainable_names
+from dist_sparse.parameterization import param_groups, resolved_at_attach, scaled_learning_rates
 from dist_sparse.sparsifier import Sparsifier
 from dist_sparse.step import StepSchedule
 
@@ -52,7 +53,7 @@ class SparseEngine:
                              max_skipped_steps=max_skipped_steps, consecutive_skips=0, skipped_nonfinite=0,
                              _loss_finite=True, last_step_skipped=False, overflow_skips=0,
                              last_step_overflow=False, compact=None, compression=None, kernels=None,
-                             param_gather=None, _plan=None)
+                             param_gather=None, _plan=None, parameterization="standard")
         self.__dict__["accounting"] = StateAccounting(self)
         self.__dict__["components"] = [sparsifier, self.accounting]
         self.__dict__["inner_step"] = self._wrap_inner_step()
@@ -239,7 +240,8 @@ class SparseEngine:
             plan = self.plan()
             if plan.skip_optimizer_step:
                 return None
-            out = base[0](*args, **kwargs)
+            with scaled_learning_rates(opt):  # SμPar's per-layer rates, for this step only
+                out = base[0](*args, **kwargs)
             self._run("after_optimizer_step", plan)
             return out
 
@@ -294,6 +296,7 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         sparsifier.freeze_fraction(freeze.fraction, freeze.select, sparsity.seed if sparsity.seed is not None
                                    else seed, saliency)
     wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
+    wrapped.parameterization = resolved_at_attach(model, sparsity)  # supar: the optimizer's groups carry lr_scale
     if freeze is not None and freeze.schedule:
         from dist_sparse.freezing import ProgressiveFreezing
 
@@ -410,14 +413,21 @@ def initialize(model, config, model_parameters=None, optimizer=None, lr_schedule
 
     The ``sparsity`` (and ``compression``) block is validated and stripped before DeepSpeed sees the config. Returns
     ``(engine, optimizer, training_dataloader, lr_scheduler)`` where ``engine`` is a :class:`SparseEngine`: use it
-    exactly like a DeepSpeed engine (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``).
+    exactly like a DeepSpeed engine (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``). When DeepSpeed
+    builds the optimizer from the config, its parameter groups follow ``sparsity.parameterization`` (SμPar splits
+    them by learning-rate scale and rescales the sparsified layers' initial weights: dist_sparse/parameterization.py).
     """
     ds_config, sparsity, compression = split_deepspeed_json(config)
     deepspeed = import_deepspeed()
     init_distributed()
+    if model_parameters is None:
+        model_parameters = model.parameters()
+    if optimizer is None:  # DeepSpeed builds it from the config: SμPar's groups where it applies
+        model_parameters = param_groups(model, sparsity, (ds_config.get("optimizer") or {}).get("type"),
+                                        model_parameters)
     engine, opt, loader, sched = deepspeed.initialize(
-        model=model, model_parameters=model_parameters if model_parameters is not None else model.parameters(),
-        optimizer=optimizer, lr_scheduler=lr_scheduler, training_data=training_data, config=ds_config, **kwargs)
+        model=model, model_parameters=model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        training_data=training_data, config=ds_config, **kwargs)
     return (attach(engine, model, sparsity, total_steps=total_steps, seed=seed, compression=compression,
                    init_batches=init_batches), opt, loader, sched)
 

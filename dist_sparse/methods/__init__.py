@@ -35,6 +35,15 @@ def register(cls) -> type:
     return cls
 
 
+def target_densities(sparsity, shapes: dict) -> dict:
+    """Each layer's target density (fraction kept): ``sparsity.distribution``'s, or N/M under an N:M pattern (where
+    the distribution only picks the groups)."""
+    fixed = parse_pattern(sparsity.pattern).fixed_density
+    if fixed is not None:
+        return {name: fixed for name in shapes}
+    return layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
+
+
 def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, transposed=()):
     """The method object for a ``SparsityConfig`` (``None`` for the dense baseline ``none``).
 
@@ -50,10 +59,7 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
             raise ConfigError("sparsity.end_step", "required when the number of training steps is not known")
         end = max(sparsity.start_step + 1, int(0.75 * total_steps))
     times = UpdateTimes(sparsity.update_interval, sparsity.start_step, end)
-    if pattern.fixed_density is not None:  # N:M: every layer at N/M; the distribution only picks the groups
-        densities = {name: pattern.fixed_density for name in shapes}
-    else:
-        densities = layer_densities(shapes, sparsity.sparsity, sparsity.distribution, sparsity.erk_power_scale)
+    densities = target_densities(sparsity, shapes)
     cls = METHODS[sparsity.method]
     kwargs = {}
     if issubclass(cls, SET):  # drop-and-grow methods (a user subclass of SET or RigL too)
@@ -70,5 +76,5 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
     return cls(densities, sparsity.distribution == "global", times, seed, pattern=pattern, **kwargs)
 
 
-__all__ = ["build_method", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",
+__all__ = ["build_method", "target_densities", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",
            "Magnitude", "SET", "RigL", "SRSTE", "PruningAtInit", "SNIP", "GraSP", "SynFlow"]
