@@ -76,5 +76,5 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
     return cls(densities, sparsity.distribution == "global", times, seed, pattern=pattern, **kwargs)
 
 
-__all__ = ["build_method", "target_densities", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register", "Static",
-           "Magnitude", "SET", "RigL", "SRSTE", "PruningAtInit", "SNIP", "GraSP", "SynFlow"]
+__all__ = ["build_method", "target_densities", "LayerSlice", "SparseMethod", "METHODS", "method_names", "register",
+           "Static", "Magnitude", "SET", "RigL", "SRSTE", "PruningAtInit", "SNIP", "GraSP", "SynFlow"]
