@@ -1,6 +1,8 @@
 """Pruning at initialization (SNIP, GraSP, SynFlow): scores against hand-written references in one process, GraSP's
-sign, SynFlow's conservation (a layer scaled up and the next down leaves the scores unchanged) and schedule."""
+sign, SynFlow's conservation (a layer scaled up and the next down leaves the scores unchanged) and schedule; SNIP
+(and ``freeze.select: saliency``) on ZeRO-3 partitions against the ZeRO 0-2 scorer on 2 ranks."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +15,7 @@ from dist_sparse.errors import ConfigError
 from dist_sparse.masks.select import LocalSelector
 from dist_sparse.methods import LayerSlice, build_method
 from dist_sparse.methods.pai import RangeScores
+from tests.distributed_utils import run_torchrun
 
 
 class Quadratic(nn.Module):
@@ -158,3 +161,26 @@ def test_scores_of_a_range_are_read_at_their_offset():
     sl = LayerSlice("weight", 0, (4, 8), 32, 16, torch.ones(16, dtype=torch.bool), None, None)
     (mask,) = m.initial_masks([sl], LocalSelector())
     assert torch.equal(mask, torch.arange(16) >= 8)  # positions 24..31, scores 12..19
+
+
+@pytest.mark.slow
+def test_snip_at_zero3_scores_the_partitions_like_the_zero2_scorer(tmp_path):
+    """2 ranks, ZeRO-3 (tests/workers/pai_zero3_worker.py): partition scores within the worker's bound of the whole-
+    tensor scorer's (its BOUND: a few fp32 roundings of the summed |g|, times |w|), masks and frozen positions
+    equal to the reference selection (or differing only within that bound of the threshold), and the first training
+    step bit-equal to that of an engine given the same masks that never scored."""
+    out = tmp_path / "report.json"
+    run_torchrun("pai_zero3_worker.py", 2, out)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2
+    for rank, r in enumerate(per_rank):
+        assert r["scores"]["covered"] > 0 and r["scores"]["worst"] <= 2.0 ** -20, (rank, r["scores"])
+        for what in ("masks", "freeze"):
+            assert r[what]["outside_band"] == 0, (rank, what, r[what])
+        assert r["masks"]["kept"][0] == r["masks"]["kept"][1] and r["freeze"]["frozen"][0] == r["freeze"]["frozen"][1]
+        assert r["given_masks_equal"] and r["freeze"]["masks_equal_snip"], rank
+        assert r["first_step"]["grad_params"] > 0
+        for what in ("loss", "grads", "masters"):
+            assert r["first_step"][what], f"rank {rank}: the first step's {what} differ after scoring at ZeRO-3"
+    # the partitions cover every sparsified weight once
+    assert sum(r["scores"]["covered"] for r in per_rank) == per_rank[0]["scores"]["total"]

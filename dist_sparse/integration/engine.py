@@ -378,8 +378,8 @@ def _backward_without_step(engine):
     DeepSpeed gathers each module's parameters, reduce-scatters (averages) the gradient into every rank's fp32
     partition and accumulates it over the calls, as over a step's micro-batches. No step is taken; on leaving, every
     gradient DeepSpeed accumulated is cleared (the partitions zeroed, its micro-step counter and the lp ``.grad``
-    reset, as DeepSpeed's own overflow clean-up does), so the first training step starts from the state of an
-    engine that never scored."""
+    reset, as DeepSpeed's own overflow clean-up does) and every parameter is released to its shard, so the first
+    training step starts from the state of an engine that never scored."""
     zo = engine.optimizer
     if not engine.managed_gradient_accumulation():  # backward() would only accumulate locally, unreduced
         raise ConfigError("sparsity.method", "scoring at ZeRO-3 reads DeepSpeed's reduced gradient after backward; "
@@ -402,6 +402,9 @@ def _backward_without_step(engine):
         zo.zero_grad(set_to_none=True)
         if hasattr(zo, "averaged_gradients"):
             zo.averaged_gradients = {}
+        # persistent parameters (below stage3_param_persistence_threshold) stay gathered after a backward, and the
+        # mask is written to the shards (Stage3View.zero_model_): the next forward must gather them again, masked
+        zo._partition_all_parameters()
 
 
 def _compact_store(engine, sparse_engine, reduce_gradients: bool):
