@@ -295,6 +295,7 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
             if engine.zero_optimization_stage() == 3:  # the partitions' SNIP scores (of the masked weights)
                 from dist_sparse.methods.pai import partition_sensitivity
 
+                _check_same_count(batches, "freeze.select")
                 with _backward_without_step(engine) as backward:
                     saliency = partition_sensitivity(backward, views, model, batches)
             else:
@@ -365,11 +366,22 @@ def _score_at_init(engine, model, method, views: list, init_batches) -> None:
                                                    "init_batches to attach() / initialize() (dist-sparse train does)")
     batches = [b.to(engine.device) for b in init_batches[: method.init_batches]]
     if zero3:
+        _check_same_count(batches, "sparsity.init_batches")
         with _backward_without_step(engine) as backward:
             method.init_scores = method.score_partitions(backward, views, model, batches)
     else:
         names = [v.name for v in views]
         method.init_scores = {n: RangeScores.whole(t) for n, t in method.score(model, names, batches).items()}
+
+
+def _check_same_count(batches: list, key: str) -> None:
+    """ZeRO-3 scoring: DeepSpeed reduces every backward across ranks, so every rank must score as many batches (a
+    rank with fewer would leave the others waiting in the reduction)."""
+    counts = torch.tensor([len(batches), -len(batches)], dtype=torch.int64)
+    D.all_reduce_max(counts)
+    if int(counts[0]) != -int(counts[1]):
+        raise ConfigError(key, f"at ZeRO-3 every rank scores the same number of batches (each backward is reduced "
+                               f"across ranks); the ranks hold between {-int(counts[1])} and {int(counts[0])}")
 
 
 @contextlib.contextmanager
