@@ -396,8 +396,9 @@ def _backward_without_step(engine):
     if not engine.managed_gradient_accumulation():  # backward() would only accumulate locally, unreduced
         raise ConfigError("sparsity.method", "scoring at ZeRO-3 reads DeepSpeed's reduced gradient after backward; "
                                              "deepspeed.managed_gradient_accumulation: false reduces only in step()")
-    # fp16: DeepSpeed multiplies the loss by its (power-of-two) loss scale; dividing first leaves the partitions
-    # the unscaled gradient, exactly, the gradient the ZeRO 0-2 scorer takes (autograd, no loss scale)
+    # fp16: DeepSpeed multiplies the loss by its loss scale; dividing by it first leaves the partitions the
+    # unscaled gradient (exactly, for the dynamic scaler's powers of two), as the ZeRO 0-2 scorer takes it
+    # (autograd, no loss scale)
     scale = float(getattr(zo, "loss_scale", 1.0) or 1.0)
 
     def backward(x):
