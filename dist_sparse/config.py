@@ -571,14 +571,18 @@ PAI_METHODS = ("snip", "grasp", "synflow")
 
 
 def check_pai_with_deepspeed(sparsity: SparsityConfig, ds: dict) -> None:
-    """Pruning at initialization scores whole parameters with torch autograd (GraSP: double backward, SynFlow:
-    |θ| in float64): ZeRO-3, whose parameters exist whole only inside each module's forward/backward, is refused."""
+    """Pruning at initialization at ZeRO-3: SNIP scores each rank's partition from DeepSpeed's reduced gradient;
+    GraSP and SynFlow need whole-network computations that ZeRO-3's per-module gathers cannot run (the method's
+    ``zero3_refusal`` says why). Refused here, before a process group starts."""
+    from dist_sparse.methods import METHODS
+    from dist_sparse.methods.pai import PruningAtInit, zero3_refusal_message
+
     stage = int((ds.get("zero_optimization", {}) or {}).get("stage", 0))
-    _require(not (sparsity.method in PAI_METHODS and stage == 3), "sparsity.method",
-             f"{sparsity.method!r} needs ZeRO stage 0, 1 or 2, not 3: its initial scores are computed with torch "
-             "autograd on whole parameters (GraSP's Hessian-gradient product by double backward, SynFlow's |θ| "
-             "network in float64), and ZeRO-3 holds each parameter whole only inside its module's forward and "
-             "backward (docs/methods.md)")
+    cls = METHODS.get(sparsity.method) if isinstance(sparsity.method, str) else sparsity.method
+    if stage != 3 or not (isinstance(cls, type) and issubclass(cls, PruningAtInit)):
+        return
+    why = zero3_refusal_message(cls)
+    _require(why is None, "sparsity.method", why or "")
 
 
 def check_dense_weights(sparsity: SparsityConfig, compression: CompressionConfig) -> None:

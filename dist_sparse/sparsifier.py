@@ -165,22 +165,25 @@ class Sparsifier(Component):
     @torch.no_grad()
     def freeze_fraction(self, fraction: float, select: str, seed: int, saliency: dict | None = None) -> None:
         """FreezeNet-style freezing (Wimmer et al. 2020): of each layer's active weights, the ``fraction`` with the
-        lowest ``select`` score (``random``: counter-based, ``magnitude``: |w|, ``saliency``: |g ⊙ w| given as whole
-        tensors) keep their current value and are never updated; exact across ranks (the selector)."""
+        lowest ``select`` score (``random``: counter-based, ``magnitude``: |w|, ``saliency``: |g ⊙ w| given as
+        :class:`~dist_sparse.methods.pai.RangeScores` covering this rank's score ranges) keep their current value and
+        are never updated; exact across ranks (the selector)."""
         from dist_sparse.masks import random as counter_random
         from dist_sparse.masks.select import Piece
+        from dist_sparse.methods.pai import slice_scores
 
         slices = self._slices(True, False)
         pieces, ks = [], {}
         active = torch.tensor([int(s.mask.sum()) for s in slices], dtype=torch.int64)
         D.all_reduce_sum(active, self.group)
-        for s, a in zip(slices, active.tolist()):
+        saliency_scores = slice_scores(saliency, slices) if select == "saliency" else None
+        for i, (s, a) in enumerate(zip(slices, active.tolist())):
             if select == "random":
                 score = counter_random.uniform(seed, 900_001 + s.order, s.start, s.mask.numel(), device=s.mask.device)
             elif select == "magnitude":
                 score = s.weight.abs()
             else:
-                score = saliency[s.name].reshape(-1)[s.start: s.start + s.mask.numel()].to(s.mask.device)
+                score = saliency_scores[i]
             pieces.append(Piece(score, s.mask, s.order, 0, s.start))
             ks[s.order] = a - int(round(fraction * a))  # the trained ones: the highest scores
         trained = self.selector.topk(pieces, ks)

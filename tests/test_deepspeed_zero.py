@@ -16,7 +16,9 @@ def _methods(stage: int) -> str:
     methods += ",static@2:4,set@2:4,rigl@block:4x4" if stage in (0, 2) else ",rigl@2:4,magnitude@2:4,set@block:4x4"
     if stage:  # SR-STE keeps dense masters: ZeRO >= 1 (at ZeRO-0 fp32 the model's weights are the masters)
         methods += ",sr_ste@2:4"
-    if stage < 3:  # pruning at initialization (ZeRO-3 refused); GraSP's signed scores through the selector
+    # pruning at initialization; GraSP's signed scores through the selector (at ZeRO-3 GraSP and SynFlow are refused
+    # and SNIP scores partitions, whose reference is the whole-tensor scorer: tests/test_pai.py)
+    if stage < 3:
         methods += ",snip,grasp,synflow,grasp@2:4" if stage != 1 else ",snip,grasp@block:4x4,synflow@2:4"
     return methods
 

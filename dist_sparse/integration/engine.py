@@ -18,6 +18,8 @@ loss or gradient on some rank; an fp16 overflow, which is DeepSpeed's loss scale
 :func:`attach` for a DeepSpeed config that carries a ``sparsity`` block.
 """
 
+import contextlib
+
 import torch
 
 from dist_sparse import distributed as D
@@ -275,24 +277,32 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         raise ConfigError("sparsity.method", f"{method.name!r} trains dense weights through a masked forward, which "
                                              "needs master weights apart from the model's (ZeRO stage >= 1, or "
                                              "bf16/fp16); at ZeRO-0 in fp32 the model's weights are the masters")
-    if method is not None and getattr(method, "needs_init_scores", False) and init_masks is None:
-        _score_at_init(engine, model, method, [v.name for v in views], init_batches)
-    sparsifier = Sparsifier(method, views, schedule=StepSchedule(method))
     if init_masks is None and sparsity.init_masks is not None:
         from dist_sparse.masks.io import load_masks
 
         init_masks = load_masks(sparsity.init_masks)
+    if method is not None and getattr(method, "needs_init_scores", False) and init_masks is None:
+        _score_at_init(engine, model, method, views, init_batches)
+    sparsifier = Sparsifier(method, views, schedule=StepSchedule(method))
     if method is not None or init_masks is not None:
         sparsifier.initialize(init_masks)
     if freeze is not None and freeze.fraction > 0:  # FreezeNet: before any step, at the initial values
         saliency = None
         if freeze.select == "saliency":
-            from dist_sparse.methods.pai import connection_sensitivity
+            from dist_sparse.methods.pai import RangeScores, connection_sensitivity
 
             if not init_batches:
                 raise ConfigError("freeze.select", "saliency scores training batches: pass init_batches to attach()")
-            saliency = connection_sensitivity(model, [v.name for v in views],
-                                              [b.to(engine.device) for b in init_batches])
+            batches = [b.to(engine.device) for b in init_batches]
+            if engine.zero_optimization_stage() == 3:  # the partitions' SNIP scores (of the masked weights)
+                from dist_sparse.methods.pai import partition_sensitivity
+
+                _check_same_count(batches, "freeze.select")
+                with _backward_without_step(engine) as backward:
+                    saliency = partition_sensitivity(backward, views, model, batches)
+            else:
+                saliency = {n: RangeScores.whole(t) for n, t in
+                            connection_sensitivity(model, [v.name for v in views], batches).items()}
         sparsifier.freeze_fraction(freeze.fraction, freeze.select, sparsity.seed if sparsity.seed is not None
                                    else seed, saliency)
     wrapped = SparseEngine(engine, sparsifier, sparsity, max_skipped_steps)
@@ -339,13 +349,16 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     return wrapped
 
 
-def _score_at_init(engine, model, method, names: list, init_batches) -> None:
-    """Pruning at initialization: the method's scores of the whole initial parameters (every rank scores its own
-    batches; gradients are averaged over ranks inside ``score``), before any optimizer step."""
+def _score_at_init(engine, model, method, views: list, init_batches) -> None:
+    """Pruning at initialization: the method's scores of the initial parameters, before any optimizer step (every
+    rank scores its own batches). At ZeRO 0-2 of the whole parameters (gradients averaged over ranks inside
+    ``score``), at ZeRO-3 of each rank's partition (DeepSpeed's reduced gradient of a backward without a step)."""
     from dist_sparse.methods import SynFlow
+    from dist_sparse.methods.pai import RangeScores, zero3_refusal_message
 
-    if engine.zero_optimization_stage() == 3:  # also refused by the config check; this guards attach() directly
-        raise ConfigError("sparsity.method", f"{method.name!r} needs ZeRO stage 0, 1 or 2 (docs/methods.md)")
+    zero3 = engine.zero_optimization_stage() == 3
+    if zero3 and zero3_refusal_message(type(method)) is not None:  # also refused by the config check
+        raise ConfigError("sparsity.method", zero3_refusal_message(type(method)))
     if hasattr(method, "stacks"):
         raise ConfigError("sparsity.method", f"{method.name!r} does not support fused expert tensors "
                                              f"({', '.join(sorted(method.stacks))}); exclude them")
@@ -355,7 +368,59 @@ def _score_at_init(engine, model, method, names: list, init_batches) -> None:
         raise ConfigError("sparsity.init_batches", f"{method.name!r} scores training batches at step 0: pass "
                                                    "init_batches to attach() / initialize() (dist-sparse train does)")
     batches = [b.to(engine.device) for b in init_batches[: method.init_batches]]
-    method.init_scores = method.score(model, names, batches)
+    if zero3:
+        _check_same_count(batches, "sparsity.init_batches")
+        with _backward_without_step(engine) as backward:
+            method.init_scores = method.score_partitions(backward, views, model, batches)
+    else:
+        names = [v.name for v in views]
+        method.init_scores = {n: RangeScores.whole(t) for n, t in method.score(model, names, batches).items()}
+
+
+def _check_same_count(batches: list, key: str) -> None:
+    """ZeRO-3 scoring: DeepSpeed reduces every backward across ranks, so every rank must score as many batches (a
+    rank with fewer would leave the others waiting in the reduction)."""
+    counts = torch.tensor([len(batches), -len(batches)], dtype=torch.int64)
+    D.all_reduce_max(counts)
+    if int(counts[0]) != -int(counts[1]):
+        raise ConfigError(key, f"at ZeRO-3 every rank scores the same number of batches (each backward is reduced "
+                               f"across ranks); the ranks hold between {-int(counts[1])} and {int(counts[0])}")
+
+
+@contextlib.contextmanager
+def _backward_without_step(engine):
+    """ZeRO-3 scoring at step 0: yields ``backward(x)``, one batch's forward and backward through the engine, so
+    DeepSpeed gathers each module's parameters, reduce-scatters (averages) the gradient into every rank's fp32
+    partition and accumulates it over the calls, as over a step's micro-batches. No step is taken; on leaving, every
+    gradient DeepSpeed accumulated is cleared (the partitions zeroed, its micro-step counter and the lp ``.grad``
+    reset, as DeepSpeed's own overflow clean-up does) and every parameter is released to its shard, so the first
+    training step starts from the state of an engine that never scored."""
+    zo = engine.optimizer
+    if not engine.managed_gradient_accumulation():  # backward() would only accumulate locally, unreduced
+        raise ConfigError("sparsity.method", "scoring at ZeRO-3 reads DeepSpeed's reduced gradient after backward; "
+                                             "deepspeed.managed_gradient_accumulation: false reduces only in step()")
+    # fp16: DeepSpeed multiplies the loss by its loss scale; dividing by it first leaves the partitions the
+    # unscaled gradient (exactly, for the dynamic scaler's powers of two), as the ZeRO 0-2 scorer takes it
+    # (autograd, no loss scale)
+    scale = float(getattr(zo, "loss_scale", 1.0) or 1.0)
+
+    def backward(x):
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss / scale, scale_wrt_gas=False)  # the mean over batches is the scorer's
+
+    try:
+        yield backward
+    finally:
+        for v in build_views(engine, trainable_names(engine)):
+            g = v.grad()
+            if g is not None:
+                v.set_grad_(torch.zeros_like(g))
+        zo.zero_grad(set_to_none=True)
+        if hasattr(zo, "averaged_gradients"):
+            zo.averaged_gradients = {}
+        # persistent parameters (below stage3_param_persistence_threshold) stay gathered after a backward, and the
+        # mask is written to the shards (Stage3View.zero_model_): the next forward must gather them again, masked
+        zo._partition_all_parameters()
 
 
 def _compact_store(engine, sparse_engine, reduce_gradients: bool):

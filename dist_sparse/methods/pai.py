@@ -31,14 +31,29 @@ sets one explicitly.
 
 Where the scores are computed: at ZeRO 0/1/2 each rank holds the whole (lp) parameters, so each rank scores whole
 tensors with torch autograd on its own batches (``sparsity.init_batches`` of them, the first training batches of
-its data stream), gradients averaged over ranks with one all-reduce, then keeps its slice; the masks are selected
-through the exact selector. ZeRO-3 is refused (a ConfigError naming the method): its parameters exist whole only
-inside each module's forward and backward, and GraSP's double backward and SynFlow's |θ| rewrite need them whole
-for the whole computation; SNIP would also need DeepSpeed's reduced gradient without a step, which its ZeRO-3 path
-does not provide outside the training step.
+its data stream), gradients averaged over ranks with one all-reduce in float64. At ZeRO-3 SNIP scores each rank's
+own partition (:func:`partition_sensitivity`): every rank runs forward and backward of its batches through the
+engine, so DeepSpeed gathers each module's parameters for its forward and backward and reduce-scatters (averages)
+the gradients into each rank's fp32 partition, accumulating over the batches; the score is |g ⊙ w| of the partition,
+w its initial master weights. No optimizer step is taken, and the engine clears every gradient it accumulated
+before training starts. Either way the scores are :class:`RangeScores` (a range of the flattened parameter: the
+whole tensor at ZeRO 0-2, the rank's partition at ZeRO-3) and the masks are selected through the exact selector,
+each rank reading its slice at its offset. The two differ only in the order the gradient is summed (DeepSpeed's
+fp32 reduce-scatter and accumulation against float64 sums), so scores agree to a few fp32 roundings of the summed
+gradients' magnitude and masks agree except where a score lies that close to the selection threshold.
+
+GraSP and SynFlow are refused at ZeRO-3 (``zero3_refusal``, a ConfigError on ``sparsity.method``): their scores
+are not functions of a partition's gradient. GraSP's Hessian-gradient product differentiates the whole first
+backward again (``create_graph``), and ZeRO-3 has released each module's gathered parameters when its backward
+ended, so the second backward finds empty tensors; SynFlow replaces every parameter by a float64 |θ| copy and runs
+the whole network on it, while ZeRO-3 holds a parameter whole only inside its own module's hooks and gathers only
+DeepSpeed's partitioned parameters. Gathering the whole model on every rank for the scoring would work, but only for
+a model that fits on one rank, and that model can be scored at ZeRO-2: the masks it saves start the ZeRO-3 run
+(``sparsity.method: static`` with ``sparsity.init_masks``, docs/methods.md).
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,11 +62,41 @@ from dist_sparse import distributed as D
 from dist_sparse.methods.base import SparseMethod
 
 
+@dataclass(frozen=True)
+class RangeScores:
+    """Scores of the flattened range ``[start, start + values.numel())`` of one parameter: the whole tensor
+    (``start`` 0) where a rank scores whole parameters (ZeRO 0-2), the rank's partition at ZeRO-3."""
+
+    start: int
+    values: torch.Tensor
+
+    @classmethod
+    def whole(cls, scores: torch.Tensor) -> "RangeScores":
+        return cls(0, scores.reshape(-1))
+
+    def read(self, name: str, start: int, length: int) -> torch.Tensor:
+        """The scores of ``[start, start + length)``, which must lie inside this range."""
+        lo = start - self.start
+        if lo < 0 or lo + length > self.values.numel():
+            raise RuntimeError(f"the scores of {name!r} cover [{self.start}, +{self.values.numel()}), not the "
+                               f"range [{start}, +{length}) this rank selects")
+        return self.values[lo: lo + length]
+
+
+def slice_scores(scores: dict, slices: list) -> list:
+    """Each slice's scores from ``scores`` (name -> :class:`RangeScores`), on the slice's device."""
+    return [scores[s.name].read(s.name, s.start, s.mask.numel()).to(s.mask.device) for s in slices]
+
+
 class PruningAtInit(SparseMethod):
-    """Masks from ``init_scores`` (name -> score tensor of the whole parameter, set before ``initial_masks``)."""
+    """Masks from ``init_scores`` (name -> :class:`RangeScores`, set before ``initial_masks``).
+
+    ``zero3_refusal``: why the method cannot score at ZeRO-3 (None: it scores the partitions there, with
+    :meth:`score_partitions`; a subclass that does not define that is refused)."""
 
     updates_masks = False
     needs_init_scores = True
+    zero3_refusal: str | None = "it does not score ZeRO-3 partitions (it defines no score_partitions)"
 
     def __init__(self, *args, init_batches: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -62,12 +107,25 @@ class PruningAtInit(SparseMethod):
         """Scores of the whole parameters ``names`` of ``model`` (every rank: its own ``batches``)."""
         raise NotImplementedError
 
+    def score_partitions(self, backward, views: list, model: nn.Module, batches: list) -> dict:
+        """ZeRO-3: :class:`RangeScores` of each view's partition (see :func:`partition_sensitivity`)."""
+        raise NotImplementedError(f"{self.name} {self.zero3_refusal}")
+
     def initial_masks(self, slices, select):
         if self.init_scores is None:
             raise RuntimeError(f"{self.name}: the initial scores were not computed (attach() computes them)")
-        scores = [self.init_scores[s.name].reshape(-1)[s.start: s.start + s.mask.numel()].to(s.mask.device)
-                  for s in slices]
+        scores = slice_scores(self.init_scores, slices)
         return self.select(slices, scores, [None] * len(slices), self.target_keep(slices, self.densities), select)
+
+
+def zero3_refusal_message(cls) -> str | None:
+    """The ConfigError message for pruning-at-initialization method ``cls`` at ZeRO stage 3 (None: it works)."""
+    why = getattr(cls, "zero3_refusal", None)
+    if why is None:
+        return None
+    return (f"{cls.name!r} cannot score at ZeRO stage 3: {why}. Score at ZeRO stage 2 (or 1, 0) and start the "
+            "ZeRO-3 run from the masks it saved: sparsity.method: static, sparsity.init_masks: "
+            "<output_dir>/final (docs/methods.md)")
 
 
 def _params(model: nn.Module, names: list) -> list:
@@ -114,16 +172,44 @@ def connection_sensitivity(model: nn.Module, names: list, batches: list) -> dict
     return {n: (g * p.detach().double()).abs().float() for n, g, p in zip(names, grads, params)}
 
 
+def partition_sensitivity(backward, views: list, model: nn.Module, batches: list) -> dict:
+    """SNIP's |g ⊙ w| of each view's partition (ZeRO-3), as :class:`RangeScores` at the view's ``mask_start``.
+
+    ``backward(x)`` runs one batch's forward and backward through the engine without a step: DeepSpeed averages the
+    gradient over ranks into each rank's fp32 partition and accumulates it over the batches, so g is the views'
+    gradient over ``len(batches)``, the mean over every rank's batches (each rank must pass as many); w is the
+    partition's master weights (at initialisation the lp weights the forward ran on, in fp32)."""
+    with _eval_mode(model):
+        for x in batches:
+            backward(x)
+    out = {}
+    for v in views:
+        g = v.grad()
+        if g is None:
+            raise RuntimeError(f"{v.name}: no reduced gradient after the scoring backward")
+        score = (g.double() / len(batches) * v.master().double()).abs().float()
+        out[v.name] = RangeScores(v.mask_start, score.to("cpu"))
+    return out
+
+
 class SNIP(PruningAtInit):
     name = "snip"
+    zero3_refusal = None  # |g ⊙ w| is elementwise: each partition's score needs only its own reduced gradient
 
     def score(self, model, names, batches):
         return connection_sensitivity(model, names, batches)
+
+    def score_partitions(self, backward, views, model, batches):
+        return partition_sensitivity(backward, views, model, batches)
 
 
 class GraSP(PruningAtInit):
     name = "grasp"
     signed_scores = True  # a block pattern sums them instead of taking a norm
+    zero3_refusal = ("its Hessian-gradient product differentiates the whole first backward again (double "
+                     "backward, create_graph), and ZeRO-3 releases each module's gathered parameters when that "
+                     "module's backward ends, so the second backward finds them empty; the score is not a function "
+                     "of a partition's gradient")
 
     def score(self, model, names, batches):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -171,6 +257,10 @@ def _affine_norms(model: nn.Module):
 
 class SynFlow(PruningAtInit):
     name = "synflow"
+    zero3_refusal = ("it runs the whole network with every parameter replaced by a float64 |θ| copy, and ZeRO-3 "
+                     "holds a parameter whole only inside its own module's forward and backward hooks, which gather "
+                     "DeepSpeed's partitioned parameters, not replacements; the score is not a function of a "
+                     "partition")
 
     def __init__(self, *args, init_rounds: int = 100, **kwargs):
         super().__init__(*args, **kwargs)
