@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/dist-sparse train configs/demo.yaml --nproc 2
+	$(VENV)/bin/dist-sparse train configs/demo.yaml --nproc 2 --set train.overwrite_output_dir=true
 
 # two pytest workers, one test file each at a time (--dist loadfile keeps a file's module-scoped multi-rank reports
 # on one worker): the multi-rank tests spend much of their time starting processes and waiting on each other, so

@@ -21,6 +21,7 @@ screening subset (the issue's screening: 1 seed at 1000 steps); rows not run are
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,8 @@ COMMON = ["model.n_layer=4", "model.n_head=4", "model.block_size=128", "data.tok
 W128 = ["model.n_embd=128"]
 IMP_PRUNE = 1 - 0.1 ** (1 / 3)  # 3 rounds to 90%
 
-# name, seeds ("all": --seeds of them, 1: one), overrides
+# name, seeds ("all": --seeds of them, 1: one), overrides[, steps x --steps]
+STANDARD = "sparsity.parameterization=standard"
 ROWS = [
     ("dense", "all", [*W128, "sparsity.method=none"]),
     ("small dense (width 48)", "all", ["model.n_embd=48", "sparsity.method=none"]),
@@ -63,7 +65,12 @@ ROWS = [
                                               "freeze.fraction=0.5", "freeze.select=saliency"]),
     ("snip 95% (same trainable count)", 1, [*W128, "sparsity.method=snip", "sparsity.distribution=global",
                                             "sparsity.sparsity=0.95"]),
+    # the defaults' parameterization (SμPar) against the dense hyperparameters, and RigL's "5x" schedule
+    ("rigl, standard parameterization", 1, [*W128, "sparsity.method=rigl", STANDARD]),
+    ("static, standard parameterization", 1, [*W128, "sparsity.method=static", STANDARD]),
+    ("rigl 5x steps", 1, [*W128, "sparsity.method=rigl"], 5),
 ]
+CONTROL = "imp reinit control (seed + 1000)"
 
 
 def slug(name: str) -> str:
@@ -76,11 +83,12 @@ def overrides_for(row: list, steps: int, seed: int, out: Path) -> list:
             f"train.output_dir={out}"]
 
 
-def same_config(out: Path, overrides: list) -> bool:
-    """A finished run (or its committed record) with exactly the config this script would run now."""
+def same_config(out: Path, overrides: list, finished: bool = True) -> bool:
+    """A finished run (or its committed record; ``finished=False``: any run, e.g. an interrupted one) with exactly
+    the config this script would run now."""
     from dist_sparse import config as config_mod
 
-    if not (out / "summary.json").exists() or not (out / "config.json").exists():
+    if (finished and not (out / "summary.json").exists()) or not (out / "config.json").exists():
         return False
     wanted = config_mod.load(CONFIG, overrides).to_dict()
     saved = json.loads((out / "config.json").read_text())
@@ -134,8 +142,10 @@ def train(name: str, row: list, steps: int, seed: int) -> tuple:
     cmd = [sys.executable, "-m", "dist_sparse.cli.main", "train", str(CONFIG), "--nproc", "2"]
     for o in overrides:
         cmd += ["--set", o]
-    if (out / "checkpoints").exists():  # an interrupted run of the same config continues
-        cmd += ["--resume", "auto"]
+    if same_config(out, overrides, finished=False) and (out / "checkpoints").exists():
+        cmd += ["--resume", "auto"]  # an interrupted run of the same config continues
+    elif out.exists():
+        shutil.rmtree(out)  # a run of another config (the script's rows changed): its checkpoints are not this run's
     proc = subprocess.run(cmd, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{name} (seed {seed}) failed:\n{proc.stderr[-5000:]}")
@@ -181,24 +191,33 @@ def main() -> None:
     if common.skipped_without_shakespeare(SECTION, "Science table"):
         return
     only = set(args.only.split(",")) if args.only else None
-    vals, reused, dirs, control = {}, [], [], None
-    for name, seeds, row in ROWS:
-        if only is not None and name not in only:
-            continue
-        n = args.seeds if seeds == "all" else 1
-        for seed in range(n):
+    rows = [(r[0], args.seeds if r[1] == "all" else 1, r[2], r[3] if len(r) > 3 else 1) for r in ROWS
+            if only is None or r[0] in only]
+    results = {"vals": {}, "kind": {}, "reused": [], "dirs": []}
+    # seed by seed over the rows: an interrupted table has every row at the same number of seeds
+    for seed in range(max((n for _, n, _, _ in rows), default=0)):
+        for name, n, row, factor in rows:
+            if seed >= n:
+                continue
             if row == "lottery":
                 rep, out, was = lottery(name, args.steps, seed)
-                vals.setdefault(name, []).append(rep["round"][-1]["val_loss"])
-                control = rep["control"]
-                vals.setdefault("imp reinit control (seed + 1000)", []).append(control["val_loss"])
+                results["vals"].setdefault(name, []).append(rep["round"][-1]["val_loss"])
+                results["vals"].setdefault(CONTROL, []).append(rep["control"]["val_loss"])
+                results["kind"][name] = results["kind"][CONTROL] = "standard"
             else:
-                summary, out, was = train(name, row, args.steps, seed)
-                vals.setdefault(name, []).append(summary["final_val_loss"])
-            dirs.append(out)
+                summary, out, was = train(name, row, args.steps * factor, seed)
+                results["vals"].setdefault(name, []).append(summary["final_val_loss"])
+                results["kind"][name] = summary.get("parameterization", "standard")
+            results["dirs"].append(out)
             if was:
-                reused.append(f"{name} seed {seed}")
-            print(f"{name} seed {seed}: {vals[name][-1]:.4f}{' (reused)' if was else ''}", flush=True)
+                results["reused"].append(f"{name} seed {seed}")
+            print(f"{name} seed {seed}: {results['vals'][name][-1]:.4f}{' (reused)' if was else ''}", flush=True)
+            write(args, results, figure=False)  # the section stays current if the table is stopped
+    write(args, results, figure=True)
+
+
+def write(args, results: dict, figure: bool) -> None:
+    vals, kind = results["vals"], results["kind"]
 
     def mean(name):
         return statistics.mean(vals[name]) if vals.get(name) else None
@@ -209,21 +228,34 @@ def main() -> None:
             return f"| {label} | not measured | {better} or {worse} not run |"
         return f"| {label} | {'yes' if a < b else 'NO'} | {a:.4f} vs {b:.4f} ({(a - b) / b * 100:+.2f}%) |"
 
+    def target(label, ok, figures):
+        return f"| {label} | {'not measured' if ok is None else 'yes' if ok else 'NO'} | {figures} |"
+
     dense = mean("dense")
-    rows = [f"| {name} | {fmt(vals.get(name, []))} | "
-            f"{f'{mean(name) / dense:.3f}' if dense and mean(name) else '-'} |"
-            for name in [r[0] for r in ROWS] + ["imp reinit control (seed + 1000)"]]
+    table = [f"| {name} | {fmt(vals.get(name, []))} | "
+             f"{f'{mean(name) / dense:.3f}' if dense and mean(name) else '-'} | {kind.get(name, '-')} |"
+             for name in [r[0] for r in ROWS] + [CONTROL]]
     checks = [order(f"{pai} above static random (Frankle et al. 2021)", pai, "static") for pai in
               ("snip", "grasp", "synflow")]
     checks += [order(f"GMP above {pai} (Frankle et al. 2021)", "gmp", pai) for pai in ("snip", "grasp", "synflow")]
-    checks += [order("rewound ticket above its reinit control", "imp (3 rounds, rewind 5%)",
-                     "imp reinit control (seed + 1000)"),
+    checks += [order("rewound ticket above its reinit control", "imp (3 rounds, rewind 5%)", CONTROL),
                order("SR-STE 2:4 above static 2:4", "2:4 sr_ste", "2:4 static"),
                order("RigL above SET", "rigl", "set"), order("SET above static", "set", "static")]
-    figure = RESULTS / f"{SECTION}.png"
-    if dirs:
-        subprocess.run([sys.executable, "-m", "dist_sparse.cli.main", "report", *map(str, dirs), "--out",
-                        str(figure)], check=True, cwd=ROOT)
+    rigl, static, small, five = mean("rigl"), mean("static"), mean("small dense (width 48)"), mean("rigl 5x steps")
+    targets = [
+        target("RigL 90% at the defaults: at most 1.08x dense", None if rigl is None or dense is None else
+               rigl <= 1.08 * dense, f"{rigl / dense:.3f}x" if rigl and dense else "rigl or dense not run"),
+        target("RigL at the defaults better than static", None if rigl is None or static is None else rigl < static,
+               f"{rigl:.4f} vs {static:.4f}" if rigl and static else "rigl or static not run"),
+        target("RigL at the defaults better than the small dense model", None if rigl is None or small is None else
+               rigl < small, f"{rigl:.4f} vs {small:.4f}" if rigl and small else "rigl or small dense not run"),
+        f"| RigL with 5x the steps against dense at 1x (stated, no target) | - | "
+        f"{f'{five:.4f} vs {dense:.4f} ({five / dense:.3f}x)' if five and dense else 'not run'} |",
+    ]
+    figure_path = RESULTS / f"{SECTION}.png"
+    if figure and results["dirs"]:
+        subprocess.run([sys.executable, "-m", "dist_sparse.cli.main", "report", *map(str, results["dirs"]),
+                        "--out", str(figure_path)], check=True, cwd=ROOT)
     md = [
         "## Science table: every family of sparse training, one setting",
         "",
@@ -234,23 +266,30 @@ def main() -> None:
         f"Setting: `{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks, ZeRO-2, "
         f"{args.steps} steps, the demo's AdamW recipe (lr 1e-3, betas 0.9/0.95, weight decay 0.1), 90% sparsity "
         "(ERK; the pruning-at-initialization rows global, as in their papers) unless the row says otherwise; "
-        "final validation loss, mean ± std over the seeds that ran. IMP: 3 rounds pruning "
-        f"{IMP_PRUNE:.4f} of the remaining weights each (to 90%), rewinding to step {max(1, args.steps // 20)} "
-        "(5%); its control trains the final masks from a fresh initialisation (seed + 1000).",
+        "every other key at its default, so static, SET and RigL train under SμPar (docs/methods.md; the column "
+        "says which parameterization each row resolved to); final validation loss, mean ± std over the seeds that "
+        f"ran. IMP: 3 rounds pruning {IMP_PRUNE:.4f} of the remaining weights each (to 90%), rewinding to step "
+        f"{max(1, args.steps // 20)} (5%); its control trains the final masks from a fresh initialisation "
+        "(seed + 1000). `rigl 5x steps` runs 5x the steps (the RigL paper's 5x schedule; RigL's schedule scales "
+        "with them).",
         "",
-        "| run | final val loss | x dense |",
-        "|---|---|---|",
-        *rows,
+        "| run | final val loss | x dense | parameterization |",
+        "|---|---|---|---|",
+        *table,
         "",
         "| published ordering | holds | figures (lower loss is better) |",
         "|---|---|---|",
         *checks,
         "",
-        f"Reused finished runs (same config): {', '.join(reused) if reused else 'none'}. Rows marked `not run` were "
-        "not part of this invocation (`--only`).",
+        "| target (the defaults) | reached | measured |",
+        "|---|---|---|",
+        *targets,
+        "",
+        f"Reused finished runs (same config): {', '.join(results['reused']) or 'none'}. Rows marked `not run` "
+        "were not part of this invocation (`--only`) or not reached yet.",
     ]
-    if dirs:
-        md += ["", f"![report of these runs]({os.path.relpath(figure, ROOT / 'docs')})"]
+    if results["dirs"] and (figure or figure_path.exists()):
+        md += ["", f"![report of these runs]({os.path.relpath(figure_path, ROOT / 'docs')})"]
     common.write_section(SECTION, "\n".join(md))
 
 

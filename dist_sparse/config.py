@@ -252,6 +252,9 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 20
     save_interval: int = 0  # checkpoint every N steps (0: only at the end); see docs/reliability.md
+    # a fresh (not resumed) run into an output_dir that holds another run's checkpoints is refused unless this is
+    # true: then those checkpoints are deleted first (mixing them would let --resume auto pick the wrong run's)
+    overwrite_output_dir: bool = False
     tensorboard: bool = True
     progress: bool = True
     dist_timeout_s: float = 600.0

@@ -9,6 +9,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from dist_sparse import distributed as D
 from dist_sparse.checkpointing import restore, save_checkpoint, save_final
 from dist_sparse.config import Config
 from dist_sparse.data import TextData
-from dist_sparse.errors import DistSparseError
+from dist_sparse.errors import ConfigError, DistSparseError
 from dist_sparse.faults import Faults
 from dist_sparse.freezing import freeze_counts, freeze_modules
 from dist_sparse.integration import hf
@@ -135,7 +136,21 @@ def _resume_target(cfg: Config, resume: str | None, ckpt_root: Path):
         log.info("restart %s: no committed checkpoint yet under %s, starting from step 0",
                  os.environ["TORCHELASTIC_RESTART_COUNT"], ckpt_root)
         return None
-    return checkpoint.resolve(resume, ckpt_root) if resume is not None else None
+    if resume is not None:
+        return checkpoint.resolve(resume, ckpt_root)
+    found = checkpoint.committed_checkpoints(ckpt_root)
+    if found and not cfg.train.overwrite_output_dir:
+        raise ConfigError("train.output_dir", f"{ckpt_root} holds checkpoints of an earlier run (newest: "
+                                              f"{found[-1].name}); continue it with --resume auto, choose another "
+                                              "train.output_dir, or set train.overwrite_output_dir=true to delete "
+                                              "them and start again")
+    if ckpt_root.exists() and cfg.train.overwrite_output_dir:
+        D.barrier()  # every rank has looked before rank 0 deletes
+        if D.rank() == 0:
+            shutil.rmtree(ckpt_root)
+            log.info("train.overwrite_output_dir: deleted the earlier run's checkpoints under %s", ckpt_root)
+        D.barrier()
+    return None
 
 
 def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
