@@ -24,18 +24,25 @@ RIGL = [*W128, "sparsity.method=rigl"]
 
 # name, overrides, what the row tests (run in this order)
 STANDARD = "sparsity.parameterization=standard"
+W1 = "sparsity.grow_grad_steps=1"  # the paper's growth score: the update step's batch
 ROWS = [
     ("dense", [*W128, "sparsity.method=none"], "the reference"),
-    ("rigl", RIGL, "RigL at its defaults (SμPar: per layer, init x density^-1/2, learning rate x 1/density)"),
-    ("rigl, standard parameterization", [*RIGL, STANDARD],
-     "the dense model's init and learning rate in every layer (the RigL paper's setting; the old default)"),
-    ("rigl, standard, lr 3e-3", [*RIGL, STANDARD, "deepspeed.optimizer.params.lr=0.003"],
+    ("rigl", RIGL, "RigL at its defaults: SμPar and, with masked-dense state, the growth window = update interval"),
+    ("rigl, standard parameterization", [*RIGL, STANDARD, W1],
+     "the dense model's init and learning rate in every layer, growth on one batch (the RigL paper; the old "
+     "defaults)"),
+    ("rigl, standard, lr 3e-3", [*RIGL, STANDARD, W1, "deepspeed.optimizer.params.lr=0.003"],
      "diagnostic (changes the user's optimizer for every layer): is the sparse model short of step size?"),
     ("rigl, standard, grow window 100", [*RIGL, STANDARD, "sparsity.grow_grad_steps=100"],
      "growth score averaged over the 100 steps before an update (the training benchmark's variant)"),
-    ("rigl grow window 100", [*RIGL, "sparsity.grow_grad_steps=100"], "the same under SμPar"),
-    ("rigl drop 0.5", [*RIGL, "sparsity.drop_fraction=0.5"], "more exploration per update, under SμPar"),
-    ("rigl every 50", [*RIGL, "sparsity.update_interval=50"], "twice the updates (ITOP's exploration), under SμPar"),
+    ("rigl, SμPar, grow window 1", [*RIGL, W1], "SμPar alone"),
+    ("rigl grow window 100", [*RIGL, "sparsity.grow_grad_steps=100"], "SμPar and the window, set explicitly"),
+    ("rigl grow window 25", [*RIGL, "sparsity.grow_grad_steps=25"],
+     "a window a quarter of the update interval (dense gradients on 1/4 of the steps, not all)"),
+    ("rigl grow window 10", [*RIGL, "sparsity.grow_grad_steps=10"], "a window a tenth of the update interval"),
+    ("rigl drop 0.5", [*RIGL, W1, "sparsity.drop_fraction=0.5"], "more exploration per update (SμPar, window 1)"),
+    ("rigl every 50", [*RIGL, W1, "sparsity.update_interval=50"],
+     "twice the updates (ITOP's exploration; SμPar, window 1)"),
 ]
 
 

@@ -292,7 +292,10 @@ class SparsityConfig:
     end_step: int | None = None  # last update step (exclusive); default 0.75 * train.steps (RigL's T_end)
     drop_fraction: float = 0.3  # alpha: fraction of active weights dropped/regrown (SET, RigL)
     drop_fraction_schedule: str | None = None  # cosine | constant; default: cosine for rigl, constant for set
-    grow_grad_steps: int = 1  # rigl: grow on the dense gradient averaged over this many steps (1 = the paper)
+    # rigl: grow on the dense gradient averaged over this many steps ending at the update (1 = the paper: the update
+    # step's batch); unset: update_interval where every step reduces the dense gradient anyway (masked-dense state,
+    # no gradient compression, dense kernels), else 1 (dist_sparse/methods/rigl.py)
+    grow_grad_steps: int | None = None
     init_masks: str | None = None  # a sparsity_masks.safetensors file (or a directory holding one) to start from
     seed: int | None = None  # mask randomness; default: train.seed
     compact_state: bool = False  # master weights, moments, gradients only for active weights (docs/memory.md)
@@ -357,9 +360,10 @@ class SparsityConfig:
         if self.end_step is not None:
             _require(self.end_step > self.start_step, f"{p}.end_step", "must be > start_step")
         _require(0.0 <= self.drop_fraction <= 1.0, f"{p}.drop_fraction", "must be in [0, 1]")
-        _require(isinstance(self.grow_grad_steps, int) and not isinstance(self.grow_grad_steps, bool)
-                 and self.grow_grad_steps >= 1, f"{p}.grow_grad_steps", "must be an integer >= 1")
-        _require(self.grow_grad_steps <= self.update_interval, f"{p}.grow_grad_steps",
+        _require(self.grow_grad_steps is None or (isinstance(self.grow_grad_steps, int) and not isinstance(
+            self.grow_grad_steps, bool) and self.grow_grad_steps >= 1), f"{p}.grow_grad_steps",
+            "must be an integer >= 1 (or unset)")
+        _require(self.grow_grad_steps is None or self.grow_grad_steps <= self.update_interval, f"{p}.grow_grad_steps",
                  f"must be <= update_interval ({self.update_interval}): growth windows may not overlap")
         if self.drop_fraction_schedule is not None:
             _require(self.drop_fraction_schedule in ("cosine", "constant"), f"{p}.drop_fraction_schedule",

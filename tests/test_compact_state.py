@@ -156,8 +156,12 @@ def _check_compact_case(stage, dtype, method, gas, sub_group_size, per_rank):
             assert not any(dense["skipped"]), where
         # fp16: the worker makes one update step overflow (an inf at a pruned position): no update on it
         assert compact["updates"] == dense["updates"] == compact["scheduled_updates"] - (dtype == "fp16") >= 3, where
-        # the worker's 2 optimizer groups (decay / no decay), split further by a small ZeRO-3 sub_group_size
-        assert (compact["groups"] > 2) == bool(sub_group_size), f"{where}: {compact['groups']} packed groups"
+        # the worker's optimizer groups (decay / no decay, split by SμPar's learning-rate scale), split further by a
+        # small ZeRO-3 sub_group_size
+        supar = compact["method"] in ("static", "set", "rigl")  # magnitude pruning starts dense: standard
+        assert (compact["param_groups"] > 2) == supar, f"{where}: {compact['param_groups']} optimizer groups"
+        assert (compact["groups"] > compact["param_groups"]) == bool(sub_group_size), \
+            f"{where}: {compact['groups']} packed groups from {compact['param_groups']} optimizer groups"
         assert compact["masked_nonzero"] == [0] * 20, f"{where}: pruned model weights not exactly 0"
         # masked-dense: regrown weights start at 0 with zero moments too (also when DeepSpeed's first optimizer
         # step was skipped: fp16 overflows, then RigL's update replacing the step)

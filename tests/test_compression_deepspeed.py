@@ -186,8 +186,16 @@ def test_adam_momentum_correction_matches_its_reference_when_local_equals_averag
         assert ours["masks"] == ref["masks"], where
         for name in ref["master"]:  # rounding differs (bias correction applied to sqrt(v) vs v): Adam turns it
             # into ~1e-5 moves where a gradient is ~0, as in test_density_one_equals_deepspeed_reduction
-            torch.testing.assert_close(torch.tensor(ours["master"][name]), torch.tensor(ref["master"][name]),
-                                       msg=f"{where} {name}", atol=1e-4, rtol=1e-4)
+            a, b = torch.tensor(ours["master"][name]), torch.tensor(ref["master"][name])
+            if name.endswith("attn.c_attn.bias"):
+                # the key bias (c_attn.bias' middle third) has a gradient of exactly 0 in exact arithmetic (softmax
+                # is shift-invariant): its Adam steps normalise rounding noise into moves of up to lr, and SμPar's
+                # faster sparse layers make that noise larger; compare it within one step (lr 0.01)
+                third = a.numel() // 3
+                torch.testing.assert_close(a[third: 2 * third], b[third: 2 * third], msg=f"{where} {name} key",
+                                           atol=0.01, rtol=0)
+                a, b = torch.cat([a[:third], a[2 * third:]]), torch.cat([b[:third], b[2 * third:]])
+            torch.testing.assert_close(a, b, msg=f"{where} {name}", atol=1e-4, rtol=1e-4)
         sparse = runs["adam_mc"]
         assert sparse["sent_pruned"] == 0 and sparse["dgc"]["momenta"] > 0, where
         # gradient_clipping 1.0 became DGC local clipping at 1.0 x sqrt(2); DeepSpeed no longer clips

@@ -122,7 +122,8 @@ def test_the_scaled_rate_lives_only_inside_the_step_so_schedulers_see_the_dense_
 
 def _supar_under_deepspeed(rank, world):
     """dist_sparse.initialize at ZeRO-2: DeepSpeed keeps the groups' lr_scale, the inner step sees base * scale,
-    the engine reports SμPar, get_lr() stays the configured rate, and pruned weights stay exactly 0."""
+    the engine reports SμPar, get_lr() stays the configured rate, pruned weights stay exactly 0; and RigL's
+    default growth window."""
     import os
 
     import dist_sparse
@@ -148,6 +149,13 @@ def _supar_under_deepspeed(rank, world):
         tiny_step(engine, g)
     assert seen and all(lr == pytest.approx(0.01 * s) for step in seen for lr, s in step)
     assert engine.get_lr() == [0.01] * len(opt.param_groups)
+    # RigL's unset growth window: the whole update interval, free here (masked-dense DeepSpeed reduces the dense
+    # gradient every step); under gradient compression it would turn steps dense, so the paper's one batch
+    assert engine.sparsifier.method.grow_grad_steps == tiny_rigl_config(2)["sparsity"]["update_interval"] == 2
+    compressed, *_ = dist_sparse.initialize(tiny_gpt2(), tiny_rigl_config(2, compression={"method": "topk",
+                                                                                          "density": 0.1}),
+                                            total_steps=6)
+    assert compressed.sparsifier.method.grow_grad_steps == 1
     masks = engine.sparsifier.full_masks()
     for name, mask in masks.items():
         w = dict(engine.module.named_parameters())[name]

@@ -346,7 +346,24 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     kernels = build_kernels(engine, model, sparsifier, sparsity, kernel_tokens)
     if kernels is not None:
         wrapped.set_kernels(kernels)
+    default_grow_window(wrapped, sparsity)
     return wrapped
+
+
+def default_grow_window(engine: SparseEngine, sparsity: SparsityConfig) -> None:
+    """RigL's unset ``grow_grad_steps``: grow on the dense gradient averaged over the whole update interval where
+    that costs nothing, i.e. where every step already reduces the dense gradient (DeepSpeed's masked-dense state,
+    no gradient compression, dense kernels: measured better, docs/benchmarks.md "RigL's default recipe"); else the
+    paper's update-step batch, since a window turns its steps dense for compact state's packed reduction, the
+    compressed exchange and the block-sparse kernels' dW."""
+    from dist_sparse.methods import RigL
+
+    method = getattr(engine.sparsifier.method, "method", engine.sparsifier.method)  # fused experts wrap it
+    if sparsity.grow_grad_steps is not None or not isinstance(method, RigL):
+        return
+    free = (engine.compact is None and engine.compression is None
+            and all(kind == "dense" for kind in engine.layer_kernel().values()))
+    method.grow_grad_steps = sparsity.update_interval if free else 1
 
 
 def _score_at_init(engine, model, method, views: list, init_batches) -> None:

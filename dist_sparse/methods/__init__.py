@@ -66,7 +66,8 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
         kind = sparsity.drop_fraction_schedule or ("cosine" if issubclass(cls, RigL) else "constant")
         kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
     if issubclass(cls, RigL):
-        kwargs["grow_grad_steps"] = sparsity.grow_grad_steps
+        # unset: the paper's one batch until attach() knows whether the window is free (default_grow_window)
+        kwargs["grow_grad_steps"] = sparsity.grow_grad_steps or 1
     if issubclass(cls, SRSTE):
         kwargs["decay"] = sparsity.srste_decay
     if issubclass(cls, PruningAtInit):

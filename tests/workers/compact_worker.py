@@ -20,6 +20,7 @@ import deepspeed
 import torch
 
 import dist_sparse
+from dist_sparse.integration.views import inner_optimizer
 from dist_sparse.masks.packing import packed_nbytes
 from tests.workers import allow_cpu_fp16, finish, tiny_gpt2
 
@@ -211,6 +212,8 @@ def run(stage: int, compact: bool, dtype: str, method: str, gas: int = 1, sub_gr
     report["overflow_skips"] = engine.overflow_skips
     report["method"] = method
     report["groups"] = len(engine.compact.parts) if compact else None
+    # the optimizer's groups: decay / no decay, each split by SμPar's learning-rate scale
+    report["param_groups"] = len(inner_optimizer(engine).param_groups)
     if compact:
         report["transient_dense_grad_bytes"] = engine.compact.transient_dense_grad_bytes
         report["dense_master_freed"] = dense_master_freed(engine)
