@@ -6,7 +6,8 @@ optimizer onto it (below), :class:`dist_sparse.integration.compact_zero3.Compact
 
 Dense DeepSpeed keeps, per rank and optimizer group, an fp32 master partition, Adam moments of the same size and
 a gradient partition. With compact state this rank keeps them only for *active* positions (mask set, or the
-parameter is not sparsified), packed in the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
+parameter is not sparsified; with ``freeze.fraction`` only for trainable ones: active and not frozen), packed in
+the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
 
 - master weights: the inner torch optimizer steps one packed fp32 tensor per group instead of DeepSpeed's
   ``single_partition_of_fp32_groups[i]``; the dense fp32 partition is freed. Its slot in DeepSpeed is re-pointed
