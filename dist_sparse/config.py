@@ -437,7 +437,14 @@ def check_freeze(freeze: FreezeConfig, sparsity: SparsityConfig, compression: "C
         return
     _require(sparsity.method != "none", "freeze.fraction", "freezes a fraction of the sparsified layers' unpruned "
                                                            "weights: it needs a sparse method (sparsity.method)")
-    _require(not sparsity.compact_state, "freeze.fraction", "is not supported with sparsity.compact_state yet")
+    if sparsity.compact_state:  # the packed store lays out by the trainable set (active and not frozen)
+        _require(not compression.enabled, "freeze.fraction", "with sparsity.compact_state is not supported with "
+                                                             "gradient compression yet (its exchange and staged "
+                                                             "moments follow the active layout, not the trainable one)")
+        _require(not sparsity.packed_gather, "freeze.fraction", "with sparsity.compact_state is not supported with "
+                                                                "sparsity.packed_gather: packed shards keep only the "
+                                                                "trainable values, frozen weights live in the dense "
+                                                                "shard")
     from dist_sparse.methods import METHODS
     from dist_sparse.patterns import parse_pattern
 

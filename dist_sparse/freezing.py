@@ -6,7 +6,9 @@
   (``Sparsifier.freeze_fraction``): their gradients are zeroed before clipping and the optimizer, and their masters
   are written back after every optimizer step, so neither Adam's update nor weight decay moves them, bit for bit.
   Dynamic methods never drop or regrow them (``SparseMethod.select_survivors``). The bits are saved with every
-  checkpoint (``::frozen``); their values are the saved masters.
+  checkpoint (``::frozen``); their values are the saved masters. With compact state the packed store holds only
+  trainable weights (active, not frozen): no master, moments or gradient for a frozen one, whose value stays in
+  the model's low-precision weights (``PackedZeroState``).
 - ``freeze.modules: [glob, ...]``: every parameter of the matching modules gets ``requires_grad = False`` before
   DeepSpeed is initialised: no weight gradient at all (backward does less work), no optimizer state, and they are
   not sparsified.

@@ -38,6 +38,9 @@ class DenseStorage:
     writes after every optimizer step and at every mask change. Compact state's store replaces this with packed
     storage (``PackedZeroState``), where pruned positions are not stored at all."""
 
+    # frozen weights (freezing.py): their values are the sparsifier's copy, written back after every optimizer step
+    holds_frozen_values = False
+
     @torch.no_grad()
     def masks_changed(self, sparsifier, old: dict) -> None:
         """After a mask update: regrown weights start at 0 with zero moments, dropped ones are zeroed."""
@@ -51,6 +54,14 @@ class DenseStorage:
         """After the optimizer step: pruned master weights back to exactly 0."""
         for v in sparsifier.views:
             v.mul_master_(sparsifier.mask(v.name).to(v.master().device))
+
+    @torch.no_grad()
+    def restore_frozen(self, sparsifier) -> None:
+        """After the optimizer step: frozen positions back to their kept values, whatever Adam or weight decay did
+        to the dense masters."""
+        for name, values in sparsifier.frozen_values.items():
+            master = sparsifier.views[sparsifier.order[name]].master()
+            master[sparsifier.frozen_mask(name).to(master.device)] = values
 
 
 class Sparsifier(Component):
@@ -74,13 +85,17 @@ class Sparsifier(Component):
         self.masked_forward = method is not None and method.dense_weights
         self._reselected_at: int | None = None  # the step whose forward masks were last re-decided (SR-STE)
         # freezing (dist_sparse/freezing.py): positions of the mask range that never change state, and the master
-        # values they keep (restored after every optimizer step, so neither the update nor weight decay moves them)
+        # values they keep (restored after every optimizer step, so neither the update nor weight decay moves them).
+        # A storage that holds the frozen values itself (compact state: they are not packed, the model's weights
+        # keep them) makes this copy unnecessary: ``frozen_values`` stays empty then
         self.frozen: dict = {}  # name -> packed bits
         self.frozen_values: dict = {}  # name -> values at the frozen positions, in order
 
     def store_in(self, storage) -> None:
         """Keep the masked values in ``storage`` from now on (compact state's packed store)."""
         self.storage = storage
+        if storage.holds_frozen_values:  # the model's weights keep them: no second copy
+            self.frozen_values = {}
 
     # -- mask storage ------------------------------------------------------------------------------------------
     def mask(self, name: str) -> torch.Tensor:
@@ -96,24 +111,24 @@ class Sparsifier(Component):
         return unpack_bits(self.frozen[name], self.views[self.order[name]].mask_len)
 
     @torch.no_grad()
-    def set_frozen(self, name: str, bits: torch.Tensor) -> None:
-        """Freeze the positions ``bits`` (this rank's mask range) at the master values they hold now."""
+    def set_frozen(self, name: str, bits: torch.Tensor, master: torch.Tensor | None = None) -> None:
+        """Freeze the positions ``bits`` (this rank's mask range) at the master values they hold now, or at those
+        of ``master`` (the range's dense masters about to be loaded: a checkpoint load). Call it before a
+        storage that holds the frozen values itself is handed the loaded masters: it lays them out by these bits."""
         v = self.views[self.order[name]]
         bits = bits.reshape(-1).to("cpu").bool()
         self.frozen[name] = pack_bits(bits)
-        self.frozen_values[name] = v.master()[bits.to(v.master().device)].detach().clone()
+        self.frozen_values.pop(name, None)
+        if self.storage.holds_frozen_values:
+            return
+        held = v.master()
+        source = held if master is None else master.reshape(-1)
+        self.frozen_values[name] = source[bits.to(source.device)].detach().to(held.device, copy=True)
 
-    def refresh_frozen_values(self) -> None:
-        """After a checkpoint load: the frozen positions' values are the loaded masters (never changed)."""
-        for name in list(self.frozen):
-            self.set_frozen(name, self.frozen_mask(name))
-
-    @torch.no_grad()
-    def _restore_frozen(self) -> None:
-        for name, values in self.frozen_values.items():
-            v = self.views[self.order[name]]
-            master = v.master()
-            master[self.frozen_mask(name).to(master.device)] = values
+    def trainable_mask(self, name: str) -> torch.Tensor:
+        """The positions the optimizer updates: active and not frozen."""
+        frozen = self.frozen_mask(name)
+        return self.mask(name) if frozen is None else self.mask(name) & ~frozen
 
     def frozen_count(self, exclude=()) -> int:
         """Frozen active positions over all ranks (score ranges partition each tensor), not counting ``exclude``."""
@@ -126,7 +141,8 @@ class Sparsifier(Component):
         return int(D.all_reduce_sum(t, self.group))
 
     def mask_bytes(self) -> int:
-        return sum(p.numel() for p in self.packed.values())
+        """The bits this rank keeps: its masks and, with freezing, its frozen bits."""
+        return sum(p.numel() for p in self.packed.values()) + sum(p.numel() for p in self.frozen.values())
 
     def _slices(self, with_weight: bool, with_grad: bool, current_grad: bool = False,
                 stored_range: bool = False) -> list:
@@ -248,8 +264,7 @@ class Sparsifier(Component):
             return  # straight-through: pruned positions keep their gradient
         for v in self.views:
             if v.grad() is not None:
-                frozen = self.frozen_mask(v.name)  # frozen weights get no gradient step (nor count in clipping)
-                v.mul_grad_(self.mask(v.name) if frozen is None else self.mask(v.name) & ~frozen)
+                v.mul_grad_(self.trainable_mask(v.name))  # frozen weights get no gradient step (nor count in clipping)
 
     def uses_dense_grad(self, step: int) -> bool:
         """Whether the gradient of pruned positions is used at ``step`` (the schedule decides)."""
@@ -281,7 +296,7 @@ class Sparsifier(Component):
         if self.method is not None and self.method.dense_weights:
             return  # the masters stay dense; the forward is masked
         self.storage.enforce(self)
-        self._restore_frozen()  # frozen weights: back to their value, whatever Adam or weight decay did
+        self.storage.restore_frozen(self)  # frozen weights: back to their value, whatever Adam or weight decay did
 
     @torch.no_grad()
     def _update(self, step: int) -> None:

@@ -11,7 +11,7 @@ from dist_sparse.config import SparsityConfig, from_dict
 from dist_sparse.errors import ConfigError
 from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
-from tests.distributed_utils import dist_sparse_train
+from tests.distributed_utils import dist_sparse_train, run_torchrun
 from tests.fakes import TensorView
 
 
@@ -58,6 +58,16 @@ def test_freeze_config_is_checked():
     with pytest.raises(ConfigError, match="freeze.schedule"):
         from_dict({"sparsity": {"method": "rigl", "compact_state": True}, "deepspeed": {"zero_optimization": {
             "stage": 2}}, "freeze": {"schedule": [{"modules": "*", "step": 3}]}})
+    compact = {"method": "rigl", "compact_state": True}
+    for extra, sparsity in [({"compression": {"method": "topk"}}, {}), ({}, {"packed_gather": True})]:
+        stage = 3 if sparsity else 2  # compact state with gradient compression / packed shards: not yet
+        with pytest.raises(ConfigError, match="freeze.fraction"):
+            from_dict({"sparsity": {**compact, **sparsity}, "deepspeed": {"zero_optimization": {"stage": stage}},
+                       "freeze": {"fraction": 0.5}, **extra})
+    for stage in (1, 2, 3):  # compact state packs the trainable set (active, not frozen) at every stage
+        cfg = from_dict({"sparsity": compact, "deepspeed": {"zero_optimization": {"stage": stage}},
+                         "freeze": {"fraction": 0.5}})
+        assert cfg.sparsity.compact_state and cfg.freeze.fraction == 0.5
     cfg = from_dict({"sparsity": {"method": "rigl"},
                      "freeze": {"fraction": 0.5, "modules": ["*.h.0.attn"], "schedule": [{"modules": "*", "step": 3}]}})
     assert cfg.freeze.enabled and cfg.to_dict()["freeze"]["fraction"] == 0.5
@@ -113,3 +123,42 @@ def test_freezing_end_to_end_two_ranks_resume_and_export(tmp_path):
     again = load_file(str(resumed / "final" / "model.safetensors"))
     assert set(again) == set(final) and all(torch.equal(again[k], final[k]) for k in final)
     assert json.loads((resumed / "summary.json").read_text())["frozen_parameters"] == summary["frozen_parameters"]
+
+
+# ZeRO stage, precision; the first case also checkpoints and resumes (one launch runs them all)
+COMPACT_FREEZE_CASES = [(2, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16")]
+
+
+@pytest.mark.slow
+def test_compact_state_freeze_fraction_equals_masked_dense(tmp_path):
+    """``freeze.fraction`` with ``sparsity.compact_state``: the packed store holds only trainable weights (active,
+    not frozen), frozen values live in the model's own weights (tests/workers/freeze_compact_worker.py)."""
+    out = tmp_path / "report.json"
+    run_torchrun("freeze_compact_worker.py", 2, out, json.dumps(COMPACT_FREEZE_CASES), tmp_path, timeout=1200)
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank) == 2
+    for rank, results in enumerate(per_rank):
+        for (stage, dtype), r in zip(COMPACT_FREEZE_CASES, results):
+            where = f"ZeRO-{stage} {dtype} rank {rank}"
+            dense, compact = r["dense"], r["compact"]
+            # bit for bit: both runs clip by DeepSpeed's own norm over the same trainable values in the same order
+            # (masked-dense leaves the frozen weights' zeroed gradients out of it, as compact state does not store
+            # them), and Adam is elementwise; the packed all-reduce sums each element over the same 2 ranks
+            assert compact["losses"] == dense["losses"], f"{where}: losses differ"
+            assert r["final_equal"], f"{where}: final masks, masters or moments differ"
+            assert dense["updates"] == compact["updates"] == 2, where
+            # frozen weights keep their initial value, as masters and in the model, after every step (decay 0.1)
+            assert dense["frozen_local"] == compact["frozen_local"] > 0, where
+            assert all(dense["frozen_kept"]) and all(compact["frozen_kept"]), f"{where}: a frozen weight moved"
+            assert len(compact["frozen_kept"]) == len(dense["losses"]) == 12, where
+            # summary.json's counts
+            assert compact["counts"] == dense["counts"] and compact["counts"]["frozen_parameters"] > 0, where
+            # the store holds master, moments and gradient for trainable weights only: measured == the formula
+            assert len(compact["bytes"]) >= 8, where
+            for measured, expected in zip(compact["bytes"], compact["expected"]):
+                assert measured == expected, f"{where}: measured {measured} != {expected}"
+            if "checkpoint_equal" in r:  # the format does not depend on compact state (masked-dense reads it)
+                assert r["checkpoint_equal"], f"{where}: compact and masked-dense checkpoints differ"
+                for source in ("compact", "dense"):  # resumed at step 6 == uninterrupted, bit for bit
+                    got = r[f"resume_{source}"]
+                    assert got["losses_equal"] and got["final_equal"], f"{where}: resume from {source} differs"

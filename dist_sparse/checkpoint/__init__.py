@@ -354,22 +354,24 @@ def load(path: Path, views: list, sparsifier, state_keys: list) -> dict:
             if v.mask_len == 0:
                 continue
             p = pieces[v.name]
+            frozen = None
             if v.name in masked:  # the mask first: packed views lay out their values by it
                 mask = _assemble(p, "mask", v.mask_start, v.mask_len, torch.bool)
                 if mask is None:
                     raise CheckpointError(path, f"no mask saved for sparsified parameter {v.name}")
                 sparsifier.set_mask(v.name, mask)
+                frozen = _assemble(p, "frozen", v.mask_start, v.mask_len, torch.bool)
             master = _assemble(p, "master", v.mask_start, v.mask_len, torch.float32)
+            if frozen is not None:
+                # the frozen values are the saved masters; set before the load, as compact state packs only the
+                # trainable positions (active, not frozen)
+                sparsifier.set_frozen(v.name, frozen, master)
             states = {}
             for key in state_keys:
                 states[key] = _assemble(p, key, v.mask_start, v.mask_len, torch.float32)
                 if states[key] is None or (v.store is None and v.state(key) is None):
                     raise CheckpointError(path, f"optimizer state {key!r} of {v.name} cannot be restored")
             v.load(master, states)
-            if v.name in masked:
-                frozen = _assemble(p, "frozen", v.mask_start, v.mask_len, torch.bool)
-                if frozen is not None:
-                    sparsifier.set_frozen(v.name, frozen)  # after the masters: they are the frozen values
     # an open RigL growth window (grow_grad_steps > 1): its gradient sums, over this rank's score range
     window_steps = int((trainer.get("sparsifier") or {}).get("grad_sum_steps", 0))
     if sparsifier is not None:

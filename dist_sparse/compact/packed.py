@@ -123,13 +123,19 @@ class PackedPartition:
 
         return self.pack(dense_of, new_masks, packed.dtype, packed.device)
 
-    def scatter_into(self, packed: torch.Tensor, target: torch.Tensor, masks: list) -> None:
-        """Write packed values into a dense partition tensor (any dtype): inactive positions become exactly 0."""
+    def scatter_into(self, packed: torch.Tensor, target: torch.Tensor, masks: list, keep: dict | None = None) -> None:
+        """Write packed values into a dense partition tensor (any dtype): inactive positions become exactly 0,
+        except those of ``keep`` (name -> bool mask over the fragment: positions not packed whose value the target
+        itself holds, frozen weights) which are left as they are."""
         for k, (f, m) in enumerate(zip(self.fragments, masks)):
             dst = target.narrow(0, f.start, f.length)
             values = packed.narrow(0, self.offsets[k], self.offsets[k + 1] - self.offsets[k])
+            kept = None if keep is None else keep.get(f.name)
             if m is None:
                 dst.copy_(values)
-            else:
+            elif kept is None:
                 dst.zero_()
+                dst.masked_scatter_(m.to(dst.device), values.to(dst.dtype))
+            else:
+                dst.masked_fill_(~(m | kept).to(dst.device), 0)
                 dst.masked_scatter_(m.to(dst.device), values.to(dst.dtype))

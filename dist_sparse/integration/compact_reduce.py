@@ -100,7 +100,9 @@ class PackedReduction:
         self._window_reductions = 0  # packed reductions already summed into the stored gradient this window
         self.stored_dtype = store.reduced_grad_dtype  # DeepSpeed's partition gradient dtype
         # the full mask of a sparsified parameter, when its gradient arrives (sharded: built from the ranks' bits)
-        self.masks = MaskSource(self.sparsifier, self.group, self.device, replicate=replicate_masks)
+        # (the store's layout: with frozen weights the trainable positions, so frozen gradients are not sent)
+        self.masks = MaskSource(self.sparsifier, self.group, self.device, replicate=replicate_masks,
+                                bits=store.layout_bits)
         self.offsets: dict = {}  # name -> (offset in the packed buffer, active count)
         self.sources: dict = {}  # (group index, name) -> where the fragment's active values start in the buffer
         self.total = 0

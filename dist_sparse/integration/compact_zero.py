@@ -6,7 +6,8 @@ optimizer onto it (below), :class:`dist_sparse.integration.compact_zero3.Compact
 
 Dense DeepSpeed keeps, per rank and optimizer group, an fp32 master partition, Adam moments of the same size and
 a gradient partition. With compact state this rank keeps them only for *active* positions (mask set, or the
-parameter is not sparsified), packed in the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
+parameter is not sparsified; with ``freeze.fraction`` only for trainable ones: active and not frozen), packed in
+the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
 
 - master weights: the inner torch optimizer steps one packed fp32 tensor per group instead of DeepSpeed's
   ``single_partition_of_fp32_groups[i]``; the dense fp32 partition is freed. Its slot in DeepSpeed is re-pointed
@@ -41,6 +42,7 @@ from dist_sparse.config import ConfigError
 from dist_sparse.integration import patches
 from dist_sparse.integration.compact_reduce import PackedReduction, skip_buckets
 from dist_sparse.integration.views import ADAM_KEYS, ParamView, inner_optimizer
+from dist_sparse.masks.packing import pack_bits
 from dist_sparse.step import Component
 
 KEY = "sparsity.compact_state"
@@ -76,13 +78,18 @@ class CompactView(ParamView):
         return self.compact.packed(self.group, self.name, key)
 
     def _layout(self):
-        """The mask the packed values are laid out by (None: a dense parameter, every position active)."""
-        return self.compact.sparsifier.mask(self.name) if self.name in self.compact.sparsifier.order else None
+        """The mask the packed values are laid out by: the trainable positions (active, not frozen); None for a
+        dense parameter, every position stored."""
+        return self.compact.layout_mask(self.name) if self.name in self.compact.sparsifier.order else None
 
     def master(self):
         if self.group is None:
             return self._empty
-        return PackedPartition.unpack_fragment(self._packed(), self._layout(), torch.float32)
+        out = PackedPartition.unpack_fragment(self._packed(), self._layout(), torch.float32)
+        frozen = self.compact.sparsifier.frozen_mask(self.name)
+        if frozen is not None:  # not packed: their values are the model's own weights (exact in fp32, see below)
+            out[frozen.to(out.device)] = self.compact.frozen_values(self.group, self.name)
+        return out
 
     def state(self, key):
         if self.group is None:
@@ -178,9 +185,18 @@ class PackedZeroState(Component, ABC):
 
     It is the sparsifier's storage (``masks_changed`` repacks, ``enforce`` has nothing to zero: pruned positions
     are not stored) and a step component (it reports what it holds; its work happens inside DeepSpeed's hooks,
-    which it replaced)."""
+    which it replaced).
+
+    Frozen weights (``freeze.fraction``, FreezeNet): the store packs by the *trainable* set (active and not
+    frozen, :meth:`layout_mask`), so a frozen weight has no master, no moments and no gradient here, and the
+    packed reduction does not send it. Its value lives only in the low-precision weights the model already holds:
+    every write of packed values into them leaves frozen positions as they are (``scatter_into``'s ``keep``). That
+    is exact: DeepSpeed builds its fp32 masters by upcasting the low-precision weights, and freezing happens before
+    the first step, so a frozen weight's fp32 value is its low-precision value upcast (:meth:`frozen_values`, what
+    the checkpoint saves as its master, bit-equal to masked-dense's kept copy)."""
 
     name = "compact"
+    holds_frozen_values = True  # the sparsifier keeps no copy of them (Sparsifier.set_frozen)
 
     def __init__(self, engine, sparsifier):
         self.engine = engine
@@ -203,6 +219,7 @@ class PackedZeroState(Component, ABC):
         # packed master outside this store (gradient compression's staged Adam second moment) follows the layout
         self.layout_followers: list = []
         self._pending: dict = {}
+        self._layout_bits = None  # name -> packed trainable bits of this rank's range (only with frozen weights)
 
     def _make_views(self, param_views: list) -> None:
         """Views of every trainable parameter over the packed values (same names and ranges as ``param_views``)."""
@@ -211,18 +228,68 @@ class PackedZeroState(Component, ABC):
 
     # -- as the sparsifier's storage ---------------------------------------------------------------------------
     def masks_changed(self, sparsifier, old: dict) -> None:
-        self.repack(old)
+        # the packed layout is the trainable set; frozen bits never change with a mask update (select_survivors)
+        self.repack({n: self._trainable(n, m) for n, m in old.items()})
 
     def enforce(self, sparsifier) -> None:
         pass  # only active positions are stored: nothing to zero after the optimizer step
 
+    def restore_frozen(self, sparsifier) -> None:
+        pass  # frozen weights are not packed: the optimizer never sees them, nothing moved them
+
+    # -- the packed layout: trainable positions ----------------------------------------------------------------
+    def _trainable(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        frozen = self.sparsifier.frozen_mask(name)
+        return mask if frozen is None else mask & ~frozen.to(mask.device)
+
+    def layout_mask(self, name: str) -> torch.Tensor:
+        """The positions of this rank's range of sparsified ``name`` that are packed: active and not frozen."""
+        return self.sparsifier.trainable_mask(name)
+
+    def layout_bits(self) -> dict:
+        """name -> packed bits of :meth:`layout_mask` (what the packed reduction builds full layouts from): the
+        sparsifier's mask bits themselves when nothing is frozen, else kept (1 bit per weight of this rank's
+        ranges) until the next mask change or load."""
+        if not self.sparsifier.frozen:
+            return self.sparsifier.packed
+        if self._layout_bits is None:
+            self._layout_bits = {n: pack_bits(self.layout_mask(n)) for n in self.sparsifier.order}
+        return self._layout_bits
+
+    def lp_fragment(self, i: int, name: str) -> torch.Tensor:
+        """The dense low-precision range of ``name`` in group ``i``'s partition."""
+        part = self.parts[i]
+        f = part.fragments[part.index[name]]
+        return self.lp_parts[i].narrow(0, f.start, f.length)
+
+    def frozen_values(self, i: int, name: str) -> torch.Tensor:
+        """The frozen positions' values of ``name`` (fp32, in position order): its low-precision weights upcast."""
+        lp = self.lp_fragment(i, name)
+        return lp[self.sparsifier.frozen_mask(name).to(lp.device)].to(torch.float32)
+
+    def frozen_keep(self, i: int) -> dict | None:
+        """``scatter_into``'s ``keep`` for group ``i``: the frozen positions of its fragments (None: none)."""
+        if not self.sparsifier.frozen:
+            return None
+        out = {}
+        for f in self.parts[i].fragments:
+            frozen = self.sparsifier.frozen_mask(f.name) if f.sparse and f.length else None
+            if frozen is not None:
+                out[f.name] = frozen
+        return out
+
     # -- as a step component -------------------------------------------------------------------------------------
     def bytes_held(self) -> dict:
         held = {"gradients": [*self.grads, *self.dense_grads.values()]}
+        masks = 0
+        if self._layout_bits is not None:  # frozen weights: the trainable bits the packed reduction lays out by
+            masks += sum(b.numel() for b in self._layout_bits.values())
         reduction = getattr(self, "reduction", None)
         if reduction is not None:  # the packed reduction's kept full masks (replicate_masks) and its open buffer
-            held["masks"] = reduction.mask_bytes()
+            masks += reduction.mask_bytes()
             held["gradients"].append(reduction.buffer)
+        if masks or reduction is not None:
+            held["masks"] = masks
         return held
 
     # -- master weights and moments ----------------------------------------------------------------------------
@@ -279,14 +346,15 @@ class PackedZeroState(Component, ABC):
             for follow in self.layout_followers:
                 follow(master, packed, lambda t, part=part, old=old, new=new: part.repack(t, old, new))
             part.relayout(new)
+            self._layout_bits = None
             self._set_group_tensor(i, packed, state)
             # the lp weights: dropped positions become 0 now (the step writes active ones)
             self._write_lp(i, packed, new)
 
     def _write_lp(self, i: int, packed: torch.Tensor, masks: list) -> None:
         """Packed master of group ``i`` (laid out by ``masks``) -> the low-precision partition, inactive positions
-        exactly 0 (ZeRO-3 with packed shards: the packed low-precision values)."""
-        self.parts[i].scatter_into(packed, self.lp_parts[i], masks)
+        exactly 0 but frozen ones kept (ZeRO-3 with packed shards: the packed low-precision values)."""
+        self.parts[i].scatter_into(packed, self.lp_parts[i], masks, self.frozen_keep(i))
 
     # -- checkpoint load ---------------------------------------------------------------------------------------
     def stage_load(self, i: int, name: str, master: torch.Tensor, states: dict) -> None:
@@ -295,6 +363,11 @@ class PackedZeroState(Component, ABC):
         mask = part.mask_of(name).reshape(-1) if frag.sparse else None
         self._pending[name] = {k: part.pack_fragment(v.reshape(-1), mask) for k, v in [("master", master),
                                                                                         *states.items()]}
+        frozen = self.sparsifier.frozen_mask(name) if frag.sparse else None
+        if frozen is not None:  # not packed: the saved masters go straight into the model's weights
+            lp = self.lp_fragment(i, name)
+            where = frozen.to(lp.device)
+            lp[where] = master.reshape(-1).to(lp.device)[where].to(lp.dtype)
 
     @torch.no_grad()
     def finish_load(self) -> None:
@@ -304,6 +377,7 @@ class PackedZeroState(Component, ABC):
             if missing:
                 raise KeyError(f"checkpoint load: no values staged for {missing[0]}")
             part.relayout()
+            self._layout_bits = None
             old = self.master_tensor(i)
             state = dict(self.opt.state.get(old, {}))
             staged = [self._pending.get(f.name, {}) for f in part.fragments]
@@ -458,7 +532,7 @@ class CompactZeroState(PackedZeroState):
                 frags.append(Fragment(name, hm.hp_fragment_address.start, hm.hp_fragment_address.numel,
                                       hm.lp_fragment_address.start, name in sparsifier.order))
                 self.where[id(p)] = (i, name)
-            self.parts.append(PackedPartition(frags, sparsifier.mask))
+            self.parts.append(PackedPartition(frags, self.layout_mask))
             self.lp_parts.append(lp_part)
         self.grads = [None] * len(self.parts)
         self.masters = [self.opt.param_groups[i]["params"][0] for i in range(len(self.parts))]
@@ -567,7 +641,7 @@ class CompactZeroState(PackedZeroState):
         self.opt.step()  # wrapped by SparseEngine: skipped on update steps that replace it
         for i, (part, m) in enumerate(zip(self.parts, masters)):
             m.grad = None
-            part.scatter_into(m.detach(), self.lp_parts[i], part.masks())
+            part.scatter_into(m.detach(), self.lp_parts[i], part.masks(), self.frozen_keep(i))
         zo.update_lp_params()  # lp partition (self-copy) + DeepSpeed's all-gather of the partitions
         for i in range(len(self.parts)):
             if hasattr(zo, "_update_model_bit16_weights"):

@@ -73,7 +73,7 @@ class CompactZero3State(PackedZeroState):
                 name = names[id(p)]
                 frags.append(Fragment(name, offset, length, start, name in sparsifier.order))
                 self.where[id(p)] = (i, name)
-            self.parts.append(PackedPartition(frags, sparsifier.mask))
+            self.parts.append(PackedPartition(frags, self.layout_mask))
             self.lp_parts.append(zo.fp16_partitioned_groups_flat[i])
         self.grads = [None] * len(self.parts)
         # fp32 runs: the lp shard holds the master values (DeepSpeed means to alias the two, but its device test
@@ -98,6 +98,10 @@ class CompactZero3State(PackedZeroState):
         ``sparsity.packed_gather`` the gather reads the packed values, so the dense shard is not kept."""
         from dist_sparse.integration.packed_shards import PackedShards
 
+        if self.sparsifier.frozen:  # also refused by the config check; this guards attach() called directly
+            raise ConfigError("freeze.fraction", "is not supported with sparsity.packed_gather under compact state: "
+                                                 "packed shards keep only the packed (trainable) values, and frozen "
+                                                 "weights live in the dense shard")
         self.shards = PackedShards(self, packed_gather)
 
     def _write_lp(self, i: int, packed: torch.Tensor, masks: list) -> None:

@@ -319,6 +319,10 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
         # them, so the two compute the same clip coefficient bit for bit on any CPU (a straight-through method
         # applies the pruned positions' gradients too: DeepSpeed's own norm over all of them is the right one)
         _install_masked_grad_norm(engine, sparsifier)
+    if compressed and wrapped.compact is not None and sparsifier.frozen:  # also refused by the config check
+        raise ConfigError("freeze.fraction", "with sparsity.compact_state is not supported with gradient "
+                                             "compression yet (its exchange follows the active layout, not the "
+                                             "trainable one)")
     if compressed:
         from dist_sparse.integration.ds_compression import CompressedReduction
 
@@ -456,7 +460,8 @@ def _compact_store(engine, sparse_engine, reduce_gradients: bool):
 
 def _install_masked_grad_norm(engine, sparsifier) -> None:
     """Replace the ZeRO optimizer's ``get_grad_norm_direct`` with one that hands DeepSpeed's own norm only the
-    active values of each sparsified gradient (in mask order, the layout compact state packs them in) and each
+    trainable values of each sparsified gradient (active and not frozen, in mask order: the layout compact state
+    packs them in) and each
     parameter's shard without ZeRO-3's padding. The pruned values are zeros, so the norm is the same number up to
     the order of the summation; what changes is that the order no longer depends on where the zeros sit, which on
     CPUs with wide bf16/fp32 kernels is what made masked-dense and compact state clip differently."""
@@ -474,7 +479,7 @@ def _install_masked_grad_norm(engine, sparsifier) -> None:
             flat = flat.narrow(0, 0, n)
         if v is None or flat.numel() != v.mask_len:
             return flat
-        return flat[sparsifier.mask(v.name).to(flat.device)]
+        return flat[sparsifier.trainable_mask(v.name).to(flat.device)]  # frozen weights: not packed either
 
     original = zo.get_grad_norm_direct
 

@@ -40,10 +40,13 @@ KEY = "sparsity.replicate_masks"
 class MaskSource:
     """Full masks of ``sparsifier``'s sparsified parameters over ``group``, on ``device`` (see the module
     docstring). ``token()`` changes whenever the masks change (a mask update, a checkpoint load): the callers pass
-    it to :meth:`refresh` before a step's first use."""
+    it to :meth:`refresh` before a step's first use. ``bits``: returns the name -> packed bits of this rank's
+    ranges to build full masks from (default: the sparsifier's masks; compact state with frozen weights hands its
+    trainable bits, the layout it packs by)."""
 
-    def __init__(self, sparsifier, group=None, device=None, replicate: bool = False):
+    def __init__(self, sparsifier, group=None, device=None, replicate: bool = False, bits=None):
         self.sparsifier = sparsifier
+        self._bits = bits if bits is not None else (lambda: sparsifier.packed)
         self.group = group
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.replicate = bool(replicate)
@@ -100,8 +103,7 @@ class MaskSource:
         self._counts = None
         self.release()
         if self.replicate and not self.local and self.views:
-            full, handed = gather_full_masks(list(self.views.values()), self.sparsifier.packed, self.group,
-                                             self.device)
+            full, handed = gather_full_masks(list(self.views.values()), self._bits(), self.group, self.device)
             self._replicated = full
             self.bits_bytes += handed
             own = sum(packed_nbytes(v.mask_len) for v in self.views.values())
@@ -120,8 +122,9 @@ class MaskSource:
                 out[n] = [int(full[s: s + ln].sum()) for s, ln in self.ranges(n)]
             self._counts = out
             return out
-        mine = torch.tensor([int(self.sparsifier.mask(n).sum()) for n in names], dtype=torch.int64,
-                            device=self.device)
+        bits = self._bits()
+        mine = torch.tensor([int(unpack_bits(bits[n], self.views[n].mask_len).sum()) for n in names],
+                            dtype=torch.int64, device=self.device)
         gathered = [g.tolist() for g in D.all_gather_equal(mine, self.group)]
         if self.world > 1:
             self.layout_bytes += mine.numel() * 8
@@ -133,7 +136,7 @@ class MaskSource:
         """The whole flat bool mask of ``name`` on this source's device (sharded: a collective)."""
         v = self.views[name]
         if self.local:
-            return unpack_bits(self.sparsifier.packed[name], v.numel).to(self.device)
+            return unpack_bits(self._bits()[name], v.numel).to(self.device)
         if self.replicate:
             if name not in self._replicated:
                 raise RuntimeError(f"{KEY}: the replicated masks were not gathered before {name!r} was asked "
@@ -144,7 +147,7 @@ class MaskSource:
         self._last = None  # the previous tensor's mask is released before the next one is built
         ranges = self.ranges(name)
         me = D.rank(self.group)
-        own = self.sparsifier.packed[name].to(self.device)
+        own = self._bits()[name].to(self.device)
         if self.gathers(name):
             width = max(packed_nbytes(ln) for _, ln in ranges)
             mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
