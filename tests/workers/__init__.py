@@ -22,6 +22,7 @@ def tiny_rigl_config(stage: int, **extra) -> dict:
             "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}},
             "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
             "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
+                         "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                          "start_step": 0, "end_step": 5, "drop_fraction": 0.5}, **extra}
 
 

@@ -58,6 +58,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
         "zero_optimization": {"stage": stage},
         "gradient_clipping": clipping,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
+                     "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "start_step": 0, "end_step": 6, "drop_fraction": 0.5},
     }
     if compression is not None:

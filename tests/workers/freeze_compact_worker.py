@@ -48,6 +48,7 @@ def build(stage: int, compact: bool, dtype: str):
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
         "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 4,
+                     "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "start_step": 0, "end_step": 10, "drop_fraction": 0.5, "compact_state": compact},
     }
     if dtype == "bf16":

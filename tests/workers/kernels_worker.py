@@ -35,6 +35,7 @@ def run(stage: int, kernel: str, checkpointing: bool = False) -> dict:
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
         "sparsity": {"method": "rigl", "sparsity": 0.75, "distribution": "uniform", "pattern": "block:16x16",
+                     "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
                      "drop_fraction": 0.3},
     }

@@ -41,6 +41,7 @@ def run(stage: int, spec: str) -> dict:
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,
         "sparsity": {"method": method, "distribution": "erk", "update_interval": 2, "pattern": pattern,
+                     "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "start_step": 0, "end_step": 8, "drop_fraction": 0.5},
     }
     if ":" not in pattern or pattern.startswith("block"):  # N:M fixes the sparsity itself
