@@ -216,7 +216,8 @@ def test_fp16_compact_checkpoint_resume_exact(tmp_path, capsys):
               "deepspeed.fp16.loss_scale_window=3", "deepspeed.gradient_clipping=0.0",
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
-              "sparsity.end_step=9", "train.steps=10", "train.threads=1", "sparsity.compact_state=true"]
+              "sparsity.end_step=9", "train.steps=10", "train.threads=1",
+              "sparsity.compact_state=true"]
     # the uninterrupted run is the reference and, through its step-4 checkpoint, the resume source (resumed into a
     # fresh directory); it also saves at step 8, which the resumed run does not: a save that disturbed training
     # would show in steps 9 and 10
@@ -270,6 +271,7 @@ def test_compact_checkpoint_resume_exact(stage, gas, tmp_path):
               "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=2", "train.progress=false",
               "train.save_final_model=false", "train.tensorboard=false", "sparsity.update_interval=3",
               "sparsity.end_step=9", "train.steps=10", "train.threads=1",
+              "sparsity.grow_grad_steps=1",  # explicit: the default window differs between compact and masked-dense
               f"deepspeed.gradient_accumulation_steps={gas}"]
     # the uninterrupted compact run is the reference and, through its step-4 checkpoint, the resume source (resumed
     # into a fresh directory; a kill before a resume is test_checkpoint_resume.py's). It also saves at step 8,

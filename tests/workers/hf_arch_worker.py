@@ -77,7 +77,8 @@ def run(arch: str, stage: int, compact: bool, work: Path) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 0.02, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0, "steps_per_print": 10**9,
         "sparsity": {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
-                     "end_step": STEPS, "drop_fraction": 0.5, "compact_state": compact}})
+                     "end_step": STEPS, "drop_fraction": 0.5, "compact_state": compact,
+                     "grow_grad_steps": 1}})  # the reference scores the update step's gradient (the paper's)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     engine = attach(engine, model, sparsity, total_steps=STEPS, seed=1)
     sp = engine.sparsifier

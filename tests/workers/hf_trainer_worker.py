@@ -77,7 +77,8 @@ def ds_config(stage: int, mode: str, with_block: bool = True) -> dict:
            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
     if with_block:
         cfg["sparsity"] = {"method": "rigl", "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
-                           "end_step": 6, "drop_fraction": 0.5, "compact_state": mode == "compact"}
+                           "end_step": 6, "drop_fraction": 0.5, "compact_state": mode == "compact",
+                           "grow_grad_steps": 1}  # the modes compare; the default window differs between them
         if mode in ("compact", "compress"):
             cfg["compression"] = {"method": "topk", "density": 0.25}
     return cfg
