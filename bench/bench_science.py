@@ -15,7 +15,7 @@ per-layer lists: a few KB), which is committed: a fresh checkout reuses those ru
 grows across sessions. ``--only`` and ``--seeds`` pick a
 screening subset (the issue's screening: 1 seed at 1000 steps); rows not run are listed as such.
 
-    python bench/bench_science.py [--steps 2000] [--seeds 3] [--only dense,static,rigl]
+    python bench/bench_science.py [--steps 2000] [--seeds 3] [--only 'dense;static;rigl']
 """
 
 import argparse
@@ -177,6 +177,16 @@ def lottery(name: str, steps: int, seed: int) -> tuple:
     return json.loads((out / "lottery.json").read_text()), out, False
 
 
+def finished(name: str, row, steps: int, seed: int) -> bool:
+    """Whether a run (or its record) of this row is done, so that train()/lottery() would reuse it."""
+    out = WORK / f"{slug(name)}_s{seed}_{steps}"
+    if row == "lottery":
+        return any((d / "lottery.json").exists() and "control" in json.loads((d / "lottery.json").read_text())
+                   for d in (out, RECORDS / out.name))
+    overrides = overrides_for(row, steps, seed, out)
+    return any(same_config(d, overrides) for d in (out, RECORDS / out.name))
+
+
 def fmt(values: list) -> str:
     if not values:
         return "not run"
@@ -189,11 +199,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", default=None, help="comma-separated row names (a screening subset)")
+    parser.add_argument("--only", default=None, help="row names separated by ';' (a screening subset)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the section from the finished runs and records only")
     args = parser.parse_args()
     if common.skipped_without_shakespeare(SECTION, "Science table"):
         return
-    only = set(args.only.split(",")) if args.only else None
+    only = {n.strip() for n in args.only.split(";")} if args.only else None  # row names contain commas
     rows = [(r[0], args.seeds if r[1] == "all" else 1, r[2], r[3] if len(r) > 3 else 1) for r in ROWS
             if only is None or r[0] in only]
     results = {"vals": {}, "kind": {}, "reused": [], "dirs": []}
@@ -201,6 +213,8 @@ def main() -> None:
     for seed in range(max((n for _, n, _, _ in rows), default=0)):
         for name, n, row, factor in rows:
             if seed >= n:
+                continue
+            if args.report_only and not finished(name, row, args.steps * factor, seed):
                 continue
             if row == "lottery":
                 rep, out, was = lottery(name, args.steps, seed)
@@ -271,6 +285,9 @@ def write(args, results: dict, figure: bool) -> None:
         f"Command: `{common.command_line()}` (each row is `dist-sparse train configs/demo.yaml --nproc 2 --set "
         "...`, IMP is `dist-sparse lottery`; the overrides are in `bench/bench_science.py`).",
         f"Machine: {common.machine_line()}.",
+        *(["`--report-only`: this section reads the runs finished so far (here and in the committed records of "
+           "earlier sessions, which ran the same command without it, or with `--only`); it ran nothing."]
+          if args.report_only else []),
         "",
         f"Setting: `{SHAKESPEARE.name}`, char GPT-2 4 x 128, context 128, batch 8 per rank, 2 ranks, ZeRO-2, "
         f"{args.steps} steps, the demo's AdamW recipe (lr 1e-3, betas 0.9/0.95, weight decay 0.1), 90% sparsity "
@@ -296,7 +313,7 @@ def write(args, results: dict, figure: bool) -> None:
         *targets,
         "",
         f"Reused finished runs (same config): {', '.join(results['reused']) or 'none'}. Rows marked `not run` "
-        "were not part of this invocation (`--only`) or not reached yet.",
+        "were not part of this invocation (`--only`) or not reached yet; the mean ± std covers the seeds that ran.",
     ]
     if results["dirs"] and (figure or figure_path.exists()):
         md += ["", f"![report of these runs]({os.path.relpath(figure_path, ROOT / 'docs')})"]
