@@ -14,6 +14,7 @@ import os
 import sys
 
 from dist_sparse import cluster, stopping
+from dist_sparse import distributed as D
 from dist_sparse import config as config_mod
 from dist_sparse.cli import launch
 from dist_sparse.errors import DistSparseError
@@ -98,27 +99,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _exit_rank(code: int) -> None:
-    """End a launched rank without interpreter teardown. By now every output is committed (atomic writes, a
-    barrier) and the process group is destroyed, but C++ destructors of communication threads run at teardown, and
-    on a loaded CPU machine they occasionally abort a rank that has finished ("terminate called without an active
-    exception", exit -6: seen 3 times in one session of test runs on a loaded 2-core machine), which fails the
-    whole job. ``os._exit`` skips them after flushing what Python still buffers."""
-    import logging
-
-    # under mpirun, mpi4py's MPI_Finalize runs at interpreter exit, which os._exit skips; without it mpirun reports
-    # the finished rank as "exiting improperly" and fails the job
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     rc = main()
     if cluster.under_launcher():
-        _exit_rank(rc)
+        D.exit_rank(rc)
     sys.exit(rc)

@@ -1,6 +1,7 @@
 """Worker scripts run under torchrun by the tests; each ends with :func:`finish`."""
 
 import json
+import os
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -48,13 +49,18 @@ def allow_cpu_fp16() -> None:
 
 
 def finish(results, out: str) -> None:
-    """Gather every rank's results, have rank 0 write them (a JSON list, one entry per rank) to ``out``, then leave
-    the process group cleanly (its threads joined before the interpreter exits)."""
+    """Gather every rank's results, have rank 0 write them (a JSON list, one entry per rank) to ``out``, leave the
+    process group cleanly (a barrier, its threads joined) and end the rank without interpreter teardown, as
+    launched training ranks do (:func:`dist_sparse.distributed.exit_rank`): C++ teardown occasionally aborted a
+    worker that had already written its report. Call it last."""
     gathered = D.all_gather_object(results)
     if D.rank() == 0:
-        with open(out, "w") as f:
+        tmp = f"{out}.tmp"
+        with open(tmp, "w") as f:
             json.dump(gathered, f)
+        os.replace(tmp, out)
     D.shutdown()
+    D.exit_rank(0)
 
 
 def train_steps(engine, steps: int, vocab: int, shape: tuple, seed: int):
