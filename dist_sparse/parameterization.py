@@ -106,15 +106,23 @@ def split_groups(model, sparsity, optimizer_type: str | None, groups=None, pretr
     weights (the memory planner models DeepSpeed's partitioning of these groups). ``groups``: the groups (or an
     iterable of parameters) the optimizer would get otherwise; default: every trainable parameter in one group.
     Under SμPar every group is split by its parameters' ``lr_scale`` (1/ρ with Adam), keeping its other options."""
+    kind, out, _ = _split_groups(model, sparsity, optimizer_type, groups, pretrained)
+    return kind, out
+
+
+def _split_groups(model, sparsity, optimizer_type, groups, pretrained) -> tuple:
+    """:func:`split_groups` and the layer densities it used (None under the standard parameterization)."""
     kind = resolve(sparsity, optimizer_type, pretrained)
     if groups is None:
         groups = [p for p in model.parameters() if p.requires_grad]
     groups = list(groups)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
-    if kind == "standard" or not is_adam(optimizer_type):
-        return kind, groups
+    if kind == "standard":
+        return kind, groups, None
     densities = layer_densities(model, sparsity)
+    if not is_adam(optimizer_type):
+        return kind, groups, densities
     by_id = {id(p): n for n, p in model.named_parameters()}
     out = []
     for group in groups:
@@ -124,7 +132,7 @@ def split_groups(model, sparsity, optimizer_type: str | None, groups=None, pretr
             split.setdefault(1.0 / rho, []).append(p)
         for scale, params in split.items():
             out.append({**group, "params": params, **({"lr_scale": scale} if scale != 1.0 else {})})
-    return kind, out
+    return kind, out, densities
 
 
 @torch.no_grad()
@@ -133,11 +141,10 @@ def param_groups(model, sparsity, optimizer_type: str | None, groups=None, pretr
     are also rescaled in place by ρ^(-1/2). Call it before ``deepspeed.initialize``, once per model."""
     if getattr(model, MARK, None) == "supar":
         raise RuntimeError("param_groups() already rescaled this model's initial weights for SμPar")
-    kind, out = split_groups(model, sparsity, optimizer_type, groups, pretrained)
+    kind, out, densities = _split_groups(model, sparsity, optimizer_type, groups, pretrained)
     setattr(model, MARK, kind)
     if kind == "standard":
         return out
-    densities = layer_densities(model, sparsity)
     for n, p in model.named_parameters():
         if n in densities and densities[n] < 1.0:
             p.mul_(densities[n] ** -0.5)

@@ -91,6 +91,12 @@ class Sparsifier(Component):
         self.frozen: dict = {}  # name -> packed bits
         self.frozen_values: dict = {}  # name -> values at the frozen positions, in order
 
+
+    @property
+    def base_method(self):
+        """The method itself: fused MoE experts see it through a per-matrix wrapper (``PerMatrixLayers.method``)."""
+        return getattr(self.method, "method", self.method)
+
     def store_in(self, storage) -> None:
         """Keep the masked values in ``storage`` from now on (compact state's packed store)."""
         self.storage = storage

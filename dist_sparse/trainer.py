@@ -326,7 +326,7 @@ def _train(cfg: Config, resume: str | None, rewind: bool = False) -> dict:
         "method": cfg.sparsity.method,
         "distribution": cfg.sparsity.distribution,
         # RigL's growth window as resolved (an unset sparsity.grow_grad_steps depends on the state and kernels)
-        "grow_grad_steps": getattr(getattr(sparsifier.method, "method", sparsifier.method), "grow_grad_steps", None),
+        "grow_grad_steps": getattr(sparsifier.base_method, "grow_grad_steps", None),
         "parameterization": engine.parameterization,  # standard | supar (the resolved sparsity.parameterization)
         "target_sparsity": cfg.sparsity.sparsity if cfg.sparsity.method != "none" else 0.0,
         "achieved_sparsity": sparsifier.achieved_sparsity() if sparsifier.views else 0.0,

@@ -362,7 +362,7 @@ def default_grow_window(engine: SparseEngine, sparsity: SparsityConfig) -> None:
     compressed exchange and the block-sparse kernels' dW."""
     from dist_sparse.methods import RigL
 
-    method = getattr(engine.sparsifier.method, "method", engine.sparsifier.method)  # fused experts wrap it
+    method = engine.sparsifier.base_method
     if sparsity.grow_grad_steps is not None or not isinstance(method, RigL):
         return
     free = (engine.compact is None and engine.compression is None
