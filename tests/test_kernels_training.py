@@ -1,7 +1,7 @@
 """Sparse kernels in the training step (``sparsity.kernel``): block-sparse runs equal dense-kernel runs.
 
-The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1 and ZeRO-2, RigL with
-16x16 blocks, 20 steps); the others check the component in one process with a stand-in sparsifier.
+The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1, 2 and 3 (and ZeRO-3 with
+compact state), RigL with 16x16 blocks, 20 steps); the others check the component in one process with a stand-in sparsifier.
 """
 
 import json
@@ -23,17 +23,20 @@ GRAD_ATOL = 1e-5
 
 
 @pytest.mark.slow
-def test_block_sparse_kernel_equals_dense_kernel_zero12(tmp_path):
+def test_block_sparse_kernel_equals_dense_kernel_zero123(tmp_path):
     out = tmp_path / "report.json"
     run_torchrun("kernels_worker.py", 2, out)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, runs in enumerate(per_rank):
-        for stage in (1, 2):
-            dense, sparse = runs[f"{stage}/dense"], runs[f"{stage}/block_sparse"]
-            where = f"ZeRO-{stage} rank {rank}"
+        for key in ("1/block_sparse", "2/block_sparse", "3/block_sparse", "3/block_sparse/compact"):
+            stage = int(key[0])
+            dense, sparse = runs[f"{stage}/dense"], runs[key]
+            where = f"{key} rank {rank}"
             assert set(dense["layer_kernel"].values()) == {"dense"}, where
             assert set(sparse["layer_kernel"].values()) == {"block_sparse"}, where
+            assert dense["operator_calls"] == 0, where
+            assert sparse["operator_calls"] == 20 * len(sparse["layer_kernel"]), where  # every layer, every step
             assert sparse["kernels_state"]["layer_kernel"] == sparse["layer_kernel"], where
             assert dense["updates"] == sparse["updates"] == 3, where  # steps 5, 10, 15
             assert sparse["losses"] == pytest.approx(dense["losses"], rel=LOSS_RTOL), where
@@ -134,7 +137,10 @@ def test_kernel_config_errors():
         from_dict({"sparsity": {"method": "rigl", "kernel": "block_sparse"}})
     with pytest.raises(ConfigError, match="2:4"):
         from_dict({"sparsity": {"method": "rigl", "kernel": "semi_structured", "pattern": "block:4x4"}})
-    sp = SparsityConfig(method="rigl", pattern="block:16x16", kernel="block_sparse")
+    # block_sparse runs at ZeRO-3 (the worker above); the 2:4 semi-structured kernels do not
+    check_kernel_with_deepspeed(SparsityConfig(method="rigl", pattern="block:16x16", kernel="block_sparse"),
+                                {"zero_optimization": {"stage": 3}})
+    sp = SparsityConfig(method="rigl", pattern="2:4", sparsity=0.5, kernel="semi_structured")
     with pytest.raises(ConfigError, match="sparsity.kernel.*stage 3"):
         check_kernel_with_deepspeed(sp, {"zero_optimization": {"stage": 3}})
     check_kernel_with_deepspeed(SparsityConfig(method="rigl", kernel="auto"), {"zero_optimization": {"stage": 3}})

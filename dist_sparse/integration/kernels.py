@@ -18,7 +18,12 @@ shape, with zeros outside the active blocks (the sparsifier zeroes pruned gradie
 
 As a step component (``dist_sparse.step``): ``before_forward(plan)`` hands each layer ``plan.dense_grad`` and, after
 a mask update (or a checkpoint load), rebuilds the block indices from the full masks (one all-gather per layer: the
-masks are partitioned like the weights at ZeRO-1/2).
+masks are partitioned like the weights at ZeRO-1/2, and like the parameter shards at ZeRO-3).
+
+ZeRO-3: the replaced forward runs inside ``nn.Module.__call__``, after DeepSpeed's pre-forward hook has gathered the
+module's weight, so the operator reads the whole weight there; it keeps only the packed active blocks for its
+backward (not the weight), and returns dW in the weight's full shape, which DeepSpeed's gradient hooks
+reduce-scatter into the shards as they do for a dense matmul's. 2:4's semi-structured kernels stay at ZeRO 0-2.
 
 Not done: the weights are not held as their active blocks between steps. DeepSpeed's ZeRO-1/2 optimizer keeps each
 rank's model parameters as views into one flat buffer it all-gathers after every step; holding only the blocks
@@ -124,9 +129,11 @@ class SparseKernels(Component):
     def _measure(self, lay: _Layer) -> tuple[float, float]:
         """Median seconds of one forward + backward (dX and the sampled dW) of this layer's shape at its layout,
         dense matmul vs the operator, alternating."""
-        w0 = lay.module.weight.detach()
+        w0 = lay.module.weight  # its device and dtype (at ZeRO-3 its data is this rank's partition, or empty)
+        out_in = tuple(lay.index.shape)
         gen = torch.Generator(device=w0.device).manual_seed(0)
-        w = torch.randn(w0.shape, generator=gen, device=w0.device, dtype=w0.dtype).requires_grad_()
+        w = torch.randn(out_in[::-1] if lay.transposed else out_in, generator=gen, device=w0.device,
+                        dtype=w0.dtype).requires_grad_()
         x = torch.randn(self.tokens, lay.index.shape[1], generator=gen, device=w0.device,
                         dtype=w0.dtype).requires_grad_()
         dy = torch.randn(self.tokens, lay.index.shape[0], generator=gen, device=w0.device, dtype=w0.dtype)
@@ -217,12 +224,11 @@ def build_kernels(engine, model, sparsifier, sparsity, tokens: int | None = None
             raise ConfigError("sparsity.kernel", f"{sparsity.kernel!r}: method {method.name!r} trains dense weights "
                                                  "(gradients at pruned positions every step); use kernel: dense")
         return None
-    stage = engine.zero_optimization_stage()
-    if stage == 3:
-        if sparsity.kernel != "auto":  # also refused by the config check; this guards attach() called directly
-            raise ConfigError("sparsity.kernel", f"{sparsity.kernel!r} is supported with ZeRO stages 0-2, not 3")
-        return None
     pattern = method.pattern
+    if engine.zero_optimization_stage() == 3 and (sparsity.kernel == "semi_structured" or pattern.nm == (2, 4)):
+        if sparsity.kernel == "semi_structured":  # also refused by the config check; this guards attach() directly
+            raise ConfigError("sparsity.kernel", "'semi_structured' is supported with ZeRO stages 0-2, not 3")
+        return None
     if pattern.block_shape is None and pattern.nm != (2, 4):
         if sparsity.kernel != "auto":
             raise ConfigError("sparsity.kernel", f"{sparsity.kernel!r} needs a matching sparsity.pattern, got "
@@ -234,7 +240,9 @@ def build_kernels(engine, model, sparsifier, sparsity, tokens: int | None = None
     layers = []
     for name in names:
         module = modules.get(name[: -len(".weight")]) if name.endswith(".weight") else None
-        if module is None or not hasattr(module, "weight") or module.weight.dim() != 2:
+        weight = getattr(module, "weight", None)
+        # at ZeRO-3 the weight's data is this rank's shard; ds_shape is the whole weight's
+        if weight is None or len(getattr(weight, "ds_shape", weight.shape)) != 2:
             continue  # fused experts (3-D) and other parameters keep their own forward
         layers.append(_Layer(name, module, name in transposed))
     kernels = SparseKernels(sparsifier, layers, pattern.block_shape, sparsity.kernel, tokens or 1024)

@@ -1,7 +1,8 @@
 """Worker for tests/test_kernels_training.py (run under torchrun, CPU, gloo, 2 ranks).
 
-For ZeRO-1 and ZeRO-2: 20 steps of RigL with ``block:16x16`` masks on a small GPT-2 (Conv1D layers), once with
-``sparsity.kernel: dense`` and once with ``block_sparse`` (and at ZeRO-2 once more with gradient checkpointing),
+For ZeRO-1, 2 and 3: 20 steps of RigL with ``block:16x16`` masks on a small GPT-2 (Conv1D layers), once with
+``sparsity.kernel: dense`` and once with ``block_sparse`` (at ZeRO-2 once more with gradient checkpointing, at
+ZeRO-3 once more with compact state),
 same data and seeds. Per run and rank it records every loss, the full masks at the end, the pruned model weights'
 nonzero count after every step, the reduced gradient this rank holds on every dense-gradient step (RigL's growth
 score, including pruned positions), and the layer kernels. Rank 0 writes the JSON report to argv[1].
@@ -9,10 +10,12 @@ score, including pruned positions), and the layer kernels. Rank 0 writes the JSO
 
 import sys
 
+import deepspeed
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
+from dist_sparse.integration import kernels as kernels_mod
 from tests.workers import finish, train_steps
 
 STEPS = 20
@@ -25,7 +28,7 @@ def model():
     return GPT2LMHeadModel(cfg)
 
 
-def run(stage: int, kernel: str, checkpointing: bool = False) -> dict:
+def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = False) -> dict:
     m = model()
     if checkpointing:
         m.gradient_checkpointing_enable()
@@ -37,9 +40,17 @@ def run(stage: int, kernel: str, checkpointing: bool = False) -> dict:
         "sparsity": {"method": "rigl", "sparsity": 0.75, "distribution": "uniform", "pattern": "block:16x16",
                      "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
-                     "drop_fraction": 0.3},
+                     "drop_fraction": 0.3, "compact_state": compact},
     }
     engine, _, _, _ = dist_sparse.initialize(model=m, config=config, total_steps=STEPS, seed=3)
+    calls = [0]  # forwards through the operator: the replaced forward really ran (at ZeRO-3 too)
+    operator = kernels_mod.block_sparse_linear
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return operator(*args, **kwargs)
+
+    kernels_mod.block_sparse_linear = counting
     sp = engine.sparsifier
     rank = torch.distributed.get_rank()
     report = {"losses": [], "masked_nonzero": [], "dense_grads": [], "layer_kernel": engine.layer_kernel()}
@@ -53,22 +64,32 @@ def run(stage: int, kernel: str, checkpointing: bool = False) -> dict:
     sp._update = recording_update
     names = [v.name for v in sp.views]
     params = dict(engine.module.named_parameters())
+
+    def weights() -> dict:
+        if stage < 3:
+            return {n: params[n].detach() for n in names}
+        with deepspeed.zero.GatheredParameters([params[n] for n in names]):  # the whole weights, not the shards
+            return {n: params[n].detach().clone() for n in names}
+
     for loss in train_steps(engine, STEPS, 64, (2, 32), 100 + rank):
         report["losses"].append(loss)
-        masks = sp.full_masks()
-        report["masked_nonzero"].append(sum(int((params[n].detach()[~masks[n]] != 0).sum()) for n in names))
+        masks, w = sp.full_masks(), weights()
+        report["masked_nonzero"].append(sum(int((w[n][~masks[n]] != 0).sum()) for n in names))
     report["masks"] = {n: mk.reshape(-1).int().tolist() for n, mk in sp.full_masks().items()}
     report["updates"] = sp.updates_done
     report["kernels_state"] = engine.kernels.state_dict() if engine.kernels is not None else None
+    report["operator_calls"] = calls[0]
+    kernels_mod.block_sparse_linear = operator
     return report
 
 
 def main():
     out = sys.argv[1]
     results = {}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         results[f"{stage}/dense"] = run(stage, "dense")
         results[f"{stage}/block_sparse"] = run(stage, "block_sparse")
+    results["3/block_sparse/compact"] = run(3, "block_sparse", compact=True)
     results["2/block_sparse/checkpointing"] = run(2, "block_sparse", checkpointing=True)
     finish(results, out)
 
