@@ -73,6 +73,8 @@ ROWS = [
     ("static, standard parameterization", 1, [*W128, "sparsity.method=static", STANDARD]),
     # PaI, GMP and SR-STE train under the standard parameterization (their layer densities are not fixed when the
     # optimizer is built), so their published orderings are also checked against static rows trained the same way
+    # SNIP's scores inside ERK's layer densities (static's), against static: the score alone, not the allocation
+    ("snip, ERK distribution", 1, [*W128, "sparsity.method=snip"]),
     ("2:4 static, standard parameterization", 1, [*W128, "sparsity.method=static", "sparsity.pattern=2:4",
                                                   "sparsity.sparsity=0.5", STANDARD]),
     ("rigl 5x steps", 1, [*W128, "sparsity.method=rigl"], 5),
@@ -270,6 +272,8 @@ def write(args, results: dict, figure: bool) -> None:
               ("snip", "grasp", "synflow")]
     checks += [order(f"{pai} above static random, both standard parameterization", pai,
                      "static, standard parameterization") for pai in ("snip", "grasp", "synflow")]
+    checks += [order("snip above static random, both ERK and standard parameterization", "snip, ERK distribution",
+                     "static, standard parameterization")]
     checks += [order(f"GMP above {pai} (Frankle et al. 2021)", "gmp", pai) for pai in ("snip", "grasp", "synflow")]
     checks += [order("rewound ticket above its reinit control", "imp (3 rounds, rewind 5%)", CONTROL),
                order("SR-STE 2:4 above static 2:4", "2:4 sr_ste", "2:4 static"),
