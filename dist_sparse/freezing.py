@@ -97,6 +97,11 @@ class ProgressiveFreezing(Component):
         for name, value in self.values.items():
             self.views[name].master().copy_(value)
 
+    def bytes_held(self) -> dict:
+        """The masters of reached entries' parameters that are not sparsified, kept to write them back (the
+        sparsified ones are frozen through the sparsifier, which reports its copy)."""
+        return {"master_weights": list(self.values.values())}
+
     def frozen_names(self) -> list:
         return sorted(n for names, _ in (e for e, a in zip(self.entries, self.applied) if a) for n in names)
 

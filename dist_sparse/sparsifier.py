@@ -374,7 +374,10 @@ class Sparsifier(Component):
         return {v.name: self.full_mask(v.name) for v in self.views}
 
     def bytes_held(self) -> dict:
-        return {"masks": self.mask_bytes()}
+        """Mask (and frozen) bits; the frozen positions' values kept to restore them after every step (a copy of
+        master values, where the model's weights do not hold them); the growth window's gradient sums."""
+        return {"masks": self.mask_bytes(), "master_weights": list(self.frozen_values.values()),
+                "gradients": list(self.grad_sums.values())}
 
     def state_dict(self) -> dict:
         # grad_sums themselves are per-rank tensors: the checkpoint saves them beside the masks

@@ -11,7 +11,7 @@ from dist_sparse.config import SparsityConfig, from_dict
 from dist_sparse.errors import ConfigError
 from dist_sparse.methods import build_method
 from dist_sparse.sparsifier import Sparsifier
-from tests.distributed_utils import dist_sparse_train, run_torchrun
+from tests.distributed_utils import ROOT, dist_sparse_train, run_torchrun
 from tests.fakes import TensorView
 
 
@@ -78,7 +78,17 @@ TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_siz
         "deepspeed.train_micro_batch_size_per_gpu=4", "sparsity.update_interval=2", "train.progress=false",
         "sparsity.method=rigl", "sparsity.sparsity=0.5", "freeze.fraction=0.5", "freeze.select=magnitude",
         "freeze.modules=[transformer.h.0.attn]", "freeze.schedule=[{modules: transformer.h.1.mlp, step: 6}]",
-        "deepspeed.zero_optimization.stage=2", "train.save_interval=4"]
+        "deepspeed.zero_optimization.stage=2", "train.save_interval=4",
+        # RigL's last update at step 12: its growth window's gradient sums are held at the last measured step
+        "sparsity.end_step=13"]
+
+
+def _plan(overrides: list, capsys) -> dict:
+    from dist_sparse.cli import plan as plan_cli
+
+    sets = [x for o in overrides for x in ("--set", o)]
+    assert plan_cli.main([str(ROOT / "configs" / "demo.yaml"), "--world-size", "2", "--json", *sets]) == 0
+    return json.loads(capsys.readouterr().out)["state_bytes_per_rank"]
 
 
 def masters(ckpt):
@@ -87,10 +97,20 @@ def masters(ckpt):
 
 
 @pytest.mark.slow
-def test_freezing_end_to_end_two_ranks_resume_and_export(tmp_path):
+def test_freezing_end_to_end_two_ranks_resume_and_export(tmp_path, capsys):
     straight = tmp_path / "straight"
     dist_sparse_train(straight, TINY, nproc=2)
     summary = json.loads((straight / "summary.json").read_text())
+    # `dist-sparse plan` counts every kind of frozen state as measured (modules: no optimizer state, weights
+    # held; fraction: frozen bits and the frozen values kept to restore them; schedule: the masters kept to write
+    # back and DeepSpeed's zeros for the stopped gradients) and RigL's growth-window sums
+    measured = summary["state_bytes_per_rank"]
+    for key, value in _plan(TINY, capsys).items():
+        assert abs(value - measured[key]) <= 0.01 * measured[key], f"{key}: predicted {value}, measured {measured[key]}"
+    # each part counts: without the window's sums, the schedule or the frozen modules the prediction is off
+    assert _plan([*TINY, "sparsity.grow_grad_steps=1"], capsys)["gradients"] < 0.99 * measured["gradients"]
+    assert _plan([*TINY, "freeze.schedule=[]"], capsys)["master_weights"] < 0.99 * measured["master_weights"]
+    assert _plan([*TINY, "freeze.modules=[]"], capsys)["optimizer_state"] > 1.01 * measured["optimizer_state"]
     assert summary["frozen_parameters"] > 0 and summary["trainable_parameters"] > 0
     total, nonzero = summary["total_parameters"], summary["trainable_parameters"] + summary["frozen_parameters"]
     assert nonzero < total  # pruned weights are neither
@@ -162,3 +182,11 @@ def test_compact_state_freeze_fraction_equals_masked_dense(tmp_path):
                 for source in ("compact", "dense"):  # resumed at step 6 == uninterrupted, bit for bit
                     got = r[f"resume_{source}"]
                     assert got["losses_equal"] and got["final_equal"], f"{where}: resume from {source} differs"
+    # the memory planner's formula (dist-sparse plan) for both runs: within 1% of the largest rank's last measured
+    # bytes (it counts the expected share of active and frozen weights in each rank's range, these the real ones)
+    for i, case in enumerate(COMPACT_FREEZE_CASES):
+        for run in ("dense", "compact"):
+            plan = per_rank[0][i][run]["plan"]
+            for key in ("weights", "gradients", "master_weights", "optimizer_state", "masks"):
+                top = max(ranks[i][run]["last_bytes"][key] for ranks in per_rank)
+                assert abs(plan[key] - top) <= 0.01 * top, f"{case} {run} {key}: plan {plan[key]}, measured {top}"

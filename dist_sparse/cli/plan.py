@@ -72,6 +72,7 @@ def _from_config(args) -> tuple:
 
     from dist_sparse import config as config_mod
     from dist_sparse.distributions import keep_counts, layer_densities
+    from dist_sparse.freezing import freeze_modules, module_parameters
     from dist_sparse.integration import hf
     from dist_sparse.integration.experts import layer_shapes, parameter_counts
     from dist_sparse.parameterization import split_groups
@@ -90,9 +91,11 @@ def _from_config(args) -> tuple:
     vocab = _vocab_size(cfg)
     with torch.device("meta"):
         model = hf.build_causal_lm(cfg.model, vocab, cfg.attention)
+    freeze_modules(model, cfg.freeze.modules)  # as training does: no optimizer state, not sparsified
     names = []
     if cfg.sparsity.method != "none":
-        names = hf.sparsifiable_parameters(model, cfg.sparsity.params, cfg.sparsity.exclude)
+        names = [n for n in hf.sparsifiable_parameters(model, cfg.sparsity.params, cfg.sparsity.exclude)
+                 if dict(model.named_parameters())[n].requires_grad]
     params = dict(model.named_parameters())
     shapes = {n: tuple(params[n].shape) for n in names}
     layers = layer_shapes(shapes)  # fused MoE experts: one layer per expert matrix, as in training
@@ -108,7 +111,11 @@ def _from_config(args) -> tuple:
     # partitions each group on its own
     _, groups = split_groups(model, dataclasses.replace(cfg.sparsity, sparsity=sparsity), opt,
                              weight_decay_groups(model), pretrained=cfg.model.pretrained is not None)
-    setting = P.model_setting(model, set(names), densities, groups, world_size=args.world_size,
+    scheduled = frozenset(n for i, e in enumerate(cfg.freeze.schedule) if int(e["step"]) < cfg.train.steps
+                          for n in module_parameters(model, e["modules"], f"freeze.schedule[{i}].modules"))
+    setting = P.model_setting(model, set(names), densities, groups, frozen_fraction=cfg.freeze.fraction,
+                              scheduled=scheduled,
+                              world_size=args.world_size, grow_window_sums=_grow_window(cfg, bool(compact)),
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
@@ -138,6 +145,20 @@ def _from_config(args) -> tuple:
                  "sparsified_parameters": sum(numels.values()), "sparsity": sparsity if names else 0.0,
                  "method": cfg.sparsity.method, "vocab_size": vocab}
     return setting, described, traffic, gather
+
+
+def _grow_window(cfg, compact: bool) -> bool:
+    """Whether RigL keeps growth-window gradient sums: ``grow_grad_steps`` > 1, or unset where training resolves it
+    to the update interval (masked-dense state, no compression, dense kernels: ``engine.default_grow_window``).
+    ``kernel: auto`` with a block pattern decides by a measurement at start; the plan assumes the window then (an
+    upper bound: the block-sparse kernels would make it 1)."""
+    sp = cfg.sparsity
+    if sp.method != "rigl":
+        return False
+    if sp.grow_grad_steps is not None:
+        return sp.grow_grad_steps > 1
+    compressed = cfg.compression is not None and cfg.compression.enabled
+    return sp.update_interval > 1 and not compact and not compressed and sp.kernel in ("auto", "dense")
 
 
 def _residual_fields(args, compression, adam: bool) -> dict:

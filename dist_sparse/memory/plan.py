@@ -63,6 +63,11 @@ class Param:
     numel: int
     density: float = 1.0  # fraction kept; 1.0 for parameters that are not sparsified
     sparse: bool = False
+    frozen: float = 0.0  # freeze.fraction: the share of the kept positions frozen (sparsified parameters only)
+    # a freeze.schedule entry stops its gradient during the run: at ZeRO-1/2 DeepSpeed then flattens zeros of its
+    # size into the partition's gradient at every step (``get_all_grad_tensors``), counted under ``gradients``
+    # (and the rank's range of its fp32 masters is kept to write them back after every step: ``master_weights``)
+    scheduled: bool = False
 
 
 @dataclass
@@ -91,6 +96,12 @@ class Setting:
     # Param of ``groups`` (the --params form has no real tensors and passes its estimate)
     largest_tensor: int | None = None
     gradient_accumulation_steps: int = 1
+    # parameters outside every optimizer group (freeze.modules): only their weights are held, as DeepSpeed lays
+    # the module out (ZeRO 0-2: the whole low-precision tensor on every rank; ZeRO-3: shards, persistent ones whole)
+    held: list = field(default_factory=list)
+    # RigL's growth window (grow_grad_steps > 1): the fp32 sum of the dense gradient of every sparsified position
+    # the rank scores, kept over the window (``gradients``)
+    grow_window_sums: bool = False
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -110,6 +121,8 @@ class Setting:
             for p in group:
                 if not 0.0 < p.density <= 1.0:
                     raise PlanError("--sparsity", f"density of {p.name} must be in (0, 1], got {p.density}")
+                if not 0.0 <= p.frozen < 1.0:
+                    raise PlanError("freeze.fraction", f"of {p.name} must be in [0, 1), got {p.frozen}")
 
 
 RESIDUAL_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -161,11 +174,21 @@ def predict(setting: Setting) -> list:
     sparse_numel = sum(p.numel for p in params if p.sparse)
     if setting.zero_stage == 0:
         master = 0 if setting.precision == "fp32" else 4 * total
-        return [_total({"weights": lp * total, "gradients": lp * total, "master_weights": master,
-                        "optimizer_state": 8 * total + 4 * len(setting.groups),
-                        "masks": math.ceil(sparse_numel / 8),
-                        "compression_residuals": compression_residual_bytes(setting)})] * n
+        out = {"weights": lp * (total + sum(p.numel for p in setting.held)), "gradients": lp * total,
+               "master_weights": master, "optimizer_state": 8 * total + 4 * len(setting.groups),
+               "masks": math.ceil(sparse_numel / 8), "compression_residuals": compression_residual_bytes(setting)}
+        for p in params:
+            if p.sparse and p.frozen:  # frozen bits, and the frozen values the sparsifier keeps to restore
+                out["masks"] += math.ceil(p.numel / 8)
+                out["master_weights"] += 4 * p.numel * p.density * p.frozen
+        ranks = [dict(out) for _ in range(n)]
+        if setting.grow_window_sums:  # each rank scores an even chunk of every sparsified tensor
+            for out in ranks:
+                out["gradients"] += 4 * sum(math.ceil(p.numel / n) for p in params if p.sparse)
+        return [_total(r) for r in ranks]
     ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
+    for r, out in enumerate(ranks):
+        out["weights"] += sum(_held_weight_bytes(setting, p, r) for p in setting.held)
     if setting.compact_state and setting.replicate_masks:  # every full mask kept, replicated (packed per tensor)
         replicated = sum(math.ceil(p.numel / 8) for p in params if p.sparse)
         for out in ranks:
@@ -243,19 +266,47 @@ def _stage12_ranks(setting: Setting) -> list:
         for r, out in enumerate(ranks):
             lo, hi = r * part, (r + 1) * part
             out["weights"] += lp * aligned
-            touched, act, bits = 0, 0.0, 0
+            touched, act = 0, 0.0
             for p, start in zip(group, offsets):
                 overlap = min(hi, start + p.numel) - max(lo, start)
                 if overlap <= 0:
                     continue
                 touched += p.numel
-                act += overlap * p.density
+                act += overlap * p.density * (1.0 - p.frozen)  # what compact state steps: active, not frozen
+                if p.scheduled:  # DeepSpeed's zeros for it, and the range's masters kept to write them back
+                    out["gradients"] += lp * p.numel
+                    out["master_weights"] += 4 * overlap
                 if p.sparse:
-                    bits += math.ceil(overlap / 8)
-            out["masks"] += bits
+                    _add_sparse_range(out, setting, p, overlap)
             out["optimizer_state"] += 4  # Adam's step counter of the group
             _add_state(out, setting, act, part, touched)
     return ranks
+
+
+def _add_sparse_range(out: dict, setting: Setting, p: Param, length: int) -> None:
+    """What a rank keeps for ``length`` positions of a sparsified parameter beside weights and optimizer state:
+    mask bits; with freeze.fraction the frozen bits, and either the trainable bits compact state's packed
+    reduction lays out by or (masked-dense) the frozen positions' fp32 values the sparsifier restores after every
+    step; with a growth window the fp32 gradient sums."""
+    bits = math.ceil(length / 8)
+    out["masks"] += bits
+    if p.frozen:
+        out["masks"] += 2 * bits if setting.compact_state else bits
+        # compact state: the model's own weights hold the frozen values; a scheduled parameter's whole range
+        # replaces them once its entry is reached (counted with the schedule)
+        if not setting.compact_state and not p.scheduled:
+            out["master_weights"] += 4 * length * p.density * p.frozen
+    if setting.grow_window_sums:
+        out["gradients"] += 4 * length
+
+
+def _held_weight_bytes(setting: Setting, p: Param, r: int) -> float:
+    """Weights of a parameter no optimizer group holds (freeze.modules), on rank ``r``."""
+    lp = LP_BYTES[setting.precision]
+    if setting.zero_stage != 3:
+        return lp * p.numel
+    per_rank = math.ceil(p.numel / setting.world_size)
+    return lp * per_rank + (lp * p.numel if p.numel <= setting.persistence_threshold else 0)
 
 
 def _add_state(out: dict, setting: Setting, active: float, extent: int, grad_extent: int,
@@ -291,9 +342,9 @@ def _stage3_rank(setting: Setting, r: int) -> dict:
             if persistent:
                 out["weights"] += lp * p.numel
             if p.sparse:
-                out["masks"] += math.ceil(length / 8)
+                _add_sparse_range(out, setting, p, length)
             # compact fp32: the active master values are the fp32 shard's own (no packed copy between steps)
-            _add_state(out, setting, length * p.density, per_rank, per_rank,
+            _add_state(out, setting, length * p.density * (1.0 - p.frozen), per_rank, per_rank,
                        0 if setting.precision == "fp32" else 4)
     if not setting.compact_state:
         out["gradients"] += lp * setting.reduce_bucket_size
@@ -322,27 +373,34 @@ def uniform_setting(params: float, sparsity: float, sparsified_fraction: float, 
     return Setting(groups=[group], **kwargs)
 
 
-def model_setting(model, names: list, densities: dict, param_groups: list, **kwargs) -> Setting:
+def model_setting(model, names: list, densities: dict, param_groups: list, frozen_fraction: float = 0.0,
+                  scheduled: frozenset = frozenset(), **kwargs) -> Setting:
     """A setting from a (meta-device) model: ``param_groups`` as given to DeepSpeed (lists of parameters),
-    ``names`` the sparsified parameter names, ``densities`` name -> density."""
+    ``names`` the sparsified parameter names, ``densities`` name -> density, ``frozen_fraction`` freeze.fraction,
+    ``scheduled`` the names a freeze.schedule entry stops during the run. Parameters in no group (frozen modules)
+    are held as weights only."""
     by_id = {id(p): n for n, p in model.named_parameters()}
-    groups = []
+    groups, grouped = [], set()
     for group in param_groups:
         ps = []
         for p in group["params"] if isinstance(group, dict) else group:
             name = by_id[id(p)]
             sparse = name in names
-            ps.append(Param(name, p.numel(), densities.get(name, 1.0) if sparse else 1.0, sparse))
+            grouped.add(name)
+            ps.append(Param(name, p.numel(), densities.get(name, 1.0) if sparse else 1.0, sparse,
+                            frozen_fraction if sparse else 0.0, name in scheduled))
         if ps:
             groups.append(ps)
-    return Setting(groups=groups, **kwargs)
+    held = [Param(n, p.numel()) for n, p in model.named_parameters() if n not in grouped]
+    return Setting(groups=groups, held=held, **kwargs)
 
 
 def dense_baseline(setting: Setting) -> Setting:
     """The same model under plain DeepSpeed: no compact state, no masks."""
     groups = [[Param(p.name, p.numel) for p in g] for g in setting.groups]
     return Setting(world_size=setting.world_size, zero_stage=setting.zero_stage, precision=setting.precision,
-                   compact_state=False, groups=groups, reduce_bucket_size=setting.reduce_bucket_size,
+                   compact_state=False, groups=groups, held=list(setting.held),  # the same frozen modules
+                   reduce_bucket_size=setting.reduce_bucket_size,
                    persistence_threshold=setting.persistence_threshold,
                    gradient_accumulation_steps=setting.gradient_accumulation_steps)  # no compression state either
 

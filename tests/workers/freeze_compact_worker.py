@@ -10,7 +10,9 @@ frozen (``freeze.select: magnitude``): once masked-dense, once with compact stat
 - the compact run's measured state bytes against the count from the masks with trainable = active - frozen
   (packed master 4 B, moments 8 B, gradient the low-precision size per trainable weight; masks: the rank's mask
   bits, its frozen bits and the trainable bits the packed reduction lays out by);
-- ``freeze_counts`` (summary.json's trainable/frozen parameters) of both runs.
+- ``freeze_counts`` (summary.json's trainable/frozen parameters) of both runs;
+- the last measured state bytes of both runs, and what the memory planner (``dist-sparse plan``'s formula) predicts
+  for the same model and groups.
 
 The first case also checkpoints both runs at step 6 and resumes: a fresh compact engine from the compact
 checkpoint and another from the masked-dense one, each trained to the end, against the uninterrupted compact run;
@@ -19,6 +21,7 @@ report to argv[1]; the checkpoints go under argv[3].
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from dist_sparse.config import FreezeConfig, check_freeze, from_dict, split_deep
 from dist_sparse.freezing import freeze_counts
 from dist_sparse.integration.engine import attach
 from dist_sparse.masks.packing import packed_nbytes
-from dist_sparse.parameterization import param_groups
+from dist_sparse.memory import plan as P
+from dist_sparse.parameterization import layer_densities, param_groups
 from tests.workers import finish, tiny_gpt2
 
 STEPS = 12
@@ -58,8 +62,20 @@ def build(stage: int, compact: bool, dtype: str):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = param_groups(model, sparsity, "AdamW", [{"params": decay}, {"params": rest, "weight_decay": 0.0}])
+    plan = predicted_bytes(model, sparsity, groups, stage, dtype, compact)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    return attach(engine, model, sparsity, total_steps=STEPS, seed=3, freeze=FREEZE)
+    engine = attach(engine, model, sparsity, total_steps=STEPS, seed=3, freeze=FREEZE)
+    engine.predicted_bytes = plan
+    return engine
+
+
+def predicted_bytes(model, sparsity, groups, stage: int, dtype: str, compact: bool) -> dict:
+    """What ``dist-sparse plan`` predicts for this run (the largest rank), from the same model and groups."""
+    densities = layer_densities(model, sparsity)
+    setting = P.model_setting(model, set(densities), densities, groups, frozen_fraction=FREEZE.fraction,
+                              world_size=int(os.environ["WORLD_SIZE"]), zero_stage=stage, precision=dtype,
+                              compact_state=compact)
+    return P.summarize(P.predict(setting))
 
 
 def model_range(engine, v) -> torch.Tensor:
@@ -142,6 +158,8 @@ def run(stage: int, compact: bool, dtype: str, save_to: Path | None) -> tuple:
     report["frozen_local"] = sum(int(f.sum()) for f, _, _ in initial.values())
     train(engine, batches(D.rank()), 0, report, initial, save_to)
     report["counts"] = freeze_counts(engine, engine.module)
+    report["plan"] = engine.predicted_bytes
+    report["last_bytes"] = dict(engine.state_bytes)
     report["updates"] = engine.sparsifier.updates_done
     deepspeed.comm.barrier()
     return report, final_state(engine)
