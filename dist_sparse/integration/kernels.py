@@ -25,10 +25,11 @@ module's weight, so the operator reads the whole weight there; it keeps only the
 backward (not the weight), and returns dW in the weight's full shape, which DeepSpeed's gradient hooks
 reduce-scatter into the shards as they do for a dense matmul's. 2:4's semi-structured kernels stay at ZeRO 0-2.
 
-Not done: the weights are not held as their active blocks between steps. DeepSpeed's ZeRO-1/2 optimizer keeps each
-rank's model parameters as views into one flat buffer it all-gathers after every step; holding only the blocks
-would mean replacing that buffer and the all-gather, so ``state_bytes_per_rank.weights`` stays the dense figure.
-The forward packs the active blocks from the dense weight (a gather of the density's share of it) instead.
+Weights between steps: at ZeRO-3 with compact state and ``packed_gather`` they are held as their active values
+(the packed shards); at ZeRO-1/2 they stay dense. DeepSpeed's ZeRO-1/2 optimizer keeps each rank's model
+parameters as views into one flat buffer it all-gathers after every step; holding only the blocks would mean
+replacing that buffer and the all-gather, so ``state_bytes_per_rank.weights`` stays the dense figure there, and the
+forward packs the active blocks from the dense weight (a gather of the density's share of it).
 """
 
 from __future__ import annotations

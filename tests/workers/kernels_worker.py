@@ -2,7 +2,7 @@
 
 For ZeRO-1, 2 and 3: 20 steps of RigL with ``block:16x16`` masks on a small GPT-2 (Conv1D layers), once with
 ``sparsity.kernel: dense`` and once with ``block_sparse`` (at ZeRO-2 once more with gradient checkpointing, at
-ZeRO-3 once more with compact state),
+ZeRO-3 once more with compact state and packed shards: the weights held as their active values between steps),
 same data and seeds. Per run and rank it records every loss, the full masks at the end, the pruned model weights'
 nonzero count after every step, the reduced gradient this rank holds on every dense-gradient step (RigL's growth
 score, including pruned positions), and the layer kernels. Rank 0 writes the JSON report to argv[1].
@@ -35,12 +35,14 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        # packed shards store a shard as its active values; parameters under the persistence threshold stay
+        # whole (DeepSpeed keeps them gathered), and every parameter of this model is under the default 1e5
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if compact else {})},
         "gradient_clipping": 1.0,
         "sparsity": {"method": "rigl", "sparsity": 0.75, "distribution": "uniform", "pattern": "block:16x16",
                      "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
                      "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
-                     "drop_fraction": 0.3, "compact_state": compact},
+                     "drop_fraction": 0.3, "compact_state": compact, "packed_gather": compact and stage == 3},
     }
     engine, _, _, _ = dist_sparse.initialize(model=m, config=config, total_steps=STEPS, seed=3)
     calls = [0]  # forwards through the operator: the replaced forward really ran (at ZeRO-3 too)
@@ -79,6 +81,7 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
     report["updates"] = sp.updates_done
     report["kernels_state"] = engine.kernels.state_dict() if engine.kernels is not None else None
     report["operator_calls"] = calls[0]
+    report["state_bytes"] = dict(engine.state_bytes or {})
     kernels_mod.block_sparse_linear = operator
     return report
 
