@@ -36,6 +36,13 @@ rank's shard padded), so
 - ``masks``: one bit per sparsified position of its (unpadded) shards (compact state with ``replicate_masks``
   adds the full masks, as at ZeRO-1/2).
 
+Freezing and RigL's growth window add what the sparse components keep (as the accounting counts it):
+``freeze.modules`` parameters belong to no optimizer group, so only their weights are held (``Setting.held``);
+``freeze.fraction`` adds the frozen bits (compact state also the trainable bits its packed reduction lays out by,
+and steps only active, unfrozen positions; masked-dense keeps an fp32 copy of the frozen values); a reached
+``freeze.schedule`` entry keeps its range's fp32 masters and, at ZeRO-1/2, gets DeepSpeed's zeros for its missing
+gradient; a growth window keeps fp32 gradient sums over the rank's range of every sparsified tensor.
+
 Without a model (``--params``), groups are not known: the prediction divides evenly, which is what the layout
 gives up to one parameter's worth of partition boundary.
 """
