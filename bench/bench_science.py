@@ -115,6 +115,28 @@ def _slim(line: str) -> str:
     return json.dumps(rec)
 
 
+def attention_split(out: Path) -> dict | None:
+    """Density of the query, key and value thirds of GPT-2's fused ``c_attn`` (Conv1D, (in, 3 x width)), mean over
+    layers, from a finished run's exported masks (None without them): where a method put the attention's weights."""
+    path = out / "final" / "sparsity_masks.safetensors"
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    from dist_sparse.masks import load_masks
+
+    masks = load_masks(str(path))
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in masks if k.endswith("attn.c_attn.weight")}
+    parts = {"query": [], "key": [], "value": []}
+    for name, shape in shapes.items():
+        m = masks[name].reshape(shape).bool()
+        for i, part in enumerate(parts):
+            third = shape[1] // 3
+            parts[part].append(float(m[:, i * third: (i + 1) * third].float().mean()))
+    return {k: statistics.mean(v) for k, v in parts.items()} if shapes else None
+
+
 def record(out: Path) -> Path:
     """Copy a finished run's config, summary and slim metrics into the committed records (atomic per file);
     a lottery root records its lottery.json and every round's run the same way."""
@@ -126,6 +148,10 @@ def record(out: Path) -> Path:
         runs += [(r["dir"], out / r["dir"]) for r in rep.get("round", [])]
         if rep.get("control"):
             runs.append((rep["control"]["dir"], out / rep["control"]["dir"]))
+    split = attention_split(out)
+    if split is not None:  # the masks are not recorded (too large); their attention split is
+        (dest / "attention.json.tmp").write_text(json.dumps(split))
+        os.replace(dest / "attention.json.tmp", dest / "attention.json")
     for sub, src in runs:
         (dest / sub).mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "summary.json", "lottery.json", "metrics.jsonl"):
@@ -214,7 +240,7 @@ def main() -> None:
     only = {n.strip() for n in args.only.split(";")} if args.only else None  # row names contain commas
     rows = [(r[0], args.seeds if r[1] == "all" else 1, r[2], r[3] if len(r) > 3 else 1) for r in ROWS
             if only is None or r[0] in only]
-    results = {"vals": {}, "kind": {}, "reused": [], "dirs": []}
+    results = {"vals": {}, "kind": {}, "reused": [], "dirs": [], "attention": {}}
     # seed by seed over the rows: an interrupted table has every row at the same number of seeds
     for seed in range(max((n for _, n, _, _ in rows), default=0)):
         for name, n, row, factor in rows:
@@ -234,11 +260,28 @@ def main() -> None:
                 results["kind"][name] = summary.get("parameterization", "standard") + (
                     f", grow window {window}" if window is not None else "")
             results["dirs"].append(out)
+            split = (json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists()
+                     else attention_split(out))
+            if split is not None:
+                results["attention"].setdefault(name, []).append(split)
             if was:
                 results["reused"].append(f"{name} seed {seed}")
             print(f"{name} seed {seed}: {results['vals'][name][-1]:.4f}{' (reused)' if was else ''}", flush=True)
             write(args, results, figure=False)  # the section stays current if the table is stopped
     write(args, results, figure=True)
+
+
+def attention_table(splits: dict) -> list:
+    """Where each method put the attention's weights: the query/key/value thirds of the fused c_attn (from the runs'
+    exported masks; runs recorded before this was measured have none)."""
+    if not splits:
+        return []
+    rows = [f"| {name} | {len(v)} | " + " | ".join(f"{statistics.mean(x[k] for x in v):.3f}"
+                                                  for k in ("query", "key", "value")) + " |"
+            for name, v in splits.items()]
+    return ["Density of the query, key and value thirds of each block's fused `c_attn` (mean over the 4 layers and "
+            "the seeds whose exported masks were measured):", "", "| run | seeds | query | key | value |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def write(args, results: dict, figure: bool) -> None:
@@ -334,6 +377,7 @@ def write(args, results: dict, figure: bool) -> None:
         "|---|---|---|",
         *targets,
         "",
+        *attention_table(results["attention"]),
         f"Reused finished runs (same config): {', '.join(results['reused']) or 'none'}. Rows marked `not run` "
         "were not part of this invocation (`--only`) or not reached yet; the mean ± std covers the seeds that ran.",
     ]
