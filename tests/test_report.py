@@ -42,3 +42,18 @@ def test_report_reads_runs_and_writes_a_png(tmp_path):
                  str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_report_of_many_runs_shares_one_legend(tmp_path):
+    """Past a handful of runs the panels share one legend below them (the curves stay visible), colours from a
+    20-colour map; the figure grows to hold it."""
+    from PIL import Image
+
+    runs = []
+    for i in range(24):
+        fake_run(tmp_path / f"run{i:02d}", 2.0 + i / 100)
+        runs.append(str(tmp_path / f"run{i:02d}"))
+    few, many = tmp_path / "few.png", tmp_path / "many.png"
+    assert main(["report", *runs[:3], "--out", str(few)]) == 0
+    assert main(["report", *runs, "--out", str(many)]) == 0
+    assert Image.open(many).size[1] > Image.open(few).size[1]  # room for the shared legend

@@ -3,7 +3,8 @@
 From each run directory's ``metrics.jsonl`` and ``summary.json`` (a ``dist-sparse train`` output directory, or a
 ``dist-sparse lottery`` root holding ``lottery.json``), one figure with four panels:
 
-1. validation loss (markers) and training loss (lines) against steps, one colour per run, legend by run name;
+1. validation loss (markers) and training loss (lines) against steps, one colour per run, legend by run name (past
+   6 runs one legend below the panels);
 2. per-layer density of the last run given, as bars (``summary.json``'s ``layer_density``);
 3. mask churn per update (regrown / active weights, ``metrics.jsonl``'s ``mask_update``) against steps;
 4. for lottery runs, the final validation loss per round (and the reinit control's, dashed).
@@ -58,6 +59,9 @@ def _names(runs: list) -> list:
     return [f"{Path(r).parent.name}/{Path(r).name}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
 
 
+SHARED_LEGEND_ABOVE = 6  # runs; more share one legend below the panels
+
+
 def draw(runs: list, out: Path) -> Path:
     import matplotlib
 
@@ -66,16 +70,24 @@ def draw(runs: list, out: Path) -> Path:
 
     data = [read_run(Path(r)) for r in runs]
     names = _names(runs)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    # many runs: one legend for the figure, below the panels (a run is one colour everywhere), so that the curves
+    # stay visible; few runs: a legend in each panel
+    shared = len(runs) > SHARED_LEGEND_ABOVE
+    rows = -(-len(runs) // 3) if shared else 0
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9 + 0.22 * rows))
     loss_ax, density_ax, churn_ax, lottery_ax = axes.reshape(-1)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(runs) > len(colours):
+        colours = [plt.get_cmap("tab20")(i % 20) for i in range(20)]
+    styles = ["-", "-.", ":"]  # past 20 runs colours repeat: the train line's style tells them apart
     for i, (name, d) in enumerate(zip(names, data)):
-        c = colours[i % len(colours)]
+        c, style = colours[i % len(colours)], styles[(i // len(colours)) % len(styles)]
         curves = d["curves"]
         if curves.get("loss"):
-            loss_ax.plot(*zip(*curves["loss"]), color=c, alpha=0.6, label=f"{name} (train)")
+            loss_ax.plot(*zip(*curves["loss"]), style, color=c, alpha=0.6,
+                         label=name if shared else f"{name} (train)")
         if curves.get("val_loss"):
-            loss_ax.plot(*zip(*curves["val_loss"]), "o--", color=c, label=f"{name} (val)")
+            loss_ax.plot(*zip(*curves["val_loss"]), "o--", color=c, label="_" if shared else f"{name} (val)")
         if curves.get("churn"):
             churn_ax.plot(*zip(*curves["churn"]), "o-", color=c, label=name)
         if "lottery" in d:
@@ -86,7 +98,8 @@ def draw(runs: list, out: Path) -> Path:
             if control and rounds:
                 lottery_ax.axhline(control["val_loss"], color=c, ls="--",
                                    label=f"{name} reinit control (sparsity {control['sparsity']:.2f})")
-    loss_ax.set(title="loss", xlabel="step", ylabel="loss")
+    loss_ax.set(title="loss (lines: training; dashed, o: validation)" if shared else "loss", xlabel="step",
+                ylabel="loss")
     churn_ax.set(title="mask churn per update (regrown / active)", xlabel="step", ylabel="churn")
     lottery_ax.set(title="lottery: final validation loss per round", xlabel="round", ylabel="val loss")
     last = data[-1].get("summary", {}).get("layer_density", {})
@@ -97,11 +110,16 @@ def draw(runs: list, out: Path) -> Path:
     for ax, empty in ((loss_ax, "no loss records"), (churn_ax, "no mask updates"), (lottery_ax, "no lottery runs"),
                       (density_ax, "dense run: no sparsified layers")):
         if ax.has_data():
-            if ax is not density_ax:
+            if ax is not density_ax and not shared:
                 ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
+    if shared:
+        handles, labels = loss_ax.get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.22 * rows / (9 + 0.22 * rows), 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    else:
+        fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
