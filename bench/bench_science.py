@@ -78,6 +78,8 @@ ROWS = [
     ("2:4 static, standard parameterization", 1, [*W128, "sparsity.method=static", "sparsity.pattern=2:4",
                                                   "sparsity.sparsity=0.5", STANDARD]),
     ("rigl 5x steps", 1, [*W128, "sparsity.method=rigl"], 5),
+    # RigL below SET: SET drops a constant fraction until end_step, RigL's drop fraction decays (cosine)
+    ("rigl, constant drop fraction", 1, [*W128, "sparsity.method=rigl", "sparsity.drop_fraction_schedule=constant"]),
 ]
 CONTROL = "imp reinit control (seed + 1000)"
 
@@ -326,7 +328,8 @@ def write(args, results: dict, figure: bool) -> None:
                      "2:4 static, standard parameterization"),
                order("FreezeNet above SNIP at the same trainable count (Wimmer et al. 2020)",
                      "freezenet (snip 90%, half frozen)", "snip 95% (same trainable count)"),
-               order("RigL above SET", "rigl", "set"), order("SET above static", "set", "static")]
+               order("RigL above SET", "rigl", "set"), order("SET above static", "set", "static"),
+               order("RigL with SET's constant drop fraction above SET", "rigl, constant drop fraction", "set")]
     rigl, static, small, five = mean("rigl"), mean("static"), mean("small dense (width 48)"), mean("rigl 5x steps")
     block = mean("rigl block:32x32")
     targets = [
