@@ -79,7 +79,8 @@ ROWS = [
                                                   "sparsity.sparsity=0.5", STANDARD]),
     ("rigl 5x steps", 1, [*W128, "sparsity.method=rigl"], 5),
     # RigL below SET: SET drops a constant fraction until end_step, RigL's drop fraction decays (cosine)
-    ("rigl, constant drop fraction", "all", [*W128, "sparsity.method=rigl", "sparsity.drop_fraction_schedule=constant"]),
+    ("rigl, constant drop fraction", "all", [*W128, "sparsity.method=rigl",
+                                             "sparsity.drop_fraction_schedule=constant"]),
 ]
 CONTROL = "imp reinit control (seed + 1000)"
 

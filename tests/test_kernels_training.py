@@ -1,7 +1,8 @@
 """Sparse kernels in the training step (``sparsity.kernel``): block-sparse runs equal dense-kernel runs.
 
-The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1, 2 and 3 (and ZeRO-3 with
-compact state), RigL with 16x16 blocks, 20 steps); the others check the component in one process with a stand-in sparsifier.
+The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1, 2 and 3, and ZeRO-3 with
+compact state and packed shards; RigL with 16x16 blocks, 20 steps); the others check the component in one process
+with a stand-in sparsifier.
 """
 
 import json

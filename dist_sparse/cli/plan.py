@@ -92,11 +92,11 @@ def _from_config(args) -> tuple:
     with torch.device("meta"):
         model = hf.build_causal_lm(cfg.model, vocab, cfg.attention)
     freeze_modules(model, cfg.freeze.modules)  # as training does: no optimizer state, not sparsified
+    params = dict(model.named_parameters())
     names = []
     if cfg.sparsity.method != "none":
         names = [n for n in hf.sparsifiable_parameters(model, cfg.sparsity.params, cfg.sparsity.exclude)
-                 if dict(model.named_parameters())[n].requires_grad]
-    params = dict(model.named_parameters())
+                 if params[n].requires_grad]
     shapes = {n: tuple(params[n].shape) for n in names}
     layers = layer_shapes(shapes)  # fused MoE experts: one layer per expert matrix, as in training
     dens = layer_densities(layers, sparsity, cfg.sparsity.distribution, cfg.sparsity.erk_power_scale) if names \

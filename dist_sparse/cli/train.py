@@ -14,8 +14,8 @@ import os
 import sys
 
 from dist_sparse import cluster, stopping
-from dist_sparse import distributed as D
 from dist_sparse import config as config_mod
+from dist_sparse import distributed as D
 from dist_sparse.cli import launch
 from dist_sparse.errors import DistSparseError
 
