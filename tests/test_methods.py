@@ -72,6 +72,20 @@ def test_schedules():
     assert [t for t in range(1000) if times.is_update(t)] == [100, 200, 300, 400, 500, 600, 700]
 
 
+def test_drop_fraction_schedule_default_is_constant_for_set_and_rigl():
+    for name in ("set", "rigl"):
+        method = build_method(SparsityConfig(method=name, update_interval=10, end_step=100),
+                              {"w": (8, 16)}, total_steps=None, seed=0)
+        assert isinstance(method.fraction, ConstantFraction) and method.fraction(90) == pytest.approx(0.3)
+    paper = build_method(SparsityConfig(method="rigl", update_interval=10, end_step=100,
+                                        drop_fraction_schedule="cosine"), {"w": (8, 16)}, total_steps=None, seed=0)
+    assert isinstance(paper.fraction, CosineFraction) and paper.fraction(50) == pytest.approx(0.15)
+    # null meant "cosine for rigl" before the default changed: refused with the key named, not reinterpreted
+    for bad in (None, "linear"):
+        with pytest.raises(ConfigError, match="drop_fraction_schedule"):
+            from_dict({"sparsity": {"method": "rigl", "drop_fraction_schedule": bad}})
+
+
 def test_method_registry_and_config_agree():
     assert set(method_names()) == {"none", "static", "magnitude", "set", "rigl", "sr_ste", "snip", "grasp", "synflow"}
     from dist_sparse import config

@@ -63,8 +63,7 @@ def build_method(sparsity, shapes: dict, total_steps: int | None, seed: int, tra
     cls = METHODS[sparsity.method]
     kwargs = {}
     if issubclass(cls, SET):  # drop-and-grow methods (a user subclass of SET or RigL too)
-        kind = sparsity.drop_fraction_schedule or ("cosine" if issubclass(cls, RigL) else "constant")
-        kwargs["fraction"] = FRACTION_SCHEDULES[kind](sparsity.drop_fraction, end)
+        kwargs["fraction"] = FRACTION_SCHEDULES[sparsity.drop_fraction_schedule](sparsity.drop_fraction, end)
     if issubclass(cls, RigL):
         # unset: the paper's one batch until attach() knows whether the window is free (default_grow_window)
         kwargs["grow_grad_steps"] = sparsity.grow_grad_steps or 1

@@ -1,10 +1,11 @@
 """``rigl``: Rigging the Lottery (Evci, Gale, Menick, Castro & Elsen, ICML 2020), Algorithm 1.
 
 Identical to SET except for the grow score: connections are regrown where the **dense gradient** magnitude is
-largest (the gradient of the loss w.r.t. every weight, pruned ones included, on the mask-update step). The update
-fraction follows the cosine schedule ``alpha/2 (1 + cos(pi t / T_end))`` and updates happen every Delta-T steps
-until T_end; the update step replaces the optimizer step (the paper's Algorithm 1, `else` branch). Regrown weights
-start at 0 with reset optimizer moments.
+largest (the gradient of the loss w.r.t. every weight, pruned ones included, on the mask-update step). In the paper
+the update fraction follows the cosine schedule ``alpha/2 (1 + cos(pi t / T_end))`` (``drop_fraction_schedule:
+cosine``); the default here keeps it constant at alpha, as SET does, which measured better at this project's scale
+(docs/methods.md, "Drop fraction"). Updates happen every Delta-T steps until T_end; the update step replaces the
+optimizer step (the paper's Algorithm 1, `else` branch). Regrown weights start at 0 with reset optimizer moments.
 """
 
 import torch
