@@ -68,6 +68,10 @@ ROWS = [
                                             "sparsity.sparsity=0.95"]),
     # block-sparse structure (what the block-sparse kernels need) against unstructured RigL
     ("rigl block:32x32", 1, [*W128, "sparsity.method=rigl", "sparsity.pattern=block:32x32"]),
+    # the gap against the block size: at width 128 a 32x32 grid has 4 blocks across, so 10% density leaves most
+    # output rows of every layer without a single input block
+    ("rigl block:16x16", 1, [*W128, "sparsity.method=rigl", "sparsity.pattern=block:16x16"]),
+    ("rigl block:8x8", 1, [*W128, "sparsity.method=rigl", "sparsity.pattern=block:8x8"]),
     # the defaults' parameterization (SμPar) against the dense hyperparameters, and RigL's "5x" schedule
     ("rigl, old defaults (standard parameterization, grow window 1)", 1,
      [*W128, "sparsity.method=rigl", STANDARD, "sparsity.grow_grad_steps=1", COSINE]),
