@@ -72,6 +72,10 @@ ROWS = [
     # output rows of every layer without a single input block
     ("rigl block:16x16", 1, [*W128, "sparsity.method=rigl", "sparsity.pattern=block:16x16"]),
     ("rigl block:8x8", 1, [*W128, "sparsity.method=rigl", "sparsity.pattern=block:8x8"]),
+    # SμPar scales a layer by its density, as if every output row had that share of its inputs; a block mask gives
+    # its live rows whole blocks of inputs and its dead rows none
+    ("rigl block:32x32, standard parameterization", 1, [*W128, "sparsity.method=rigl",
+                                                         "sparsity.pattern=block:32x32", STANDARD]),
     # the defaults' parameterization (SμPar) against the dense hyperparameters, and RigL's "5x" schedule
     ("rigl, old defaults (standard parameterization, grow window 1)", 1,
      [*W128, "sparsity.method=rigl", STANDARD, "sparsity.grow_grad_steps=1", COSINE]),
