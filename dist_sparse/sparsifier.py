@@ -77,6 +77,9 @@ class Sparsifier(Component):
         self.selector = DistributedSelector(group)
         self.skip_optimizer_step = False  # of the latest before_step: its plan's decision
         self.grad_sums: dict = {}  # name -> sum of dense gradients (score range) over the growth window
+        # set by a gradient exchange that keeps the growth window itself (the compressed exchange): returns how many
+        # steps the update step's reduced gradient sums; None: the window's reduced gradients are summed here
+        self.window_upstream = None
         self.grad_sum_steps = 0
         self.last_update: dict | None = None  # churn etc. of the latest mask update
         self.updates_done = 0
@@ -261,7 +264,12 @@ class Sparsifier(Component):
         if method is not None and method.adjusts_grads:
             self._add_grad_deltas(plan.step)
         if method is not None and plan.dense_grad and method.grow_window() > 1:
-            self._accumulate_grads()
+            if self.window_upstream is None:
+                self._accumulate_grads()
+            elif plan.mask_update:  # the reduced gradient already is the window's sum
+                self.grad_sums, self.grad_sum_steps = {}, 0
+                self._accumulate_grads()
+                self.grad_sum_steps = self.window_upstream()
         if plan.mask_update:
             self._update(plan.step)
             self.grad_sums, self.grad_sum_steps = {}, 0

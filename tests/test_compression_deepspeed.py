@@ -83,6 +83,33 @@ def test_rigl_with_density_one_equals_uncompressed_rigl(report):
 
 
 @pytest.mark.slow
+def test_rigl_growth_window_kept_in_the_compressed_exchange(report):
+    """A two-step growth window under compression: the window's step exchanges compressed (only the update steps
+    are dense), growth scores the same window mean as uncompressed RigL's (to rounding: each rank sums its own
+    gradients before the average instead of after), so the masks are equal; the open window is checkpointed."""
+    stage, per_rank = report
+    for rank, runs in enumerate(per_rank):
+        plain, comp, where = runs["rigl_window"], runs["rigl_window_topk1"], f"ZeRO-{stage} rank {rank} window"
+        sparsified = comp["sparsified"]
+        assert plain["grow_steps"] == comp["grow_steps"] == [2, 2], where
+        for a, b in zip(plain["grow_scores"], comp["grow_scores"]):
+            assert set(a) == set(b) == set(sparsified), where
+            for name in a:
+                torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), rtol=1e-5, atol=1e-7,
+                                           msg=f"{where} {name}")
+        assert plain["masks"] == comp["masks"], f"{where}: masks differ"
+        torch.testing.assert_close(torch.tensor(comp["losses"]), torch.tensor(plain["losses"]), msg=where)
+        # steps 1-4 use the dense gradient (updates at 2 and 4); only 2 and 4 exchange dense
+        assert comp["dense_exchanged"] == [[], [], sparsified, [], sparsified, [], []], where
+        # after steps 1 and 3 a window is open: its sums are in the compression state and survive a reload
+        open_window = [any(k.endswith("::grow_window_sum") for k in keys) for keys, _ in comp["window_state"]]
+        assert open_window == [False, True, False, True, False, False, False], where
+        assert all(same for _, same in comp["window_state"]), where
+        assert all(k.endswith("::grow_window_sum") or k.endswith("::grow_window_steps")
+                   for keys, _ in comp["window_state"] for k in keys), where
+
+
+@pytest.mark.slow
 def test_pruned_coordinates_are_never_sent_and_bytes_match(report):
     stage, per_rank = report
     for rank, runs in enumerate(per_rank):
@@ -126,8 +153,11 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, stage, m
     from dist_sparse import checkpoint
     from tests.test_checkpoint_resume import losses, train
 
+    # RigL's default growth window (the update interval, kept in the exchange) is open at the step-10 checkpoint:
+    # updates every 4 steps, so the window of the update at step 12 has summed one step
     over = [f"deepspeed.zero_optimization.stage={stage}", "compression.method=topk", "compression.density=0.05",
-            "train.save_interval=10", f"compression.momentum_correction={str(momentum_correction).lower()}"]
+            "train.save_interval=10", f"compression.momentum_correction={str(momentum_correction).lower()}",
+            "sparsity.update_interval=4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, *over)
     if momentum_correction:  # ZeRO-3: killed after the step-10 checkpoint, then resumed with --resume auto
@@ -142,8 +172,10 @@ def test_resume_restores_residuals_and_gives_identical_losses(tmp_path, stage, m
     assert len(saved) > 0 and sum(int((t != 0).sum()) for t in saved.values()) > 0
     # with Adam momentum correction the local momentum and the selection's second moment are saved too
     kinds = {k.rsplit("::", 1)[1] for k in saved}
-    assert kinds == ({"residual", "momentum", "second_moment", "momentum_square", "moment_steps", "energy"}
-                     if momentum_correction else {"residual"})
+    window = {"grow_window_sum", "grow_window_steps"}
+    assert kinds == ({"residual", "momentum", "second_moment", "momentum_square", "moment_steps", "energy", *window}
+                     if momentum_correction else {"residual", *window})
+    assert all(float(t.reshape(-1)[0]) == 1 for k, t in saved.items() if k.endswith("::grow_window_steps"))
     train(resumed, *over, resume="auto" if momentum_correction else str(source))
     a, b = losses(straight), losses(resumed)
     assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # exactly equal, not close

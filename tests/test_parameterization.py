@@ -152,11 +152,12 @@ def _supar_under_deepspeed(rank, world):
     assert seen and all(lr == pytest.approx(0.01 * s) for step in seen for lr, s in step)
     assert engine.get_lr() == [0.01] * len(opt.param_groups)
     # RigL's unset growth window: the whole update interval, free here (masked-dense DeepSpeed reduces the dense
-    # gradient every step); under gradient compression it would turn steps dense, so the paper's one batch
+    # gradient every step), and under gradient compression (the exchange keeps the window in a local sum)
     assert engine.sparsifier.method.grow_grad_steps == config["sparsity"]["update_interval"] == 2
     config["compression"] = {"method": "topk", "density": 0.1}
     compressed, *_ = dist_sparse.initialize(tiny_gpt2(), config, total_steps=6)
-    assert compressed.sparsifier.method.grow_grad_steps == 1
+    assert compressed.sparsifier.method.grow_grad_steps == 2 and compressed.compression.window_sums == {}
+    assert compressed.sparsifier.window_upstream is not None
     masks = engine.sparsifier.full_masks()
     for name, mask in masks.items():
         w = dict(engine.module.named_parameters())[name]

@@ -115,7 +115,8 @@ def _from_config(args) -> tuple:
                           for n in module_parameters(model, e["modules"], f"freeze.schedule[{i}].modules"))
     setting = P.model_setting(model, set(names), densities, groups, frozen_fraction=cfg.freeze.fraction,
                               scheduled=scheduled,
-                              world_size=args.world_size, grow_window_sums=_grow_window(cfg, bool(compact)),
+                              world_size=args.world_size, **dict(zip(("grow_window_sums", "grow_window_local_sums"),
+                                                                       _grow_window(cfg, bool(compact)))),
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
@@ -147,18 +148,22 @@ def _from_config(args) -> tuple:
     return setting, described, traffic, gather
 
 
-def _grow_window(cfg, compact: bool) -> bool:
-    """Whether RigL keeps growth-window gradient sums: ``grow_grad_steps`` > 1, or unset where training resolves it
-    to the update interval (masked-dense state, no compression, dense kernels: ``engine.default_grow_window``).
-    ``kernel: auto`` with a block pattern decides by a measurement at start; the plan assumes the window then (an
-    upper bound: the block-sparse kernels would make it 1)."""
+def _grow_window(cfg, compact: bool) -> tuple:
+    """Where RigL keeps its growth window's gradient sums: ``(partition, local)``. ``partition``: the sparsifier sums
+    the reduced gradient of the rank's score range; ``local``: the compressed exchange sums the rank's full local
+    gradient (``CompressedReduction.enable_local_window``). A window exists for ``grow_grad_steps`` > 1, or unset
+    where training resolves it to the update interval (no compact state, dense kernels:
+    ``engine.default_grow_window``). ``kernel: auto`` with a block pattern decides by a measurement at start; the plan
+    assumes the window then (an upper bound: the block-sparse kernels would make it 1)."""
     sp = cfg.sparsity
     if sp.method != "rigl":
-        return False
+        return False, False
     if sp.grow_grad_steps is not None:
-        return sp.grow_grad_steps > 1
-    compressed = cfg.compression is not None and cfg.compression.enabled
-    return sp.update_interval > 1 and not compact and not compressed and sp.kernel in ("auto", "dense")
+        window = sp.grow_grad_steps > 1
+    else:
+        window = sp.update_interval > 1 and not compact and sp.kernel in ("auto", "dense")
+    local = window and not compact and cfg.compression is not None and cfg.compression.enabled
+    return window and not local, local
 
 
 def _residual_fields(args, compression, adam: bool) -> dict:

@@ -56,6 +56,9 @@ from dist_sparse.step import Component
 
 log = logging.getLogger("dist_sparse")
 
+# checkpoint keys of the growth window kept by the exchange (enable_local_window)
+WINDOW_SUM, WINDOW_STEPS = "grow_window_sum", "grow_window_steps"
+
 
 def _numel(p) -> int:
     """A parameter's full size (ZeRO-3 partitions it: its local ``numel`` is 0)."""
@@ -181,6 +184,11 @@ class CompressedReduction(Component):
         self._touched: set = set()
         self.max_stash_bytes = 0
         self.store = store
+        # RigL's growth window kept here (enable_local_window): each rank sums its own local dense gradient of the
+        # sparsified tensors over the window's steps, which exchange compressed as usual; the update step exchanges
+        # the sum once, dense, so growth scores the window's mean gradient for one dense exchange per update
+        self.window_sums: dict | None = None
+        self.window_steps = 0
         if store is not None and self.adam is not None:  # staged second moments follow a repack of the masters
             store.layout_followers.append(self.adam.follow)
         # stages 1/2: every rank's range of every tensor in its partition (fixed for the run). The average is
@@ -302,6 +310,47 @@ class CompressedReduction(Component):
         """Bytes handed to the masks' all-gathers so far (what ``mask_sync_bytes_per_step`` averages)."""
         return 0 if self.mask_source is None else self.mask_source.sync_bytes()
 
+    # -- RigL's growth window -----------------------------------------------------------------------------------
+    def enable_local_window(self) -> None:
+        """Keep RigL's growth window in the exchange instead of exchanging every window step dense.
+
+        Without it, every step of a window of ``grow_grad_steps`` > 1 exchanges the sparsified tensors dense (the
+        sparsifier sums the reduced gradients). With it, a window step exchanges compressed like any other step and
+        adds this rank's full local gradient of the sparsified tensors, pruned positions included, to
+        ``window_sums`` (fp32, per rank); the update step sends ``window_sums`` + its own local gradient in its
+        dense exchange, so the reduced value is the sum over the window of the ranks' mean gradient, which the
+        sparsifier divides by the window's step count (``window_upstream``). The bytes are those of a window of 1;
+        the cost is one fp32 copy of the sparsified tensors per rank, held across the window (``gradients`` in
+        ``state_bytes_per_rank``) and checkpointed with the residuals."""
+        if self.sparsifier is None:
+            return
+        self.window_sums, self.window_steps, self.closed_window_steps = {}, 0, 0
+        self.sparsifier.window_upstream = lambda: self.closed_window_steps
+
+    def _window_names(self) -> list:
+        return [v.name for v in self.sparsifier.views]
+
+    def _add_to_window(self, local: dict) -> None:
+        for n in self._window_names():
+            g = local[n].float()
+            if n in self.window_sums:
+                self.window_sums[n].add_(g)
+            else:
+                self.window_sums[n] = g.clone()
+        self.window_steps += 1
+
+    def _close_window(self, local: dict) -> dict:
+        """The update step's local gradients with the window's sums added (the sums are released)."""
+        out = dict(local)
+        for n in self._window_names():
+            total = local[n].float()
+            if n in self.window_sums:
+                total = total + self.window_sums.pop(n)
+            out[n] = total
+        # the update step's own gradient is part of its window; the sparsifier reads the count in this step
+        self.closed_window_steps, self.window_steps = self.window_steps + 1, 0
+        return out
+
     # -- the boundary ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reduce_gradients(self, plan) -> None:
@@ -309,9 +358,10 @@ class CompressedReduction(Component):
         step, sparsifier = plan.step, self.sparsifier
         self._refresh_masks(sparsifier)
         dense, skip = (), ()
+        windowed = self.window_sums is not None and plan.dense_grad
         # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the steps
-        # before it too): exchange the sparsified tensors uncompressed
-        if plan.dense_grad:
+        # before it too, unless the window is kept here): exchange the sparsified tensors uncompressed
+        if plan.dense_grad and (plan.mask_update or not windowed):
             dense = {v.name for v in sparsifier.views}
         if plan.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
             skip = [n for n in self.names if n not in dense]
@@ -322,6 +372,15 @@ class CompressedReduction(Component):
             local = {n: (g.div_(scale) if g.dtype == torch.float32 and self.stage else g.float().div_(scale))
                      for n, g in local.items()}
             saved = {k: t.clone() for k, t in self.compression.feedback.state_tensors().items()}
+        pending = None  # a window step's local gradients, added to the window once the step is known to count
+        if windowed and plan.mask_update:
+            local = self._close_window(local)
+        elif windowed:
+            # before the exchange, which may clip the local gradients in place (DGC local clipping); fp16 waits for
+            # the overflow check, so that a skipped step leaves the window as it was
+            pending = {n: local[n].float().clone() for n in self._window_names()} if scale != 1.0 else None
+            if pending is None:
+                self._add_to_window(local)
         eligible = {} if self.mask_source is None else self.mask_source
         averaged = self.compression.run(local, eligible, step, dense, skip, owned=self._owned,
                                         dense_applied=not plan.replaces_optimizer_step)
@@ -332,6 +391,8 @@ class CompressedReduction(Component):
             self.exchange_overflowed = True
             self._release_stash()
             return
+        if pending is not None:
+            self._add_to_window(pending)
         self._scale = scale
         write = self._write_partition if self.store is None else self._write_compact
         fragments = []  # (master fragment, second-moment estimate, written average) for Adam momentum correction
@@ -431,7 +492,8 @@ class CompressedReduction(Component):
         return "all" if self.scope == "all" else f"inter_node:{self.layout.signature()}"
 
     def bytes_held(self) -> dict:
-        return {"masks": self.mask_bytes(), "compression_residuals": self.compression.feedback.buffers()}
+        return {"masks": self.mask_bytes(), "compression_residuals": self.compression.feedback.buffers(),
+                "gradients": list((self.window_sums or {}).values())}
 
     def mask_bytes(self) -> int:
         """Bytes of masks this rank keeps for sending beyond the sparsifier's own bits: the replicated full masks
@@ -440,8 +502,24 @@ class CompressedReduction(Component):
         return 0 if self.mask_source is None else self.mask_source.held_bytes()
 
     def state_tensors(self) -> dict:
-        return {k: t.detach().cpu().contiguous() for k, t in self.compression.feedback.state_tensors().items()}
+        out = dict(self.compression.feedback.state_tensors())
+        if self.window_sums is not None:  # an open growth window: its sums and step count
+            out.update({f"{n}::{WINDOW_SUM}": t for n, t in self.window_sums.items()})
+            out[f"::{WINDOW_STEPS}"] = torch.tensor([float(self.window_steps)])
+        return {k: t.detach().cpu().contiguous() for k, t in out.items()}
 
     def load_state_tensors(self, tensors: dict) -> None:
         device = next(iter(self.params.values())).device
-        self.compression.feedback.load_state_tensors(tensors, device)
+        kinds = {k: k.rsplit("::", 1)[1] for k in tensors}
+        if self.window_sums is not None:
+            self.window_sums = {k.rsplit("::", 1)[0]: t.to(device).float().clone() for k, t in tensors.items()
+                                if kinds[k] == WINDOW_SUM}
+            steps = [t for k, t in tensors.items() if kinds[k] == WINDOW_STEPS]
+            self.window_steps = int(steps[0].reshape(-1)[0]) if steps else 0
+        elif any(kinds[k] == WINDOW_SUM for k in tensors):
+            raise ConfigError("sparsity.grow_grad_steps", "the checkpoint holds an open RigL growth window kept "
+                                                          "by the compressed exchange, which this run does not keep "
+                                                          "(the window resolves to 1 step here); resume with the "
+                                                          "config it was trained with")
+        self.compression.feedback.load_state_tensors(
+            {k: t for k, t in tensors.items() if kinds[k] not in (WINDOW_SUM, WINDOW_STEPS)}, device)

@@ -356,18 +356,25 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
 
 def default_grow_window(engine: SparseEngine, sparsity: SparsityConfig) -> None:
     """RigL's unset ``grow_grad_steps``: grow on the dense gradient averaged over the whole update interval where
-    that costs nothing, i.e. where every step already reduces the dense gradient (DeepSpeed's masked-dense state,
-    no gradient compression, dense kernels: measured better, docs/benchmarks.md "RigL's default recipe"); else the
-    paper's update-step batch, since a window turns its steps dense for compact state's packed reduction, the
-    compressed exchange and the block-sparse kernels' dW."""
+    that costs no extra exchange or backward work (measured better, docs/benchmarks.md "RigL's default recipe"),
+    else the paper's update-step batch.
+
+    Free: DeepSpeed's masked-dense state without compression (every step reduces the dense gradient anyway), and
+    the compressed exchange without compact state, which keeps the window itself: each rank sums its local dense
+    gradient and the update step's one dense exchange sends the sum (``CompressedReduction.enable_local_window``).
+    Not free: compact state's packed reduction (the window's steps would reduce dense) and the block-sparse
+    kernels' dW (dense on the window's steps), so there it is 1. A window set explicitly under compression is kept
+    in the exchange too (without compact state)."""
     from dist_sparse.methods import RigL
 
     method = engine.sparsifier.base_method
-    if sparsity.grow_grad_steps is not None or not isinstance(method, RigL):
+    if not isinstance(method, RigL):
         return
-    free = (engine.compact is None and engine.compression is None
-            and all(kind == "dense" for kind in engine.layer_kernel().values()))
-    method.grow_grad_steps = sparsity.update_interval if free else 1
+    if sparsity.grow_grad_steps is None:
+        free = (engine.compact is None and all(kind == "dense" for kind in engine.layer_kernel().values()))
+        method.grow_grad_steps = sparsity.update_interval if free else 1
+    if engine.compression is not None and engine.compact is None and method.grow_grad_steps > 1:
+        engine.compression.enable_local_window()
 
 
 def _score_at_init(engine, model, method, views: list, init_batches) -> None:

@@ -109,6 +109,9 @@ class Setting:
     # RigL's growth window (grow_grad_steps > 1): the fp32 sum of the dense gradient of every sparsified position
     # the rank scores, kept over the window (``gradients``)
     grow_window_sums: bool = False
+    # the same window kept by the compressed exchange: the fp32 sum of the rank's full local gradient of every
+    # sparsified tensor (``gradients``; the sparsifier's sums then exist only within the update step)
+    grow_window_local_sums: bool = False
 
     def check(self) -> None:
         if self.world_size < 1:
@@ -192,6 +195,7 @@ def predict(setting: Setting) -> list:
         if setting.grow_window_sums:  # each rank scores an even chunk of every sparsified tensor
             for out in ranks:
                 out["gradients"] += 4 * sum(math.ceil(p.numel / n) for p in params if p.sparse)
+        _add_local_window_sums(setting, ranks, sparse_numel)
         return [_total(r) for r in ranks]
     ranks = [_stage3_rank(setting, r) for r in range(n)] if setting.zero_stage == 3 else _stage12_ranks(setting)
     for r, out in enumerate(ranks):
@@ -203,7 +207,15 @@ def predict(setting: Setting) -> list:
     residuals = compression_residual_bytes(setting)
     for out in ranks:
         out["compression_residuals"] += residuals
+    _add_local_window_sums(setting, ranks, sparse_numel)
     return [_total(r) for r in ranks]
+
+
+def _add_local_window_sums(setting: Setting, ranks: list, sparse_numel: int) -> None:
+    """The growth window kept by the compressed exchange: every rank sums its full local gradient, in fp32."""
+    if setting.grow_window_local_sums:
+        for out in ranks:
+            out["gradients"] += 4 * sparse_numel
 
 
 def _zero3_width(setting: Setting, numel: int) -> int:

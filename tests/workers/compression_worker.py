@@ -48,7 +48,7 @@ COUNTER = CollectiveCounter()
 
 
 def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: int | None = None,
-        optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0) -> dict:
+        optimizer: dict | None = None, same_data: bool = False, clipping: float = 1.0, grow: int = 1) -> dict:
     model = tiny_gpt2()
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -58,7 +58,7 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
         "zero_optimization": {"stage": stage},
         "gradient_clipping": clipping,
         "sparsity": {"method": method, "sparsity": 0.8, "distribution": "erk", "update_interval": 2,
-                     "grow_grad_steps": 1,  # explicit: the default differs with compact state, compression, kernels
+                     "grow_grad_steps": grow,  # explicit: the default differs with compact state and kernels
                      "start_step": 0, "end_step": 6, "drop_fraction": 0.5},
     }
     if compression is not None:
@@ -67,8 +67,24 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
     sp, comp = engine.sparsifier, engine.compression
     rank = dist.get_rank()
     report = {"grads": [], "losses": [], "ds_collectives_in_backward": 0, "sent_pruned": 0, "sent_total": 0,
-              "bytes_match": [], "dense_step_sent": []}
-    original_before = sp.before_step
+              "bytes_match": [], "dense_step_sent": [], "grow_scores": [], "grow_steps": [], "dense_exchanged": [],
+              "window_state": []}
+    original_before, original_update = sp.before_step, sp._update
+
+    def recording_update(step):  # what growth scores: the window's mean gradient (empty: the update step's own)
+        report["grow_scores"].append({n: (t / sp.grad_sum_steps).tolist() for n, t in sp.grad_sums.items()})
+        report["grow_steps"].append(sp.grad_sum_steps)
+        original_update(step)
+
+    sp._update = recording_update
+    if comp is not None:
+        original_run = comp.compression.run
+
+        def recording_run(grads, eligible, step, dense=(), *args, **kwargs):
+            report["dense_exchanged"].append(sorted(dense))
+            return original_run(grads, eligible, step, dense, *args, **kwargs)
+
+        comp.compression.run = recording_run
 
     def recording_before_step(plan):  # the sparsifier's step hook (the engine hands it the step's plan)
         step = plan.step
@@ -119,6 +135,13 @@ def run(stage: int, compression: dict | None, method: str, gas: int, nan_step: i
             report["residual_untouched"] = set(after) == set(residual) and all(
                 torch.equal(after[k], residual[k]) for k in after)
             report["residual_nonzero"] = sum(int((t != 0).sum()) for t in after.values())
+        if comp is not None and comp.window_sums is not None:  # the window kept in the exchange, checkpointed
+            saved = comp.state_tensors()
+            comp.load_state_tensors(saved)
+            again = comp.state_tensors()
+            report["window_state"].append([sorted(k for k in saved if "grow_window" in k),
+                                           set(saved) == set(again) and all(torch.equal(saved[k], again[k])
+                                                                            for k in saved)])
     if comp is not None and comp.compression.feedback.momentum is not None:
         report["dgc"] = {"momentum": comp.compression.feedback.momentum, "adam": comp.adam is not None,
                          "local_clip": comp.compression.local_clip, "ds_clipping": engine.gradient_clipping(),
@@ -158,6 +181,10 @@ def runs_at(stage: int) -> dict:
     runs["rigl"] = run(stage, None, "rigl", 1)
     runs["rigl_topk1"] = run(stage, {"method": "topk", "density": 1.0, **NO_MC}, "rigl", 1)
     runs["rigl_topk"] = run(stage, {"method": "topk", "density": 0.1, **NO_MC}, "rigl", 1)
+    # RigL's growth window: uncompressed, the sparsifier sums the reduced gradients; compressed, each rank sums its
+    # local gradient and the update step exchanges the sum (the same mean, another summation order)
+    runs["rigl_window"] = run(stage, None, "rigl", 1, grow=2)
+    runs["rigl_window_topk1"] = run(stage, {"method": "topk", "density": 1.0, **NO_MC}, "rigl", 1, grow=2)
     runs["static_threshold"] = run(stage, {"method": "threshold", "density": 0.1, "min_tensor_size": 40, **NO_MC},
                                    "static", 1)
     runs["nan"] = run(stage, {"method": "randomk", "density": 0.1, **NO_MC}, "static", 2, nan_step=3)
