@@ -132,7 +132,8 @@ def _from_config(args) -> tuple:
     method = build_method(cfg.sparsity, shapes, cfg.train.steps, cfg.train.seed) if names else None
     traffic = {"compression": cfg.compression, "steps": cfg.train.steps,
                        "schedule": StepSchedule(method) if method is not None else None,
-                       "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw")}
+                       "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw"),
+                       "window_in_exchange": _grow_window(cfg, bool(compact))[1]}
     packed = bool(cfg.sparsity.packed_gather if args.packed_gather is None else args.packed_gather)
     if packed and not names:
         raise P.PlanError("--packed-gather", "needs a sparsity method that keeps masks (sparsity.method is "

@@ -87,12 +87,14 @@ def _exchange_bytes(tensors: list, members: list, slices, density: float, dense_
 
 
 def predict(setting: Setting, nodes: int, compression, steps: int, schedule=None, gas: int = 1,
-            adam: bool = True) -> dict:
+            adam: bool = True, window_in_exchange: bool = False) -> dict:
     """summary.json's byte keys, per rank and optimizer step (mean over ``steps`` steps and over ranks).
 
     ``compression``: a ``CompressionConfig`` (or None / method ``none``); ``schedule``: the run's
     :class:`~dist_sparse.step.StepSchedule` (None: no mask updates); ``gas``: gradient accumulation steps;
-    ``adam``: the optimizer is Adam/AdamW (momentum correction then sketches the energies)."""
+    ``adam``: the optimizer is Adam/AdamW (momentum correction then sketches the energies);
+    ``window_in_exchange``: RigL's growth window is kept in the exchange (each rank's local sum), so only the update
+    steps exchange dense, not the window's steps before them."""
     world = setting.world_size
     if nodes < 1 or world % nodes:
         raise ValueError(f"--nodes: {nodes} nodes cannot hold {world} ranks evenly")
@@ -128,7 +130,7 @@ def predict(setting: Setting, nodes: int, compression, steps: int, schedule=None
     intra = inter = 0.0
     for step in range(steps):
         plan = schedule.plan(step) if schedule is not None else None
-        dense_grad = bool(plan and plan.dense_grad)
+        dense_grad = bool(plan and plan.dense_grad and (plan.mask_update or not window_in_exchange))
         replaces = bool(plan and plan.replaces_optimizer_step)
         d = compression.density
         if compression.warmup_steps > 0 and step < compression.warmup_steps:
