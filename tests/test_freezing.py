@@ -183,10 +183,14 @@ def test_compact_state_freeze_fraction_equals_masked_dense(tmp_path):
                     got = r[f"resume_{source}"]
                     assert got["losses_equal"] and got["final_equal"], f"{where}: resume from {source} differs"
     # the memory planner's formula (dist-sparse plan) for both runs: within 1% of the largest rank's last measured
-    # bytes (it counts the expected share of active and frozen weights in each rank's range, these the real ones)
+    # bytes (it counts the expected share of active and frozen weights in each rank's range, these the real ones);
+    # 2% where compact state sizes a category by the rank's trainable count, which on this tiny model (a few
+    # thousand trainable weights per rank) strays from its expected share by about 1% with where the masks fall
     for i, case in enumerate(COMPACT_FREEZE_CASES):
         for run in ("dense", "compact"):
             plan = per_rank[0][i][run]["plan"]
             for key in ("weights", "gradients", "master_weights", "optimizer_state", "masks"):
                 top = max(ranks[i][run]["last_bytes"][key] for ranks in per_rank)
-                assert abs(plan[key] - top) <= 0.01 * top, f"{case} {run} {key}: plan {plan[key]}, measured {top}"
+                tolerance = 0.02 if run == "compact" and key != "weights" and key != "masks" else 0.01
+                assert abs(plan[key] - top) <= tolerance * top, \
+                    f"{case} {run} {key}: plan {plan[key]}, measured {top}"

@@ -163,7 +163,7 @@ def _grow_window(cfg, compact: bool) -> tuple:
         window = sp.grow_grad_steps > 1
     else:
         window = sp.update_interval > 1 and not compact and sp.kernel in ("auto", "dense")
-    local = window and not compact and cfg.compression is not None and cfg.compression.enabled
+    local = window and cfg.compression is not None and cfg.compression.enabled
     return window and not local, local
 
 

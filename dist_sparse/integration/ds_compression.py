@@ -324,6 +324,7 @@ class CompressedReduction(Component):
         ``state_bytes_per_rank``) and checkpointed with the residuals."""
         if self.sparsifier is None:
             return
+        # with compact state the store takes the update step's dense ranges as it does without a window
         self.window_sums, self.window_steps, self.closed_window_steps = {}, 0, 0
         self.sparsifier.window_upstream = lambda: self.closed_window_steps
 

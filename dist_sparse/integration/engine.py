@@ -360,11 +360,11 @@ def default_grow_window(engine: SparseEngine, sparsity: SparsityConfig) -> None:
     else the paper's update-step batch.
 
     Free: DeepSpeed's masked-dense state without compression (every step reduces the dense gradient anyway), and
-    the compressed exchange without compact state, which keeps the window itself: each rank sums its local dense
-    gradient and the update step's one dense exchange sends the sum (``CompressedReduction.enable_local_window``).
-    Not free: compact state's packed reduction (the window's steps would reduce dense) and the block-sparse
-    kernels' dW (dense on the window's steps), so there it is 1. A window set explicitly under compression is kept
-    in the exchange too (without compact state)."""
+    the compressed exchange, which keeps the window itself: each rank sums its local dense gradient and the update
+    step's one dense exchange sends the sum (``CompressedReduction.enable_local_window``). Not free: compact state
+    (without compression its packed reduction would reduce the window's steps dense; with it the local sums, full
+    fp32 tensors per rank, would outweigh the packed state) and the block-sparse kernels' dW (dense on the window's
+    steps), so there it is 1. Any window under compression, set explicitly or not, is kept in the exchange."""
     from dist_sparse.methods import RigL
 
     method = engine.sparsifier.base_method
@@ -373,7 +373,7 @@ def default_grow_window(engine: SparseEngine, sparsity: SparsityConfig) -> None:
     if sparsity.grow_grad_steps is None:
         free = (engine.compact is None and all(kind == "dense" for kind in engine.layer_kernel().values()))
         method.grow_grad_steps = sparsity.update_interval if free else 1
-    if engine.compression is not None and engine.compact is None and method.grow_grad_steps > 1:
+    if engine.compression is not None and method.grow_grad_steps > 1:
         engine.compression.enable_local_window()
 
 
