@@ -44,6 +44,11 @@ class StepPlan:
     overflow: bool = False  # skipped for an fp16 overflow: DeepSpeed's loss scaler must see it (and lower the scale)
     notes: dict = field(default_factory=dict)
 
+    def exchanges_dense(self, window_in_exchange: bool) -> bool:
+        """Whether a gradient exchange sends the sparsified tensors dense on this step: on every ``dense_grad`` step,
+        except a growth window's steps before its update when the exchange keeps the window in local sums."""
+        return self.dense_grad and (self.mask_update or not window_in_exchange)
+
 
 class StepSchedule:
     """Decides :class:`StepPlan` for every step from the sparse method (``None``: dense training). Everything that

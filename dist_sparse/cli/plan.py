@@ -113,10 +113,10 @@ def _from_config(args) -> tuple:
                              weight_decay_groups(model), pretrained=cfg.model.pretrained is not None)
     scheduled = frozenset(n for i, e in enumerate(cfg.freeze.schedule) if int(e["step"]) < cfg.train.steps
                           for n in module_parameters(model, e["modules"], f"freeze.schedule[{i}].modules"))
+    partition_sums, local_sums = _grow_window(cfg, bool(compact))
     setting = P.model_setting(model, set(names), densities, groups, frozen_fraction=cfg.freeze.fraction,
-                              scheduled=scheduled,
-                              world_size=args.world_size, **dict(zip(("grow_window_sums", "grow_window_local_sums"),
-                                                                       _grow_window(cfg, bool(compact)))),
+                              scheduled=scheduled, world_size=args.world_size, grow_window_sums=partition_sums,
+                              grow_window_local_sums=local_sums,
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
                               persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
@@ -133,7 +133,7 @@ def _from_config(args) -> tuple:
     traffic = {"compression": cfg.compression, "steps": cfg.train.steps,
                        "schedule": StepSchedule(method) if method is not None else None,
                        "gas": int(ds.get("gradient_accumulation_steps", 1)), "adam": opt in ("adam", "adamw"),
-                       "window_in_exchange": _grow_window(cfg, bool(compact))[1]}
+                       "window_in_exchange": local_sums}
     packed = bool(cfg.sparsity.packed_gather if args.packed_gather is None else args.packed_gather)
     if packed and not names:
         raise P.PlanError("--packed-gather", "needs a sparsity method that keeps masks (sparsity.method is "

@@ -130,7 +130,7 @@ def predict(setting: Setting, nodes: int, compression, steps: int, schedule=None
     intra = inter = 0.0
     for step in range(steps):
         plan = schedule.plan(step) if schedule is not None else None
-        dense_grad = bool(plan and plan.dense_grad and (plan.mask_update or not window_in_exchange))
+        dense_grad = bool(plan and plan.exchanges_dense(window_in_exchange))
         replaces = bool(plan and plan.replaces_optimizer_step)
         d = compression.density
         if compression.warmup_steps > 0 and step < compression.warmup_steps:

@@ -188,7 +188,8 @@ class CompressedReduction(Component):
         # sparsified tensors over the window's steps, which exchange compressed as usual; the update step exchanges
         # the sum once, dense, so growth scores the window's mean gradient for one dense exchange per update
         self.window_sums: dict | None = None
-        self.window_steps = 0
+        self.window_steps = 0  # steps summed into the open window
+        self.closed_window_steps = 0  # steps the last update step's exchanged sum covers (the sparsifier reads it)
         if store is not None and self.adam is not None:  # staged second moments follow a repack of the masters
             store.layout_followers.append(self.adam.follow)
         # stages 1/2: every rank's range of every tensor in its partition (fixed for the run). The average is
@@ -325,7 +326,7 @@ class CompressedReduction(Component):
         if self.sparsifier is None:
             return
         # with compact state the store takes the update step's dense ranges as it does without a window
-        self.window_sums, self.window_steps, self.closed_window_steps = {}, 0, 0
+        self.window_sums = {}
         self.sparsifier.window_upstream = lambda: self.closed_window_steps
 
     def _window_names(self) -> list:
@@ -344,10 +345,8 @@ class CompressedReduction(Component):
         """The update step's local gradients with the window's sums added (the sums are released)."""
         out = dict(local)
         for n in self._window_names():
-            total = local[n].float()
-            if n in self.window_sums:
-                total = total + self.window_sums.pop(n)
-            out[n] = total
+            g = local[n].float()
+            out[n] = self.window_sums.pop(n).add_(g) if n in self.window_sums else g
         # the update step's own gradient is part of its window; the sparsifier reads the count in this step
         self.closed_window_steps, self.window_steps = self.window_steps + 1, 0
         return out
@@ -362,7 +361,7 @@ class CompressedReduction(Component):
         windowed = self.window_sums is not None and plan.dense_grad
         # steps whose gradient of *pruned* positions is used (RigL's update step; with a growth window, the steps
         # before it too, unless the window is kept here): exchange the sparsified tensors uncompressed
-        if plan.dense_grad and (plan.mask_update or not windowed):
+        if plan.exchanges_dense(self.window_sums is not None):
             dense = {v.name for v in sparsifier.views}
         if plan.replaces_optimizer_step:  # the update replaces the step: nothing else is applied
             skip = [n for n in self.names if n not in dense]
