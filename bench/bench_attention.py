@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
+from bench.common import allocator_line, command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
 from dist_sparse.attention import (  # noqa: E402
     bigbird_layout,
     block_sparse_attention,
@@ -90,6 +90,7 @@ def cpu_section(args) -> str:
     grad = torch.randn_like(q)
     layouts = cpu_layouts(nb, heads)
     results = []
+    allocator = allocator_line()  # before the first run: dense and sparse share it
     load0 = os.getloadavg()[0]
     for causal in (False, True):
         mine = [(name, lay) for c, name, lay in layouts if c == causal]
@@ -115,6 +116,8 @@ def cpu_section(args) -> str:
         f"Machine: {machine_line()}; torch threads: {torch.get_num_threads()}; load average (1 min) before -> after "
         f"the CPU section: {load0:.1f} -> {os.getloadavg()[0]:.1f} (other jobs share this machine; wall-clock "
         "ratios move with it)",
+        "",
+        allocator,
         "",
         f"### CPU: batch 1, {heads} heads, seq {seq}, head_dim {dim}, block {bs}, fp32",
         "",

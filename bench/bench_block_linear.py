@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
+from bench.common import allocator_line, command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
 from dist_sparse.linear import BlockIndex, block_sparse_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,8 @@ def main(argv=None) -> None:
              f"Command: `{command_line()}` (niced, serialised with other benchmarks under "
              "`flock /tmp/dist_sparse_bench.lock`)", "",
              f"Machine: {machine_line()}; torch threads: {torch.get_num_threads()}; load average (1 min) at the "
-             f"start: {os.getloadavg()[0]:.1f} (other jobs share this machine; each row gives its own load)", ""]
+             f"start: {os.getloadavg()[0]:.1f} (other jobs share this machine; each row gives its own load)", "",
+             allocator_line(), ""]
     if not args.gpu_only:
         cpu_rows(args, results)
         parts += [cpu_section(args, results), ""]

@@ -121,6 +121,28 @@ class _CellPattern(SparsityPattern):
         """Elements of one band: the stored rows that hold whole cells."""
         return self.cell_shape(s.name in self.transposed)[0] * s.shape[1]
 
+    def _bands(self, s) -> tuple:
+        """``(lo, hi, grid)``: the whole bands ``[lo, hi)`` (flat indices) that a slice's range touches and their tile
+        grid ``(bands, cell rows, cells across, cell cols)``."""
+        band, n = self._band(s), s.mask.numel()
+        lo, hi = s.start // band * band, -(-(s.start + n) // band) * band
+        c_rows, c_cols = self.cell_shape(s.name in self.transposed)
+        return lo, hi, ((hi - lo) // band, c_rows, s.shape[1] // c_cols, c_cols)
+
+    def scatter_local(self, slices: list, table: list, flags: list) -> list:
+        """Per slice, a bool mask of its range from per-cell ``flags`` ([cells, cell_size], laid out like
+        :meth:`cell_table`'s cells): the cell grouping undone, this rank's range kept."""
+        out = []
+        for s, f in zip(slices, flags):
+            n = s.mask.numel()
+            if not n:
+                out.append(torch.zeros(0, dtype=torch.bool, device=s.mask.device))
+                continue
+            lo, _, (bands, c_rows, across, c_cols) = self._bands(s)
+            flat = f.reshape(bands, across, c_rows, c_cols).transpose(1, 2).reshape(-1)
+            out.append(flat[s.start - lo: s.start - lo + n].to(s.mask.device))
+        return out
+
     def cell_table(self, slices: list, columns: list, selector) -> list:
         """For each slice, every cell touching its range, complete: ``(index, values, local)`` where ``index``
         (int64, [cells, cell_size]) are global flat indices, ascending inside each cell, ``values`` the matching
@@ -144,27 +166,34 @@ class _CellPattern(SparsityPattern):
         mine = torch.cat(edge_rows) if edge_rows else torch.zeros(0, width, dtype=torch.int64)
         everyone = torch.cat([p.reshape(-1, width) for p in selector.gather(mine.reshape(-1))])
         out = []
+        n_cols = width - 2
         for s, cols in zip(slices, columns):
-            n, band = s.mask.numel(), self._band(s)
-            index = torch.arange(s.start, s.start + n, dtype=torch.int64)
-            values = torch.stack(cols, dim=1) if cols else torch.zeros(n, 0, dtype=torch.int64)
-            local = torch.ones(n, dtype=torch.bool)
-            if n:
-                head, tail = s.start // band, (s.start + n - 1) // band
-                rows = everyone[everyone[:, 0] == s.order]
-                bands = rows[:, 1] // band
-                outside = (rows[:, 1] < s.start) | (rows[:, 1] >= s.start + n)
-                foreign = rows[outside & ((bands == head) | (bands == tail))]
-                index = torch.cat([index, foreign[:, 1]])
-                values = torch.cat([values, foreign[:, 2:]])
-                local = torch.cat([local, torch.zeros(len(foreign), dtype=torch.bool)])
-            # group by cell, ascending global index inside each cell
-            by_index = torch.sort(index, stable=True).indices
-            index, values, local = index[by_index], values[by_index], local[by_index]
-            by_cell = torch.sort(self._cells_of(s, index), stable=True).indices
-            size = self.cell_size
-            out.append((index[by_cell].reshape(-1, size), values[by_cell].reshape(-1, size, values.shape[1]),
-                        local[by_cell].reshape(-1, size)))
+            n, size = s.mask.numel(), self.cell_size
+            if not n:
+                out.append((torch.zeros(0, size, dtype=torch.int64), torch.zeros(0, size, n_cols, dtype=torch.int64),
+                            torch.zeros(0, size, dtype=torch.bool)))
+                continue
+            # the whole bands the range touches, [lo, hi): this rank's part, then the other ranks' parts of its
+            # first and last band
+            lo, hi, grid = self._bands(s)
+            values = torch.zeros(hi - lo, n_cols, dtype=torch.int64)
+            local = torch.zeros(hi - lo, dtype=torch.bool)
+            filled = torch.zeros(hi - lo, dtype=torch.bool)
+            own = slice(s.start - lo, s.start - lo + n)
+            if cols:
+                values[own] = torch.stack(cols, dim=1)
+            local[own] = True
+            filled[own] = True
+            rows = everyone[everyone[:, 0] == s.order]
+            foreign = rows[(rows[:, 1] >= lo) & (rows[:, 1] < hi) & ~local[(rows[:, 1] - lo).clamp(0, hi - lo - 1)]]
+            values[foreign[:, 1] - lo] = foreign[:, 2:]
+            filled[foreign[:, 1] - lo] = True
+            if not bool(filled.all()):
+                raise RuntimeError(f"{s.name}: elements of its edge bands did not arrive from the other ranks")
+            # group by cell, ascending global index inside each cell: the band's (rows, width) tile grid read cell
+            # by cell, a reshape rather than a sort (cells are numbered row-major over the grid)
+            index = torch.arange(lo, hi, dtype=torch.int64)
+            out.append(tuple(_by_cell(t, grid, size) for t in (index, values, local)))
         return out
 
     def conforms(self, mask, transposed=False):
@@ -179,14 +208,10 @@ class _CellPattern(SparsityPattern):
         raise NotImplementedError
 
 
-def _scatter_local(slices: list, table: list, flags: list) -> list:
-    """Per slice, a bool mask of its range from per-cell ``flags`` laid out like ``table``'s cells."""
-    out = []
-    for s, (index, _, local), f in zip(slices, table, flags):
-        mask = torch.zeros(s.mask.numel(), dtype=torch.bool)
-        mask[index[local] - s.start] = f[local]
-        out.append(mask.to(s.mask.device))
-    return out
+def _by_cell(t: torch.Tensor, grid: tuple, size: int) -> torch.Tensor:
+    """Rows of ``t`` laid out over whole bands, ``grid`` = (bands, cell rows, cells across, cell cols), regrouped
+    cell by cell (row-major over the tile grid), each cell's elements in ascending flat order: [cells, size, ...]."""
+    return t.reshape(*grid, *t.shape[1:]).transpose(1, 2).reshape(-1, size, *t.shape[1:])
 
 
 class NM(_CellPattern):
@@ -232,7 +257,7 @@ class NM(_CellPattern):
             rank.scatter_(1, order, torch.arange(m, dtype=torch.int64).expand_as(order).contiguous())
             need = (n - held_cell.sum(1, keepdim=True)).clamp(min=0)
             candidates.append((key >= 0) & (rank < need))
-        candidate = _scatter_local(slices, table, candidates)
+        candidate = self.scatter_local(slices, table, candidates)
         groups = sorted(keep)
         gi = {g: i for i, g in enumerate(groups)}
         counts = torch.zeros(2, len(groups), dtype=torch.int64)  # held, candidates: summed over ranks
@@ -323,7 +348,7 @@ class Block(_CellPattern):
             foreign = everyone[everyone[:, 0] == s.order, 1]
             picked = picked | torch.isin(index[:, 0], foreign)
             flags.append(picked[:, None].expand_as(local))
-        return _scatter_local(slices, table, flags)
+        return self.scatter_local(slices, table, flags)
 
 
 PATTERNS: dict = {"unstructured": Unstructured, "nm": NM, "block": Block}

@@ -20,6 +20,7 @@ from dist_sparse import checkpoint, preflight, reporting, stopping
 from dist_sparse import distributed as D
 from dist_sparse.checkpointing import restore, save_checkpoint, save_final
 from dist_sparse.config import Config
+from dist_sparse.cpu_memory import keep_freed_memory
 from dist_sparse.data import TextData
 from dist_sparse.errors import ConfigError, DistSparseError
 from dist_sparse.faults import Faults
@@ -108,6 +109,8 @@ def train(cfg: Config, resume: str | None = None, rewind: bool = False) -> dict:
     masks (``sparsity.init_masks``) applied; the rewound state is saved at once in this run's checkpoints.
     """
     set_threads(cfg)
+    if D.backend_for_device() == "gloo":  # DIST_SPARSE_CPU_MALLOC=keep: every CPU run keeps freed memory
+        keep_freed_memory(training=True)
     # DeepSpeed's ZeRO all-gathers call torch's deprecated all_gather_into_tensor every step, and torch warns on
     # every call: thousands of identical lines per rank that bury the training log
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

@@ -118,6 +118,53 @@ def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def _attention_in_child(conn, q, k, v, layout, want):
+    import dist_sparse.attention.cpu as cpu
+
+    inherited = cpu._WORKERS.pool
+    # torch's own intra-op threads cannot run in a forked child (GNU OpenMP hangs there, with or without this
+    # pool), which is why DataLoader workers run with one thread; the kernel then runs without workers
+    torch.set_num_threads(1)
+    out = cpu_block_sparse_attention(q, k, v, layout, 16, True)
+    pool = cpu._WORKERS.get(2)  # the inherited pool has no threads in this process: a new one must come back
+    conn.send(((out - want).abs().max().item(), pool is not inherited, pool.submit(sum, [20, 22]).result(timeout=30)))
+    conn.close()
+
+
+def test_cpu_worker_pool_is_kept_and_remade_after_fork(monkeypatch):
+    # The workers are one pool kept across calls; a forked child (a DataLoader worker, say) inherits the pool
+    # object but not its threads, so the child must get a pool of its own instead of waiting on dead threads.
+    import multiprocessing
+
+    import dist_sparse.attention.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_GROUP_ELEMS", 1)  # one chunk per group: enough groups for two workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = (t.detach() for t in _inputs(seq=64))
+        layout = _random_layout(4, 4, seed=5)
+        want = cpu_block_sparse_attention(q, k, v, layout, 16, True)
+        pool = cpu._WORKERS.pool
+        assert pool is not None and cpu._WORKERS.pid == os.getpid()
+        assert torch.equal(cpu_block_sparse_attention(q, k, v, layout, 16, True), want)
+        assert cpu._WORKERS.pool is pool, "the pool must be reused, not made per call"
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_attention_in_child, args=(child, q, k, v, layout, want))
+        proc.start()
+        try:
+            assert parent.poll(120), "the forked child hung"
+            diff, fresh, answer = parent.recv()
+        finally:
+            proc.kill()
+            proc.join(30)
+        assert fresh and answer == 42
+        assert diff <= TOL
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_dense_mask_with_gqa_and_causal():
     q, k, v = _inputs(seq=48)
     gen = torch.Generator().manual_seed(1)

@@ -19,11 +19,14 @@ sequence length.
 
 from __future__ import annotations
 
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from dist_sparse.cpu_memory import keep_freed_memory
 from dist_sparse.kernels.block_sparse_attn import effective_layout
 
 __all__ = ["cpu_block_sparse_attention"]
@@ -178,6 +181,33 @@ def _groups(n_chunks: int, per_chunk: int) -> list[slice]:
     return [slice(start, min(start + step, n_chunks)) for start in range(0, n_chunks, step)]
 
 
+class _Workers:
+    """One pool of worker threads for the process, kept across calls.
+
+    A pool made per call started new threads every time: each one got a fresh stack and malloc arena, whose pages
+    fault in again on first touch (measured: ~10k page faults per attention fwd+bwd, a fifth of its time). The pool
+    is remade after a ``fork`` (a DataLoader worker, say), whose child inherits the pool object but none of its
+    threads."""
+
+    def __init__(self):
+        self.pool: ThreadPoolExecutor | None = None
+        self.size = 0
+        self.pid = 0
+        self.lock = threading.Lock()
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        with self.lock:
+            if self.pool is None or self.pid != os.getpid() or self.size < workers:
+                if self.pool is not None and self.pid == os.getpid():
+                    self.pool.shutdown(wait=True)
+                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="dist_sparse_cpu")
+                self.size, self.pid = workers, os.getpid()
+            return self.pool
+
+
+_WORKERS = _Workers()
+
+
 def _run_groups(groups: list[slice], body) -> None:
     """Call ``body(group, worker)`` for every group, spreading groups over ``torch.get_num_threads()`` workers.
 
@@ -192,7 +222,7 @@ def _run_groups(groups: list[slice], body) -> None:
             body(g, 0)
         return
     threads = torch.get_num_threads()
-    grad_mode = torch.is_grad_enabled()  # thread-local: new threads would start with autograd recording
+    grad_mode = torch.is_grad_enabled()  # thread-local: pool threads would run with autograd recording
 
     def work(w: int) -> None:
         torch.set_num_threads(1)
@@ -201,8 +231,7 @@ def _run_groups(groups: list[slice], body) -> None:
                 body(g, w)
 
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, range(workers)))
+        list(_WORKERS.get(workers).map(work, range(workers)))
     finally:
         torch.set_num_threads(threads)  # some backends keep one global thread count: give the caller its own back
 
@@ -271,16 +300,15 @@ class _BlockSparseCPU(torch.autograd.Function):
         # +inf log-sum-exp for rows with no allowed key: recomputed probabilities are then exactly 0.
         lse = (row_max + torch.log(row_l.masked_fill(empty, 1.0))).masked_fill_(empty, float("inf"))
         out = out.view(batch, heads, seq_pad, dim)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(qb, k, v, out, lse)  # the scaled q, not q: the backward needs no second scaling pass
         ctx.plan, ctx.row_mask, ctx.block, ctx.scale = rows, row_mask, block, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        qb, k, v, out, lse = ctx.saved_tensors
         rows, row_mask, block, scale = ctx.plan, ctx.row_mask, ctx.block, ctx.scale
-        dim = q.shape[-1]
-        qb = (q * scale).reshape(-1, block, dim)
+        dim = k.shape[-1]
         kb = k.reshape(-1, block, dim)
         vb = v.reshape(-1, block, dim)
         dob = dout.contiguous().reshape(-1, block, dim)
@@ -312,8 +340,11 @@ class _BlockSparseCPU(torch.autograd.Function):
             dkb[worker].index_add_(0, kv_idx, torch.bmm(ds.transpose(1, 2), qg).view(-1, block, dim))
 
         _run_groups(groups, group_backward)
-        dq = _per_row(dq_all, rows).view_as(q) * scale
-        return dq, sum(dkb).view_as(k), sum(dvb).view_as(v), None, None, None, None
+        dq = _per_row(dq_all, rows).mul_(scale).view_as(out)
+        for acc in (dkb, dvb):  # the workers' accumulators, added in place into the first
+            for other in acc[1:]:
+                acc[0].add_(other)
+        return dq, dkb[0].view_as(k), dvb[0].view_as(v), None, None, None, None
 
 
 def cpu_block_sparse_attention(
@@ -331,6 +362,7 @@ def cpu_block_sparse_attention(
     Pads the sequence to a multiple of ``block_size`` (padded keys are masked); computes in fp32 whatever the input
     dtype (CPU half-precision matmuls are slow and lose accuracy) and returns the input dtype.
     """
+    keep_freed_memory()
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
     scale = dim**-0.5 if scale is None else float(scale)

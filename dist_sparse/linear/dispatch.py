@@ -22,6 +22,7 @@ import os
 import torch
 
 import dist_sparse.kernels.block_sparse_linear as _kernels
+from dist_sparse.cpu_memory import keep_freed_memory
 
 from .cpu import cpu_grad_input, cpu_grad_weight_blocks, cpu_linear_forward
 from .index import BlockIndex
@@ -60,6 +61,7 @@ class _BlockSparseLinear(torch.autograd.Function):
         bh, bw = index.block
         xp = _pad_cols(x.contiguous(), index.nc * bw)
         if impl == "cpu":
+            keep_freed_memory()
             packed = index.pack(weight.detach(), transposed).float()
             y = cpu_linear_forward(xp, packed, index)
         else:
