@@ -57,3 +57,65 @@ def allocator_line() -> str:
         return (f"CPU allocator: freed memory kept in the heap (`dist_sparse.cpu_memory`, what the CPU kernels apply "
                 f"at their first call; `{ENV_VAR}=default` turns it off), for dense and sparse runs alike")
     return "CPU allocator: the C library's defaults (freed large blocks go back to the kernel)"
+
+
+def command_line() -> str:
+    """The command that is running now, as a user would type it from the repository root."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def reused_line(reused: list, same: str = "config") -> str:
+    """The section line that says which rows a resumable benchmark reused instead of running them again."""
+    if not reused:
+        return "Every row was run by this command."
+    return f"Reused finished runs (same {same}): " + ", ".join(f"`{k}`" for k in reused) + "."
+
+
+def write_section(name: str, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(markdown.rstrip() + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def skipped_without_shakespeare(name: str, title: str) -> bool:
+    """When tinyshakespeare is absent, write a section saying so and return True (the bench then stops)."""
+    if SHAKESPEARE.is_file():
+        return False
+    write_section(name, f"## {title}\n\nSkipped: `{SHAKESPEARE}` is absent on this machine.")
+    print("tinyshakespeare absent: skipped")
+    return True
+
+
+def gpu_unavailable(head: str, kernels) -> str | None:
+    """The GPU section's text when it cannot run (no CUDA, or no Triton for ``kernels``), else None: a section
+    without a GPU says so instead of giving numbers (none are ever estimated)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{head}\n\nNo GPU was available in this session: no GPU figures were measured (none are estimated)."
+    if not kernels.HAS_TRITON:
+        return f"{head}\n\nTriton is not installed: the GPU kernels could not run."
+    return None
+
+
+def interleaved(fns: dict, rounds: int, reps: int, sync=None, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """Median seconds of each callable; they alternate run by run (after ``warmup`` runs each), so a change in the
+    machine's load hits all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) brackets every run;
+    ``clock=time.process_time`` measures this process's CPU time instead of wall-clock time."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds * reps):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = clock()
+            fn()
+            if sync:
+                sync()
+            times[name].append(clock() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
