@@ -29,6 +29,16 @@ def test_bit_packing_is_lsb_first_and_rejects_bad_input():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 20)
 
 
+def test_unpack_bits_reads_every_byte_value_lsb_first():
+    # the unpacking table against the definition, bit by bit, for all 256 byte values (and a partial last byte)
+    values = torch.arange(256, dtype=torch.uint8)
+    want = torch.tensor([[(b >> i) & 1 == 1 for i in range(8)] for b in range(256)]).reshape(-1)
+    got = unpack_bits(values, 256 * 8)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert torch.equal(unpack_bits(values, 256 * 8 - 5), want[:-5])
+    assert unpack_bits(torch.zeros(0, dtype=torch.uint8), 0).numel() == 0
+
+
 def test_mask_file_round_trip_and_errors(tmp_path):
     masks = {"a.weight": torch.rand(5, 7) > 0.5, "b.weight": torch.rand(3) > 0.5}
     path = save_masks(tmp_path, masks)
