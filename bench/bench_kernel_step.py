@@ -83,8 +83,11 @@ def main(argv=None) -> None:
                 path.write_text(json.dumps(results, indent=1))
     med = {n: statistics.median(results[f"{n}/{r}"]["median_step_seconds"] for r in range(args.pairs)) for n in RUNS}
     ratio = med["block_sparse"] / med["dense"]
+    def weights(v):  # state_bytes_per_rank.weights (runs recorded before it was reported show "-")
+        return f"{v['weights_bytes'] / 2**20:.1f} MiB" if v.get("weights_bytes") else "-"
+
     rows = [f"| {k} | {v['median_step_seconds']:.2f} s | {', '.join(v['layer_kernel']) or 'dense'} "
-            f"| {v['kernel_flops_relative_to_dense']:.3f} | {v['final_train_loss']:.3f} "
+            f"| {v['kernel_flops_relative_to_dense']:.3f} | {weights(v)} | {v['final_train_loss']:.3f} "
             f"| {v['load'][0]:.1f} -> {v['load'][1]:.1f} |" for k, v in results.items()]
     text = "\n".join([
         "## Training step with block-sparse kernels (CPU)", "",
@@ -95,9 +98,12 @@ def main(argv=None) -> None:
         "state, `sparsity.kernel: block_sparse`. Dense: `sparsity.method: none`. Runs alternate dense/sparse. "
         f"Both runs with `DIST_SPARSE_CPU_MALLOC={ALLOCATOR}` (freed memory kept in the heap, which the CPU kernels "
         "apply by themselves at their first call: the dense baseline gets the same allocator).", "",
-        "| run | median step | kernels | kernel FLOPs x dense | final train loss | load avg before -> after |",
-        "|---|---|---|---|---|---|", *rows, "",
-        f"Median step, sparse / dense: **{ratio:.2f}x** (target: at most 0.5x; "
+        "| run | median step | kernels | kernel FLOPs x dense | weights per rank | final train loss "
+        "| load avg before -> after |",
+        "|---|---|---|---|---|---|---|", *rows, "",
+        "Weights per rank: `state_bytes_per_rank.weights`; the sparse run holds its block-sparse layers' weights "
+        "as their active blocks (compact state at ZeRO-2, docs/kernels.md \"Weights held as blocks\").", "",
+        f"Median step, sparse / dense: **{ratio:.3f}x** (target: at most 0.5x; "
         f"{'reached' if ratio <= 0.5 else 'NOT reached'}).",
     ])
     print(text)

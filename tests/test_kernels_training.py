@@ -1,7 +1,8 @@
 """Sparse kernels in the training step (``sparsity.kernel``): block-sparse runs equal dense-kernel runs.
 
-The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1, 2 and 3, and ZeRO-3 with
-compact state and packed shards; RigL with 16x16 blocks, 20 steps); the others check the component in one process
+The DeepSpeed test runs tests/workers/kernels_worker.py under torchrun (2 CPU ranks, ZeRO-1, 2 and 3, ZeRO-3 with
+compact state and packed shards, ZeRO-1/2 with compact state and the weights held as blocks; RigL with 16x16 blocks,
+20 steps); the others check the component in one process
 with a stand-in sparsifier.
 """
 
@@ -30,7 +31,8 @@ def test_block_sparse_kernel_equals_dense_kernel_zero123(tmp_path):
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2
     for rank, runs in enumerate(per_rank):
-        for key in ("1/block_sparse", "2/block_sparse", "3/block_sparse", "3/block_sparse/compact"):
+        for key in ("1/block_sparse", "2/block_sparse", "3/block_sparse", "3/block_sparse/compact",
+                    "1/block_sparse/compact", "2/block_sparse/compact"):
             stage = int(key[0])
             dense, sparse = runs[f"{stage}/dense"], runs[key]
             where = f"{key} rank {rank}"
@@ -55,6 +57,17 @@ def test_block_sparse_kernel_equals_dense_kernel_zero123(tmp_path):
         # sparse here), the dense weight existing only from DeepSpeed's gather to its release around the forward
         packed, dense3 = runs["3/block_sparse/compact"]["state_bytes"], runs["3/block_sparse"]["state_bytes"]
         assert packed["weights"] < 0.5 * dense3["weights"], (packed, dense3)
+        # ZeRO-1/2 with compact state: every sparsified weight is held as its active blocks; DeepSpeed's dense
+        # flat buffer is gone (no live tensor that large), the parameters are placeholders, the bytes are those of
+        # the active values (25% here) plus the dense parameters, and a module load round trip keeps the weights
+        for stage in (1, 2):
+            compact, dense = runs[f"{stage}/block_sparse/compact"], runs[f"{stage}/block_sparse"]
+            where = f"{stage}/block_sparse/compact rank {rank}"
+            assert compact["held"] == sorted(compact["layer_kernel"]), where
+            assert compact["held_placeholders"] and not compact["dense_buffer_alive"], where
+            assert compact["load_round_trip"], where
+            assert compact["state_bytes"]["weights"] < 0.35 * dense["state_bytes"]["weights"], (where, compact,
+                                                                                              dense)
         ckpt = runs["2/block_sparse/checkpointing"]
         assert ckpt["losses"] == pytest.approx(runs["2/block_sparse"]["losses"], rel=LOSS_RTOL)
         assert ckpt["masks"] == runs["2/block_sparse"]["masks"]

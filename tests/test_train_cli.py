@@ -64,11 +64,13 @@ def test_train_two_ranks_rigl_writes_contract_and_sparse_checkpoint(rigl_run):
 
 
 @pytest.mark.slow
-def test_train_block_sparse_kernel_summary_and_resume(tmp_path):
-    # GPT-2 width 32: every projection is a whole number of 16x16 blocks; RigL 75% in blocks on the CPU operator
+def test_train_block_sparse_kernel_summary_and_resume(tmp_path, capsys):
+    # GPT-2 width 32: every projection is a whole number of 16x16 blocks; RigL 75% in blocks on the CPU operator,
+    # with compact state, so the weights are held as their active blocks (checkpoints and the final model read the
+    # dense weights through the modules' state dicts)
     common = ["sparsity.method=rigl", "sparsity.sparsity=0.75", "sparsity.distribution=uniform",
               "sparsity.pattern=block:16x16", "sparsity.kernel=block_sparse", "deepspeed.zero_optimization.stage=2",
-              "train.save_interval=6", "train.save_final_model=false"]
+              "sparsity.compact_state=true", "train.save_interval=6"]
     train(tmp_path, *common, nproc=2)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["layer_kernel"] == {name: "block_sparse" for name in summary["layer_density"]}
@@ -77,11 +79,35 @@ def test_train_block_sparse_kernel_summary_and_resume(tmp_path):
     assert 0.25 < summary["kernel_flops_relative_to_dense"] < 0.6
     saved = json.loads((tmp_path / "checkpoints" / "step_00000006" / "trainer.json").read_text())
     assert saved["kernels"]["layer_kernel"] == summary["layer_kernel"]
+    # the held weights' bytes as `dist-sparse plan` predicts them (within 1%), well below the dense weights
+    from dist_sparse.cli import plan as plan_cli
+    from tests.distributed_utils import ROOT
+
+    def planned(*extra):
+        sets = [x for o in (*TINY, *common, *extra) for x in ("--set", o)]
+        assert plan_cli.main([str(ROOT / "configs" / "demo.yaml"), "--world-size", "2", "--json", *sets]) == 0
+        return json.loads(capsys.readouterr().out)["state_bytes_per_rank"]["weights"]
+
+    measured = summary["state_bytes_per_rank"]["weights"]
+    assert abs(planned() - measured) <= 0.01 * measured, (planned(), measured)
+    assert measured < 0.75 * planned("sparsity.kernel=dense")
     resumed = tmp_path / "resumed"
     dist_sparse_train(resumed, [*TINY, *common], nproc=2, resume=tmp_path / "checkpoints" / "step_00000006")
     again = json.loads((resumed / "summary.json").read_text())
     assert again["layer_kernel"] == summary["layer_kernel"]
     assert again["final_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    # the exported model: the held weights written densely, exactly 0 outside the masks, and the same model
+    for run in (tmp_path, resumed):
+        masks = load_masks(run / "final")
+        params = dict(AutoModelForCausalLM.from_pretrained(run / "final").named_parameters())
+        for name, mask in masks.items():
+            assert torch.isfinite(params[name]).all(), name
+            assert torch.all(params[name][~mask] == 0) and torch.any(params[name][mask] != 0), name
+    first = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "final").named_parameters())
+    second = dict(AutoModelForCausalLM.from_pretrained(resumed / "final").named_parameters())
+    assert all(torch.allclose(first[n], second[n], rtol=1e-4, atol=1e-6) for n in first)
 
 
 @pytest.mark.slow

@@ -115,7 +115,8 @@ def _from_config(args) -> tuple:
                           for n in module_parameters(model, e["modules"], f"freeze.schedule[{i}].modules"))
     partition_sums, local_sums = _grow_window(cfg, bool(compact))
     setting = P.model_setting(model, set(names), densities, groups, frozen_fraction=cfg.freeze.fraction,
-                              scheduled=scheduled, world_size=args.world_size, grow_window_sums=partition_sums,
+                              scheduled=scheduled, blocks=_held_as_blocks(cfg, model, shapes, stage, bool(compact)),
+                              world_size=args.world_size, grow_window_sums=partition_sums,
                               grow_window_local_sums=local_sums,
                               zero_stage=stage, precision=precision, compact_state=bool(compact),
                               reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
@@ -221,6 +222,29 @@ def _from_params(args) -> tuple:
     described = {"parameters": int(round(args.params)),
                  "sparsified_parameters": int(round(args.params * args.sparsified_fraction)), "sparsity": sparsity}
     return setting, described, traffic, gather
+
+
+def _held_as_blocks(cfg, model, shapes: dict, stage: int, compact: bool) -> frozenset:
+    """The sparsified weights training holds as their active blocks: ZeRO-1/2 with compact state and
+    ``sparsity.kernel: block_sparse``, 2-D weights that are a whole number of blocks, nothing frozen
+    (``integration/packed_weights.py``). ``kernel: auto`` decides by timing at start, which a plan cannot; it is
+    predicted with dense weights (an upper bound)."""
+    from dist_sparse.integration import hf
+    from dist_sparse.patterns import parse_pattern
+
+    block = parse_pattern(cfg.sparsity.pattern).block_shape
+    if not (compact and stage in (1, 2) and cfg.sparsity.kernel == "block_sparse" and block is not None
+            and not cfg.freeze.fraction):
+        return frozenset()
+    transposed = hf.stored_transposed(model, list(shapes))
+    held = set()
+    for name, shape in shapes.items():
+        if len(shape) != 2:
+            continue
+        out, inp = shape[::-1] if name in transposed else shape
+        if out % block[0] == 0 and inp % block[1] == 0:
+            held.add(name)
+    return frozenset(held)
 
 
 def _fmt(n: float) -> str:

@@ -69,6 +69,9 @@ class CompactView(ParamView):
         shards = getattr(self.compact, "shards", None)
         if shards is not None and shards.is_packed(self.param):
             return  # a packed shard stores no pruned position (compact state is masked by its layout only)
+        weights = getattr(self.compact, "packed_weights", None)
+        if weights is not None and weights.is_held(self.param):
+            return  # a weight held as its active blocks stores no pruned position either
         self.base.zero_model_(mask, full_mask)
 
     def model(self):
@@ -536,6 +539,7 @@ class CompactZeroState(PackedZeroState):
             self.lp_parts.append(lp_part)
         self.grads = [None] * len(self.parts)
         self.masters = [self.opt.param_groups[i]["params"][0] for i in range(len(self.parts))]
+        self.packed_weights = None  # PackedWeights once enable_packed_weights ran (block-sparse kernels)
         self._install_master()
         # only active gradients are reduced outside dense-gradient steps (DeepSpeed's own reduction on those)
         self.reduction = None
@@ -547,6 +551,32 @@ class CompactZeroState(PackedZeroState):
 
     def _install_slot(self, i: int, packed: torch.Tensor) -> None:
         self.opt.param_groups[i]["params"] = [packed]
+
+    def enable_packed_weights(self, kernels) -> None:
+        """Hold the weights of the layers on block-sparse kernels as their active blocks
+        (:mod:`.packed_weights`); nothing happens when no layer can be held or weights are frozen (their values
+        live only in the dense low-precision weights)."""
+        from dist_sparse.integration.packed_weights import PackedWeights, held_layers
+
+        layers = held_layers(kernels)
+        if layers and not self.sparsifier.frozen:
+            self.packed_weights = PackedWeights(self, layers)
+
+    def _write_lp(self, i: int, packed: torch.Tensor, masks: list) -> None:
+        if self.packed_weights is None:
+            super()._write_lp(i, packed, masks)
+        # else: the new layout is written for all groups at once when the repack has finished (repack below)
+
+    def repack(self, old_masks: dict) -> None:
+        super().repack(old_masks)
+        if self.packed_weights is not None:  # the held weights' new blocks: layout, then values from the masters
+            self.packed_weights.refresh()
+
+    def bytes_held(self) -> dict:
+        held = super().bytes_held()
+        if self.packed_weights is not None:  # the packed buffer (also DeepSpeed's bit16_groups_flat now)
+            held["weights"] = self.packed_weights.bytes_held()
+        return held
 
     def _install_master(self) -> None:
         """Pack DeepSpeed's fp32 master partitions (already masked) and free them."""
@@ -605,6 +635,8 @@ class CompactZeroState(PackedZeroState):
         super().finish_load()
         if self.reduction is not None:
             self.reduction.masks_changed()  # the loaded masks: the reduction's layout is rebuilt
+        if self.packed_weights is not None:  # the held weights from the loaded masters, by the loaded masks
+            self.packed_weights.refresh()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -639,11 +671,15 @@ class CompactZeroState(PackedZeroState):
         for m, g in zip(masters, grads):
             m.grad = g
         self.opt.step()  # wrapped by SparseEngine: skipped on update steps that replace it
-        for i, (part, m) in enumerate(zip(self.parts, masters)):
+        for m in masters:
             m.grad = None
-            part.scatter_into(m.detach(), self.lp_parts[i], part.masks(), self.frozen_keep(i))
-        zo.update_lp_params()  # lp partition (self-copy) + DeepSpeed's all-gather of the partitions
-        for i in range(len(self.parts)):
-            if hasattr(zo, "_update_model_bit16_weights"):
-                zo._update_model_bit16_weights(i)
+        if self.packed_weights is not None:  # held weights: packed partitions written and exchanged
+            self.packed_weights.write_all()
+        else:
+            for i, (part, m) in enumerate(zip(self.parts, masters)):
+                part.scatter_into(m.detach(), self.lp_parts[i], part.masks(), self.frozen_keep(i))
+            zo.update_lp_params()  # lp partition (self-copy) + DeepSpeed's all-gather of the partitions
+            for i in range(len(self.parts)):
+                if hasattr(zo, "_update_model_bit16_weights"):
+                    zo._update_model_bit16_weights(i)
         self.dense_grad_step = False

@@ -350,6 +350,14 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
     kernels = build_kernels(engine, model, sparsifier, sparsity, kernel_tokens)
     if kernels is not None:
         wrapped.set_kernels(kernels)
+        if wrapped.compact is not None and engine.zero_optimization_stage() in (1, 2):
+            # the block-sparse layers' weights held as their active blocks (docs/kernels.md): nothing reads the
+            # dense weight of such a layer any more, and compact state's masters are packed already
+            wrapped.compact.enable_packed_weights(kernels)
+            held = wrapped.compact.packed_weights
+            for lay in kernels.layers:
+                lay.held = held if held is not None and lay.name in held.held else None
+            kernels.refresh()
     default_grow_window(wrapped, sparsity)
     return wrapped
 

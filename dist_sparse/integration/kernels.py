@@ -25,11 +25,11 @@ module's weight, so the operator reads the whole weight there; it keeps only the
 backward (not the weight), and returns dW in the weight's full shape, which DeepSpeed's gradient hooks
 reduce-scatter into the shards as they do for a dense matmul's. 2:4's semi-structured kernels stay at ZeRO 0-2.
 
-Weights between steps: at ZeRO-3 with compact state and ``packed_gather`` they are held as their active values
-(the packed shards); at ZeRO-1/2 they stay dense. DeepSpeed's ZeRO-1/2 optimizer keeps each rank's model
-parameters as views into one flat buffer it all-gathers after every step; holding only the blocks would mean
-replacing that buffer and the all-gather, so ``state_bytes_per_rank.weights`` stays the dense figure there, and the
-forward packs the active blocks from the dense weight (a gather of the density's share of it).
+Weights between steps: with compact state they are held as their active values, at ZeRO-3 with ``packed_gather``
+(the packed shards), at ZeRO-1/2 always (:mod:`~dist_sparse.integration.packed_weights`: DeepSpeed's flat buffer is
+replaced by one storing the held weights' active values, and the forward reads its blocks from there). Without
+compact state the weights stay dense (DeepSpeed's masters are dense then too) and the forward packs the active
+blocks from the dense weight (a gather of the density's share of it).
 """
 
 from __future__ import annotations
@@ -67,10 +67,15 @@ class _Layer:
         self.mask: torch.Tensor | None = None  # (out, in) 2:4 mask of semi_structured layers
         self.dense_grad = False
         self.original_forward = module.forward
+        self.held = None  # PackedWeights holding this layer's weight as its active blocks (ZeRO-1/2)
 
     def forward(self, x):
         m = self.module
         if self.kind == "block_sparse":
+            if self.held is not None:  # the weight is a placeholder: the blocks come from the packed buffer
+                index, blocks = self.held.blocks(self.name)
+                return block_sparse_linear(x, m.weight, m.bias, index, transposed=self.transposed,
+                                           dense_grad=self.dense_grad, packed=blocks)
             return block_sparse_linear(x, m.weight, m.bias, self.index, transposed=self.transposed,
                                        dense_grad=self.dense_grad)
         w = m.weight.t() if self.transposed else m.weight
@@ -166,6 +171,9 @@ class SparseKernels(Component):
     def refresh(self) -> None:
         """Rebuild every layer's block index (and 2:4 mask) from the full masks. A collective."""
         for lay in self.layers:
+            if lay.held is not None:  # the held weight's index, rebuilt with its layout at every mask change
+                lay.index = lay.held.index(lay.name)
+                continue
             full = self.sparsifier.full_mask(lay.name)
             oriented = full.t() if lay.transposed else full
             if self.block_shape is not None:

@@ -57,15 +57,18 @@ class _BlockSparseLinear(torch.autograd.Function):
     """Inputs: ``x`` flattened to ``(n_tok, in)``; the backend computes the three products on padded operands."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index: BlockIndex, transposed: bool, dense_grad: bool, impl: str):
+    def forward(ctx, x, weight, bias, index: BlockIndex, transposed: bool, dense_grad: bool, impl: str,
+                blocks=None):
         bh, bw = index.block
         xp = _pad_cols(x.contiguous(), index.nc * bw)
+        if blocks is None:  # the active blocks of the dense weight (else: held as blocks, the weight is not read)
+            blocks = index.pack(weight.detach(), transposed)
         if impl == "cpu":
             keep_freed_memory()
-            packed = index.pack(weight.detach(), transposed).float()
+            packed = blocks.float()
             y = cpu_linear_forward(xp, packed, index)
         else:
-            packed = index.pack(weight.detach(), transposed).to(x.dtype)
+            packed = blocks.to(x.dtype)
             y = _kernels.triton_linear_forward(xp, packed, index.row_lut(x.device), index.nr, index.block)
         y = y[:, : index.shape[0]] if index.padded else y
         if bias is not None:
@@ -103,7 +106,20 @@ class _BlockSparseLinear(torch.autograd.Function):
                 dw = index.unpack(blocks, ctx.transposed, ctx.w_dtype)
         if ctx.b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
+
+
+class _DenseFromBlocks(torch.autograd.Function):
+    """The dense weight rebuilt from held blocks, standing in for ``weight`` (whose values are not read): its
+    gradient is ``weight``'s."""
+
+    @staticmethod
+    def forward(ctx, weight, dense):
+        return dense
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _check(x, weight, bias, index, transposed) -> None:
@@ -128,15 +144,23 @@ def _check(x, weight, bias, index, transposed) -> None:
 
 
 def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: BlockIndex, *,
-                        transposed: bool = False, dense_grad: bool = False,
-                        implementation: str | None = None) -> torch.Tensor:
+                        transposed: bool = False, dense_grad: bool = False, implementation: str | None = None,
+                        packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * block mask)ᵀ + bias`` over the active blocks of ``index``; shaped ``(*x.shape[:-1], out)``
-    and typed like ``x``. See the module docstring for ``transposed``, ``dense_grad`` and ``implementation``."""
+    and typed like ``x``. See the module docstring for ``transposed``, ``dense_grad`` and ``implementation``.
+    ``packed``: the active blocks themselves, ``(nnz, bh, bw)`` in the index's order (weights held as blocks);
+    ``weight`` then only receives the gradient (its shape and dtype are checked, its values are not read)."""
     _check(x, weight, bias, index, transposed)
     impl = resolve_implementation(x.device, index.block, implementation)
+    if packed is not None and tuple(packed.shape) != (index.nnz, *index.block):
+        raise ValueError(f"packed must have shape ({index.nnz}, {index.block[0]}, {index.block[1]}) for this index, "
+                         f"got {tuple(packed.shape)}")
     if impl == "reference":
+        if packed is not None:  # the reference multiplies the dense weight: rebuilt from the blocks
+            weight = _DenseFromBlocks.apply(weight, index.unpack(packed.detach(), transposed, weight.dtype))
         return _kernels.reference_block_sparse_linear(x, weight, bias, index.layout, index.block, transposed,
                                                       dense_grad)
     lead = x.shape[:-1]
-    y = _BlockSparseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, index, transposed, dense_grad, impl)
+    y = _BlockSparseLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, index, transposed, dense_grad, impl,
+                                 packed)
     return y.reshape(*lead, y.shape[-1]).to(x.dtype)

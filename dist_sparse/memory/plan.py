@@ -75,6 +75,9 @@ class Param:
     # size into the partition's gradient at every step (``get_all_grad_tensors``), counted under ``gradients``
     # (and the rank's range of its fp32 masters is kept to write them back after every step: ``master_weights``)
     scheduled: bool = False
+    # ZeRO-1/2 with compact state and the block-sparse kernel on this layer: its weights are held as their active
+    # values only (docs/kernels.md, "Weights held as blocks")
+    blocks: bool = False
 
 
 @dataclass
@@ -279,12 +282,15 @@ def _stage12_ranks(setting: Setting) -> list:
     for group in setting.groups:
         part = stage12_partition(sum(p.numel for p in group), n)
         aligned = part * n
+        # held weights: the group's buffer stores their active values and everyone else's values, no padding
+        weight_values = sum(p.numel * p.density if p.blocks else p.numel for p in group) \
+            if setting.compact_state and any(p.blocks for p in group) else aligned
         offsets = [0]
         for p in group:
             offsets.append(offsets[-1] + p.numel)
         for r, out in enumerate(ranks):
             lo, hi = r * part, (r + 1) * part
-            out["weights"] += lp * aligned
+            out["weights"] += lp * weight_values
             touched, act = 0, 0.0
             for p, start in zip(group, offsets):
                 overlap = min(hi, start + p.numel) - max(lo, start)
@@ -393,11 +399,12 @@ def uniform_setting(params: float, sparsity: float, sparsified_fraction: float, 
 
 
 def model_setting(model, names: list, densities: dict, param_groups: list, frozen_fraction: float = 0.0,
-                  scheduled: frozenset = frozenset(), **kwargs) -> Setting:
+                  scheduled: frozenset = frozenset(), blocks: frozenset = frozenset(), **kwargs) -> Setting:
     """A setting from a (meta-device) model: ``param_groups`` as given to DeepSpeed (lists of parameters),
     ``names`` the sparsified parameter names, ``densities`` name -> density, ``frozen_fraction`` freeze.fraction,
-    ``scheduled`` the names a freeze.schedule entry stops during the run. Parameters in no group (frozen modules)
-    are held as weights only."""
+    ``scheduled`` the names a freeze.schedule entry stops during the run, ``blocks`` those held as their active
+    blocks (compact state + block-sparse kernels at ZeRO-1/2). Parameters in no group (frozen modules) are held as
+    weights only."""
     by_id = {id(p): n for n, p in model.named_parameters()}
     groups, grouped = [], set()
     for group in param_groups:
@@ -407,7 +414,7 @@ def model_setting(model, names: list, densities: dict, param_groups: list, froze
             sparse = name in names
             grouped.add(name)
             ps.append(Param(name, p.numel(), densities.get(name, 1.0) if sparse else 1.0, sparse,
-                            frozen_fraction if sparse else 0.0, name in scheduled))
+                            frozen_fraction if sparse else 0.0, name in scheduled, sparse and name in blocks))
         if ps:
             groups.append(ps)
     held = [Param(n, p.numel()) for n, p in model.named_parameters() if n not in grouped]

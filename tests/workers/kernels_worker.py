@@ -2,12 +2,14 @@
 
 For ZeRO-1, 2 and 3: 20 steps of RigL with ``block:16x16`` masks on a small GPT-2 (Conv1D layers), once with
 ``sparsity.kernel: dense`` and once with ``block_sparse`` (at ZeRO-2 once more with gradient checkpointing, at
-ZeRO-3 once more with compact state and packed shards: the weights held as their active values between steps),
+ZeRO-3 once more with compact state and packed shards, at ZeRO-1 and 2 once more with compact state: the weights held
+as their active values between steps),
 same data and seeds. Per run and rank it records every loss, the full masks at the end, the pruned model weights'
 nonzero count after every step, the reduced gradient this rank holds on every dense-gradient step (RigL's growth
 score, including pruned positions), and the layer kernels. Rank 0 writes the JSON report to argv[1].
 """
 
+import gc
 import sys
 
 import deepspeed
@@ -16,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
 from dist_sparse.integration import kernels as kernels_mod
+from dist_sparse.integration import packed_weights as packed_weights_mod
 from tests.workers import finish, train_steps
 
 STEPS = 20
@@ -44,7 +47,17 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
                      "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
                      "drop_fraction": 0.3, "compact_state": compact, "packed_gather": compact and stage == 3},
     }
+    dense_flats = []  # (data pointer, bytes) of DeepSpeed's flat buffers when the held weights replace them
+    original_init = packed_weights_mod.PackedWeights.__init__
+
+    def recording_init(self, store, layers):
+        dense_flats.extend((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                           for t in store.zo.bit16_groups_flat)
+        original_init(self, store, layers)
+
+    packed_weights_mod.PackedWeights.__init__ = recording_init
     engine, _, _, _ = dist_sparse.initialize(model=m, config=config, total_steps=STEPS, seed=3)
+    packed_weights_mod.PackedWeights.__init__ = original_init
     calls = [0]  # forwards through the operator: the replaced forward really ran (at ZeRO-3 too)
     operator = kernels_mod.block_sparse_linear
 
@@ -68,8 +81,9 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
     params = dict(engine.module.named_parameters())
 
     def weights() -> dict:
-        if stage < 3:
-            return {n: params[n].detach() for n in names}
+        if stage < 3:  # through the state dict: held weights (compact state) are materialised there
+            state = engine.module.state_dict()
+            return {n: state[n] for n in names}
         with deepspeed.zero.GatheredParameters([params[n] for n in names]):  # the whole weights, not the shards
             return {n: params[n].detach().clone() for n in names}
 
@@ -82,6 +96,20 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
     report["kernels_state"] = engine.kernels.state_dict() if engine.kernels is not None else None
     report["operator_calls"] = calls[0]
     report["state_bytes"] = dict(engine.state_bytes or {})
+    held = getattr(engine.compact, "packed_weights", None) if stage < 3 else None
+    if held is not None:
+        report["held"] = sorted(held.held)
+        # a module load round trip: the held weights take the loaded values and give them back the same
+        before = {n: t.clone() for n, t in engine.module.state_dict().items()}
+        engine.module.load_state_dict(before)
+        after = engine.module.state_dict()
+        report["load_round_trip"] = all(torch.equal(before[n], after[n]) for n in before)
+        report["held_placeholders"] = all(params[n].data.untyped_storage().nbytes() <= 4 for n in held.held)
+        # DeepSpeed's dense flat buffers are gone, not only uncounted: no live tensor views their storage
+        gc.collect()
+        alive = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in gc.get_objects()
+                 if torch.is_tensor(t) and not t.is_meta}
+        report["dense_buffer_alive"] = bool(alive & set(dense_flats))
     kernels_mod.block_sparse_linear = operator
     return report
 
@@ -93,6 +121,8 @@ def main():
         results[f"{stage}/dense"] = run(stage, "dense")
         results[f"{stage}/block_sparse"] = run(stage, "block_sparse")
     results["3/block_sparse/compact"] = run(3, "block_sparse", compact=True)
+    results["2/block_sparse/compact"] = run(2, "block_sparse", compact=True)
+    results["1/block_sparse/compact"] = run(1, "block_sparse", compact=True)
     results["2/block_sparse/checkpointing"] = run(2, "block_sparse", checkpointing=True)
     finish(results, out)
 
