@@ -111,6 +111,21 @@ def test_train_block_sparse_kernel_summary_and_resume(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_held_block_weights_with_gradient_compression(tmp_path):
+    """Compact state + gradient compression + block-sparse kernels at ZeRO-2: the weights held as blocks follow the
+    dense-kernel run (same validation loss) in a fraction of its weight bytes."""
+    common = ["sparsity.method=rigl", "sparsity.sparsity=0.75", "sparsity.distribution=uniform",
+              "sparsity.pattern=block:16x16", "deepspeed.zero_optimization.stage=2", "sparsity.compact_state=true",
+              "compression.method=topk", "compression.density=0.1", "train.save_final_model=false"]
+    train(tmp_path / "held", *common, "sparsity.kernel=block_sparse", nproc=2)
+    train(tmp_path / "dense", *common, "sparsity.kernel=dense", nproc=2)
+    held, dense = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("held", "dense"))
+    assert set(held["layer_kernel"].values()) == {"block_sparse"}
+    assert held["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=1e-5)
+    assert held["state_bytes_per_rank"]["weights"] < 0.5 * dense["state_bytes_per_rank"]["weights"]
+
+
+@pytest.mark.slow
 def test_dense_baseline_single_process_same_code_path(tmp_path):
     train(tmp_path, "sparsity.method=none", "deepspeed.zero_optimization.stage=0")
     summary = json.loads((tmp_path / "summary.json").read_text())
