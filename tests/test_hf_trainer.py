@@ -1,8 +1,9 @@
 """The Hugging Face Trainer with our ``sparsity`` block in its DeepSpeed config and SparsityCallback, on 2 CPU ranks:
 pruned weights 0 after every step, mask updates at the configured steps, our metrics in Trainer's logs, masks in
 every checkpoint and beside ``save_model``'s weights, resume equality (tests/workers/hf_trainer_worker.py). ZeRO-2
-runs compact state with top-k gradient compression on a Llama, ZeRO-3 the masked-dense state on a Mixtral (fused
-experts registered as ZeRO-3 leaves). Plus the config checks."""
+runs compact state with top-k gradient compression on a Llama, and compact state with 8x8 blocks on the block-sparse
+kernels (the weights held as blocks); ZeRO-3 the masked-dense state on a Mixtral (fused experts registered as ZeRO-3
+leaves). Plus the config checks."""
 
 import json
 
@@ -11,7 +12,7 @@ import pytest
 from dist_sparse.errors import ConfigError
 from tests.distributed_utils import run_torchrun
 
-CASES = [(2, "compact"), (3, "dense")]
+CASES = [(2, "compact"), (3, "dense"), (2, "held")]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def test_trainer_sparse_training_and_resume(stage, mode, _reports):
         where = f"ZeRO-{stage} {mode} rank {rank}"
         assert r["world"] == [2, 2], where
         assert not r["deepspeed_sees_block"] and not r["engine_config_has_block"], f"{where}: DeepSpeed saw our block"
-        assert r["compact"] == r["compression"] == (mode == "compact"), where
+        assert r["compact"] == (mode in ("compact", "held")) and r["compression"] == (mode == "compact"), where
+        # compact state on the block-sparse kernels: every sparsified Llama projection held as its active blocks
+        assert (r["held"] == 14) == (mode == "held") and (r["held"] == 0) == (mode != "held"), where
         assert r["owned"] < r["total"], f"{where}: masks not sharded"
         assert ("MixtralExperts" in r["leaves"]) == (stage == 3), where
         # RigL every 2 steps until step 6: updates at engine steps 2 and 4 (the Trainer's steps 3 and 5)

@@ -3,7 +3,7 @@ config carrying our ``sparsity`` block and :class:`dist_sparse.hf_trainer.Sparsi
 
 argv: comma-separated cases ``STAGE:MODE`` (mode ``dense``: masked-dense state; ``compact``:
 ``sparsity.compact_state`` plus top-k gradient compression; ``compress``: top-k compression on the masked-dense
-state), report path, work directory. One launch runs every case (process start-up dominates a case), each in its
+state; ``held``: compact state with 8x8 blocks on the block-sparse kernels, the weights held as blocks), report path, work directory. One launch runs every case (process start-up dominates a case), each in its
 own subdirectory; the report holds, per rank, case -> results. Per case:
 
 1. run A (Llama; Mixtral at ZeRO-3): 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer
@@ -46,6 +46,9 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def gathered(engine):
+    if engine.zero_optimization_stage() < 3:  # through the state dict: weights held as blocks are densified there
+        return {n: t.detach().clone().float() for n, t in engine.module.state_dict().items()
+                if n in dict(engine.module.named_parameters())}
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
         return {n: p.detach().clone().float() for n, p in params.items()}
@@ -81,6 +84,8 @@ def ds_config(stage: int, mode: str, with_block: bool = True) -> dict:
                            "grow_grad_steps": 1}  # the modes compare; the default window differs between them
         if mode in ("compact", "compress"):
             cfg["compression"] = {"method": "topk", "density": 0.25}
+        if mode == "held":  # compact state + block-sparse kernels: the weights held as their active blocks
+            cfg["sparsity"].update(compact_state=True, pattern="block:8x8", kernel="block_sparse")
     return cfg
 
 
@@ -149,6 +154,8 @@ def run_case(stage: int, mode: str, work: Path) -> dict:
     report["engine_config_has_block"] = "sparsity" in cb.engine.engine.config
     report["compact"] = cb.engine.compact is not None
     report["compression"] = cb.engine.compression is not None
+    held = getattr(cb.engine.compact, "packed_weights", None)
+    report["held"] = len(held.held) if held is not None else 0
     report["leaves"] = sorted({type(m).__name__ for m in trainer.model.modules() if getattr(m, "_z3_leaf", False)})
     report["owned"] = sum(v.mask_len for v in cb.engine.sparsifier.views)
     report["total"] = cb.engine.sparsifier.sparsified_numel()
