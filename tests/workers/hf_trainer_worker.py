@@ -4,7 +4,8 @@ config carrying our ``sparsity`` block and :class:`dist_sparse.hf_trainer.Sparsi
 argv: comma-separated cases ``STAGE:MODE`` (mode ``dense``: masked-dense state; ``compact``:
 ``sparsity.compact_state`` plus top-k gradient compression; ``compress``: top-k compression on the masked-dense
 state; ``held``: compact state with 8x8 blocks on the block-sparse kernels, the weights held as blocks), report
-path, work directory. One launch runs every case (process start-up dominates a case), each in its own subdirectory; the report holds, per rank, case -> results. Per case:
+path, work directory. One launch runs every case (process start-up dominates a case), each in its own subdirectory;
+the report holds, per rank, case -> results. Per case:
 
 1. run A (Llama; Mixtral at ZeRO-3): 8 steps (RigL 80%, mask updates every 2 steps until step 6), a Trainer
    checkpoint at step 4. After every step a probe checks the model's pruned weights are exactly 0 (gathered at
