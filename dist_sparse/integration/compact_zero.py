@@ -22,6 +22,9 @@ the order of the mask bits (:class:`dist_sparse.compact.PackedPartition`):
 - the step (``step`` of the ZeRO optimizer instance, replaced): gradient norm over the packed gradients (zeros of
   pruned positions would add nothing), DeepSpeed's own ``unscale_and_clip_grads``, the inner optimizer step on
   packed tensors, packed master -> low-precision partition (inactive positions exactly 0), DeepSpeed's all-gather.
+  With layers on the block-sparse kernel, :mod:`dist_sparse.integration.packed_weights` replaces that partition
+  and all-gather by a packed buffer holding those layers' weights as their active values only
+  (:meth:`CompactZeroState.enable_packed_weights`).
 
 Elementwise Adam on the active positions with the same clipped gradient is what masked-dense DeepSpeed computes,
 so the trajectory equals the masked-dense one up to floating-point reassociation of the norm
