@@ -354,10 +354,8 @@ def attach(engine, model, sparsity: SparsityConfig, total_steps=None, seed=0, in
             # the block-sparse layers' weights held as their active blocks (docs/kernels.md): nothing reads the
             # dense weight of such a layer any more, and compact state's masters are packed already
             wrapped.compact.enable_packed_weights(kernels)
-            held = wrapped.compact.packed_weights
-            for lay in kernels.layers:
-                lay.held = held if held is not None and lay.name in held.held else None
-            kernels.refresh()
+            if wrapped.compact.packed_weights is not None:
+                kernels.hold(wrapped.compact.packed_weights)
     default_grow_window(wrapped, sparsity)
     return wrapped
 

@@ -182,6 +182,13 @@ class SparseKernels(Component):
                 lay.mask = oriented.to(lay.module.weight.device)
         self._seen_updates = self.sparsifier.updates_done
 
+    def hold(self, held) -> None:
+        """The layers ``held`` (:class:`~dist_sparse.integration.packed_weights.PackedWeights`) stores as blocks
+        read their blocks, and their index, from it from now on."""
+        for lay in self.layers:
+            if lay.name in held.held:
+                lay.held, lay.index = held, held.index(lay.name)
+
     def before_forward(self, plan) -> None:
         if not any(lay.kind != "dense" for lay in self.layers):
             return

@@ -126,8 +126,6 @@ class PackedWeights:
         self.placeholder = torch.full((1,), float("nan"), dtype=self.lp_dtype, device=self.device)
         self.flats: list = [None] * len(store.parts)
         self.layout: list = [None] * len(store.parts)  # per group: per rank (offset, count) of its partition
-        self.exchange_bytes = 0  # bytes this rank received in the last exchange (all groups)
-        self._hooks = []
         for i, group in enumerate(zo.round_robin_bit16_groups):
             for p in group:
                 name = self.names.get(id(p))
@@ -217,17 +215,13 @@ class PackedWeights:
         group = self.zo.real_dp_process_group[i]
         world = dist.get_world_size(group=group)
         if world > 1:
-            rank = dist.get_rank(group=group)
             for r, (start, n) in enumerate(self.layout[i]):
                 if n:
                     dist.broadcast(self.flats[i].narrow(0, start, n), src=dist.get_global_rank(group, r),
                                    group=group)
-                    if r != rank:
-                        self.exchange_bytes += n * self.flats[i].element_size()
 
     @torch.no_grad()
     def write_all(self) -> None:
-        self.exchange_bytes = 0
         for i in range(len(self.store.parts)):
             self.write(i, self.store.master_tensor(i).detach())
 
@@ -294,9 +288,9 @@ class PackedWeights:
         modules = dict(self.store.engine.module.named_modules())
         for name in self.held:
             module = modules[name[: -len(".weight")]]
-            self._hooks.append(module._register_state_dict_hook(self._state_dict_hook(name)))
-            self._hooks.append(module.register_load_state_dict_pre_hook(self._load_pre_hook(name)))
-            self._hooks.append(module.register_load_state_dict_post_hook(self._load_post_hook(name)))
+            module._register_state_dict_hook(self._state_dict_hook(name))
+            module.register_load_state_dict_pre_hook(self._load_pre_hook(name))
+            module.register_load_state_dict_post_hook(self._load_post_hook(name))
 
     def _state_dict_hook(self, name: str):
         def hook(module, state_dict, prefix, local_metadata):
@@ -326,9 +320,3 @@ class PackedWeights:
     # -- accounting ----------------------------------------------------------------------------------------------
     def bytes_held(self) -> list:
         return [f for f in self.flats if f is not None]
-
-    def stats(self) -> dict:
-        dense = sum(h.param.numel() for h in self.held.values()) * self.placeholder.element_size()
-        held = sum(h.count for h in self.held.values()) * self.placeholder.element_size()
-        return {"held_params": len(self.held), "held_value_bytes": held, "dense_weight_bytes_replaced": dense,
-                "exchange_received_bytes": self.exchange_bytes}
