@@ -14,6 +14,7 @@ import sys
 
 import deepspeed
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import dist_sparse
@@ -47,12 +48,14 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
                      "kernel": kernel, "update_interval": 5, "start_step": 0, "end_step": 16,
                      "drop_fraction": 0.3, "compact_state": compact, "packed_gather": compact and stage == 3},
     }
-    dense_flats = []  # (data pointer, bytes) of DeepSpeed's flat buffers when the held weights replace them
+    # weak references to the storages of DeepSpeed's flat buffers when the held weights replace them: a storage
+    # expires only when no tensor, view or storage object (Python or C++) holds it, and a freed address that the
+    # allocator hands out again to another tensor does not count as alive
+    dense_flats = []
     original_init = packed_weights_mod.PackedWeights.__init__
 
     def recording_init(self, store, layers):
-        dense_flats.extend((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                           for t in store.zo.bit16_groups_flat)
+        dense_flats.extend(StorageWeakRef(t.untyped_storage()) for t in store.zo.bit16_groups_flat)
         original_init(self, store, layers)
 
     packed_weights_mod.PackedWeights.__init__ = recording_init
@@ -105,11 +108,9 @@ def run(stage: int, kernel: str, checkpointing: bool = False, compact: bool = Fa
         after = engine.module.state_dict()
         report["load_round_trip"] = all(torch.equal(before[n], after[n]) for n in before)
         report["held_placeholders"] = all(params[n].data.untyped_storage().nbytes() <= 4 for n in held.held)
-        # DeepSpeed's dense flat buffers are gone, not only uncounted: no live tensor views their storage
+        # DeepSpeed's dense flat buffers are gone, not only uncounted: nothing holds their storage any more
         gc.collect()
-        alive = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in gc.get_objects()
-                 if torch.is_tensor(t) and not t.is_meta}
-        report["dense_buffer_alive"] = bool(alive & set(dense_flats))
+        report["dense_buffer_alive"] = not dense_flats or not all(ref.expired() for ref in dense_flats)
     kernels_mod.block_sparse_linear = operator
     return report
 
