@@ -99,6 +99,30 @@ def test_cpu_local_global_layout_with_padding_and_gqa(causal):
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, causal, attn_mask=mask)
 
 
+@pytest.mark.parametrize("seq", [128, 121])  # 121: the last block partial, on the diagonal of the last rows
+def test_cpu_causal_sliding_window_masks_and_kept_plans(monkeypatch, seq):
+    # A causal sliding window: every chunk's diagonal tile sits in one slot over ranges of chunks and the first rows
+    # carry padding slots, so the masker fills views instead of gathering; small groups put group boundaries inside
+    # those ranges. The plans are kept per layout: the same layout reuses its plan, an edited copy gets its own.
+    import dist_sparse.attention.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_GROUP_ELEMS", 3 * 16 * 16 * 3)  # three chunks of width 3 per group
+    monkeypatch.setattr(cpu, "_PLANS", type(cpu._PLANS)())
+    nb, bs = 8, 16
+    layout = local_layout(nb, 2, causal=True)
+    q, k, v = _inputs(batch=1, heads=2, kv_heads=2, seq=seq)
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, True)
+    ops = [op[0] for m in (hit[1] for hit in cpu._PLANS.values()) for group in m._ops.values() for op in group]
+    assert "slot" in ops and "pad" in ops, ops
+    assert len(cpu._PLANS) == 1
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, layout.clone(), bs, True)
+    assert len(cpu._PLANS) == 1, "the same layout contents must reuse the kept plan"
+    edited = layout.clone()
+    edited[0, 5, 0] = True  # one more block: the kept plan would miss it
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, edited, bs, True)
+    assert len(cpu._PLANS) == 2
+
+
 def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
     # One chunk per group: the per-group masking (padding slots, causal diagonal, padded keys, dense mask) must line
     # up with the right chunks at every group boundary.
