@@ -8,7 +8,6 @@ every 2 steps, compact state), ZeRO stage argv[2]; ``dist_sparse.accelerate.atta
   ``load_state`` goes back to step 3 and steps 4..6 are run again: masks and weights must equal the first pass.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
 
 import dist_sparse.accelerate
 from tests.hf_architectures import VOCAB, build
+from tests.workers import finish
 
 
 def batch(step: int, rank: int) -> torch.Tensor:
@@ -77,11 +77,7 @@ def main():
                               and all(torch.equal(second[i]["weights"][n], first[i]["weights"][n])
                                       for n in first[i]["weights"]) for i in range(4, 7)]
     report["saved_files"] = sorted(p.name for p in (work / "state").iterdir())
-    reports = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(reports, report)
-    if accelerator.is_main_process:
-        Path(out).write_text(json.dumps(reports))
-    accelerator.wait_for_everyone()
+    finish(report, out)
 
 
 if __name__ == "__main__":

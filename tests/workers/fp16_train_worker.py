@@ -9,6 +9,7 @@ optionally ``--resume PATH``.
 import sys
 
 from dist_sparse import config
+from dist_sparse.distributed import exit_rank
 from dist_sparse.trainer import train
 from tests.distributed_utils import ROOT
 from tests.workers import allow_cpu_fp16
@@ -22,7 +23,10 @@ def main():
         resume = args[i + 1]
         del args[i: i + 2]
     allow_cpu_fp16()
-    train(config.load(ROOT / "configs" / "demo.yaml", args), resume=resume)
+    train(config.load(ROOT / "configs" / "demo.yaml", args), resume=resume)  # leaves the process group itself
+    # then end as a launched rank does, without interpreter teardown (its C++ destructors occasionally abort a
+    # finished rank on a loaded machine)
+    exit_rank(0)
 
 
 if __name__ == "__main__":

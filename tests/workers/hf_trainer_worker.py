@@ -16,7 +16,6 @@ the report holds, per rank, case -> results. Per case:
 3. a DeepSpeed config without the block: SparsityCallback refuses it.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from dist_sparse import distributed as D
 from dist_sparse.errors import ConfigError
 from dist_sparse.hf_trainer import SparsityCallback
 from tests.hf_architectures import VOCAB, build
+from tests.workers import finish
 
 STEPS = 8
 
@@ -129,10 +129,7 @@ def main():
     for case in cases:
         stage, mode = case.split(":")
         reports[case] = run_case(int(stage), mode, work / f"zero{stage}-{mode}")
-    gathered_reports = D.all_gather_object(reports)
-    if D.rank() == 0:
-        Path(out).write_text(json.dumps(gathered_reports))
-    D.barrier()
+    finish(reports, out)
 
 
 def run_case(stage: int, mode: str, work: Path) -> dict:
