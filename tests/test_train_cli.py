@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dist_sparse.masks import load_masks
 from tests.distributed_utils import dist_sparse_train
@@ -108,6 +109,15 @@ def test_train_block_sparse_kernel_summary_and_resume(tmp_path, capsys):
     first = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "final").named_parameters())
     second = dict(AutoModelForCausalLM.from_pretrained(resumed / "final").named_parameters())
     assert all(torch.allclose(first[n], second[n], rtol=1e-4, atol=1e-6) for n in first)
+    # resumed on one rank (a job that comes back on fewer ranks): the held weights are laid out for one rank and take
+    # the checkpoint's model weights (the module load), so with no step left to run the exported weights are the
+    # checkpoint's, bit for bit
+    ckpt = tmp_path / "checkpoints" / "step_00000006"
+    one = tmp_path / "one_rank"
+    dist_sparse_train(one, [*TINY, *common, "train.steps=6"], nproc=None, resume=ckpt)
+    saved, exported = load_file(ckpt / "model.safetensors"), load_file(one / "final" / "model.safetensors")
+    assert set(masks) <= set(exported)
+    assert all(torch.equal(saved[n], exported[n]) for n in exported), "weights changed across the world size"
 
 
 @pytest.mark.slow
