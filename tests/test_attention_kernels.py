@@ -99,6 +99,20 @@ def test_cpu_local_global_layout_with_padding_and_gqa(causal):
     _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, causal, attn_mask=mask)
 
 
+def test_cpu_rows_without_blocks_next_to_single_chunk_rows():
+    # Every non-empty row fits one chunk, and one query block attends nothing: the workers finish each chunk as its
+    # row's result, the empty row's output is 0 (its gradient too), with and without a dense mask.
+    layout = local_layout(4, 1).repeat(4, 1, 1)
+    layout[1, 2] = False
+    plan = _build_plan(effective_layout(layout, False), 2, 4, 2)
+    assert not plan.one_to_one and not plan.split.numel(), "the layout must have empty rows and no split rows"
+    q, k, v = _inputs(kv_heads=2, seq=57)
+    mask = torch.rand(2, 4, 57, 57, generator=torch.Generator().manual_seed(3)) < 0.9
+    out = _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, 16, False)
+    assert torch.equal(out[:, 1, 32:48], torch.zeros_like(out[:, 1, 32:48]))
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, 16, True, attn_mask=mask)
+
+
 @pytest.mark.parametrize("seq", [128, 121])  # 121: the last block partial, on the diagonal of the last rows
 def test_cpu_causal_sliding_window_masks_and_kept_plans(monkeypatch, seq):
     # A causal sliding window: every chunk's diagonal tile sits in one slot over ranges of chunks and the first rows

@@ -20,6 +20,7 @@ cheaper than ``exp`` on CPU. A layout's plan and masker are built once and kept 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -154,6 +155,13 @@ class _Masker:
         self.active = self.partial or self.pair_chunk.numel() > 0 or attn_mask is not None
         self._ops: dict = {}  # (group start, stop) -> masking operations, see _group_ops
 
+    def with_dense_mask(self, attn_mask: torch.Tensor) -> _Masker:
+        """This masker plus a dense mask, sharing everything else (the tiles, the kept per-group operations): the
+        dense mask changes call by call, the plan's own masking does not."""
+        other = copy.copy(self)
+        other.attn_mask, other.active = attn_mask, True
+        return other
+
     def _group_ops(self, g: slice) -> list:
         """What to mask in group ``g``, worked out on its first pass and kept (the forward, the backward and every
         later call of a kept plan see the same groups): per row set of padding slots, and per kind of tile its chunks
@@ -173,8 +181,9 @@ class _Masker:
             for kd in torch.unique(kind).tolist():
                 sel = (kind == kd).nonzero().flatten()
                 ck, sk = c[sel], sl[sel]
-                if bool((sk == sk[0]).all()):  # one slot (a sliding window's diagonal, say): slice the chunks
-                    ops.append(("slot", _as_index(ck), int(sk[0]), self.kind_tiles[kd]))
+                chunks = _as_index(ck)
+                if isinstance(chunks, slice) and bool((sk == sk[0]).all()):  # a sliding window's diagonal, say
+                    ops.append(("slot", chunks, int(sk[0]), self.kind_tiles[kd]))
                 else:
                     ops.append(("pairs", ck, sk, self.kind_tiles[kd]))
         self._ops[(g.start, g.stop)] = ops
@@ -191,12 +200,9 @@ class _Masker:
                     s[chunks, :, col:].fill_(float("-inf"))
                 else:
                     s[chunks, :, col:] = float("-inf")
-            elif op[0] == "slot":
+            elif op[0] == "slot":  # a range of chunks, one slot: a view, filled in place
                 _, chunks, slot, tile = op
-                if isinstance(chunks, slice):
-                    s4[chunks, :, slot, :].masked_fill_(tile, float("-inf"))
-                else:
-                    s4[chunks, :, slot, :] = s4[chunks, :, slot, :].masked_fill_(tile, float("-inf"))
+                s4[chunks, :, slot, :].masked_fill_(tile, float("-inf"))
             else:
                 _, chunks, slots, tile = op
                 s4[chunks, :, slots, :] = s4[chunks, :, slots, :].masked_fill_(tile, float("-inf"))
@@ -330,10 +336,10 @@ class _BlockSparseCPU(torch.autograd.Function):
         n, width = rows.slot_blocks.shape
         # scaled by scale * log2(e): the scores come out in base 2, so exp2 replaces exp (4x cheaper on CPU, measured)
         q_scale = scale * _LOG2E
-        one = rows.one_to_one  # one chunk per row: a chunk's result is its row's, finished in the worker
-        m_all = None if one else torch.empty(n, block)
-        l_all = None if one else torch.empty(n, block)
-        lse = torch.empty(n, block) if one else None
+        alone = not rows.split.numel()  # every chunk alone on its row: its result is the row's, finished in the worker
+        m_all = None if alone else torch.empty(n, block)
+        l_all = None if alone else torch.empty(n, block)
+        lse_all = torch.empty(n, block) if alone else None
         o_all = torch.empty(n, block, dim)
 
         def group_forward(g: slice, _worker: int) -> None:
@@ -349,24 +355,23 @@ class _BlockSparseCPU(torch.autograd.Function):
             den = s.sum(-1)
             o = o_all[g]
             torch.bmm(s, vb.index_select(0, kv_idx).view(-1, width * block, dim), out=o)
-            if not one:
+            if not alone:
                 m_all[g], l_all[g] = m, den
                 return
             # the row's output and its log-sum-exp in base 2; +inf for rows with no allowed key (only under a mask):
             # recomputed probabilities are then exactly 0
-            if row_mask is not None:
-                empty = den == 0
+            empty = (den == 0) if row_mask is not None else None
+            if empty is not None:
                 den.masked_fill_(empty, 1.0)
-                o.div_(den[..., None])
-                torch.add(m, torch.log2(den), out=lse[g]).masked_fill_(empty, float("inf"))
-            else:
-                o.div_(den[..., None])
-                torch.add(m, torch.log2(den), out=lse[g])
+            o.div_(den[..., None])
+            torch.add(m, torch.log2(den), out=lse_all[g])
+            if empty is not None:
+                lse_all[g].masked_fill_(empty, float("inf"))
 
         _run_groups(_groups(n, block * width * block), group_forward)
 
-        if one:
-            out = o_all
+        if alone:  # rows with no chunk: output 0; their log-sum-exp is never read (no chunk recomputes them)
+            out, lse = _per_row(o_all, rows), _per_row(lse_all, rows)
         else:
             # Rows spread over chunks: rescale every chunk to its row's max and add (log-sum-exp merge). Chunks whose
             # row part is fully masked have l == 0; their max must not raise the row max.
@@ -446,15 +451,13 @@ def _plan_and_masker(eff: torch.Tensor, batch: int, heads: int, kv_heads: int, b
             _PLANS.move_to_end(key)
     if hit is None:
         plan = _build_plan(eff, batch, heads, kv_heads)
-        hit = (plan, _Masker(plan, block, nb, heads, causal, seq, None))
+        hit = (plan, _Masker(plan, block, nb, heads, causal, seq, None))  # the dense mask is added per call
         with _PLANS_LOCK:
             _PLANS[key] = hit
             while len(_PLANS) > _PLANS_KEPT:
                 _PLANS.popitem(last=False)
     plan, masker = hit
-    if attn_mask is not None:  # the dense mask changes call by call: its masker is not kept
-        masker = _Masker(plan, block, nb, heads, causal, seq, attn_mask)
-    return plan, masker
+    return plan, masker if attn_mask is None else masker.with_dense_mask(attn_mask)
 
 
 def cpu_block_sparse_attention(
