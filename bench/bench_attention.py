@@ -9,13 +9,17 @@ baseline run by run.
 GPU (only with CUDA): the Triton kernels vs SDPA (flash) and FlexAttention with the same block mask, bf16, seq 16k.
 Without CUDA the section says that no GPU was available instead of giving numbers.
 
-Run from the repository root, serialised with other benchmarks:
+Resumable: each finished CPU group (the layouts of one causality with their dense baseline, at one shape and
+repetition count) is kept in ``bench/work/attention/results.json`` and reused by the next run with the same
+config, which the section says (``--fresh`` starts over). Run from the repository root, serialised with other
+benchmarks:
     flock /tmp/dist_sparse_bench.lock .venv/bin/python bench/bench_attention.py
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +29,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import allocator_line, command_line, gpu_unavailable, interleaved, machine_line, write_section  # noqa: E402
+from bench.common import (  # noqa: E402
+    allocator_line,
+    command_line,
+    gpu_unavailable,
+    interleaved,
+    machine_line,
+    reused_line,
+    write_section,
+)
 from dist_sparse.attention import (  # noqa: E402
     bigbird_layout,
     block_sparse_attention,
@@ -33,6 +45,9 @@ from dist_sparse.attention import (  # noqa: E402
     layout_density,
     local_layout,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work" / "attention"
 
 
 def _qkv(batch, heads, seq, dim, dtype, device, seed=0):
@@ -89,11 +104,20 @@ def cpu_section(args) -> str:
     q, k, v = _qkv(1, heads, seq, dim, torch.float32, "cpu")
     grad = torch.randn_like(q)
     layouts = cpu_layouts(nb, heads)
-    results = []
+    results, reused, loads = [], [], []
+    path = WORK / "results.json"
+    done = {} if args.fresh or not path.is_file() else json.loads(path.read_text())
     allocator = allocator_line()  # before the first run: dense and sparse share it
-    load0 = os.getloadavg()[0]
     for causal in (False, True):
         mine = [(name, lay) for c, name, lay in layouts if c == causal]
+        key = (f"cpu/{'causal' if causal else 'non-causal'}/seq{seq}/heads{heads}/dim{dim}/block{bs}/reps{args.reps}"
+               f"/threads{torch.get_num_threads()}/" + ",".join(name for name, _ in mine))
+        if key in done:
+            reused.append(f"{'causal' if causal else 'non-causal'} layouts")
+            loads.append(tuple(done[key]["load"]))
+            results += [(causal, *row) for row in done[key]["rows"]]
+            continue
+        load_before = os.getloadavg()[0]
         dense = lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)  # noqa: E731
         sparse = {name: (lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, bs, causal=c,
                                                                                    implementation="cpu"))
@@ -103,10 +127,17 @@ def cpu_section(args) -> str:
                           **{n: _fwd_bwd(fn, q, k, v, grad) for n, fn in sparse.items()}}, 1, args.reps)
         fw = interleaved({"dense": _forward(dense, q, k, v), **{n: _forward(fn, q, k, v) for n, fn in sparse.items()}},
                          1, args.reps)
-        for name, lay in mine:
-            results.append((causal, name, layout_density(lay), fb[name], fb["dense"], fw[name], fw["dense"]))
-            print(f"causal={causal} {name}: sparse {fb[name] * 1e3:.0f} ms, dense {fb['dense'] * 1e3:.0f} ms "
-                  f"({fb['dense'] / fb[name]:.1f}x)", flush=True)
+        rows = [(name, layout_density(lay), fb[name], fb["dense"], fw[name], fw["dense"]) for name, lay in mine]
+        for name, _, sfb, dfb, *_ in rows:
+            print(f"causal={causal} {name}: sparse {sfb * 1e3:.0f} ms, dense {dfb * 1e3:.0f} ms ({dfb / sfb:.1f}x)",
+                  flush=True)
+        results += [(causal, *row) for row in rows]
+        loads.append((load_before, os.getloadavg()[0]))
+        done[key] = {"rows": rows, "load": loads[-1]}
+        WORK.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, path)
 
     lines = [
         "## Block-sparse attention",
@@ -114,10 +145,12 @@ def cpu_section(args) -> str:
         f"Command: `{command_line()}` (run under `flock /tmp/dist_sparse_bench.lock`)",
         "",
         f"Machine: {machine_line()}; torch threads: {torch.get_num_threads()}; load average (1 min) before -> after "
-        f"the CPU section: {load0:.1f} -> {os.getloadavg()[0]:.1f} (other jobs share this machine; wall-clock "
-        "ratios move with it)",
+        "each group (non-causal, causal): " + ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in loads)
+        + " (other jobs share this machine; wall-clock ratios move with it)",
         "",
         allocator,
+        "",
+        reused_line(reused),
         "",
         f"### CPU: batch 1, {heads} heads, seq {seq}, head_dim {dim}, block {bs}, fp32",
         "",
@@ -215,6 +248,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu-seq", type=int, default=16384)
     parser.add_argument("--gpu-heads", type=int, default=16)
     parser.add_argument("--gpu-block", type=int, default=128)
+    parser.add_argument("--fresh", action="store_true", help="forget the CPU results of earlier runs")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU section (make gpu-check)")
     parser.add_argument("--out", type=Path, default=None, help="write the section here instead of bench/results")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")

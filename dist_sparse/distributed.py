@@ -142,6 +142,47 @@ def all_gather_varlen(t: torch.Tensor, group=None) -> list:
     return [x[:m] for x, m in zip(all_gather_equal(padded, group), lengths)]
 
 
+def all_gather_runs(flat: torch.Tensor, runs, group=None, max_buffer: int = 1 << 26) -> int:
+    """Fill every rank's run of the 1-D ``flat`` from that rank: ``runs[r] = (start, n)`` in group-rank order, the
+    same list on every rank, runs disjoint; this rank's run holds its values already. Returns the number of
+    collectives issued.
+
+    The runs differ in length (packed partitions: each holds its own share of active values), which an all-gather
+    does not allow, so each rank's run is padded to the longest and the padded pieces are gathered into a receive
+    buffer, then copied into place. One collective whatever the world size, where one broadcast per rank costs
+    ``world`` sequential collectives. The receive buffer (``world x`` the longest run) is bounded by ``max_buffer``
+    elements: longer runs go in rounds of at most ``max_buffer // world`` elements per rank (``ceil(longest /
+    that)`` collectives), so the exchange never holds more than that on top of ``flat``.
+    """
+    world = world_size(group)
+    if world <= 1:
+        return 0
+    if len(runs) != world:
+        raise ValueError(f"runs has {len(runs)} entries for a group of {world} ranks")
+    me = dist.get_rank(group=group) if group is not None else dist.get_rank()
+    longest = max(n for _, n in runs)
+    if longest == 0:
+        return 0
+    step = max(1, min(longest, max_buffer // world))
+    recv = torch.empty(world * step, dtype=flat.dtype, device=flat.device)
+    send = torch.zeros(step, dtype=flat.dtype, device=flat.device)
+    my_start, my_n = runs[me]
+    calls = 0
+    for at in range(0, longest, step):
+        take = max(0, min(step, my_n - at))
+        if take:
+            send[:take].copy_(flat.narrow(0, my_start + at, take))
+        if take < step:
+            send[take:].zero_()  # padding: sent, never copied out
+        all_gather_flat(recv, send, group=group)
+        calls += 1
+        for r, (start, n) in enumerate(runs):
+            got = max(0, min(step, n - at))
+            if r != me and got:
+                flat.narrow(0, start + at, got).copy_(recv.narrow(0, r * step, got))
+    return calls
+
+
 def broadcast_from(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
     """Broadcast ``t`` in place from rank ``src`` of ``group`` (a group rank, translated to the global rank the
     collective wants)."""

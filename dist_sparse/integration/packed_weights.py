@@ -18,9 +18,9 @@ A rank's packed partition is its fragments' stored values in fragment order, so 
 packed partitions one after another and each parameter's stored values are one contiguous run of it. After every
 optimizer step, mask change and checkpoint load, each rank writes its partition from the packed fp32 master
 (``cast(master)``: exactly what DeepSpeed's "fp32 -> lp partition" copy writes) and the partitions are exchanged
-(one broadcast per rank into its place in the buffer: the partitions differ in size, and no padded gather buffer is
-needed). The exchange carries only the held parameters' active values, where DeepSpeed's all-gather carries them
-densely.
+(:func:`dist_sparse.distributed.all_gather_runs`: the partitions differ in size, so each is padded to the longest
+for one all-gather, then copied into its place; the receive buffer is bounded, longer partitions go in rounds).
+The exchange carries only the held parameters' active values, where DeepSpeed's all-gather carries them densely.
 
 A held parameter's ``.data`` is a NaN placeholder of its full shape (one element, expanded), so that autograd,
 DeepSpeed's gradient hooks (which read ``numel()`` and ``.grad``) and the operator's shape checks work unchanged,
@@ -212,13 +212,8 @@ class PackedWeights:
             at += n
         if at != mine.numel():
             raise RuntimeError(f"packed weights: group {i} wrote {at} values into a partition of {mine.numel()}")
-        group = self.zo.real_dp_process_group[i]
-        world = dist.get_world_size(group=group)
-        if world > 1:
-            for r, (start, n) in enumerate(self.layout[i]):
-                if n:
-                    dist.broadcast(self.flats[i].narrow(0, start, n), src=dist.get_global_rank(group, r),
-                                   group=group)
+        # the others' partitions into their places: one padded all-gather (the partitions differ in size)
+        D.all_gather_runs(self.flats[i], self.layout[i], group=self.zo.real_dp_process_group[i])
 
     @torch.no_grad()
     def write_all(self) -> None:
