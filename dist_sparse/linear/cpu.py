@@ -10,8 +10,8 @@ rows (attention's chunking needs both: its rows are much longer), and a random o
 counts, so a tile costs a few dozen ops.
 
 dX is the same product on the transposed layout (``col_groups``: block columns grouped by count, the weight blocks
-stacked along their rows), and the sampled dW walks the row groups again: ``dW_k += dY_rowsᵀ @ X_gathered`` with
-the same X gather as the forward.
+stacked along their rows), and the sampled dW walks the same column groups in the same pass, reusing dX's gather of
+dY: ``dW_col += dY_gatheredᵀ @ X[:, col]``.
 
 Tiles are independent for Y and dX (disjoint token ranges) and add up for dW (one fp32 accumulator per worker,
 summed once at the end), so ``torch.get_num_threads()`` single-threaded workers share them, as the attention path
@@ -124,43 +124,65 @@ def cpu_grad_input(dy: torch.Tensor, packed: torch.Tensor, index: BlockIndex) ->
     return dx.to(dy.dtype)
 
 
-def cpu_grad_weight_blocks(dy: torch.Tensor, x: torch.Tensor, index: BlockIndex) -> torch.Tensor:
-    """The sampled product: fp32 ``(nnz, bh, bw)``, block ``b`` = ``dY[:, rows[b]]ᵀ X[:, cols[b]]``."""
+def cpu_grad_weight_blocks(dy: torch.Tensor, x: torch.Tensor, index: BlockIndex, packed: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The sampled product, fp32 ``(nnz, bh, bw)`` with block ``b`` = ``dY[:, rows[b]]ᵀ X[:, cols[b]]``, and with
+    ``packed`` given also ``dX = dY W`` (else None): ``(dx, blocks)``.
+
+    Both walk the column groups: per block column ``c`` with ``k`` active blocks, the ``k`` blocks of dY it pairs
+    with are gathered once (``G``, ``(tile, k*bh)``) and serve dX (``G @ W_c``) and the column's dW blocks
+    (``Gᵀ X[:, c]``: X's column blocks are gathered once each, not once per block row that uses them, as the row
+    orientation would). Walking the row groups instead copies X's blocks ``nnz / nc`` times over; sharing dX's
+    gather made the backward 1.1-1.2x faster on the benchmark MLP at 32x32 blocks (measured)."""
     bh, bw = index.block
-    groups = index.row_groups()
+    groups = index.col_groups()
     n_tok = x.shape[0]
     x_b = x.view(n_tok, -1, bw)
     dy_b = dy.view(n_tok, -1, bh)
     tiles = _tiles(n_tok)
     workers = max(1, min(torch.get_num_threads(), len(tiles)))
     acc = [[None] * len(groups.items) for _ in range(workers)]
+    dx = None
+    if packed is not None:
+        dx = torch.empty(n_tok, index.nc * bw)
+        dx_b = dx.view(n_tok, -1, bw)
+        weights = _group_weights_dx(packed, groups, index.block)
+        n_slots = groups.n_slots
 
     def tile(t: slice, worker: int) -> None:
-        xs, dys = x_b[t], dy_b[t]
-        if xs.dtype != torch.float32:
-            xs, dys = xs.float(), dys.float()
-        rows = xs.shape[0]
+        dys, xs = dy_b[t], x_b[t]
+        if dys.dtype != torch.float32:
+            dys, xs = dys.float(), xs.float()
+        rows = dys.shape[0]
+        if dx is not None:
+            slots = _SCRATCH.get(worker, 1, (rows, n_slots, bw))
+            slots[:, n_slots - 1].zero_()
         for gi, (out_idx, in_idx, _, k) in enumerate(groups.items):
             n_k = out_idx.numel()
-            gx = _SCRATCH.get(worker, 0, (rows, n_k * k, bw))
-            torch.index_select(xs, 1, in_idx, out=gx)
-            gx = gx.view(rows, n_k, k * bw).transpose(0, 1)  # (n_k, rows, k*bw)
-            gy = _SCRATCH.get(worker, 1, (rows, n_k, bh))
-            torch.index_select(dys, 1, out_idx, out=gy)
-            gy = gy.permute(1, 2, 0)  # (n_k, bh, rows)
+            g = _SCRATCH.get(worker, 0, (rows, n_k * k, bh))
+            torch.index_select(dys, 1, in_idx, out=g)
+            g = g.view(rows, n_k, k * bh)
+            if dx is not None:
+                start = groups.starts[gi]
+                torch.bmm(g.transpose(0, 1), weights[gi], out=slots[:, start:start + n_k].transpose(0, 1))
+            xc = _SCRATCH.get(worker, 2, (rows, n_k, bw))
+            torch.index_select(xs, 1, out_idx, out=xc)
+            gt, xc = g.permute(1, 2, 0), xc.transpose(0, 1)  # (n_k, k*bh, rows), (n_k, rows, bw)
             a = acc[worker][gi]
             if a is None:
-                acc[worker][gi] = torch.bmm(gy, gx)
+                acc[worker][gi] = torch.bmm(gt, xc)
             else:
-                a.baddbmm_(gy, gx)
+                a.baddbmm_(gt, xc)
+        if dx is not None:
+            torch.index_select(slots, 1, groups.inverse, out=dx_b[t])
 
     _run_groups(tiles, tile)
     out = torch.zeros(index.nnz, bh, bw)
-    for gi, (_, _, blk, k) in enumerate(groups.items):
+    for gi, (_, _, blk, _) in enumerate(groups.items):
         parts = [a[gi] for a in acc if a[gi] is not None]
         total = parts[0]
         for p in parts[1:]:
             total = total + p
-        # (n_k, bh, k*bw) -> (n_k*k, bh, bw) in the group's block order
-        out.index_copy_(0, blk, total.view(-1, bh, k, bw).permute(0, 2, 1, 3).reshape(-1, bh, bw))
-    return out
+        # (n_k, k*bh, bw) -> (n_k*k, bh, bw): the column's blocks in the group's block order
+        out.index_copy_(0, blk, total.view(-1, bh, bw))
+    return (None if dx is None else dx.to(dy.dtype)), out

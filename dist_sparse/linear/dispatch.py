@@ -85,22 +85,25 @@ class _BlockSparseLinear(torch.autograd.Function):
         index, impl = ctx.index, ctx.impl
         bh, bw = index.block
         dyp = _pad_cols(dy.contiguous(), index.nr * bh)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        dx = dw = db = blocks = None
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        sampled = want_dw and not ctx.dense_grad
+        if impl == "cpu" and sampled:  # one pass for the sampled dW and dX: they share dY's gathers
+            dx, blocks = cpu_grad_weight_blocks(dyp, xp, index, packed if want_dx else None)
+        elif want_dx:
             if impl == "cpu":
                 dx = cpu_grad_input(dyp, packed, index)
             else:
                 dx = _kernels.triton_grad_input(dyp, packed, index.col_lut(dy.device), index.nc, index.block)
-            dx = dx[:, : ctx.in_features] if index.padded else dx
-        if ctx.needs_input_grad[1]:
+        if dx is not None and index.padded:
+            dx = dx[:, : ctx.in_features]
+        if want_dw:
             if ctx.dense_grad:
                 # RigL's growth needs dL/dW at pruned positions too: the one dense product of the step
                 x_u, dy_u = xp[:, : index.shape[1]].float(), dy.float()
                 dw = (x_u.t() @ dy_u if ctx.transposed else dy_u.t() @ x_u).to(ctx.w_dtype)
             else:
-                if impl == "cpu":
-                    blocks = cpu_grad_weight_blocks(dyp, xp, index)
-                else:
+                if blocks is None:
                     rows, cols = index.device_lists(dy.device)
                     blocks = _kernels.triton_grad_weight_blocks(dyp, xp, rows, cols, index.block)
                 dw = index.unpack(blocks, ctx.transposed, ctx.w_dtype)
