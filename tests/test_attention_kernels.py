@@ -156,6 +156,44 @@ def test_cpu_small_groups_keep_masks_aligned(monkeypatch):
         torch.set_num_threads(threads)
 
 
+
+@pytest.mark.parametrize("ratio", [4.0, 0.0])  # the default keeps the probabilities here; 0 always recomputes them
+def test_cpu_backward_with_kept_and_recomputed_probabilities(monkeypatch, ratio):
+    # The backward either reuses the forward's unnormalised probabilities with one factor per row and chunk, or
+    # recomputes them: both equal the reference on split rows (whose factor comes from the log-sum-exp merge), fully
+    # masked chunks, rows without blocks, padding slots and the causal diagonal. A forward without autograd keeps
+    # nothing, and the kept probabilities are only the active blocks', bounded by the ratio.
+    import dist_sparse.attention.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_KEPT_PROBS_RATIO", ratio)
+    saved = []  # per backward: the element counts of what the forward saved
+    backward = cpu._BlockSparseCPU.backward
+
+    def spy(ctx, dout):
+        saved.append([t.numel() for t in ctx.saved_tensors])
+        return backward(ctx, dout)
+
+    monkeypatch.setattr(cpu._BlockSparseCPU, "backward", staticmethod(spy))
+    kept = lambda: len(saved[-1]) == 7  # noqa: E731  (q, k, v, out, lse; + probabilities and factors)
+    nb, bs = 8, 8
+    split = local_layout(nb, 0) | torch.zeros(1, nb, nb, dtype=torch.bool).index_fill_(1, torch.tensor([3]), True)
+    q, k, v = _inputs(batch=1, heads=2, kv_heads=2, seq=nb * bs - 5)
+    mask = torch.ones(1, 1, nb * bs - 5, nb * bs - 5, dtype=torch.bool)
+    mask[..., 3 * bs:4 * bs, : 5 * bs] = False
+    for layout, causal, m in ((split, False, None), (split, False, mask), (split, True, mask),
+                              (local_layout(nb, 2, causal=True), True, None)):
+        _check_against_reference(cpu_block_sparse_attention, q, k, v, layout, bs, causal, attn_mask=m)
+        assert kept() == (ratio > 0)
+    empty_row = local_layout(4, 1).repeat(4, 1, 1)
+    empty_row[1, 2] = False
+    q, k, v = _inputs(kv_heads=2, seq=57)
+    _check_against_reference(cpu_block_sparse_attention, q, k, v, empty_row, 16, True)
+    assert kept() == (ratio > 0)
+    if ratio:
+        assert saved[-1][5] <= ratio * 2 * (q.numel() + k.numel())
+    with torch.no_grad():
+        assert cpu_block_sparse_attention(q, k, v, empty_row, 16, True).grad_fn is None
+
 def _attention_in_child(conn, q, k, v, layout, want):
     import dist_sparse.attention.cpu as cpu
 

@@ -7,11 +7,13 @@ run as one batched matmul over blocks gathered with ``index_select``. Rows split
 the log-sum-exp rule (flash-decoding's split-K). ``R`` is picked per layout to balance padded slots against
 per-chunk overhead.
 
-The backward pass is a custom ``autograd.Function`` that recomputes probabilities from the saved log-sum-exp (as
-FlashAttention does) instead of letting autograd keep every gathered block alive. It walks the same chunks: dQ is one
-result per chunk (merged like the forward), dK and dV are one result per (chunk, slot) added into their key block with
-``index_add_``. Done group by group, while the group is in cache, that scatter costs a tenth of a matmul; done once over
-all chunks it cost more than all the matmuls together (measured), hence the groups.
+The backward pass is a custom ``autograd.Function``, not autograd over every gathered block. It uses the forward's
+probabilities of the active blocks (kept unnormalised, with one factor per query row and chunk) when they take at most
+``_KEPT_PROBS_RATIO`` times the bytes of q, k, v and the output; beyond that it recomputes them from the saved
+log-sum-exp, as FlashAttention does. It walks the same chunks: dQ is one result per chunk (merged like the forward),
+dK and dV are one result per (chunk, slot) added into their key block with ``index_add_``. Done group by group, while
+the group is in cache, that scatter costs a tenth of a matmul; done once over all chunks it cost more than all the
+matmuls together (measured), hence the groups.
 
 Work is split into groups of chunks so the temporary score tensors stay near ``_GROUP_ELEMS`` floats whatever the
 sequence length. Scores are kept in base 2 (q scaled by ``scale * log2(e)``), so the softmax uses ``exp2``, about 4x
@@ -42,6 +44,9 @@ _GROUP_ELEMS = 2**19
 _LOG2E = 1.0 / math.log(2.0)
 # Cost of one chunk beyond its R blocks, in block units (gather, merge bookkeeping, small-matmul overhead).
 _CHUNK_OVERHEAD = 1.0
+# The forward keeps its probabilities for the backward when they take at most this many times the bytes of q, k, v
+# and the output (which the backward keeps anyway); beyond that it recomputes them from the log-sum-exp.
+_KEPT_PROBS_RATIO = 4.0
 
 
 @dataclass
@@ -218,6 +223,22 @@ def _as_index(idx: torch.Tensor) -> torch.Tensor | slice:
     return slice(first, last + 1) if last - first + 1 == idx.numel() else idx
 
 
+def _own_index(idx: torch.Tensor) -> torch.Tensor | slice:
+    """A group's own blocks (non-decreasing; a row split over chunks repeats its block) as a slice when they are one
+    range without repeats, else unchanged."""
+    if idx.numel() > 1 and not bool((idx[1:] - idx[:-1] == 1).all()):
+        return idx
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
+def _rows_of(t: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+    """``t``'s rows ``idx``: a view when ``idx`` is one range (a group of query-block rows with one chunk each, as
+    under a sliding window), else a gather. A view is read only: callers scale into a new tensor, never in place."""
+    if isinstance(idx, slice):
+        return t[idx]
+    return t.index_select(0, idx)
+
+
 def _gather_mask_tiles(plan: _Plan, g: slice, attn_mask: torch.Tensor, q_pos, k_pos, block: int, nb: int,
                        heads: int) -> torch.Tensor:
     """The (query, key) tiles of a dense (B|1, H|1, L_pad, L_pad) mask under each slot of chunks ``g``."""
@@ -328,7 +349,7 @@ class _BlockSparseCPU(torch.autograd.Function):
     (measured at seq 4096, causal)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rows: _Plan, row_mask, block: int, scale: float):
+    def forward(ctx, q, k, v, rows: _Plan, row_mask, block: int, scale: float, keep: bool):
         batch, heads, seq_pad, dim = q.shape
         qb = q.reshape(-1, block, dim)
         kb = k.reshape(-1, block, dim)
@@ -341,11 +362,14 @@ class _BlockSparseCPU(torch.autograd.Function):
         l_all = None if alone else torch.empty(n, block)
         lse_all = torch.empty(n, block) if alone else None
         o_all = torch.empty(n, block, dim)
+        s_all = torch.empty(n, block, width * block) if keep else None
+        c_all = torch.empty(n, block) if keep else None
 
         def group_forward(g: slice, _worker: int) -> None:
             kv_idx = rows.slot_blocks[g].reshape(-1)
-            s = torch.bmm(qb.index_select(0, rows.own_blocks[g]).mul_(q_scale),
-                          kb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
+            s = torch.bmm(_rows_of(qb, _own_index(rows.own_blocks[g])) * q_scale,
+                          kb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2),
+                          **({} if s_all is None else {"out": s_all[g]}))
             if row_mask is not None:
                 row_mask(s, g)
             m = s.amax(-1)
@@ -364,6 +388,8 @@ class _BlockSparseCPU(torch.autograd.Function):
             if empty is not None:
                 den.masked_fill_(empty, 1.0)
             o.div_(den[..., None])
+            if c_all is not None:
+                torch.reciprocal(den, out=c_all[g])
             torch.add(m, torch.log2(den), out=lse_all[g])
             if empty is not None:
                 lse_all[g].masked_fill_(empty, float("inf"))
@@ -383,15 +409,18 @@ class _BlockSparseCPU(torch.autograd.Function):
             row_o = _per_row(o_all * factor[..., None], rows)
             empty = row_l == 0
             out = row_o / row_l.masked_fill(empty, 1.0)[..., None]
+            if keep:
+                torch.div(factor, row_l.masked_fill(empty, 1.0).index_select(0, rows.out_rows), out=c_all)
             lse = (row_max + torch.log2(row_l.masked_fill(empty, 1.0))).masked_fill_(empty, float("inf"))
         out = out.view(batch, heads, seq_pad, dim)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *((s_all, c_all) if keep else ()))
         ctx.plan, ctx.row_mask, ctx.block, ctx.scale = rows, row_mask, block, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *kept = ctx.saved_tensors
+        s_all, c_all = kept if kept else (None, None)
         rows, row_mask, block, scale = ctx.plan, ctx.row_mask, ctx.block, ctx.scale
         dim = k.shape[-1]
         qb = q.reshape(-1, block, dim)
@@ -408,16 +437,23 @@ class _BlockSparseCPU(torch.autograd.Function):
         dq_all = torch.empty(n, block, dim)
 
         def group_backward(g: slice, worker: int) -> None:
-            own = rows.own_blocks[g]
+            own = _own_index(rows.own_blocks[g])
             kv_idx = rows.slot_blocks[g].reshape(-1)
-            qs = qb.index_select(0, own).mul_(scale)  # scale * Q: dK = dS^T (scale * Q)
-            dog = dob.index_select(0, own)
-            delta = (dog * ob.index_select(0, own)).sum(-1)  # rowsum(dO * O), the softmax-backward correction
+            qs = _rows_of(qb, own) * scale  # scale * Q: dK = dS^T (scale * Q)
+            dog = _rows_of(dob, own)
+            delta = (dog * _rows_of(ob, own)).sum(-1)  # rowsum(dO * O), the softmax-backward correction
             kg = kb.index_select(0, kv_idx).view(-1, width * block, dim)
-            p = torch.bmm(qs * _LOG2E, kg.transpose(1, 2))
-            if row_mask is not None:
-                row_mask(p, g)
-            p.sub_(lse.index_select(0, own)[..., None]).exp2_()
+            if s_all is None:
+                p = torch.bmm(qs * _LOG2E, kg.transpose(1, 2))
+                if row_mask is not None:
+                    row_mask(p, g)
+                p.sub_(_rows_of(lse, own)[..., None]).exp2_()
+            else:
+                # P = S * c: the forward's unnormalised exponentials times their row's factor; c goes onto dO and
+                # delta, small (block, D) and (block,) tensors, instead of onto P
+                p, c = s_all[g], c_all[g]
+                dog = dog * c[..., None]
+                delta.mul_(c)
             # Padding slots point at a real block but carry p = dS = 0: they add zeros there.
             dvb[worker].index_add_(0, kv_idx, torch.bmm(p.transpose(1, 2), dog).view(-1, block, dim))
             ds = torch.bmm(dog, vb.index_select(0, kv_idx).view(-1, width * block, dim).transpose(1, 2))
@@ -430,7 +466,7 @@ class _BlockSparseCPU(torch.autograd.Function):
         for acc in (dkb, dvb):  # the workers' accumulators, added in place into the first
             for other in acc[1:]:
                 acc[0].add_(other)
-        return dq, dkb[0].view_as(k), dvb[0].view_as(v), None, None, None, None
+        return dq, dkb[0].view_as(k), dvb[0].view_as(v), None, None, None, None, None
 
 
 # Plans (and their maskers when no dense mask is given) of recent layouts: a model calls the kernel with the same
@@ -491,5 +527,12 @@ def cpu_block_sparse_attention(
     q, k, v = (t.float().contiguous() for t in (q, k, v))
     rows, mask = _plan_and_masker(effective_layout(layout.cpu(), causal), batch, heads, kv_heads, block_size,
                                   causal, seq, attn_mask)
-    out = _BlockSparseCPU.apply(q, k, v, rows, mask if mask.active else None, block_size, scale)
+    # Keeping the probabilities saves the backward a third of its work (a batched matmul, the masking and the exp2 of
+    # every score: 8-25% of fwd+bwd, measured), at the price of storing the active blocks' probabilities, like
+    # eager attention does for the whole matrix (and DeepSpeed's sparse attention did for its blocks). Only under
+    # autograd, and only when they are at most _KEPT_PROBS_RATIO times the tensors the backward keeps anyway.
+    prob_elems = rows.slot_blocks.numel() * block_size * block_size
+    keep = (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            and prob_elems <= _KEPT_PROBS_RATIO * 2 * (q.numel() + k.numel()))
+    out = _BlockSparseCPU.apply(q, k, v, rows, mask if mask.active else None, block_size, scale, keep)
     return out[:, :, :seq].to(dtype)
