@@ -136,6 +136,31 @@ def test_training_step_backpropagates_through_the_cpu_path():
     assert losses["dense"] == pytest.approx(losses["ref"], abs=1e-5)
 
 
+def test_keep_probabilities_setting_reaches_the_cpu_backward(monkeypatch):
+    # `attention.keep_probabilities` decides whether the CPU backward reuses the forward's probabilities; both
+    # paths give the same gradients (to rounding), and the model's config carries the choice to every layer.
+    import dist_sparse.attention.cpu as cpu
+
+    saved = []
+    backward = cpu._BlockSparseCPU.backward
+
+    def spy(ctx, dout):
+        saved.append(len(ctx.saved_tensors))
+        return backward(ctx, dout)
+
+    monkeypatch.setattr(cpu._BlockSparseCPU, "backward", staticmethod(spy))
+    section = {"implementation": "block_sparse", "block_size": BLOCK, "kernel": "cpu",
+               "layout": [{"type": "local", "window": 1}, {"type": "global", "blocks": [0]}]}
+    grads = {}
+    for keep in ("auto", False):
+        _, model = _pair(_gpt2(), {**section, "keep_probabilities": keep})
+        saved.clear()
+        model(_ids(), labels=_ids()).loss.backward()
+        assert saved == [7 if keep == "auto" else 5] * 2, (keep, saved)  # one call per layer
+        grads[keep] = model.transformer.h[0].attn.c_attn.weight.grad
+    assert (grads["auto"] - grads[False]).abs().max().item() <= 1e-5
+
+
 def test_from_pretrained_keeps_layout_settings(tmp_path):
     section = {"implementation": "block_sparse", "block_size": BLOCK, "seed": 3,
                "layout": [{"type": "bigbird", "window": 0, "num_global": 1, "num_random": 1}]}

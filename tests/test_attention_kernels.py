@@ -193,6 +193,13 @@ def test_cpu_backward_with_kept_and_recomputed_probabilities(monkeypatch, ratio)
         assert saved[-1][5] <= ratio * 2 * (q.numel() + k.numel())
     with torch.no_grad():
         assert cpu_block_sparse_attention(q, k, v, empty_row, 16, True).grad_fn is None
+    # the explicit choices override the ratio both ways (the `attention.keep_probabilities` setting)
+    for choice in (True, False):
+        out = block_sparse_attention(q, k, v, empty_row, 16, True, implementation="cpu", keep_probabilities=choice)
+        out.sum().backward()
+        assert kept() == choice
+    with pytest.raises(ValueError, match="keep_probabilities"):
+        block_sparse_attention(q, k, v, empty_row, 16, True, implementation="cpu", keep_probabilities="always")
 
 def _attention_in_child(conn, q, k, v, layout, want):
     import dist_sparse.attention.cpu as cpu

@@ -155,7 +155,8 @@ def test_layout_argument_errors(call, match):
 def test_config_defaults_and_round_trip():
     cfg = AttentionConfig.from_dict({})
     assert cfg.implementation == "sdpa" and cfg.block_size == 64 and cfg.kernel == "auto"
-    raw = {"implementation": "block_sparse", "block_size": 32, "seed": 5, "kernel": "cpu",
+    assert cfg.keep_probabilities == "auto"
+    raw = {"implementation": "block_sparse", "block_size": 32, "seed": 5, "kernel": "cpu", "keep_probabilities": False,
            "layout": [{"type": "bigbird", "window": 2, "num_random": 3}, {"type": "strided", "stride": 4}]}
     cfg = AttentionConfig.from_dict(raw)
     assert cfg.to_dict() == raw
@@ -172,6 +173,8 @@ def test_config_defaults_and_round_trip():
     ({"block_size": True}, "attention.block_size"),
     ({"seed": -1}, "attention.seed"),
     ({"kernel": "gpu"}, "attention.kernel"),
+    ({"keep_probabilities": "yes"}, "attention.keep_probabilities"),
+    ({"keep_probabilities": 1}, "attention.keep_probabilities"),
     ({"layout": []}, "attention.layout"),
     ({"layout": ["local"]}, "attention.layout[0]"),
     ({"layout": [{"type": "spiral"}]}, "attention.layout[0].type"),

@@ -7,6 +7,7 @@ Example (YAML)::
       block_size: 64
       kernel: auto                   # auto | triton | cpu | reference (block_sparse only)
       seed: 0                        # seeds bigbird's random blocks
+      keep_probabilities: auto       # auto | true | false: the CPU backward reuses the forward's probabilities
       layout:                        # union of these
         - {type: local, window: 2}
         - {type: global, blocks: [0]}
@@ -89,6 +90,9 @@ class AttentionConfig:
     layout: list[dict] = field(default_factory=lambda: copy.deepcopy(DEFAULT_LAYOUT))
     seed: int = 0
     kernel: str = "auto"
+    # CPU kernel: keep the active blocks' probabilities for the backward ("auto": when they take at most 4x the bytes
+    # of q, k, v and the output; True: always; False: never, recompute them as FlashAttention does)
+    keep_probabilities: bool | str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict | None, path: str = "attention") -> AttentionConfig:
@@ -97,7 +101,7 @@ class AttentionConfig:
             d = {}
         if not isinstance(d, dict):
             raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
-        known = {"implementation", "block_size", "layout", "seed", "kernel"}
+        known = {"implementation", "block_size", "layout", "seed", "kernel", "keep_probabilities"}
         for key in d:
             if key not in known:
                 raise ConfigError(f"{path}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
@@ -123,6 +127,11 @@ class AttentionConfig:
             if d["kernel"] not in IMPLEMENTATIONS:
                 raise ConfigError(f"{path}.kernel", f"must be one of {', '.join(IMPLEMENTATIONS)}, got {d['kernel']!r}")
             cfg.kernel = d["kernel"]
+        if "keep_probabilities" in d:
+            keep = d["keep_probabilities"]
+            if keep != "auto" and not isinstance(keep, bool):
+                raise ConfigError(f"{path}.keep_probabilities", f"must be auto, true or false, got {keep!r}")
+            cfg.keep_probabilities = keep
         if "layout" in d:
             specs = d["layout"]
             if isinstance(specs, dict):  # a single layout need not be wrapped in a list
@@ -140,4 +149,5 @@ class AttentionConfig:
             "layout": copy.deepcopy(self.layout),
             "seed": self.seed,
             "kernel": self.kernel,
+            "keep_probabilities": self.keep_probabilities,
         }

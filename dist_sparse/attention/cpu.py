@@ -505,6 +505,7 @@ def cpu_block_sparse_attention(
     causal: bool = False,
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
+    keep_probabilities: bool | str = "auto",
 ) -> torch.Tensor:
     """Block-sparse attention on CPU tensors. Inputs must already be validated (see ``block_sparse_attention``).
 
@@ -532,7 +533,7 @@ def cpu_block_sparse_attention(
     # eager attention does for the whole matrix (and DeepSpeed's sparse attention did for its blocks). Only under
     # autograd, and only when they are at most _KEPT_PROBS_RATIO times the tensors the backward keeps anyway.
     prob_elems = rows.slot_blocks.numel() * block_size * block_size
-    keep = (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            and prob_elems <= _KEPT_PROBS_RATIO * 2 * (q.numel() + k.numel()))
+    keep = (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and keep_probabilities is not False
+            and (keep_probabilities is True or prob_elems <= _KEPT_PROBS_RATIO * 2 * (q.numel() + k.numel())))
     out = _BlockSparseCPU.apply(q, k, v, rows, mask if mask.active else None, block_size, scale, keep)
     return out[:, :, :seq].to(dtype)

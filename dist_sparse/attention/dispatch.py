@@ -97,6 +97,7 @@ def block_sparse_attention(
     *,
     attn_mask: torch.Tensor | None = None,
     implementation: str | None = None,
+    keep_probabilities: bool | str = "auto",
 ) -> torch.Tensor:
     """Attention that computes only the active ``block_size`` x ``block_size`` blocks of ``layout``.
 
@@ -111,10 +112,15 @@ def block_sparse_attention(
         attn_mask: optional dense bool mask broadcastable to ``(batch, heads, seq, seq)`` (True = attend), applied
             on top of the layout, e.g. a padding mask. It costs reading one mask tile per active block.
         implementation: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"`` (see module docstring).
+        keep_probabilities: the CPU path's backward reuses the forward's probabilities of the active blocks:
+            ``"auto"`` when they take at most 4x the bytes of q, k, v and the output, ``True`` always, ``False``
+            never (recomputed from the log-sum-exp, as the Triton kernels always do).
 
     Rows whose allowed set is empty (no active block, or everything masked) produce zeros, never NaN.
     Returns a tensor shaped and typed like ``q``.
     """
+    if keep_probabilities != "auto" and not isinstance(keep_probabilities, bool):
+        raise ValueError(f"keep_probabilities must be 'auto', True or False, got {keep_probabilities!r}")
     layout = _check_inputs(q, k, v, layout, block_size, attn_mask)
     impl = resolve_implementation(q.device, implementation)
     # Resolved through the module on every call so a test that reloads kernels.block_sparse_attn (to switch Triton's
@@ -122,7 +128,8 @@ def block_sparse_attention(
     if impl == "triton":
         fn = _kernels.triton_block_sparse_attention
     elif impl == "cpu":
-        fn = cpu_block_sparse_attention
+        return cpu_block_sparse_attention(q, k, v, layout, block_size, causal, scale, attn_mask,
+                                          keep_probabilities=keep_probabilities)
     else:
         fn = _kernels.reference_block_sparse_attention
     return fn(q, k, v, layout, block_size, causal, scale, attn_mask)

@@ -142,7 +142,8 @@ def block_sparse_attention_forward(
 
     if q_len == kv_len:
         out = block_sparse_attention(query, key, value, layout, cfg.block_size, causal=causal, scale=scaling,
-                                     attn_mask=mask, implementation=cfg.kernel)
+                                     attn_mask=mask, implementation=cfg.kernel,
+                                     keep_probabilities=cfg.keep_probabilities)
     else:
         # Cached decoding: the queries are the last q_len positions. Same allowed set, computed densely.
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
